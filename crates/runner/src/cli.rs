@@ -1,0 +1,30 @@
+//! Command-line interface of `pnd`. Each subcommand lives in `commands/<name>.rs` with its own
+//! `Args` and `run`; this file only lists them.
+
+use crate::commands;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pnd",
+    version,
+    about = "Pick-and-Draw reference implementation and DreamBench harness"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, verify and list the DreamBench dataset.
+    #[command(subcommand)]
+    Dataset(commands::dataset::DatasetCommand),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dataset(cmd) => commands::dataset::run(cmd),
+    }
+}

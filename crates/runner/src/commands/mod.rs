@@ -1,0 +1,3 @@
+//! One module per `pnd` subcommand.
+
+pub mod dataset;

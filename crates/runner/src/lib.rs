@@ -1,0 +1,4 @@
+//! The `pnd` binary's library: every command is a function here that tests can call.
+
+pub mod cli;
+pub mod commands;
