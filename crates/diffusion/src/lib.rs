@@ -1,0 +1,2 @@
+//! Stable Diffusion v1.x in candle (SPEC §6): UNet with capture hooks and exact gradients, VAE,
+//! CLIP text encoder and tokenizer, DDIM, and the sampling pipeline.

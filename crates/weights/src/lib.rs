@@ -1,0 +1,305 @@
+//! Where a model's files come from and how its weights are read (SPEC §3).
+//!
+//! A model argument is a local folder, or else a Hugging Face repo id (`owner/name`) resolved
+//! through `hf-hub` and its standard cache (`HF_HOME`; with `HF_HUB_OFFLINE=1` only the cache is
+//! read). Weights are `*.safetensors` (memory-mapped), or PyTorch `*.bin` where only that exists.
+//! Every failure names what was looked for and where.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("model '{model}' has none of [{wanted}] (looked in '{location}')")]
+    MissingFile {
+        model: String,
+        wanted: String,
+        location: String,
+    },
+    #[error("model '{model}' is neither a local folder nor a Hugging Face repo id (owner/name)")]
+    NotAModel { model: String },
+    #[error("model '{model}': [{wanted}] not in the Hugging Face cache ('{cache}') and HF_HUB_OFFLINE is set")]
+    OfflineMiss {
+        model: String,
+        wanted: String,
+        cache: String,
+    },
+    #[error("model '{model}': could not download [{wanted}] from the Hugging Face hub: {reason}")]
+    Download {
+        model: String,
+        wanted: String,
+        reason: String,
+    },
+    #[error("reading weights '{path}': {source}")]
+    Read {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("reading '{path}': {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing '{path}': {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// A resolved model location: a local folder, or a hub repo whose files come from the cache or a download.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub { repo: String },
+}
+
+impl ModelSource {
+    /// A path that exists locally is a folder; `owner/name` that is not a local path is a repo id.
+    pub fn parse(model: &str) -> Result<Self, WeightsError> {
+        let path = Path::new(model);
+        if path.exists() {
+            return Ok(ModelSource::Local(path.to_path_buf()));
+        }
+        let looks_like_path =
+            model.starts_with('.') || model.starts_with('/') || model.starts_with('~');
+        let parts: Vec<&str> = model.split('/').collect();
+        if !looks_like_path && parts.len() == 2 && parts.iter().all(|p| !p.is_empty()) {
+            return Ok(ModelSource::Hub {
+                repo: model.to_string(),
+            });
+        }
+        Err(WeightsError::MissingFile {
+            model: model.into(),
+            wanted: "the folder itself".into(),
+            location: path.display().to_string(),
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            ModelSource::Local(p) => p.display().to_string(),
+            ModelSource::Hub { repo } => repo.clone(),
+        }
+    }
+
+    /// The first of `candidates` (paths relative to the model root, e.g. `unet/config.json`) that
+    /// exists: locally, in the hub cache, or (online) downloaded.
+    pub fn file(&self, candidates: &[&str]) -> Result<PathBuf, WeightsError> {
+        let wanted = candidates.join(", ");
+        match self {
+            ModelSource::Local(root) => candidates
+                .iter()
+                .map(|c| root.join(c))
+                .find(|p| p.is_file())
+                .ok_or_else(|| WeightsError::MissingFile {
+                    model: self.name(),
+                    wanted,
+                    location: root.display().to_string(),
+                }),
+            ModelSource::Hub { repo } => {
+                let cache = hf_hub::Cache::from_env();
+                let cached = cache.model(repo.clone());
+                if let Some(p) = candidates.iter().find_map(|c| cached.get(c)) {
+                    return Ok(p);
+                }
+                if offline() {
+                    return Err(WeightsError::OfflineMiss {
+                        model: repo.clone(),
+                        wanted,
+                        cache: cache.path().display().to_string(),
+                    });
+                }
+                let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+                    .with_progress(true)
+                    .build()
+                    .map_err(|e| WeightsError::Download {
+                        model: repo.clone(),
+                        wanted: wanted.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let remote = api.model(repo.clone());
+                let mut last = String::new();
+                for c in candidates {
+                    match remote.get(c) {
+                        Ok(p) => return Ok(p),
+                        Err(e) => last = format!("{c}: {e}"),
+                    }
+                }
+                Err(WeightsError::Download {
+                    model: repo.clone(),
+                    wanted,
+                    reason: last,
+                })
+            }
+        }
+    }
+
+    /// The weight files of a component: `{dir}/{stem}.safetensors` (or its sharded
+    /// `.safetensors.index.json`), else `{dir}/{stem}.bin`. `dir` may be empty for the root.
+    pub fn weight_files(&self, dir: &str, stems: &[&str]) -> Result<Vec<PathBuf>, WeightsError> {
+        let join = |f: String| {
+            if dir.is_empty() {
+                f
+            } else {
+                format!("{dir}/{f}")
+            }
+        };
+        let mut candidates = Vec::new();
+        for stem in stems {
+            candidates.push(join(format!("{stem}.safetensors")));
+            candidates.push(join(format!("{stem}.safetensors.index.json")));
+        }
+        for stem in stems {
+            candidates.push(join(format!("{stem}.bin")));
+            candidates.push(join(format!("{stem}.bin.index.json")));
+        }
+        let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        let first = self.file(&refs)?;
+        let name = first
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        if !name.ends_with(".index.json") {
+            return Ok(vec![first]);
+        }
+        // A sharded checkpoint: the index maps tensor names to shard files beside it.
+        let text = std::fs::read_to_string(&first).map_err(|source| WeightsError::Io {
+            path: first.clone(),
+            source,
+        })?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| WeightsError::Json {
+                path: first.clone(),
+                source,
+            })?;
+        let mut shards: Vec<String> = index["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        shards.sort();
+        shards.dedup();
+        shards
+            .iter()
+            .map(|s| self.file(&[&join(s.clone())]))
+            .collect()
+    }
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| !v.is_empty() && v != "0")
+        .unwrap_or(false)
+}
+
+/// Reads all tensors of the given files (safetensors or PyTorch `.bin`) into memory.
+pub fn load_tensors(
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
+    let mut out = HashMap::new();
+    for path in files {
+        let read = |source| WeightsError::Read {
+            path: path.clone(),
+            source,
+        };
+        if is_safetensors(path) {
+            out.extend(candle_core::safetensors::load(path, device).map_err(read)?);
+        } else {
+            for (name, t) in candle_core::pickle::read_all(path).map_err(read)? {
+                out.insert(name, t.to_device(device).map_err(read)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// A `VarBuilder` over weight files: memory-mapped safetensors, or PyTorch `.bin` loaded in memory.
+/// Tensors are converted to `dtype` as they are read.
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    if files.iter().all(|p| is_safetensors(p)) {
+        // SAFETY: memory-mapping requires the files not to change while mapped; model files are
+        // read-only inputs for the life of the process.
+        unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|source| {
+            WeightsError::Read {
+                path: files.first().cloned().unwrap_or_default(),
+                source,
+            }
+        })
+    } else {
+        let tensors = load_tensors(files, device)?;
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+    }
+}
+
+/// Reads and parses a JSON config file, naming the file on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, WeightsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| WeightsError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| WeightsError::Json {
+        path: path.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_folder_finds_first_existing_candidate_and_names_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("unet")).unwrap();
+        std::fs::write(dir.path().join("unet/diffusion_pytorch_model.bin"), b"x").unwrap();
+        let src = ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
+        let files = src
+            .weight_files("unet", &["diffusion_pytorch_model"])
+            .unwrap();
+        assert!(files[0].ends_with("unet/diffusion_pytorch_model.bin"));
+        let err = src
+            .weight_files("vae", &["diffusion_pytorch_model"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vae/diffusion_pytorch_model.safetensors"),
+            "{err}"
+        );
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn hub_id_offline_without_cache_fails_clearly() {
+        let cache = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_HOME", cache.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let src = ModelSource::parse("openai/clip-vit-base-patch32").unwrap();
+        let err = src.file(&["config.json"]).unwrap_err().to_string();
+        assert!(
+            err.contains("HF_HUB_OFFLINE") && err.contains("openai/clip-vit-base-patch32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn not_a_path_nor_repo_id_is_an_error() {
+        assert!(ModelSource::parse("./no/such/folder").is_err());
+        assert!(ModelSource::parse("just-a-name").is_err());
+    }
+}
