@@ -1,2 +1,5 @@
 //! Stable Diffusion v1.x in candle (SPEC §6): UNet with capture hooks and exact gradients, VAE,
 //! CLIP text encoder and tokenizer, DDIM, and the sampling pipeline.
+
+pub mod ddim;
+pub mod tokenizer;
