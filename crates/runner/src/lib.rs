@@ -2,3 +2,5 @@
 
 pub mod cli;
 pub mod commands;
+pub mod experiment;
+pub mod sweep;

@@ -1,0 +1,18 @@
+//! The sweep engine (SPEC §8): an experiment expands into jobs; `--shard i/n` picks a
+//! deterministic subset; every finished job writes its files and then its result row atomically
+//! (temporary file + rename), so a killed run loses at most the job in flight; a rerun skips
+//! finished jobs and redoes half-written ones; shards merge into one run.
+//!
+//! A run folder holds:
+//! - `plan.json`: the experiment's resolved job list (the canonical order of rows),
+//! - `rows/<job id>.json`: one finished row each, written last, the job's completion marker,
+//! - `files/<job id>/...`: the job's output files (images, traces),
+//! - `results.csv`: every finished row in plan order, rewritten at the end of each run and merge.
+
+mod config;
+mod engine;
+mod store;
+
+pub use config::{line_column as config_line_column, load_toml, parse_toml, ConfigError};
+pub use engine::{run_jobs, JobOutput, JobRunner, RunSummary, Shard, ShardError};
+pub use store::{merge, write_csv_atomic, write_file_atomic, Plan, RunStore, StoreError};

@@ -1,0 +1,283 @@
+//! The on-disk result store of one run: plan, rows, job files, and the merged CSV.
+
+use dreambench::{Job, JobId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} '{}': {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("row file '{}' is not a valid row: {source}", path.display())]
+    BadRow {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("'{}' is not a run folder (no plan.json); was it written by `pnd sweep`?", .0.display())]
+    NoPlan(PathBuf),
+    #[error("run '{}' has a different plan than '{}' (experiment '{}' vs '{}', {} vs {} jobs): shards of different experiments cannot be merged", a.display(), b.display(), name_a, name_b, jobs_a, jobs_b)]
+    PlanMismatch {
+        a: PathBuf,
+        b: PathBuf,
+        name_a: String,
+        name_b: String,
+        jobs_a: usize,
+        jobs_b: usize,
+    },
+    #[error("run '{}' was started for another plan (experiment '{}'); use a new --out folder", dir.display(), name)]
+    ExistingPlanDiffers { dir: PathBuf, name: String },
+    #[error("job {id} has different rows in '{}' and '{}'", a.display(), b.display())]
+    ConflictingRows { id: JobId, a: PathBuf, b: PathBuf },
+    #[error("writing CSV '{}': {source}", path.display())]
+    Csv { path: PathBuf, source: csv::Error },
+    #[error("encoding plan: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file atomically: the bytes go to a temporary file in the same folder, are flushed to
+/// disk, and the file is renamed into place. A reader sees the old file or the whole new one.
+/// A full disk fails here, before the rename, and leaves the previous file untouched.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io("creating folder", dir))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".tmp-{}-{name}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(bytes).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        fs::rename(&tmp, path).map_err(io("renaming into", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Serializes rows to CSV (header from the row type) and writes it atomically.
+pub fn write_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), StoreError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        w.serialize(row).map_err(|source| StoreError::Csv {
+            path: path.into(),
+            source,
+        })?;
+    }
+    let bytes = w.into_inner().map_err(|e| StoreError::Io {
+        action: "encoding CSV for",
+        path: path.into(),
+        source: e.into_error(),
+    })?;
+    write_file_atomic(path, &bytes)
+}
+
+/// A run's plan: the experiment's name, its resolved config (free-form, for traceability) and
+/// every job in canonical order. Shards of one experiment share one plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub experiment: String,
+    pub config: serde_json::Value,
+    pub jobs: Vec<Job>,
+}
+
+/// One run folder.
+#[derive(Debug, Clone)]
+pub struct RunStore {
+    pub root: PathBuf,
+}
+
+impl RunStore {
+    /// Opens or creates a run folder for a plan. An existing folder must hold the same plan,
+    /// so a resumed run can never mix rows of two experiments.
+    pub fn create(root: &Path, plan: &Plan) -> Result<Self, StoreError> {
+        fs::create_dir_all(root.join("rows")).map_err(io("creating", root))?;
+        fs::create_dir_all(root.join("files")).map_err(io("creating", root))?;
+        let plan_path = root.join("plan.json");
+        if plan_path.exists() {
+            let existing = Self::read_plan(root)?;
+            if existing != *plan {
+                return Err(StoreError::ExistingPlanDiffers {
+                    dir: root.into(),
+                    name: existing.experiment,
+                });
+            }
+        } else {
+            write_file_atomic(&plan_path, serde_json::to_string_pretty(plan)?.as_bytes())?;
+        }
+        Ok(Self { root: root.into() })
+    }
+
+    /// Opens an existing run folder.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        if !root.join("plan.json").is_file() {
+            return Err(StoreError::NoPlan(root.into()));
+        }
+        Ok(Self { root: root.into() })
+    }
+
+    pub fn read_plan(root: &Path) -> Result<Plan, StoreError> {
+        let path = root.join("plan.json");
+        if !path.is_file() {
+            return Err(StoreError::NoPlan(root.into()));
+        }
+        let text = fs::read_to_string(&path).map_err(io("reading", &path))?;
+        serde_json::from_str(&text).map_err(|source| StoreError::BadRow { path, source })
+    }
+
+    pub fn plan(&self) -> Result<Plan, StoreError> {
+        Self::read_plan(&self.root)
+    }
+
+    pub fn row_path(&self, id: &JobId) -> PathBuf {
+        self.root.join("rows").join(format!("{id}.json"))
+    }
+
+    /// The folder of a job's output files.
+    pub fn files_dir(&self, id: &JobId) -> PathBuf {
+        self.root.join("files").join(&id.0)
+    }
+
+    pub fn is_done(&self, id: &JobId) -> bool {
+        self.row_path(id).is_file()
+    }
+
+    /// Reads a finished job's row, or `None` if the job has not finished.
+    pub fn read_row<R: DeserializeOwned>(&self, id: &JobId) -> Result<Option<R>, StoreError> {
+        let path = self.row_path(id);
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|source| StoreError::BadRow { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io {
+                action: "reading",
+                path,
+                source: e,
+            }),
+        }
+    }
+
+    /// Records a finished job: its row is written atomically, after its files.
+    pub fn write_row<R: Serialize>(&self, id: &JobId, row: &R) -> Result<(), StoreError> {
+        write_file_atomic(
+            &self.row_path(id),
+            serde_json::to_string_pretty(row)?.as_bytes(),
+        )
+    }
+
+    /// Every finished row in plan order.
+    pub fn rows<R: DeserializeOwned>(&self) -> Result<Vec<R>, StoreError> {
+        let plan = self.plan()?;
+        let mut rows = Vec::new();
+        for job in &plan.jobs {
+            if let Some(row) = self.read_row(&job.id())? {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Rewrites `results.csv` from the finished rows, in plan order.
+    pub fn write_results_csv<R: Serialize + DeserializeOwned>(
+        &self,
+    ) -> Result<PathBuf, StoreError> {
+        let rows: Vec<R> = self.rows()?;
+        let path = self.root.join("results.csv");
+        write_csv_atomic(&path, &rows)?;
+        Ok(path)
+    }
+}
+
+/// Joins shard runs of one experiment into `out`: rows and files are copied, the plans must be
+/// identical, a job finished in two shards must have the same row. Returns the merged store; its
+/// `results.csv` is written in plan order, so merging shards equals an unsharded run.
+pub fn merge<R: Serialize + DeserializeOwned + PartialEq>(
+    shards: &[PathBuf],
+    out: &Path,
+) -> Result<RunStore, StoreError> {
+    let Some(first) = shards.first() else {
+        return Err(StoreError::NoPlan(out.into()));
+    };
+    let plan = RunStore::read_plan(first)?;
+    for other in &shards[1..] {
+        let p = RunStore::read_plan(other)?;
+        if p != plan {
+            return Err(StoreError::PlanMismatch {
+                a: first.clone(),
+                b: other.clone(),
+                name_a: plan.experiment.clone(),
+                name_b: p.experiment.clone(),
+                jobs_a: plan.jobs.len(),
+                jobs_b: p.jobs.len(),
+            });
+        }
+    }
+    let merged = RunStore::create(out, &plan)?;
+    let mut seen: BTreeMap<JobId, PathBuf> = BTreeMap::new();
+    for shard_root in shards {
+        let shard = RunStore::open(shard_root)?;
+        if shard.root == merged.root {
+            continue;
+        }
+        for job in &plan.jobs {
+            let id = job.id();
+            let Some(row) = shard.read_row::<R>(&id)? else {
+                continue;
+            };
+            if let Some(prev) = seen.get(&id) {
+                let prev_row: Option<R> = RunStore::open(prev)?.read_row(&id)?;
+                if prev_row.as_ref() != Some(&row) {
+                    return Err(StoreError::ConflictingRows {
+                        id,
+                        a: prev.clone(),
+                        b: shard_root.clone(),
+                    });
+                }
+                continue;
+            }
+            copy_dir(&shard.files_dir(&id), &merged.files_dir(&id))?;
+            merged.write_row(&id, &row)?;
+            seen.insert(id, shard_root.clone());
+        }
+    }
+    merged.write_results_csv::<R>()?;
+    Ok(merged)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(to).map_err(io("creating", to))?;
+    for entry in fs::read_dir(from).map_err(io("reading", from))? {
+        let entry = entry.map_err(io("reading", from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else if !entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let bytes = fs::read(&src).map_err(io("reading", &src))?;
+            write_file_atomic(&dst, &bytes)?;
+        }
+    }
+    Ok(())
+}
