@@ -3,3 +3,6 @@
 
 pub mod ddim;
 pub mod tokenizer;
+pub mod hooks;
+pub mod ops;
+pub mod unet;

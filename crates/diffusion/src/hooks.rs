@@ -1,0 +1,110 @@
+//! Capture hooks for the UNet (SPEC §6, "Hooks").
+//!
+//! A [`Hook`] is asked, site by site, whether it wants a tensor; only then is the tensor handed to
+//! it, so nothing is captured (or kept alive) that no hook asked for. The tensors stay in the
+//! autograd graph: a loss built from them can be differentiated with respect to the latent.
+//! Sites are named as diffusers names the modules:
+//! - cross-attention: `up_blocks.2.attentions.0.transformer_blocks.0.attn2`
+//! - transformer-block output: `up_blocks.2.attentions.0.transformer_blocks.0`
+//!
+//! Step boundaries are not inferred here: a sampler that needs them calls its hook explicitly.
+
+use candle_core::Tensor;
+
+/// Receives the tensors of the sites it asks for during a UNet forward pass.
+pub trait Hook {
+    /// Whether this hook wants the attention probabilities of a cross-attention site,
+    /// e.g. `"up_blocks.2.attentions.0.transformer_blocks.0.attn2"`.
+    fn wants_attention(&self, _site: &str) -> bool {
+        false
+    }
+
+    /// The attention probabilities of a cross-attention site, still in the autograd graph.
+    ///
+    /// # Shapes
+    /// - `probs`: `[batch, heads, hw, tokens]` (softmax over `tokens`).
+    fn attention(&mut self, _site: &str, _probs: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    /// Whether this hook wants the output of a BasicTransformerBlock,
+    /// e.g. `"up_blocks.2.attentions.0.transformer_blocks.0"`.
+    fn wants_block_output(&self, _site: &str) -> bool {
+        false
+    }
+
+    /// The output of a BasicTransformerBlock (after its feed-forward residual, before the
+    /// Transformer2D `proj_out`), still in the autograd graph.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, hw, channels]`.
+    fn block_output(&mut self, _site: &str, _hidden: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// The hook that wants nothing; [`crate::unet::UNet2DConditionModel::forward`] uses it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHook;
+
+impl Hook for NoHook {}
+
+/// A hook that keeps every tensor it is asked to keep, by site name, in forward order.
+///
+/// `attention_sites` / `block_sites` select what is kept: `None` keeps nothing, `Some(vec![])`
+/// keeps every site of that kind.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub attention_sites: Option<Vec<String>>,
+    pub block_sites: Option<Vec<String>>,
+    pub attention: Vec<(String, Tensor)>,
+    pub blocks: Vec<(String, Tensor)>,
+}
+
+impl Recorder {
+    /// Keeps every cross-attention map and every block output.
+    pub fn all() -> Self {
+        Self {
+            attention_sites: Some(Vec::new()),
+            block_sites: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Keeps the given sites only.
+    pub fn sites(attention: &[String], blocks: &[String]) -> Self {
+        Self {
+            attention_sites: Some(attention.to_vec()),
+            block_sites: Some(blocks.to_vec()),
+            ..Self::default()
+        }
+    }
+
+    fn selected(sel: &Option<Vec<String>>, site: &str) -> bool {
+        match sel {
+            None => false,
+            Some(s) if s.is_empty() => true,
+            Some(s) => s.iter().any(|x| x == site),
+        }
+    }
+}
+
+impl Hook for Recorder {
+    fn wants_attention(&self, site: &str) -> bool {
+        Self::selected(&self.attention_sites, site)
+    }
+
+    fn attention(&mut self, site: &str, probs: &Tensor) -> candle_core::Result<()> {
+        self.attention.push((site.to_string(), probs.clone()));
+        Ok(())
+    }
+
+    fn wants_block_output(&self, site: &str) -> bool {
+        Self::selected(&self.block_sites, site)
+    }
+
+    fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {
+        self.blocks.push((site.to_string(), hidden.clone()));
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! Transformer2DModel (continuous input), BasicTransformerBlock, Attention and the GEGLU
+//! feed-forward, ported from diffusers 0.42.1:
+//! - `models/transformers/transformer_2d.py`: `Transformer2DModel._init_continuous_input`,
+//!   `_operate_on_continuous_inputs`, `_get_output_for_continuous_inputs`
+//! - `models/attention.py`: `BasicTransformerBlock` (norm_type "layer_norm"), `FeedForward`
+//! - `models/activations.py`: `GEGLU` (exact erf GELU)
+//! - `models/attention_processor.py`: `Attention`, `AttnProcessor`, `Attention.get_attention_scores`
+//!   (`scale = dim_head^-0.5`, softmax over keys). `upcast_attention` / `upcast_softmax` only change
+//!   f16 computations and are no-ops here in f32/f64.
+
+use super::nn::{chunk2_last, gelu, softmax_last_dim, Conv2d, Ctx, GroupNorm, LayerNorm, Linear};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// diffusers `Attention` with the classic processor; `attn1` (self) or `attn2` (cross).
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    /// The hook site name when this is a cross-attention layer, e.g. `...transformer_blocks.0.attn2`.
+    site: Option<String>,
+}
+
+impl Attention {
+    pub fn new(
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        site: Option<String>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: Linear::new(query_dim, inner, false, vb.pp("to_q"))?,
+            to_k: Linear::new(context_dim, inner, false, vb.pp("to_k"))?,
+            to_v: Linear::new(context_dim, inner, false, vb.pp("to_v"))?,
+            to_out: Linear::new(inner, query_dim, true, vb.pp("to_out.0"))?,
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+            site,
+        })
+    }
+
+    /// `[b, n, heads*d]` -> `[b, heads, n, d]`.
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, inner) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// # Shapes
+    /// - `xs`: `[b, n, query_dim]`; `context`: `[b, m, context_dim]` (None: self-attention);
+    ///   result: `[b, n, query_dim]`. The probabilities handed to the hook are `[b, heads, n, m]`.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let (b, n, _) = xs.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = softmax_last_dim(&scores, ctx.differentiable)?;
+        if let Some(site) = &self.site {
+            if ctx.hook.wants_attention(site) {
+                ctx.hook.attention(site, &probs)?;
+            }
+        }
+        let out = probs.matmul(&v)?; // [b, heads, n, d]
+        let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers `FeedForward` with `GEGLU` (`net.0.proj`, `net.2`), inner dim `4 * dim`.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj: Linear::new(dim, 2 * inner, true, vb.pp("net.0.proj"))?,
+            out: Linear::new(inner, dim, true, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let (hidden, gate) = chunk2_last(&self.proj.forward(xs)?)?;
+        let act = (hidden * gelu(&gate, differentiable)?)?;
+        self.out.forward(&act)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` with `norm_type="layer_norm"`.
+#[derive(Debug, Clone)]
+pub(crate) struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+    site: String,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_attention_dim: usize,
+        only_cross_attention: bool,
+        site: String,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let eps = 1e-5;
+        let attn1_site = only_cross_attention.then(|| format!("{site}.attn1"));
+        Ok(Self {
+            norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
+            attn1: Attention::new(
+                dim,
+                only_cross_attention.then_some(cross_attention_dim),
+                heads,
+                dim_head,
+                attn1_site,
+                vb.pp("attn1"),
+            )?,
+            norm2: LayerNorm::new(dim, eps, vb.pp("norm2"))?,
+            attn2: Attention::new(
+                dim,
+                Some(cross_attention_dim),
+                heads,
+                dim_head,
+                Some(format!("{site}.attn2")),
+                vb.pp("attn2"),
+            )?,
+            norm3: LayerNorm::new(dim, eps, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            only_cross_attention,
+            site,
+        })
+    }
+
+    /// Cross-attention site names of this block, in forward order.
+    pub fn cross_attention_sites(&self) -> Vec<String> {
+        [&self.attn1.site, &self.attn2.site]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// # Shapes
+    /// - `xs`: `[b, hw, dim]`; `context`: `[b, tokens, cross_attention_dim]`; result: like `xs`.
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let d = ctx.differentiable;
+        let h = self.norm1.forward(xs, d)?;
+        let ctx1 = self.only_cross_attention.then_some(context);
+        let xs = (self.attn1.forward(&h, ctx1, ctx)? + xs)?;
+        let h = self.norm2.forward(&xs, d)?;
+        let xs = (self.attn2.forward(&h, Some(context), ctx)? + xs)?;
+        let h = self.norm3.forward(&xs, d)?;
+        let xs = (self.ff.forward(&h, d)? + xs)?;
+        if ctx.hook.wants_block_output(&self.site) {
+            ctx.hook.block_output(&self.site, &xs)?;
+        }
+        Ok(xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers `Transformer2DModel` on continuous (image) input.
+#[derive(Debug, Clone)]
+pub(crate) struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+pub(crate) struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+impl Transformer2DModel {
+    pub fn new(cfg: &TransformerConfig, site: &str, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.channels;
+        if cfg.heads == 0 || c % cfg.heads != 0 {
+            candle_core::bail!(
+                "'{}': {c} channels do not split into {} attention heads",
+                vb.prefix(),
+                cfg.heads
+            );
+        }
+        let dim_head = c / cfg.heads;
+        let (proj_in, proj_out) = if cfg.use_linear_projection {
+            (
+                Projection::Linear(Linear::new(c, c, true, vb.pp("proj_in"))?),
+                Projection::Linear(Linear::new(c, c, true, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Projection::Conv(Conv2d::new(c, c, 1, 1, 0, vb.pp("proj_in"))?),
+                Projection::Conv(Conv2d::new(c, c, 1, 1, 0, vb.pp("proj_out"))?),
+            )
+        };
+        let transformer_blocks = (0..cfg.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    c,
+                    cfg.heads,
+                    dim_head,
+                    cfg.cross_attention_dim,
+                    cfg.only_cross_attention,
+                    format!("{site}.transformer_blocks.{i}"),
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: GroupNorm::new(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            transformer_blocks,
+            proj_out,
+        })
+    }
+
+    pub fn blocks(&self) -> &[BasicTransformerBlock] {
+        &self.transformer_blocks
+    }
+
+    /// # Shapes
+    /// - `xs`: `[b, c, h, w]`; `context`: `[b, tokens, cross_attention_dim]`; result: like `xs`.
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, ()));
+        let mut hidden = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.transformer_blocks {
+            hidden = block.forward(&hidden, context, ctx)?;
+        }
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&hidden)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&hidden)?)?,
+        };
+        out + residual
+    }
+}

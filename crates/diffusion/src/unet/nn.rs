@@ -1,0 +1,193 @@
+//! Layers of the UNet with a switch between the differentiable and the fused kernels
+//! ([`crate::ops::ComputePath`]). Parameter names are the checkpoint's (`weight`, `bias`).
+
+use crate::hooks::Hook;
+use crate::ops;
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// What a forward pass carries down the module tree: the resolved kernel path and the hook.
+pub(crate) struct Ctx<'a> {
+    pub differentiable: bool,
+    pub hook: &'a mut dyn Hook,
+}
+
+/// `torch.nn.Linear`.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// # Shapes
+    /// - `xs`: `[..., in]`; result: `[..., out]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim;
+        // One GEMM over all leading dims: [rows, in] x [in, out].
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        ys.reshape(out_dims)
+    }
+}
+
+/// `torch.nn.Conv2d` (groups 1, dilation 1).
+#[derive(Debug, Clone)]
+pub(crate) struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
+        let bias = vb.get(out_ch, "bias")?;
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    /// # Shapes
+    /// - `xs`: `[b, in, h, w]`; result: `[b, out, h', w']`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// `torch.nn.GroupNorm` (affine).
+#[derive(Debug, Clone)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!(
+                "GroupNorm '{}': {channels} channels do not split into {groups} groups",
+                vb.prefix()
+            );
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `xs`: `[b, c, ...]`; result: like `xs`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `torch.nn.LayerNorm` (affine) over the last dim.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `xs`: `[..., dim]`; result: like `xs`.
+    pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+        // candle's fused layer norm has no f64 kernel; f64 takes the composition either way.
+        if differentiable || xs.dtype() == candle_core::DType::F64 {
+            ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+        } else {
+            candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+pub(crate) fn softmax_last_dim(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        ops::softmax_last_dim(xs)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+pub(crate) fn gelu(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        ops::gelu_erf(xs)
+    } else {
+        xs.gelu_erf()
+    }
+}
+
+/// The activation functions a diffusers UNet config may name (`act_fn`, `time_embedding_act_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str, field: &str) -> std::result::Result<Self, super::UNetError> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            other => Err(super::UNetError::Unsupported {
+                field: field.to_string(),
+                value: other.to_string(),
+            }),
+        }
+    }
+
+    pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => xs.silu(),
+        }
+    }
+}
+
+/// Splits `xs` in two halves along the last dim (torch `chunk(2, dim=-1)`).
+pub(crate) fn chunk2_last(xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = xs.dim(D::Minus1)? / 2;
+    Ok((xs.narrow(D::Minus1, 0, n)?, xs.narrow(D::Minus1, n, n)?))
+}
