@@ -3,6 +3,7 @@
 
 pub mod ddim;
 pub mod tokenizer;
+pub mod blip;
 pub mod hooks;
 pub mod ops;
 pub mod unet;

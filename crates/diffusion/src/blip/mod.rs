@@ -1,0 +1,97 @@
+//! BLIP-Diffusion (Li, Li, Hoi, NeurIPS 2023), the zero-shot subject-driven baseline of the
+//! Pick-and-Draw paper's Table 1, in the diffusers `BlipDiffusionPipeline` layout
+//! (`Salesforce/blipdiffusion`): the reference image and its source subject category go through the
+//! BLIP-2 Q-Former ([`qformer`], [`vision`]) to query embeddings, which the context-aware CLIP text
+//! encoder ([`ctx_clip`]) inserts into the prompt embedding; the SD UNet, VAE and DDIM of this crate
+//! then sample ([`pipeline`]).
+//!
+//! The reference is diffusers 0.32.2 with transformers 4.51.3 (`pipelines/blip_diffusion/`): later
+//! versions cannot load or silently change the pipeline (SPEC §11). The fixtures are written by
+//! `tools/fixtures/blip_diffusion.py`.
+
+pub mod ctx_clip;
+pub mod image;
+pub mod pipeline;
+pub mod qformer;
+pub mod vision;
+
+pub use ctx_clip::ContextClipTextModel;
+pub use image::{BlipImageProcessor, BlipImageProcessorConfig};
+pub use pipeline::{BlipConditioning, BlipDiffusion, BlipDiffusionConfig};
+pub use qformer::{BertTokenizer, Blip2Config, Blip2QFormerModel};
+pub use vision::{Blip2VisionConfig, Blip2VisionModel};
+
+use candle_core::{Result, Tensor};
+use std::path::PathBuf;
+
+/// Errors of loading or running BLIP-Diffusion; each names the component, file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BlipError {
+    #[error("BLIP-Diffusion model '{model}': the {component} component is missing: {source}")]
+    MissingComponent {
+        model: String,
+        component: &'static str,
+        source: weights::WeightsError,
+    },
+    #[error("BLIP-Diffusion {component} config '{path}': {reason}")]
+    Config {
+        component: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "BLIP-Diffusion {component} weights '{path}' do not match the config '{config}': {source}"
+    )]
+    Weights {
+        component: &'static str,
+        path: String,
+        config: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("Q-Former tokenizer '{path}': {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("reference image '{path}': {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Files(#[from] weights::WeightsError),
+    #[error(transparent)]
+    ClipTokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    UNet(#[from] crate::unet::UNetError),
+    #[error(transparent)]
+    Ddim(#[from] crate::ddim::DdimError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The activations BLIP-2 and CLIP configs name (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    QuickGelu,
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    pub(crate) fn parse(name: &str, what: &str) -> Result<Self> {
+        Ok(match name {
+            "quick_gelu" => Self::QuickGelu,
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            other => candle_core::bail!(
+                "{what}: unsupported hidden_act '{other}' (quick_gelu, gelu, gelu_new, relu)"
+            ),
+        })
+    }
+
+    pub(crate) fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+            Self::Relu => xs.relu(),
+        }
+    }
+}
