@@ -2,7 +2,12 @@
 //! CLIP text encoder and tokenizer, DDIM, and the sampling pipeline.
 
 pub mod ddim;
+pub mod noise;
+pub mod pipeline;
+pub mod text;
+pub mod textual_inversion;
 pub mod tokenizer;
+pub mod vae;
 pub mod blip;
 pub mod hooks;
 pub mod ops;

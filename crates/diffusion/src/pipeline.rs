@@ -1,0 +1,509 @@
+//! The Stable Diffusion pipeline (SPEC §6): loading a diffusers folder or hub id, prompt encoding,
+//! seeded or given initial latents, classifier-free-guided DDIM sampling, VAE decoding.
+//!
+//! Sampling follows diffusers 0.42.1 `pipelines/stable_diffusion/pipeline_stable_diffusion.py`
+//! (`StableDiffusionPipeline.__call__`): embeddings batched as `[negative, prompt]`, one UNet call
+//! on the doubled latents, `ε = ε_uncond + s (ε_cond − ε_uncond)` (no guidance when s ≤ 1), then
+//! `DDIMScheduler.step`. The step-level API ([`StableDiffusion::cfg_step`]) is what guided
+//! samplers build on.
+//!
+//! Personalized models (SPEC §3, §8):
+//! - DreamBooth: a diffusers folder per subject. Components it lacks (commonly `text_encoder/`,
+//!   `tokenizer/`, `vae/`, `scheduler/` when only the UNet was fine-tuned and saved) are taken from
+//!   [`LoadOptions::base`]; without a base, a missing component is an error naming what was
+//!   looked for.
+//! - Textual Inversion: the base model plus a learned-embedding file ([`LoadOptions::embeddings`]).
+
+use crate::ddim::{Ddim, DdimConfig, DdimError};
+use crate::hooks::{Hook, NoHook};
+use crate::text::{ClipTextConfig, ClipTextModel};
+use crate::textual_inversion::{read_learned_embedding, TextualInversionError};
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::unet::{UNet2DConditionModel, UNetError};
+use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use weights::{ModelSource, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Files(#[from] WeightsError),
+    #[error(transparent)]
+    Unet(#[from] UNetError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Scheduler(#[from] DdimError),
+    #[error(transparent)]
+    TextualInversion(#[from] TextualInversionError),
+    #[error("{component} weights '{path}' do not match the config '{config}': {source}")]
+    ConfigMismatch {
+        component: &'static str,
+        path: String,
+        config: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("model '{model}': the UNet's cross_attention_dim {unet} differs from the text encoder's hidden_size {text} (text encoder from '{text_from}')")]
+    Incompatible {
+        model: String,
+        unet: String,
+        text: usize,
+        text_from: String,
+    },
+    #[error(
+        "initial latents '{path}': expected tensor 'latents' of shape {expected:?}, got {actual}"
+    )]
+    LatentsShape {
+        path: PathBuf,
+        expected: Vec<usize>,
+        actual: String,
+    },
+    #[error("image size {height}×{width} is not a positive multiple of {factor}")]
+    Size {
+        height: usize,
+        width: usize,
+        factor: usize,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where components the model lacks come from (DreamBooth folders with only a UNet).
+    pub base: Option<String>,
+    /// A Textual Inversion file to add to the tokenizer and text encoder.
+    pub embeddings: Option<PathBuf>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            base: None,
+            embeddings: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Where each component was read from (for logs and run records).
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    pub unet: String,
+    pub vae: String,
+    pub text_encoder: String,
+    pub tokenizer: String,
+    pub scheduler: String,
+    /// `(token, id)` of a loaded Textual Inversion embedding.
+    pub learned_token: Option<(String, u32)>,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler: DdimConfig,
+    pub provenance: Provenance,
+    device: Device,
+    dtype: DType,
+}
+
+/// Embeddings for classifier-free guidance.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// `[1, tokens, dim]` of the negative prompt.
+    pub uncond: Tensor,
+    /// `[1, tokens, dim]` of the prompt.
+    pub cond: Tensor,
+}
+
+impl PromptEmbeddings {
+    /// `[negative, prompt]` batched as diffusers does: `[2, tokens, dim]`.
+    pub fn batched(&self) -> candle_core::Result<Tensor> {
+        Tensor::cat(&[&self.uncond, &self.cond], 0)
+    }
+}
+
+/// One classifier-free-guided DDIM step.
+#[derive(Debug, Clone)]
+pub struct CfgStepOutput {
+    /// Latents after the step, `[1, 4, h, w]`.
+    pub latents: Tensor,
+    /// The guided noise prediction, `[1, 4, h, w]`.
+    pub noise_pred: Tensor,
+    /// The predicted x̂_0, `[1, 4, h, w]`.
+    pub pred_original: Tensor,
+}
+
+/// What to sample.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub height: usize,
+    pub width: usize,
+    pub seed: u64,
+    /// `[1, 4, height/8, width/8]`; replaces the seeded noise.
+    pub init_latents: Option<Tensor>,
+}
+
+impl Default for SampleRequest {
+    /// SPEC §6 defaults: 50 steps, guidance 7.5, 512×512, empty negative prompt, seed 0.
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            cfg_scale: 7.5,
+            height: 512,
+            width: 512,
+            seed: 0,
+            init_latents: None,
+        }
+    }
+}
+
+fn has(src: &ModelSource, file: &str) -> bool {
+    src.file(&[file]).is_ok()
+}
+
+fn join_paths(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn source_name(src: &ModelSource) -> String {
+    match src {
+        ModelSource::Local(p) => p.display().to_string(),
+        ModelSource::Hub { repo } => repo.clone(),
+    }
+}
+
+/// Loads the text encoder of `src` (`text_encoder/config.json` + `model.safetensors`, or
+/// `pytorch_model.bin`).
+pub fn load_text_encoder(
+    src: &ModelSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipTextModel> {
+    let config = src.file(&["text_encoder/config.json"])?;
+    let cfg: ClipTextConfig = weights::read_json(&config)?;
+    let files = src.weight_files("text_encoder", &["model", "pytorch_model"])?;
+    let vb = weights::var_builder(&files, dtype, device)?;
+    ClipTextModel::new(&cfg, vb).map_err(|source| PipelineError::ConfigMismatch {
+        component: "text encoder",
+        path: join_paths(&files),
+        config,
+        source,
+    })
+}
+
+/// Loads the VAE of `src` (`vae/config.json` + `diffusion_pytorch_model.safetensors` or `.bin`).
+pub fn load_vae(src: &ModelSource, dtype: DType, device: &Device) -> Result<AutoencoderKL> {
+    let config = src.file(&["vae/config.json"])?;
+    let cfg: AutoencoderKLConfig = weights::read_json(&config)?;
+    let files = src.weight_files("vae", &["diffusion_pytorch_model"])?;
+    let vb = weights::var_builder(&files, dtype, device)?;
+    AutoencoderKL::new(&cfg, vb).map_err(|source| PipelineError::ConfigMismatch {
+        component: "VAE",
+        path: join_paths(&files),
+        config,
+        source,
+    })
+}
+
+impl StableDiffusion {
+    /// Loads `model` (a diffusers folder or hub id); components it lacks come from `opts.base`.
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let main = ModelSource::parse(model)?;
+        let base = opts.base.as_deref().map(ModelSource::parse).transpose()?;
+        // The model's own component if it has one, else the base's; with neither, the model's
+        // own "missing file" error.
+        let pick = |marker: &str| -> Result<&ModelSource> {
+            if has(&main, marker) {
+                return Ok(&main);
+            }
+            match &base {
+                Some(b) if has(b, marker) => Ok(b),
+                _ => Err(main.file(&[marker]).unwrap_err().into()),
+            }
+        };
+        let (dtype, device) = (opts.dtype, &opts.device);
+        let unet_src = pick("unet/config.json")?;
+        let unet = UNet2DConditionModel::load(unet_src, "unet", dtype, device)?;
+        let vae_src = pick("vae/config.json")?;
+        let vae = load_vae(vae_src, dtype, device)?;
+        let text_src = pick("text_encoder/config.json")?;
+        let mut text_encoder = load_text_encoder(text_src, dtype, device)?;
+        let tok_src = if ["tokenizer/tokenizer.json", "tokenizer/vocab.json"]
+            .iter()
+            .any(|f| has(&main, f))
+        {
+            &main
+        } else {
+            pick("tokenizer/vocab.json").or_else(|_| pick("tokenizer/tokenizer.json"))?
+        };
+        let mut tokenizer = ClipTokenizer::from_source(tok_src, "tokenizer")?;
+        let sched_src = pick("scheduler/scheduler_config.json")?;
+        let scheduler: DdimConfig =
+            weights::read_json(&sched_src.file(&["scheduler/scheduler_config.json"])?)?;
+        Ddim::new(&scheduler, 1)?; // reject unsupported scheduler settings at load time
+
+        let cross = unet.config().cross_attention_dim.clone();
+        let text_dim = text_encoder.hidden_size();
+        let matches = match &cross {
+            crate::unet::PerBlock::One(c) => *c == text_dim,
+            crate::unet::PerBlock::Each(v) => v.iter().all(|c| *c == text_dim),
+        };
+        if !matches {
+            return Err(PipelineError::Incompatible {
+                model: model.into(),
+                unet: format!("{cross:?}"),
+                text: text_dim,
+                text_from: source_name(text_src),
+            });
+        }
+        let mut provenance = Provenance {
+            unet: source_name(unet_src),
+            vae: source_name(vae_src),
+            text_encoder: source_name(text_src),
+            tokenizer: source_name(tok_src),
+            scheduler: source_name(sched_src),
+            learned_token: None,
+        };
+        if let Some(path) = &opts.embeddings {
+            let (token, id) = add_learned_embedding(&mut tokenizer, &mut text_encoder, path)?;
+            provenance.learned_token = Some((token, id));
+        }
+        Ok(Self {
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            provenance,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Adds a Textual Inversion embedding; returns its token and id.
+    pub fn load_textual_inversion(&mut self, path: &Path) -> Result<(String, u32)> {
+        let r = add_learned_embedding(&mut self.tokenizer, &mut self.text_encoder, path)?;
+        self.provenance.learned_token = Some(r.clone());
+        Ok(r)
+    }
+
+    /// The DDIM schedule of this model with `steps` steps.
+    pub fn ddim(&self, steps: usize) -> Result<Ddim> {
+        Ok(Ddim::new(&self.scheduler, steps)?)
+    }
+
+    /// Text-encoder output for one prompt.
+    ///
+    /// # Shapes
+    /// Output `[1, 77, hidden]`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt)?.ids;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Embeddings of a prompt and its negative prompt.
+    pub fn encode_prompts(&self, prompt: &str, negative_prompt: &str) -> Result<PromptEmbeddings> {
+        Ok(PromptEmbeddings {
+            uncond: self.encode_prompt(negative_prompt)?,
+            cond: self.encode_prompt(prompt)?,
+        })
+    }
+
+    /// Latent shape `[1, 4, height/8, width/8]` of an image size.
+    pub fn latent_shape(&self, height: usize, width: usize) -> Result<Vec<usize>> {
+        let f = self.vae.config().downsample_factor();
+        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+            return Err(PipelineError::Size {
+                height,
+                width,
+                factor: f,
+            });
+        }
+        Ok(vec![
+            1,
+            self.unet.config().in_channels,
+            height / f,
+            width / f,
+        ])
+    }
+
+    /// Seeded initial latents (see [`crate::noise`]); DDIM's initial noise sigma is 1.
+    pub fn initial_latents(&self, height: usize, width: usize, seed: u64) -> Result<Tensor> {
+        let shape = self.latent_shape(height, width)?;
+        Ok(crate::noise::seeded_normal(seed, &shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Reads `--init-latents`: safetensors with tensor `latents` of shape
+    /// `[1, 4, height/8, width/8]`.
+    pub fn read_init_latents(&self, path: &Path, height: usize, width: usize) -> Result<Tensor> {
+        let expected = self.latent_shape(height, width)?;
+        let tensors = weights::load_tensors(&[path.to_path_buf()], &self.device)?;
+        let t = tensors.get("latents").ok_or_else(|| {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            PipelineError::LatentsShape {
+                path: path.into(),
+                expected: expected.clone(),
+                actual: format!("no tensor 'latents' (tensors: {names:?})"),
+            }
+        })?;
+        if t.dims() != expected.as_slice() {
+            return Err(PipelineError::LatentsShape {
+                path: path.into(),
+                expected,
+                actual: format!("{:?}", t.dims()),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// The guided noise prediction at `timestep` (diffusers' CFG: one UNet call on
+    /// `[latents, latents]` with `[uncond, cond]`; the plain conditional prediction when
+    /// `cfg_scale ≤ 1`). `hook` sees the batched call's tensors (batch 0 = uncond, 1 = cond).
+    ///
+    /// # Shapes
+    /// `latents`: `[1, 4, h, w]`; output `[1, 4, h, w]`.
+    pub fn guided_noise(
+        &self,
+        latents: &Tensor,
+        timestep: usize,
+        emb: &PromptEmbeddings,
+        cfg_scale: f64,
+        hook: &mut dyn Hook,
+    ) -> Result<Tensor> {
+        let t = timestep as f64;
+        if cfg_scale <= 1.0 {
+            return Ok(self.unet.forward_with(latents, t, &emb.cond, hook)?);
+        }
+        let input = Tensor::cat(&[latents, latents], 0)?;
+        let pred = self.unet.forward_with(&input, t, &emb.batched()?, hook)?;
+        let uncond = pred.narrow(0, 0, 1)?;
+        let cond = pred.narrow(0, 1, 1)?;
+        Ok((&uncond + ((cond - &uncond)? * cfg_scale)?)?)
+    }
+
+    /// One CFG denoising step at step index `step` of `ddim`.
+    ///
+    /// # Shapes
+    /// `latents`: `[1, 4, h, w]`; outputs the same.
+    pub fn cfg_step(
+        &self,
+        ddim: &Ddim,
+        latents: &Tensor,
+        step: usize,
+        emb: &PromptEmbeddings,
+        cfg_scale: f64,
+        hook: &mut dyn Hook,
+    ) -> Result<CfgStepOutput> {
+        let t = *ddim.timesteps().get(step).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "step index {step} out of range 0..{}",
+                ddim.timesteps().len()
+            ))
+        })?;
+        let noise_pred = self.guided_noise(latents, t, emb, cfg_scale, hook)?;
+        let out = ddim.step(&noise_pred, t, latents)?;
+        Ok(CfgStepOutput {
+            latents: out.prev_sample,
+            noise_pred,
+            pred_original: out.pred_original_sample,
+        })
+    }
+
+    /// Full CFG sampling; returns the final latents (before decoding). `on_step(i, n)` is called
+    /// after each step.
+    pub fn sample(
+        &self,
+        req: &SampleRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let emb = self.encode_prompts(&req.prompt, &req.negative_prompt)?;
+        let mut latents = match &req.init_latents {
+            Some(l) => {
+                let expected = self.latent_shape(req.height, req.width)?;
+                if l.dims() != expected.as_slice() {
+                    return Err(PipelineError::LatentsShape {
+                        path: PathBuf::from("<init_latents>"),
+                        expected,
+                        actual: format!("{:?}", l.dims()),
+                    });
+                }
+                l.to_dtype(self.dtype)?
+            }
+            None => self.initial_latents(req.height, req.width, req.seed)?,
+        };
+        let ddim = self.ddim(req.steps)?;
+        let n = ddim.timesteps().len();
+        for i in 0..n {
+            latents = self
+                .cfg_step(&ddim, &latents, i, &emb, req.cfg_scale, &mut NoHook)?
+                .latents;
+            on_step(i + 1, n);
+        }
+        Ok(latents)
+    }
+
+    /// Decodes scaled latents to a float image in about [-1, 1].
+    ///
+    /// # Shapes
+    /// `latents`: `[b, 4, h, w]`; output `[b, 3, 8h, 8w]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.vae.decode_latents(latents)?)
+    }
+
+    /// Decodes scaled latents to 8-bit RGB images (diffusers' postprocess).
+    pub fn decode_images(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        Ok(crate::vae::tensor_to_images(&self.decode(latents)?)?)
+    }
+}
+
+fn add_learned_embedding(
+    tokenizer: &mut ClipTokenizer,
+    text_encoder: &mut ClipTextModel,
+    path: &Path,
+) -> Result<(String, u32)> {
+    let learned = read_learned_embedding(path, text_encoder.hidden_size())?;
+    let id = tokenizer.add_token(&learned.token)?;
+    let row = text_encoder.push_token_embedding(&learned.vector)?;
+    if row != id {
+        return Err(TextualInversionError::Invalid {
+            path: path.into(),
+            reason: format!(
+                "token '{}' got tokenizer id {id} but embedding row {row} (the tokenizer and the text encoder's vocabulary sizes differ)",
+                learned.token
+            ),
+        }
+        .into());
+    }
+    Ok((learned.token, id))
+}

@@ -1,0 +1,264 @@
+//! The CLIP text encoder that conditions Stable Diffusion (SPEC §6): transformers' `CLIPTextModel`,
+//! whose `last_hidden_state` (after the final layer norm) is the UNet's `encoder_hidden_states`.
+//!
+//! Port of transformers 5.24 `models/clip/modeling_clip.py` (`CLIPTextEmbeddings`, `CLIPAttention`
+//! with the causal mask, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer.forward`). Inference
+//! only: this path is never differentiated, so candle's fused layer norm and softmax are used.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+
+/// `text_encoder/config.json` (field names as transformers writes them).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl ClipTextConfig {
+    /// SD 1.x: `openai/clip-vit-large-patch14`'s text tower.
+    pub fn sd15() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    GeluErf,
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "quick_gelu" => Self::QuickGelu,
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            other => candle_core::bail!(
+                "text encoder config: unsupported hidden_act '{other}' (quick_gelu, gelu, gelu_new)"
+            ),
+        })
+    }
+
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        if h % cfg.num_attention_heads != 0 {
+            candle_core::bail!(
+                "text encoder config: hidden_size {h} is not divisible by num_attention_heads {}",
+                cfg.num_attention_heads
+            );
+        }
+        Ok(Self {
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+        })
+    }
+
+    /// # Shapes
+    /// `xs`: `[b, n, hidden]`, `mask`: `[n, n]` additive; output `[b, n, hidden]`.
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q_proj.forward(xs)? * (self.head_dim as f64).powf(-0.5))?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    act: Activation,
+}
+
+impl ClipEncoderLayer {
+    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: ClipAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm1: layer_norm(h, eps, vb.pp("layer_norm1"))?,
+            fc1: linear(h, i, vb.pp("mlp.fc1"))?,
+            fc2: linear(i, h, vb.pp("mlp.fc2"))?,
+            layer_norm2: layer_norm(h, eps, vb.pp("layer_norm2"))?,
+            act: Activation::parse(&cfg.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
+        let m = self.fc1.forward(&self.layer_norm2.forward(&h)?)?;
+        &h + self.fc2.forward(&self.act.apply(&m)?)?
+    }
+}
+
+/// `CLIPTextModel` (weights under `text_model.`, or at the root as transformers 5 saves them).
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        // transformers < 5 saves under `text_model.` (real SD checkpoints); 5.x saves without it.
+        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
+            vb
+        } else {
+            vb.pp("text_model")
+        };
+        let emb = vb.pp("embeddings");
+        let token_embedding =
+            embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding = emb.get(
+            (cfg.max_position_embeddings, cfg.hidden_size),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = layer_norm(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.cfg
+    }
+
+    /// The token-embedding table `[vocab, hidden]`.
+    pub fn token_embedding(&self) -> &Tensor {
+        self.token_embedding.embeddings()
+    }
+
+    /// Appends a row to the token-embedding table (Textual Inversion) and returns its id.
+    ///
+    /// # Shapes
+    /// `vector`: `[hidden]`.
+    pub fn push_token_embedding(&mut self, vector: &Tensor) -> Result<u32> {
+        let table = self.token_embedding.embeddings();
+        let row = vector
+            .to_dtype(table.dtype())?
+            .to_device(table.device())?
+            .reshape((1, self.cfg.hidden_size))?;
+        let id = table.dim(0)? as u32;
+        let table = Tensor::cat(&[table, &row], 0)?;
+        self.token_embedding = Embedding::new(table, self.cfg.hidden_size);
+        Ok(id)
+    }
+
+    fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)
+    }
+
+    /// `last_hidden_state` for token ids.
+    ///
+    /// # Shapes
+    /// `ids`: `[b, n]` (u32, n ≤ max_position_embeddings); output `[b, n, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, n) = ids.dims2()?;
+        let vocab = self.token_embedding.embeddings().dim(0)?;
+        let max_id = ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<u32>()?;
+        if max_id as usize >= vocab {
+            candle_core::bail!(
+                "token id {max_id} is outside the text encoder's vocabulary of {vocab}"
+            );
+        }
+        let tokens = self.token_embedding.forward(ids)?;
+        let xs = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
+        let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
+        let mut xs = xs;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// Hidden size of the output (the UNet's `cross_attention_dim`).
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+}
