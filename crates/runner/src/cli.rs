@@ -21,10 +21,13 @@ pub enum Command {
     /// Fetch, verify and list the DreamBench dataset.
     #[command(subcommand)]
     Dataset(commands::dataset::DatasetCommand),
+    /// Tables, Pareto plots, per-subject bars and image grids of a run.
+    Report(commands::report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dataset(cmd) => commands::dataset::run(cmd),
+        Command::Report(args) => commands::report::run(args),
     }
 }

@@ -1,7 +1,9 @@
-//! Experiment files (SPEC §8): which methods, subjects, prompts and seeds a sweep runs.
+//! Experiment files (SPEC §8): which methods, subjects, prompts and seeds a sweep runs, with which
+//! models, generation settings, metric protocol and guidance overrides.
 //!
 //! ```toml
 //! name = "table1"
+//! include = ["models/sd15", "protocol/dreambooth", "guidance/paper"]   # configs/<name>.toml
 //! subjects = ["dog", "cat"]   # default: all 30
 //! prompts = [0, 1, 2]         # prompt indices, default: all 25
 //! seeds = [0, 1, 2, 3]        # default
@@ -11,12 +13,14 @@
 //! baseline = "dreambooth"
 //! pick_and_draw = true
 //! ```
-//! Unknown keys, bad values and unknown subjects are errors with file, line and column.
+//! Included blocks are merged in order, then the file itself (later keys win; tables merge key by
+//! key). Every file is checked on its own first, so unknown keys, bad values and unknown subjects
+//! are reported with that file's name, line and column.
 
-use crate::sweep::{parse_toml, ConfigError};
-use dreambench::{enumerate_jobs, jobs::valid_name, Job, PromptStyle, Subject};
+use crate::sweep::{config_line_column, ConfigError};
+use dreambench::{enumerate_jobs, jobs::valid_name, Job, PromptStyle, ReferenceRule, Subject};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The four baselines of the paper's Table 1.
@@ -34,13 +38,20 @@ pub enum Baseline {
 #[serde(deny_unknown_fields)]
 pub struct MethodSpec {
     /// Short name used in job ids and tables: lowercase letters, digits, `-`, `+`, `_`.
-    pub name: Spanned<String>,
+    pub name: String,
     pub baseline: Baseline,
+    /// How tables and plots name the method; `Baseline + Pick-and-Draw` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     #[serde(default)]
     pub pick_and_draw: bool,
     /// How the subject is named in prompts; the baseline's usual style when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_style: Option<PromptStyle>,
+    /// Guidance settings of this method over the experiment's `[guidance]` (e.g. the appearance
+    /// resolution of a Table 2 row).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub guidance: toml::Table,
 }
 
 impl MethodSpec {
@@ -62,71 +73,301 @@ impl MethodSpec {
     }
 }
 
+/// Where each baseline's weights are. `{subject}` in a path is the subject's folder name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Models {
+    /// Vanilla Stable Diffusion (baseline, Textual Inversion base, layout template).
+    #[serde(default = "default_base")]
+    pub base: String,
+    /// A diffusers folder per subject, e.g. `checkpoints/dreambooth/{subject}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dreambooth: Option<String>,
+    /// A learned-embedding file per subject, e.g. `checkpoints/ti/{subject}/learned_embeds.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub textual_inversion: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blip_diffusion: Option<String>,
+}
+
+fn default_base() -> String {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5".into()
+}
+
+impl Default for Models {
+    fn default() -> Self {
+        Self {
+            base: default_base(),
+            dreambooth: None,
+            textual_inversion: None,
+            blip_diffusion: None,
+        }
+    }
+}
+
+impl Models {
+    /// The model location of a baseline for a subject (`{subject}` filled in).
+    pub fn for_subject(&self, baseline: Baseline, subject: &str) -> Option<String> {
+        let template = match baseline {
+            Baseline::StableDiffusion => Some(&self.base),
+            Baseline::Dreambooth => self.dreambooth.as_ref(),
+            Baseline::TextualInversion => self.textual_inversion.as_ref(),
+            Baseline::BlipDiffusion => self.blip_diffusion.as_ref(),
+        }?;
+        Some(template.replace("{subject}", subject))
+    }
+}
+
+/// Sampling settings shared by every method (SPEC §6 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Generation {
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub height: usize,
+    pub width: usize,
+    pub negative_prompt: String,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            cfg_scale: 7.5,
+            height: 512,
+            width: 512,
+            negative_prompt: String::new(),
+        }
+    }
+}
+
+/// The metric protocol (SPEC §5 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricProtocol {
+    /// The DreamBench folder.
+    pub data: String,
+    pub dino: String,
+    pub clip: String,
+    /// Reference image of single-image methods (inversion, BLIP-Diffusion).
+    pub reference: ReferenceRule,
+}
+
+impl Default for MetricProtocol {
+    fn default() -> Self {
+        Self {
+            data: "dreambench".into(),
+            dino: "facebook/dino-vits16".into(),
+            clip: "openai/clip-vit-base-patch32".into(),
+            reference: ReferenceRule::First,
+        }
+    }
+}
+
 fn default_seeds() -> Vec<u64> {
     vec![0, 1, 2, 3]
 }
 
+/// A resolved experiment: includes merged, every default filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Subject folder names; all 30 when absent.
-    #[serde(default)]
-    pub subjects: Option<Vec<Spanned<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<Vec<String>>,
     /// Prompt indices 0..25; all when absent.
-    #[serde(default)]
-    pub prompts: Option<Vec<Spanned<usize>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Vec<usize>>,
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
     pub methods: Vec<MethodSpec>,
+    #[serde(default)]
+    pub models: Models,
+    #[serde(default)]
+    pub generation: Generation,
+    #[serde(default)]
+    pub metrics: MetricProtocol,
+    /// Guidance settings for every guided method (validated by the guidance crate's config).
+    #[serde(default)]
+    pub guidance: toml::Table,
+}
+
+/// One file as written, every key optional, spans kept: checked on its own for located errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // fields exist to be validated; the merged table is what gets used
+struct FileParts {
+    include: Option<Vec<Spanned<String>>>,
+    name: Option<String>,
+    description: Option<String>,
+    subjects: Option<Vec<Spanned<String>>>,
+    prompts: Option<Vec<Spanned<usize>>>,
+    seeds: Option<Vec<u64>>,
+    methods: Option<Vec<MethodParts>>,
+    models: Option<Models>,
+    generation: Option<Generation>,
+    metrics: Option<MetricProtocol>,
+    guidance: Option<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct MethodParts {
+    name: Spanned<String>,
+    baseline: Baseline,
+    label: Option<String>,
+    pick_and_draw: Option<bool>,
+    prompt_style: Option<PromptStyle>,
+    guidance: Option<toml::Table>,
+}
+
+fn located(text: &str, file: &str, span: std::ops::Range<usize>, message: String) -> ConfigError {
+    let (line, column) = config_line_column(text, span.start);
+    ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Checks one file's text against the schema; returns its table and its includes.
+fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String>>), ConfigError> {
+    let parts: FileParts = crate::sweep::parse_toml(text, file)?;
+    for s in parts.subjects.iter().flatten() {
+        if dreambench::subject(s.get_ref()).is_none() {
+            return Err(located(
+                text,
+                file,
+                s.span(),
+                format!("unknown subject '{}' (see `pnd dataset list`)", s.get_ref()),
+            ));
+        }
+    }
+    for p in parts.prompts.iter().flatten() {
+        if *p.get_ref() >= 25 {
+            return Err(located(
+                text,
+                file,
+                p.span(),
+                format!("prompt index {} out of range 0..25", p.get_ref()),
+            ));
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for m in parts.methods.iter().flatten() {
+        if !valid_name(m.name.get_ref()) {
+            return Err(located(
+                text,
+                file,
+                m.name.span(),
+                format!(
+                    "method name '{}' must be lowercase letters, digits, '-', '+', '_' (no '__')",
+                    m.name.get_ref()
+                ),
+            ));
+        }
+        if !names.insert(m.name.get_ref().clone()) {
+            return Err(located(
+                text,
+                file,
+                m.name.span(),
+                format!("method name '{}' appears twice", m.name.get_ref()),
+            ));
+        }
+    }
+    let mut table: toml::Table = crate::sweep::parse_toml(text, file)?;
+    table.remove("include");
+    Ok((table, parts.include.unwrap_or_default()))
+}
+
+/// Later values win; tables merge key by key; arrays (methods, subjects) are replaced whole.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 impl Experiment {
-    /// Parses and validates an experiment; `file` names the source in errors.
+    /// Parses an experiment text without includes (an `include` key is an error here).
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let exp: Experiment = parse_toml(text, file)?;
-        let at = |span: std::ops::Range<usize>, message: String| {
-            let (line, column) = crate::sweep::config_line_column(text, span.start);
-            ConfigError::Invalid {
-                file: file.to_string(),
-                line,
-                column,
-                message,
-            }
-        };
-        for s in exp.subjects.iter().flatten() {
-            if dreambench::subject(s.get_ref()).is_none() {
-                return Err(at(
-                    s.span(),
-                    format!("unknown subject '{}' (see `pnd dataset list`)", s.get_ref()),
-                ));
-            }
+        let (table, includes) = check_file(text, file)?;
+        if let Some(first) = includes.first() {
+            return Err(located(
+                text,
+                file,
+                first.span(),
+                "includes need a file location: use Experiment::load".into(),
+            ));
         }
-        for p in exp.prompts.iter().flatten() {
-            if *p.get_ref() >= 25 {
-                return Err(at(
-                    p.span(),
-                    format!("prompt index {} out of range 0..25", p.get_ref()),
+        Self::from_table(table, file)
+    }
+
+    /// Loads an experiment file with its includes. An include `NAME` is `configs/NAME.toml`, looked
+    /// up next to the file, then in its parent folders (so `experiments/x.toml` finds `configs/`).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut merged = toml::Table::new();
+        Self::load_into(path, &mut merged, &mut Vec::new())?;
+        Self::from_table(merged, &path.display().to_string())
+    }
+
+    fn load_into(
+        path: &Path,
+        merged: &mut toml::Table,
+        stack: &mut Vec<PathBuf>,
+    ) -> Result<(), ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let (table, includes) = check_file(&text, &file)?;
+        stack.push(path.to_path_buf());
+        for inc in &includes {
+            let found = find_include(path, inc.get_ref()).ok_or_else(|| {
+                located(
+                    &text,
+                    &file,
+                    inc.span(),
+                    format!(
+                        "no config block '{}' (looked for configs/{}.toml)",
+                        inc.get_ref(),
+                        inc.get_ref()
+                    ),
+                )
+            })?;
+            if stack.iter().any(|p| p == &found) {
+                return Err(located(
+                    &text,
+                    &file,
+                    inc.span(),
+                    format!("'{}' includes itself", inc.get_ref()),
                 ));
             }
+            Self::load_into(&found, merged, stack)?;
         }
-        let mut names = std::collections::BTreeSet::new();
-        for m in &exp.methods {
-            if !valid_name(m.name.get_ref()) {
-                return Err(at(
-                    m.name.span(),
-                    format!("method name '{}' must be lowercase letters, digits, '-', '+', '_' (no '__')", m.name.get_ref()),
-                ));
-            }
-            if !names.insert(m.name.get_ref().clone()) {
-                return Err(at(
-                    m.name.span(),
-                    format!("method name '{}' appears twice", m.name.get_ref()),
-                ));
-            }
-        }
+        stack.pop();
+        merge(merged, table);
+        Ok(())
+    }
+
+    fn from_table(table: toml::Table, file: &str) -> Result<Self, ConfigError> {
+        let exp: Experiment =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::NoLocation {
+                    file: file.into(),
+                    message: e.message().trim().to_string(),
+                })?;
         if exp.methods.is_empty() {
             return Err(ConfigError::NoLocation {
                 file: file.into(),
@@ -136,36 +377,23 @@ impl Experiment {
         Ok(exp)
     }
 
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
-    }
-
     pub fn subjects(&self) -> Vec<&'static Subject> {
         match &self.subjects {
             None => dreambench::SUBJECTS.iter().collect(),
-            Some(list) => list
-                .iter()
-                .filter_map(|s| dreambench::subject(s.get_ref()))
-                .collect(),
+            Some(list) => list.iter().filter_map(|s| dreambench::subject(s)).collect(),
         }
     }
 
     pub fn prompt_indices(&self) -> Vec<usize> {
-        match &self.prompts {
-            None => (0..25).collect(),
-            Some(list) => list.iter().map(|p| *p.get_ref()).collect(),
-        }
+        self.prompts.clone().unwrap_or_else(|| (0..25).collect())
     }
 
     pub fn method_names(&self) -> Vec<String> {
-        self.methods
-            .iter()
-            .map(|m| m.name.get_ref().clone())
-            .collect()
+        self.methods.iter().map(|m| m.name.clone()).collect()
+    }
+
+    pub fn method(&self, name: &str) -> Option<&MethodSpec> {
+        self.methods.iter().find(|m| m.name == name)
     }
 
     /// Every generation job in canonical order (methods, subjects, prompts, seeds).
@@ -177,4 +405,18 @@ impl Experiment {
             &self.seeds,
         )
     }
+}
+
+fn find_include(from: &Path, name: &str) -> Option<PathBuf> {
+    let rel = format!("{name}.toml");
+    let mut dir = from.parent();
+    while let Some(d) = dir {
+        for candidate in [d.join("configs").join(&rel), d.join(&rel)] {
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+        dir = d.parent();
+    }
+    None
 }

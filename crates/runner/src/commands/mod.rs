@@ -1,3 +1,4 @@
 //! One module per `pnd` subcommand.
 
 pub mod dataset;
+pub mod report;

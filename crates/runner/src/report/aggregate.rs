@@ -1,0 +1,195 @@
+//! Aggregation of result rows with polars: per-method and per-subject means, standard deviations,
+//! and the 95% bootstrap confidence interval of each method's mean.
+
+use super::rows::ImageRow;
+use polars::prelude::*;
+
+/// One method's scores over all its images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodSummary {
+    pub method: String,
+    pub baseline: String,
+    pub guided: bool,
+    pub images: usize,
+    pub dino: Stat,
+    pub clip_i: Stat,
+    pub clip_t: Stat,
+}
+
+/// Mean, sample standard deviation and 95% bootstrap confidence interval of the mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+}
+
+/// Per-subject means of one method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectSummary {
+    pub method: String,
+    pub subject: String,
+    pub dino: f64,
+    pub clip_i: f64,
+    pub clip_t: f64,
+}
+
+pub const METRICS: [&str; 3] = ["dino", "clip_i", "clip_t"];
+
+/// The rows as a polars frame (one row per image).
+pub fn frame(rows: &[ImageRow]) -> PolarsResult<DataFrame> {
+    let s = |f: fn(&ImageRow) -> String| rows.iter().map(f).collect::<Vec<_>>();
+    let x = |f: fn(&ImageRow) -> f64| rows.iter().map(f).collect::<Vec<_>>();
+    df!(
+        "id" => s(|r| r.id.clone()),
+        "method" => s(|r| r.method.clone()),
+        "baseline" => s(|r| r.baseline.clone()),
+        "guided" => rows.iter().map(|r| r.guided).collect::<Vec<_>>(),
+        "subject" => s(|r| r.subject.clone()),
+        "prompt_index" => rows.iter().map(|r| r.prompt_index as u32).collect::<Vec<_>>(),
+        "seed" => rows.iter().map(|r| r.seed).collect::<Vec<_>>(),
+        "prompt" => s(|r| r.prompt.clone()),
+        "clip_t_prompt" => s(|r| r.clip_t_prompt.clone()),
+        "image" => s(|r| r.image.clone()),
+        "dino" => x(|r| r.dino),
+        "clip_i" => x(|r| r.clip_i),
+        "clip_t" => x(|r| r.clip_t),
+        "seconds" => x(|r| r.seconds),
+    )
+}
+
+fn f64_at(df: &DataFrame, name: &str, i: usize) -> PolarsResult<f64> {
+    Ok(df.column(name)?.f64()?.get(i).unwrap_or(f64::NAN))
+}
+
+fn str_at(df: &DataFrame, name: &str, i: usize) -> PolarsResult<String> {
+    Ok(df
+        .column(name)?
+        .str()?
+        .get(i)
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Per-method summaries in the order of `methods` (methods without rows are left out).
+pub fn by_method(
+    rows: &[ImageRow],
+    methods: &[String],
+    bootstrap_seed: u64,
+) -> PolarsResult<Vec<MethodSummary>> {
+    let mut aggs = vec![
+        col("baseline").first(),
+        col("guided").first(),
+        col("dino").len().alias("n"),
+    ];
+    for m in METRICS {
+        aggs.push(col(m).mean().alias(format!("{m}_mean")));
+        aggs.push(col(m).std(1).alias(format!("{m}_std")));
+    }
+    let df = frame(rows)?
+        .lazy()
+        .group_by([col("method")])
+        .agg(aggs)
+        .collect()?;
+    let mut out = Vec::new();
+    for method in methods {
+        let Some(i) =
+            (0..df.height()).find(|&i| str_at(&df, "method", i).ok().as_deref() == Some(method))
+        else {
+            continue;
+        };
+        let values = |metric: &str| -> Vec<f64> {
+            rows.iter()
+                .filter(|r| &r.method == method)
+                .map(|r| match metric {
+                    "dino" => r.dino,
+                    "clip_i" => r.clip_i,
+                    _ => r.clip_t,
+                })
+                .collect()
+        };
+        let stat = |metric: &str| -> PolarsResult<Stat> {
+            let (ci_low, ci_high) = bootstrap_ci(&values(metric), 1000, bootstrap_seed);
+            Ok(Stat {
+                mean: f64_at(&df, &format!("{metric}_mean"), i)?,
+                std: f64_at(&df, &format!("{metric}_std"), i)?,
+                ci_low,
+                ci_high,
+            })
+        };
+        out.push(MethodSummary {
+            method: method.clone(),
+            baseline: str_at(&df, "baseline", i)?,
+            guided: df.column("guided")?.bool()?.get(i).unwrap_or(false),
+            images: df.column("n")?.u32()?.get(i).unwrap_or(0) as usize,
+            dino: stat("dino")?,
+            clip_i: stat("clip_i")?,
+            clip_t: stat("clip_t")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Per-(method, subject) means, sorted by method order then subject name.
+pub fn by_subject(rows: &[ImageRow], methods: &[String]) -> PolarsResult<Vec<SubjectSummary>> {
+    let df = frame(rows)?
+        .lazy()
+        .group_by([col("method"), col("subject")])
+        .agg(METRICS.map(|m| col(m).mean()))
+        .sort(["subject"], SortMultipleOptions::default())
+        .collect()?;
+    let mut out = Vec::new();
+    for method in methods {
+        for i in 0..df.height() {
+            if str_at(&df, "method", i)? != *method {
+                continue;
+            }
+            out.push(SubjectSummary {
+                method: method.clone(),
+                subject: str_at(&df, "subject", i)?,
+                dino: f64_at(&df, "dino", i)?,
+                clip_i: f64_at(&df, "clip_i", i)?,
+                clip_t: f64_at(&df, "clip_t", i)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Percentile bootstrap 95% interval of the mean, `resamples` draws with a fixed seed
+/// (SplitMix64), so a report is reproducible byte for byte.
+pub fn bootstrap_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| {
+            (0..n)
+                .map(|_| values[(next() % n as u64) as usize])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    means.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    (at(0.025), at(0.975))
+}
+
+/// Writes the rows as Parquet (atomically).
+pub fn write_parquet(rows: &[ImageRow], path: &std::path::Path) -> anyhow::Result<()> {
+    let mut df = frame(rows)?;
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf).finish(&mut df)?;
+    crate::sweep::write_file_atomic(path, &buf)?;
+    Ok(())
+}

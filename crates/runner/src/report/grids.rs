@@ -1,0 +1,107 @@
+//! Image grids (the paper's Figs. 4, 6–8): for each subject and each baseline that has a guided
+//! version, one row per prompt: reference | without guidance | with guidance (first seed).
+
+use super::rows::ImageRow;
+use super::tables::MethodInfo;
+use anyhow::Context;
+use image::{imageops, Rgb, RgbImage};
+use std::path::{Path, PathBuf};
+
+const CELL: u32 = 192;
+const GAP: u32 = 4;
+
+fn load_cell(path: &Path) -> anyhow::Result<RgbImage> {
+    let img = image::open(path)
+        .with_context(|| format!("reading image '{}'", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let side = w.min(h);
+    let crop = imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+    Ok(imageops::resize(
+        &crop,
+        CELL,
+        CELL,
+        imageops::FilterType::Triangle,
+    ))
+}
+
+/// Writes the grids under `dir` and returns their paths. Image paths in rows are relative to `run_dir`
+/// (generated) or as given (reference).
+pub fn image_grids(
+    run_dir: &Path,
+    dir: &Path,
+    rows: &[ImageRow],
+    infos: &[MethodInfo],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    let mut subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
+    subjects.sort();
+    subjects.dedup();
+    for guided in infos.iter().filter(|i| i.guided) {
+        let Some(base) = infos
+            .iter()
+            .find(|b| !b.guided && b.baseline == guided.baseline)
+        else {
+            continue;
+        };
+        for subject in &subjects {
+            let pick = |method: &str| -> Vec<&ImageRow> {
+                let mut v: Vec<&ImageRow> = rows
+                    .iter()
+                    .filter(|r| r.method == method && r.subject == *subject)
+                    .collect();
+                v.sort_by_key(|r| (r.prompt_index, r.seed));
+                v.dedup_by_key(|r| r.prompt_index);
+                v
+            };
+            let (without, with) = (pick(&base.name), pick(&guided.name));
+            let prompts: Vec<usize> = without
+                .iter()
+                .map(|r| r.prompt_index)
+                .filter(|p| with.iter().any(|w| w.prompt_index == *p))
+                .collect();
+            if prompts.is_empty() {
+                continue;
+            }
+            let reference = load_cell(Path::new(&with[0].reference))?;
+            let n = prompts.len() as u32;
+            let mut grid = RgbImage::from_pixel(
+                3 * CELL + 4 * GAP,
+                n * CELL + (n + 1) * GAP,
+                Rgb([255, 255, 255]),
+            );
+            for (k, p) in prompts.iter().enumerate() {
+                let y = GAP + k as u32 * (CELL + GAP);
+                let a = without
+                    .iter()
+                    .find(|r| r.prompt_index == *p)
+                    .expect("prompt listed from `without`");
+                let b = with
+                    .iter()
+                    .find(|r| r.prompt_index == *p)
+                    .expect("prompt listed from `with`");
+                imageops::replace(&mut grid, &reference, GAP as i64, y as i64);
+                imageops::replace(
+                    &mut grid,
+                    &load_cell(&run_dir.join(&a.image))?,
+                    (2 * GAP + CELL) as i64,
+                    y as i64,
+                );
+                imageops::replace(
+                    &mut grid,
+                    &load_cell(&run_dir.join(&b.image))?,
+                    (3 * GAP + 2 * CELL) as i64,
+                    y as i64,
+                );
+            }
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join(format!("{subject}__{}.png", guided.name));
+            let tmp = dir.join(format!(".tmp-{subject}__{}.png", guided.name));
+            grid.save(&tmp)
+                .with_context(|| format!("writing '{}'", tmp.display()))?;
+            std::fs::rename(&tmp, &path)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}

@@ -1,0 +1,208 @@
+//! `pnd report` on a hand-made run folder: table values and deltas, CSV/LaTeX, figures and grids.
+
+use dreambench::Job;
+use runner::report::rows::{ImageRow, OracleRow};
+use runner::report::{aggregate, write_report};
+use runner::sweep::{Plan, RunStore};
+use std::path::Path;
+
+fn shared_dreambench() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench")
+}
+
+/// Four methods, two subjects, two prompts, one seed; scores are simple functions of the indices,
+/// so every aggregate is known in closed form.
+fn make_run(dir: &Path) -> Vec<ImageRow> {
+    let methods = [
+        ("sd", "stable-diffusion", false),
+        ("sd+pnd", "stable-diffusion", true),
+        ("db", "dreambooth", false),
+        ("db+pnd", "dreambooth", true),
+    ];
+    let config = serde_json::json!({
+        "name": "report-test",
+        "methods": methods.iter().map(|(n, b, g)| serde_json::json!({"name": n, "baseline": b, "pick_and_draw": g})).collect::<Vec<_>>(),
+    });
+    let subjects = ["dog", "vase"];
+    let mut jobs = Vec::new();
+    for (m, _, _) in &methods {
+        for s in &subjects {
+            for p in [0usize, 3] {
+                jobs.push(Job {
+                    method: m.to_string(),
+                    subject: s.to_string(),
+                    prompt_index: p,
+                    seed: 0,
+                });
+            }
+        }
+    }
+    let plan = Plan {
+        experiment: "report-test".into(),
+        config,
+        jobs: jobs.clone(),
+    };
+    let store = RunStore::create(dir, &plan).unwrap();
+    let mut rows = Vec::new();
+    for job in &jobs {
+        let (mi, (_, baseline, guided)) = methods
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.0 == job.method)
+            .unwrap();
+        let si = subjects.iter().position(|s| *s == job.subject).unwrap();
+        let id = job.id();
+        let image = format!("files/{id}/image.png");
+        let shade = (40 * mi + 60 * si) as u8;
+        std::fs::create_dir_all(store.files_dir(&id)).unwrap();
+        image::RgbImage::from_pixel(32, 32, image::Rgb([shade, 100, 200 - shade]))
+            .save(dir.join(&image))
+            .unwrap();
+        let row = ImageRow {
+            id: id.0.clone(),
+            method: job.method.clone(),
+            baseline: baseline.to_string(),
+            guided: *guided,
+            subject: job.subject.clone(),
+            prompt_index: job.prompt_index,
+            seed: 0,
+            prompt: format!("prompt {}", job.prompt_index),
+            clip_t_prompt: format!("prompt {}", job.prompt_index),
+            image,
+            reference: shared_dreambench()
+                .join(&job.subject)
+                .join("00.jpg")
+                .display()
+                .to_string(),
+            dino: 0.5 + 0.1 * mi as f64 + 0.01 * si as f64,
+            clip_i: 0.7 + 0.02 * mi as f64,
+            clip_t: 0.30 - 0.01 * mi as f64 + 0.001 * job.prompt_index as f64,
+            seconds: 1.0,
+        };
+        store.write_row(&id, &row).unwrap();
+        rows.push(row);
+    }
+    let oracle = OracleRow {
+        dino: 0.774,
+        clip_i: 0.885,
+        per_subject: vec![("dog".into(), 0.8, 0.9)],
+    };
+    std::fs::write(
+        dir.join("oracle.json"),
+        serde_json::to_string(&oracle).unwrap(),
+    )
+    .unwrap();
+    rows
+}
+
+#[test]
+fn table_has_means_and_deltas_against_the_unguided_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let report = write_report(tmp.path(), None).unwrap();
+    let md = &report.table_markdown;
+    // sd: dino mean = 0.5 + 0.005 = 0.505; sd+pnd: 0.605 (+0.100); db: 0.705; db+pnd 0.805 (+0.100).
+    assert!(
+        md.contains("| Real Images (Oracle) | 0.774 | 0.885 | – | – |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| Stable Diffusion | 0.505 | 0.700 | 0.301 | 4 |"),
+        "{md}"
+    );
+    assert!(md.contains("| Stable Diffusion + Pick-and-Draw | 0.605 (+0.100) | 0.720 (+0.020) | 0.291 (-0.010) | 4 |"), "{md}");
+    assert!(
+        md.contains("| DreamBooth + Pick-and-Draw | 0.805 (+0.100) |"),
+        "{md}"
+    );
+    let tex = std::fs::read_to_string(report.dir.join("table.tex")).unwrap();
+    assert!(
+        tex.contains("Stable Diffusion + Pick-and-Draw & 0.605 ({\\scriptsize $+0.100$})"),
+        "{tex}"
+    );
+    let csv = std::fs::read_to_string(report.dir.join("table.csv")).unwrap();
+    assert!(
+        csv.contains(
+            "DreamBooth + Pick-and-Draw,4,0.805000,0.760000,0.271500,0.100000,0.020000,-0.010000"
+        ),
+        "{csv}"
+    );
+    let per_subject = std::fs::read_to_string(report.dir.join("per_subject.csv")).unwrap();
+    assert!(
+        per_subject.contains("sd+pnd,vase,0.610000,0.720000,0.291500"),
+        "{per_subject}"
+    );
+}
+
+#[test]
+fn figures_and_grids_are_written_and_decodable() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let report = write_report(tmp.path(), None).unwrap();
+    // To look at the figures: PND_KEEP_REPORT=/some/dir cargo test -p runner --test report
+    if let Ok(keep) = std::env::var("PND_KEEP_REPORT") {
+        let keep = Path::new(&keep);
+        std::fs::create_dir_all(keep.join("grids")).unwrap();
+        for f in report.files.iter() {
+            std::fs::copy(f, keep.join(f.strip_prefix(&report.dir).unwrap())).unwrap();
+        }
+    }
+    for name in [
+        "pareto_dino",
+        "pareto_clip_i",
+        "subjects_dino",
+        "subjects_clip_i",
+        "subjects_clip_t",
+    ] {
+        let png = image::open(report.dir.join(format!("{name}.png")))
+            .unwrap()
+            .to_rgb8();
+        // Something was drawn: not a blank canvas.
+        let distinct: std::collections::BTreeSet<[u8; 3]> = png.pixels().map(|p| p.0).collect();
+        assert!(distinct.len() > 10, "{name}: {} colors", distinct.len());
+        let svg = std::fs::read_to_string(report.dir.join(format!("{name}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{name}");
+    }
+    let grid = image::open(report.dir.join("grids/dog__sd+pnd.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (3 * 192 + 16, 2 * 192 + 12));
+    assert!(report.dir.join("grids/vase__db+pnd.png").is_file());
+    assert!(report.dir.join("results.parquet").is_file());
+    // The same run reports byte-identical files twice.
+    let again = tempfile::tempdir().unwrap();
+    write_report(tmp.path(), Some(again.path())).unwrap();
+    for f in [
+        "table.md",
+        "table.tex",
+        "table.csv",
+        "stats.csv",
+        "per_subject.csv",
+        "pareto_dino.svg",
+    ] {
+        assert_eq!(
+            std::fs::read(report.dir.join(f)).unwrap(),
+            std::fs::read(again.path().join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn bootstrap_interval_brackets_the_mean_and_is_seeded() {
+    let values: Vec<f64> = (0..100).map(|i| (i as f64 * 0.37).sin()).collect();
+    let mean = values.iter().sum::<f64>() / 100.0;
+    let (lo, hi) = aggregate::bootstrap_ci(&values, 1000, 7);
+    assert!(lo < mean && mean < hi && hi - lo < 0.5, "{lo} {mean} {hi}");
+    assert_eq!(aggregate::bootstrap_ci(&values, 1000, 7), (lo, hi));
+    let constant = aggregate::bootstrap_ci(&[0.25; 10], 200, 1);
+    assert_eq!(constant, (0.25, 0.25));
+}
+
+#[test]
+fn a_folder_that_is_not_a_run_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = write_report(tmp.path(), None).unwrap_err().to_string();
+    assert!(
+        err.contains("not a run folder") && err.contains("plan.json"),
+        "{err}"
+    );
+}
