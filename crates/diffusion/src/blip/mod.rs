@@ -27,7 +27,7 @@ use std::path::PathBuf;
 /// Errors of loading or running BLIP-Diffusion; each names the component, file or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum BlipError {
-    #[error("BLIP-Diffusion model '{model}': the {component} component is missing: {source}")]
+    #[error("BLIP-Diffusion model '{model}' lacks its {component}: {source}")]
     MissingComponent {
         model: String,
         component: &'static str,

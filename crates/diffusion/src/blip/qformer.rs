@@ -181,8 +181,14 @@ impl BertTokenizer {
         self.pad_id
     }
 
+    /// One past the largest id (`vocab.txt` may repeat a token; its later line wins, as in
+    /// transformers' `load_vocab`).
     pub fn vocab_size(&self) -> usize {
-        self.tok.get_vocab_size(true)
+        self.tok
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
     }
 }
 
@@ -483,6 +489,13 @@ pub(super) fn tokenizer_source(
         ] {
             if dir.is_dir() {
                 return weights::ModelSource::Local(dir);
+            }
+        }
+        // A path into the model folder (`qformer/tokenizer`) that is not there: report it as
+        // missing rather than asking the hub for a repo of that name.
+        if let Some(std::path::Component::Normal(first)) = Path::new(name).components().next() {
+            if root.join(first).is_dir() {
+                return weights::ModelSource::Local(root.join(name));
             }
         }
     }
