@@ -49,14 +49,30 @@ pub struct NoHook;
 
 impl Hook for NoHook {}
 
-/// A hook that keeps every tensor it is asked to keep, by site name, in forward order.
-///
-/// `attention_sites` / `block_sites` select what is kept: `None` keeps nothing, `Some(vec![])`
-/// keeps every site of that kind.
+/// Which sites of one kind a [`Recorder`] keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Select {
+    #[default]
+    Nothing,
+    All,
+    Only(Vec<String>),
+}
+
+impl Select {
+    pub fn contains(&self, site: &str) -> bool {
+        match self {
+            Select::Nothing => false,
+            Select::All => true,
+            Select::Only(sites) => sites.iter().any(|s| s == site),
+        }
+    }
+}
+
+/// A hook that keeps the tensors of the selected sites, by site name, in forward order.
 #[derive(Debug, Default)]
 pub struct Recorder {
-    pub attention_sites: Option<Vec<String>>,
-    pub block_sites: Option<Vec<String>>,
+    pub attention_sites: Select,
+    pub block_sites: Select,
     pub attention: Vec<(String, Tensor)>,
     pub blocks: Vec<(String, Tensor)>,
 }
@@ -65,33 +81,38 @@ impl Recorder {
     /// Keeps every cross-attention map and every block output.
     pub fn all() -> Self {
         Self {
-            attention_sites: Some(Vec::new()),
-            block_sites: Some(Vec::new()),
+            attention_sites: Select::All,
+            block_sites: Select::All,
             ..Self::default()
         }
     }
 
-    /// Keeps the given sites only.
+    /// Keeps exactly the given sites (an empty list keeps nothing of that kind).
     pub fn sites(attention: &[String], blocks: &[String]) -> Self {
         Self {
-            attention_sites: Some(attention.to_vec()),
-            block_sites: Some(blocks.to_vec()),
+            attention_sites: Select::Only(attention.to_vec()),
+            block_sites: Select::Only(blocks.to_vec()),
             ..Self::default()
         }
     }
 
-    fn selected(sel: &Option<Vec<String>>, site: &str) -> bool {
-        match sel {
-            None => false,
-            Some(s) if s.is_empty() => true,
-            Some(s) => s.iter().any(|x| x == site),
-        }
+    /// The kept attention map of `site`, if any.
+    pub fn attention_map(&self, site: &str) -> Option<&Tensor> {
+        self.attention
+            .iter()
+            .find(|(s, _)| s == site)
+            .map(|(_, t)| t)
+    }
+
+    /// The kept block output of `site`, if any.
+    pub fn block_output(&self, site: &str) -> Option<&Tensor> {
+        self.blocks.iter().find(|(s, _)| s == site).map(|(_, t)| t)
     }
 }
 
 impl Hook for Recorder {
     fn wants_attention(&self, site: &str) -> bool {
-        Self::selected(&self.attention_sites, site)
+        self.attention_sites.contains(site)
     }
 
     fn attention(&mut self, site: &str, probs: &Tensor) -> candle_core::Result<()> {
@@ -100,7 +121,7 @@ impl Hook for Recorder {
     }
 
     fn wants_block_output(&self, site: &str) -> bool {
-        Self::selected(&self.block_sites, site)
+        self.block_sites.contains(site)
     }
 
     fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {

@@ -176,3 +176,143 @@ pub fn timestep_embedding(
         .unsqueeze(0)?
         .repeat((batch, 1))
 }
+
+/// 2-D convolution (groups 1, dilation 1) whose backward to the input is exact for every size and
+/// stride, and fast on CPU.
+///
+/// candle 0.11.1's `conv2d` backward applies the height's output padding to the width too (a shape
+/// error when a stride-2 conv sees one odd and one even spatial size), runs a naive
+/// `conv_transpose2d`, and always computes the kernel gradient. Here, when the kernel is a constant
+/// (not in an autograd graph) and the tensors live on the CPU, the forward is candle's `conv2d` and
+/// the backward is the input gradient alone, computed as a stride-1 `conv2d` of the zero-dilated,
+/// padded output gradient with the flipped, transposed kernel. Otherwise this is candle's `conv2d`
+/// (whose kernel gradient a trainable kernel needs).
+///
+/// # Shapes
+/// - `xs`: `[b, c_in, h, w]`; `kernel`: `[c_out, c_in, k, k]`;
+///   result: `[b, c_out, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]`.
+pub fn conv2d(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !xs.track_op() || kernel.track_op() || !xs.device().is_cpu() {
+        return xs.conv2d(kernel, padding, stride, 1, 1);
+    }
+    let value = xs.detach().conv2d(kernel, padding, stride, 1, 1)?;
+    let op = ConvInputGrad {
+        value: std::sync::Mutex::new(Some(value)),
+        kernel: kernel.clone(),
+        padding,
+        stride,
+    };
+    xs.apply_op1(op)
+}
+
+/// The custom op behind [`conv2d`]: its forward hands back the precomputed convolution, its
+/// backward computes the input gradient.
+struct ConvInputGrad {
+    value: std::sync::Mutex<Option<Tensor>>,
+    kernel: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl candle_core::CustomOp1 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d value lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d op applied twice".into()))?;
+        let value = value.contiguous()?;
+        let (storage, layout) = value.storage_and_layout();
+        let cpu = match &*storage {
+            candle_core::Storage::Cpu(s) => s,
+            _ => candle_core::bail!("conv2d-input-grad: value not on the CPU"),
+        };
+        let n = layout.shape().elem_count();
+        let start = layout.start_offset();
+        let out = match cpu {
+            candle_core::CpuStorage::F32(v) => {
+                candle_core::CpuStorage::F32(v[start..start + n].to_vec())
+            }
+            candle_core::CpuStorage::F64(v) => {
+                candle_core::CpuStorage::F64(v[start..start + n].to_vec())
+            }
+            candle_core::CpuStorage::F16(v) => {
+                candle_core::CpuStorage::F16(v[start..start + n].to_vec())
+            }
+            candle_core::CpuStorage::BF16(v) => {
+                candle_core::CpuStorage::BF16(v[start..start + n].to_vec())
+            }
+            _ => candle_core::bail!("conv2d-input-grad: unsupported dtype {:?}", value.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        conv2d_input_grad(grad, &self.kernel, arg.dims4()?, self.padding, self.stride).map(Some)
+    }
+}
+
+/// The gradient of `conv2d(x, kernel, padding, stride)` with respect to `x` of shape `input_dims`.
+fn conv2d_input_grad(
+    grad: &Tensor,
+    kernel: &Tensor,
+    input_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, h, w) = input_dims;
+    let (b, c_out, ho, wo) = grad.dims4()?;
+    let (_, _, kh, kw) = kernel.dims4()?;
+    // Flip spatially and swap in/out channels: [c_in, c_out, kh, kw].
+    let rev = |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<_>>(), kernel.device());
+    let flipped = kernel
+        .index_select(&rev(kh)?, 2)?
+        .index_select(&rev(kw)?, 3)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    // Dilate the gradient with stride-1 zeros between entries: size (n - 1) * s + 1.
+    let (dh, dw) = ((ho - 1) * stride + 1, (wo - 1) * stride + 1);
+    let dilated = if stride == 1 {
+        grad.clone()
+    } else {
+        grad.reshape((b, c_out, ho, 1, wo, 1))?
+            .pad_with_zeros(3, 0, stride - 1)?
+            .pad_with_zeros(5, 0, stride - 1)?
+            .reshape((b, c_out, ho * stride, wo * stride))?
+            .narrow(2, 0, dh)?
+            .narrow(3, 0, dw)?
+    };
+    // Full correlation: pad k-1-p before and (size - dilated + p) after, so the output is h x w.
+    let before_h = kh as isize - 1 - padding as isize;
+    let before_w = kw as isize - 1 - padding as isize;
+    let after_h = h as isize - dh as isize + padding as isize;
+    let after_w = w as isize - dw as isize + padding as isize;
+    if before_h == after_h && before_w == after_w && before_h == before_w && before_h >= 0 {
+        return dilated.conv2d(&flipped, before_h as usize, 1, 1, 1);
+    }
+    let pad = |t: Tensor, dim: usize, before: isize, after: isize| -> Result<Tensor> {
+        let t = if before >= 0 {
+            t.pad_with_zeros(dim, before as usize, 0)?
+        } else {
+            let n = t.dim(dim)?;
+            t.narrow(dim, (-before) as usize, n - (-before) as usize)?
+        };
+        if after >= 0 {
+            t.pad_with_zeros(dim, 0, after as usize)
+        } else {
+            let n = t.dim(dim)?;
+            t.narrow(dim, 0, n - (-after) as usize)
+        }
+    };
+    let padded = pad(pad(dilated, 2, before_h, after_h)?, 3, before_w, after_w)?;
+    padded.conv2d(&flipped, 0, 1, 1, 1)
+}

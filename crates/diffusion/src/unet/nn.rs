@@ -80,7 +80,7 @@ impl Conv2d {
     /// # Shapes
     /// - `xs`: `[b, in, h, w]`; result: `[b, out, h', w']`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let ys = ops::conv2d(xs, &self.weight, self.padding, self.stride)?;
         ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
