@@ -5,6 +5,7 @@ pub mod ddim;
 pub mod noise;
 pub mod pipeline;
 pub mod text;
+pub mod tiny;
 pub mod textual_inversion;
 pub mod tokenizer;
 pub mod vae;
