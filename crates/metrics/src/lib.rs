@@ -1,0 +1,60 @@
+//! DreamBench metrics natively in candle (SPEC §5): DINO ViT-S/16, CLIP-I and CLIP-T with
+//! CLIP ViT-B/32, preprocessing bit-exact to PIL + torchvision, scores with aggregates and
+//! bootstrap intervals, the real-image oracle, and an on-disk embedding cache.
+//!
+//! Entry point for other crates: [`Scorer`] (`Scorer::load(dino, clip, options)`, then
+//! [`Scorer::score`] / [`Scorer::oracle`] / [`Scorer::embed_images`]).
+
+pub mod cache;
+pub mod clip;
+pub mod nn;
+pub mod preprocess;
+pub mod scorer;
+pub mod scores;
+pub mod tokenizer;
+pub mod vit;
+
+pub use cache::EmbeddingCache;
+pub use preprocess::Preprocess;
+pub use scorer::{
+    list_images, ClipModel, DinoModel, ImageEmbeddings, ImageScores, OracleReport, ScoreReport,
+    Scorer, ScorerOptions, SubjectOracle, DEFAULT_CLIP, DEFAULT_DINO,
+};
+pub use scores::{Bootstrap, Summary};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+    /// The weights do not fit the architecture the config describes (a missing tensor, a wrong
+    /// shape): candle's message names the tensor, this names the files.
+    #[error("model '{model}' (weights {files}): {source}")]
+    Model {
+        model: String,
+        files: String,
+        source: candle_core::Error,
+    },
+    #[error("reading image '{path}': {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("tokenizer '{path}': {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("no images (jpg, jpeg, png) in '{0}'")]
+    NoImages(PathBuf),
+    #[error("'{path}': {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("embedding cache entry '{path}': {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("embedding {what}: {source}")]
+    Inference {
+        what: String,
+        source: candle_core::Error,
+    },
+}

@@ -1,0 +1,340 @@
+//! Building blocks shared by the ViT (DINO) and CLIP encoders: activations, a linear layer that
+//! runs as one 2-D matmul, a LayerNorm with a two-pass f64 reduction, fused-QKV self-attention
+//! and the pre-LayerNorm transformer block both models use.
+//!
+//! Why not candle-nn's `LayerNorm`: its fused CPU kernel computes the variance as
+//! `E[x²] − E[x]²` in f32, which loses digits when a residual stream has a large mean;
+//! PyTorch's kernel does not, and parity is the point of this crate.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+use serde::Deserialize;
+
+/// `hidden_act` of a transformers config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Activation {
+    /// Exact (erf) GELU, transformers' `"gelu"`.
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// `x · σ(1.702 x)`, transformers' `"quick_gelu"` (OpenAI CLIP).
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// tanh-approximated GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    #[serde(alias = "gelu_new", rename = "gelu_pytorch_tanh")]
+    GeluTanh,
+}
+
+impl Module for Activation {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => xs.gelu_erf(),
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
+            Activation::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+/// `y = x Wᵀ + b` over the last dimension, computed as a single `[rows, in] × [in, out]` matmul.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[in, out]`, contiguous (the checkpoint's `[out, in]` transposed once at load).
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn from_weights(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Self::from_weights(&weight, bias)
+    }
+
+    /// # Shapes
+    /// `xs`: `[.., in]` → `[.., out]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim.max(1);
+        let y = xs.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight_t.dim(1)?;
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm over the last dimension (`torch.nn.LayerNorm`): mean and variance by two passes in f64.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?.to_vec1()?;
+        let bias = vb.get(dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// # Shapes
+    /// `xs`: `[.., dim]` (f32) → same shape.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "metrics-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = match storage {
+            CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("layer norm: only f32 is supported"),
+        };
+        let src = match layout.contiguous_offsets() {
+            Some((a, b)) => &src[a..b],
+            None => candle_core::bail!("layer norm: input must be contiguous"),
+        };
+        let dim = layout.dims()[layout.dims().len() - 1];
+        if dim != self.weight.len() {
+            candle_core::bail!(
+                "layer norm over {} features applied to a tensor of shape {:?}",
+                self.weight.len(),
+                layout.dims()
+            );
+        }
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(dim)
+            .zip(src.par_chunks(dim))
+            .for_each(|(out, row)| {
+                let n = dim as f64;
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = row
+                    .iter()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum::<f64>()
+                    / n;
+                let inv = 1.0 / (var + self.eps).sqrt();
+                for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(&self.weight).zip(&self.bias)
+                {
+                    *o = ((v as f64 - mean) * inv * w as f64 + b as f64) as f32;
+                }
+            });
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// Multi-head self-attention with the three input projections fused into one matmul.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// Checkpoint names of one attention block's four projections.
+pub struct AttentionNames {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub out: &'static str,
+}
+
+impl SelfAttention {
+    pub fn load(
+        vb: VarBuilder,
+        names: &AttentionNames,
+        dim: usize,
+        heads: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            candle_core::bail!("hidden size {dim} is not divisible by {heads} attention heads");
+        }
+        let get_w = |n: &str| vb.pp(n).get((dim, dim), "weight");
+        let w = Tensor::cat(&[get_w(names.q)?, get_w(names.k)?, get_w(names.v)?], 0)?;
+        let b = if qkv_bias {
+            let get_b = |n: &str| vb.pp(n).get(dim, "bias");
+            Some(Tensor::cat(
+                &[get_b(names.q)?, get_b(names.k)?, get_b(names.v)?],
+                0,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            qkv: Linear::from_weights(&w, b)?,
+            out: Linear::load(vb.pp(names.out), dim, dim, true)?,
+            heads,
+            head_dim: dim / heads,
+        })
+    }
+
+    /// `softmax(q kᵀ / √d + mask) v`, as transformers' `eager_attention_forward`.
+    ///
+    /// # Shapes
+    /// `xs`: `[batch, seq, dim]`; `mask`: additive `[seq, seq]` or none → `[batch, seq, dim]`.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, d) = xs.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, n, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = qkv.get(0)?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.out.forward(&ctx)
+    }
+}
+
+/// A pre-LayerNorm transformer block: `x + attn(ln1(x))`, then `h + fc2(act(fc1(ln2(h))))`.
+/// ViT (`ViTLayer`) and CLIP (`CLIPEncoderLayer`) are both this, with different tensor names.
+#[derive(Debug, Clone)]
+pub struct Block {
+    ln1: LayerNorm,
+    attn: SelfAttention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+/// Checkpoint names of one block's parts, relative to the block's prefix.
+pub struct BlockNames {
+    pub ln1: &'static str,
+    pub ln2: &'static str,
+    pub attn: &'static str,
+    pub attn_names: AttentionNames,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+}
+
+/// Dimensions of one block.
+pub struct BlockDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub qkv_bias: bool,
+    pub eps: f64,
+    pub act: Activation,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, names: &BlockNames, d: &BlockDims) -> Result<Self> {
+        Ok(Self {
+            ln1: LayerNorm::load(vb.pp(names.ln1), d.hidden, d.eps)?,
+            attn: SelfAttention::load(
+                vb.pp(names.attn),
+                &names.attn_names,
+                d.hidden,
+                d.heads,
+                d.qkv_bias,
+            )?,
+            ln2: LayerNorm::load(vb.pp(names.ln2), d.hidden, d.eps)?,
+            fc1: Linear::load(vb.pp(names.fc1), d.hidden, d.intermediate, true)?,
+            fc2: Linear::load(vb.pp(names.fc2), d.intermediate, d.hidden, true)?,
+            act: d.act,
+        })
+    }
+
+    /// # Shapes
+    /// `xs`: `[batch, seq, hidden]` → same.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
+        )?;
+        h + m
+    }
+}
+
+/// Non-overlapping `patch × patch` convolution (stride = kernel) as one matmul over patches.
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    proj: Linear,
+    patch: usize,
+    channels: usize,
+}
+
+impl PatchEmbed {
+    /// `weight`: `[dim, channels, patch, patch]`.
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (dim, channels, p, p2) = weight.dims4()?;
+        if p != p2 {
+            candle_core::bail!("non-square patch kernel {p}×{p2}");
+        }
+        Ok(Self {
+            proj: Linear::from_weights(&weight.reshape((dim, channels * p * p))?, bias)?,
+            patch: p,
+            channels,
+        })
+    }
+
+    /// # Shapes
+    /// `pixels`: `[batch, channels, h, w]` → `[batch, (h/p)·(w/p), dim]`, patches in row-major order
+    /// (as `conv(..).flatten(2).transpose(1, 2)`).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch;
+        if c != self.channels || h % p != 0 || w % p != 0 {
+            candle_core::bail!(
+                "pixel tensor {:?} does not fit {}-channel {p}×{p} patches",
+                pixels.dims(),
+                self.channels
+            );
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        self.proj.forward(&patches)
+    }
+}
+
+/// Row `i` of `[batch, seq, dim]` for every batch element: `[batch, dim]`.
+pub fn token(xs: &Tensor, i: usize) -> Result<Tensor> {
+    xs.narrow(1, i, 1)?.squeeze(1)
+}
+
+/// L2-normalizes the last dimension.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    xs.broadcast_div(&xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
