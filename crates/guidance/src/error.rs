@@ -1,0 +1,49 @@
+//! Typed errors of the guidance crate.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("reading '{path}': {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A malformed or unknown-key guidance config; `message` carries toml's line and column.
+    #[error("guidance config '{path}': {message}")]
+    Config { path: String, message: String },
+
+    #[error("invalid guidance setting {name} = {value}: {reason}")]
+    InvalidSetting {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+
+    #[error("shape mismatch in {what}: expected {expected}, got {got:?}")]
+    Shape {
+        what: &'static str,
+        expected: String,
+        got: Vec<usize>,
+    },
+
+    #[error("{what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+
+    #[error(
+        "cannot match the prompt tokens {personal:?} (identifier {identifier:?} removed) \
+         with the template tokens {template:?} by position"
+    )]
+    TokenMismatch {
+        personal: Vec<u32>,
+        identifier: Vec<u32>,
+        template: Vec<u32>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
