@@ -61,10 +61,11 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        // Scaling q ([n, d]) rather than the scores ([n, m]) saves a pass over the larger tensor.
+        let q = self.split_heads(&(self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = q.matmul(&k.t()?)?;
         let probs = softmax_last_dim(&scores, ctx.differentiable)?;
         if let Some(site) = &self.site {
             if ctx.hook.wants_attention(site) {

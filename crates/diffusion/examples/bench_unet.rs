@@ -1,0 +1,158 @@
+//! UNet benchmark, candle side (issue 4, SPEC §10): the real SD 1.5 UNet configuration with random
+//! weights, 256×256 (latent 32×32), batch 1, f32, CPU.
+//!
+//! `bench_unet fwd|fwdbwd [iters] [warmup]` prints one JSON line with the wall times and the
+//! process's peak resident memory (VmHWM). `fwd` is a no-grad forward (fused kernels); `fwdbwd` is
+//! a forward on a latent `Var` (differentiable kernels) capturing one `up_blocks.2` cross-attention
+//! map and one block output, loss = sum(map[..., 5]) + mean(block), backward to the latent.
+//! `tools/bench/unet.py` runs this and the PyTorch + diffusers side with the same thread count and
+//! prints the ratios. Build: `cargo build --release -p diffusion --example bench_unet`.
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use diffusion::hooks::Recorder;
+use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use rand::{Rng, SeedableRng};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// diffusers' `runwayml/stable-diffusion-v1-5` `unet/config.json`.
+const SD15_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+const ATTN_SITE: &str = "up_blocks.2.attentions.0.transformer_blocks.0.attn2";
+const BLOCK_SITE: &str = "up_blocks.2.attentions.0.transformer_blocks.0";
+
+/// Random weights: uniform with std 1/sqrt(fan_in) for matrices and kernels, ones for norm scales,
+/// small uniform biases. Seeded: the same weights on every run.
+struct RandomWeights {
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let n = s.elem_count();
+        if dims.len() == 1 && name.ends_with("weight") {
+            return Tensor::ones(s, dtype, dev);
+        }
+        let fan_in = if dims.len() >= 2 { n / dims[0] } else { 100 };
+        let a = (3.0 / fan_in as f32).sqrt();
+        let mut rng = self.rng.lock().unwrap();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+        Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for '{name}'")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn vm_hwm_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.parse().unwrap_or(0)))
+        })
+        .unwrap_or(0)
+}
+
+fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("fwd").to_string();
+    let iters: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let warmup: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let device = Device::Cpu;
+
+    let cfg = UNet2DConditionConfig::from_json(SD15_UNET_CONFIG)?;
+    let backend = RandomWeights {
+        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+    let unet = UNet2DConditionModel::new(&cfg, vb)?;
+    let after_load_kb = vm_hwm_kb();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let sample = randn(&[1, 4, 32, 32], &mut rng)?;
+    let context = randn(&[1, 77, 768], &mut rng)?;
+
+    let mut times = Vec::new();
+    for i in 0..warmup + iters {
+        let start = Instant::now();
+        match mode.as_str() {
+            "fwd" => {
+                let eps = unet.forward(&sample, 500.0, &context)?;
+                eps.sum_all()?.to_scalar::<f32>()?;
+            }
+            "fwdbwd" => {
+                let z = Var::from_tensor(&sample)?;
+                let mut rec = Recorder::sites(&[ATTN_SITE.into()], &[BLOCK_SITE.into()]);
+                unet.forward_with(z.as_tensor(), 500.0, &context, &mut rec)?;
+                let map = rec.attention_map(ATTN_SITE).expect("captured map");
+                let block = rec.block_output(BLOCK_SITE).expect("captured block");
+                let loss = (map.narrow(3, 5, 1)?.sum_all()? + block.mean_all()?)?;
+                let grads = loss.backward()?;
+                let g = grads.get(z.as_tensor()).expect("latent gradient");
+                g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            }
+            other => anyhow::bail!("unknown mode '{other}' (fwd | fwdbwd)"),
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if i >= warmup {
+            times.push(secs);
+        }
+        eprintln!("candle {mode} run {i}: {secs:.3} s");
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{{\"side\": \"candle\", \"mode\": \"{mode}\", \"threads\": {}, \"times\": {times:?}, \"median\": {median}, \"vm_hwm_after_load_kb\": {after_load_kb}, \"vm_hwm_kb\": {}}}",
+        candle_core::utils::get_num_threads(),
+        vm_hwm_kb()
+    );
+    Ok(())
+}

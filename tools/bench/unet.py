@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""UNet benchmark: candle (crates/diffusion/examples/bench_unet.rs) vs PyTorch + diffusers.
+
+The real SD 1.5 UNet configuration with random weights, 256x256 (latent 32x32), batch 1, f32, CPU,
+the same thread count on both sides, each side in its own process (so VmHWM is its own peak):
+  fwd     no-grad forward (diffusers' default SDPA attention; candle's fused kernels)
+  fwdbwd  forward with a latent that requires grad, capturing the up_blocks.2.attentions.0 cross-
+          attention probabilities (diffusers' AttnProcessor at that site, to expose them) and that
+          transformer block's output; loss = sum(map[..., 5]) + mean(block); backward to the latent.
+Weights never require grad on either side. Ratio = PyTorch median time / candle median time
+(> 1: candle is faster).
+
+Build first:  cargo build --release -p diffusion --example bench_unet
+Run:          ~/.venvs/ref/bin/python tools/bench/unet.py [--threads N] [--iters 3] [--warmup 1]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+BIN = os.path.join(ROOT, "target", "release", "examples", "bench_unet")
+
+SD15 = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+ATTN_SITE = "up_blocks.2.attentions.0.transformer_blocks.0.attn2"
+BLOCK_SITE = "up_blocks.2.attentions.0.transformer_blocks.0"
+
+
+def vm_hwm_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def worker(mode, iters, warmup, threads):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15).eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    after_load = vm_hwm_kb()
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 4, 32, 32, generator=g)
+    context = torch.randn(1, 77, 768, generator=g)
+
+    store = {}
+    if mode == "fwdbwd":
+        attn = dict(unet.named_modules())[ATTN_SITE]
+        inner = AttnProcessor()
+
+        def recording_processor(attn_mod, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            original = attn_mod.get_attention_scores
+            batch = hidden_states.shape[0]
+
+            def rec(q, k, mask=None):
+                p = original(q, k, mask)
+                store["map"] = p.reshape(batch, attn_mod.heads, p.shape[1], p.shape[2])
+                return p
+
+            attn_mod.get_attention_scores = rec
+            try:
+                return inner(attn_mod, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                del attn_mod.get_attention_scores
+
+        attn.set_processor(recording_processor)
+        block = dict(unet.named_modules())[BLOCK_SITE]
+        block.register_forward_hook(lambda m, i, o: store.__setitem__("block", o))
+
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        if mode == "fwd":
+            with torch.no_grad():
+                eps = unet(sample, 500, context).sample
+                eps.sum().item()
+        else:
+            z = sample.clone().requires_grad_(True)
+            unet(z, 500, context)
+            loss = store["map"][..., 5].sum() + store["block"].mean()
+            loss.backward()
+            z.grad.square().sum().item()
+            store.clear()
+        secs = time.perf_counter() - start
+        if i >= warmup:
+            times.append(secs)
+        print(f"torch {mode} run {i}: {secs:.3f} s", file=sys.stderr)
+    median = sorted(times)[len(times) // 2]
+    print(
+        json.dumps(
+            dict(
+                side="torch",
+                mode=mode,
+                threads=torch.get_num_threads(),
+                times=times,
+                median=median,
+                vm_hwm_after_load_kb=after_load,
+                vm_hwm_kb=vm_hwm_kb(),
+            )
+        )
+    )
+
+
+def run(cmd, threads):
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env[k] = str(threads)
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.iters, args.warmup, args.threads)
+        return
+    if not os.path.exists(BIN):
+        sys.exit(f"missing {BIN}: cargo build --release -p diffusion --example bench_unet")
+    rows = []
+    for mode in args.modes.split(","):
+        t = run([sys.executable, __file__, "--worker", mode, "--threads", str(args.threads),
+                 "--iters", str(args.iters), "--warmup", str(args.warmup)], args.threads)
+        c = run([BIN, mode, str(args.iters), str(args.warmup)], args.threads)
+        rows.append((mode, t, c))
+    print(f"\nSD 1.5 UNet, 256x256 (latent 32x32), batch 1, f32, CPU, {args.threads} threads, "
+          f"median of {args.iters} (after {args.warmup} warm-up)")
+    print(f"{'mode':8} {'torch s':>9} {'candle s':>9} {'ratio':>7}  {'torch peak MiB':>15} {'candle peak MiB':>16}")
+    for mode, t, c in rows:
+        ratio = t["median"] / c["median"]
+        print(f"{mode:8} {t['median']:9.3f} {c['median']:9.3f} {ratio:6.2f}x  "
+              f"{t['vm_hwm_kb'] / 1024:15.0f} {c['vm_hwm_kb'] / 1024:16.0f}")
+    for mode, t, c in rows:
+        print(f"{mode}: peak above weights: torch {(t['vm_hwm_kb'] - t['vm_hwm_after_load_kb']) / 1024:.0f} MiB, "
+              f"candle {(c['vm_hwm_kb'] - c['vm_hwm_after_load_kb']) / 1024:.0f} MiB")
+    print("ratio = torch time / candle time (targets: fwd >= 1.0, fwdbwd >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
