@@ -47,11 +47,7 @@ fn load(dir: &Path) -> Result<BlipDiffusion, BlipError> {
 }
 
 fn load_pipeline(dir: &Path) -> Result<BlipDiffusionPipeline, BlipError> {
-    BlipDiffusionPipeline::load(
-        &weights::ModelSource::Local(dir.to_path_buf()),
-        DType::F32,
-        &Device::Cpu,
-    )
+    BlipDiffusionPipeline::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
 }
 
 #[test]
@@ -264,16 +260,26 @@ fn unreadable_reference_image() {
 fn initial_latents_of_the_wrong_size() {
     let dir = model_with(|_| {});
     let pipe = load_pipeline(dir.path()).unwrap();
-    let reference = image::RgbImage::new(40, 30);
-    let init = candle_core::Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
-    let opts = diffusion::blip::pipeline::BlipGenerateOptions {
+    let req = diffusion::blip::BlipRequest {
+        reference: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/blip/pattern.png"),
+        subject_category: "dog".into(),
+        prompt: "on the beach".into(),
         height: 64,
         width: 96,
         steps: 2,
+        init_latents: Some(
+            candle_core::Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+        ),
         ..Default::default()
     };
-    let err = pipe
-        .generate(&reference, "dog", "on the beach", "dog", &init, &opts)
-        .unwrap_err();
+    let err = pipe.generate(&req, &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("[1, 4, 8, 12]"), "{err}");
+    let req = diffusion::blip::BlipRequest {
+        init_latents: None,
+        subject_category: " ".into(),
+        ..req
+    };
+    let err = pipe.generate(&req, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("--subject-category"), "{err}");
 }

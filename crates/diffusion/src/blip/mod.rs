@@ -17,7 +17,10 @@ pub mod vision;
 
 pub use ctx_clip::ContextClipTextModel;
 pub use image::{BlipImageProcessor, BlipImageProcessorConfig};
-pub use pipeline::{BlipConditioning, BlipDiffusion, BlipDiffusionConfig};
+pub use pipeline::{
+    blip_text_prompt, BlipConditioning, BlipDiffusion, BlipDiffusionConfig, BlipDiffusionPipeline,
+    BlipOutput, BlipRequest, PromptSettings,
+};
 pub use qformer::{BertTokenizer, Blip2Config, Blip2QFormerModel};
 pub use vision::{Blip2VisionConfig, Blip2VisionModel};
 
@@ -60,6 +63,8 @@ pub enum BlipError {
     UNet(#[from] crate::unet::UNetError),
     #[error(transparent)]
     Ddim(#[from] crate::ddim::DdimError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

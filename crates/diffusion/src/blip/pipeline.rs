@@ -2,17 +2,18 @@
 //! (diffusers 0.32.2 `pipelines/blip_diffusion/pipeline_blip_diffusion.py`:
 //! `BlipDiffusionPipeline._build_prompt`, `get_query_embeddings`, `encode_prompt` and the
 //! unconditional branch of `__call__`) and its sampling loop, with DDIM in SD's configuration like
-//! the other baselines instead of the folder's PNDM scheduler.
+//! the other baselines instead of the folder's PNDM scheduler; the UNet, VAE and CFG steps are
+//! the crate's [`StableDiffusion`] pipeline loaded from the same folder.
 
 use super::ctx_clip::ContextClipTextModel;
 use super::image::{BlipImageProcessor, BlipImageProcessorConfig};
 use super::qformer::{tokenizer_source, BertTokenizer, Blip2Config, Blip2QFormerModel};
 use super::BlipError;
 use crate::ddim::{Ddim, DdimConfig};
+use crate::hooks::NoHook;
+use crate::pipeline::{LoadOptions, PipelineError, PromptEmbeddings, StableDiffusion};
 use crate::text::ClipTextConfig;
 use crate::tokenizer::ClipTokenizer;
-use crate::unet::UNet2DConditionModel;
-use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -366,77 +367,165 @@ pub fn read_reference(path: &Path) -> Result<image::RgbImage, BlipError> {
     Ok(img.to_rgb8())
 }
 
-/// BLIP-Diffusion with its SD UNet and VAE.
-#[derive(Debug, Clone)]
+/// The text prompt BLIP-Diffusion gets for a DreamBench prompt rendered class-only
+/// (`a dog in the jungle`): `_build_prompt` prepends `a {target subject}` itself, so a leading
+/// `a {class}` is removed (`in the jungle`). Prompts that do not start that way (`a red dog`,
+/// `a cube shaped dog`) are kept whole, so the built prompt is `a dog a red dog, …` and still
+/// carries the attribute.
+pub fn blip_text_prompt(rendered: &str, class: &str) -> String {
+    let p = rendered.trim();
+    let head = format!("a {} ", class.trim());
+    if p.len() > head.len() && p[..head.len()].eq_ignore_ascii_case(&head) {
+        p[head.len()..].trim().to_string()
+    } else if p.eq_ignore_ascii_case(head.trim_end()) {
+        String::new()
+    } else {
+        p.to_string()
+    }
+}
+
+impl BlipConditioning {
+    /// The embeddings as the Stable Diffusion pipeline's CFG steps take them.
+    pub fn prompt_embeddings(&self) -> PromptEmbeddings {
+        PromptEmbeddings {
+            uncond: self.uncond.clone(),
+            cond: self.cond.clone(),
+        }
+    }
+
+    pub fn num_query_tokens(&self) -> usize {
+        self.query_embeds.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// Where token `i` of [`Self::prompt_ids`] sits in [`Self::cond`]: before `ctx_begin_pos`
+    /// unchanged, from there on shifted by the inserted queries.
+    pub fn cond_position(&self, prompt_position: usize) -> usize {
+        if prompt_position < self.ctx_begin_pos {
+            prompt_position
+        } else {
+            prompt_position + self.num_query_tokens()
+        }
+    }
+
+    /// The query tokens' positions in [`Self::cond`].
+    pub fn query_positions(&self) -> std::ops::Range<usize> {
+        self.ctx_begin_pos..self.ctx_begin_pos + self.num_query_tokens()
+    }
+
+    /// Positions in [`Self::cond`] of the tokens of the first whole-word occurrence of `word` in
+    /// the built prompt (the subject token of SPEC §7 is the last of them).
+    pub fn word_positions(
+        &self,
+        tokenizer: &ClipTokenizer,
+        word: &str,
+    ) -> Result<Vec<usize>, BlipError> {
+        let positions = tokenizer.word_positions(&self.built_prompt, word)?;
+        let kept = self.prompt_ids.len() - 1; // the last id is EOS or padding
+        if let Some(&p) = positions.iter().find(|&&p| p >= kept) {
+            return Err(candle_core::Error::Msg(format!(
+                "'{word}' (token {p}) is cut off the {}-token BLIP-Diffusion prompt",
+                self.prompt_ids.len()
+            ))
+            .into());
+        }
+        Ok(positions.iter().map(|&p| self.cond_position(p)).collect())
+    }
+}
+
+/// BLIP-Diffusion with the Stable Diffusion model of the same folder (UNet, VAE, and DDIM in SD's
+/// configuration instead of the folder's PNDM, like the other baselines), so that everything built
+/// on [`StableDiffusion`] (CFG steps, hooks, Pick-and-Draw) runs on it with the embeddings of
+/// [`BlipConditioning::prompt_embeddings`].
 pub struct BlipDiffusionPipeline {
     pub blip: BlipDiffusion,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    /// The folder's UNet, VAE, tokenizer and (plain CLIP view of the) text encoder; its scheduler
+    /// is [`DdimConfig::stable_diffusion`].
+    pub sd: StableDiffusion,
 }
 
-/// One generation's settings. The defaults are the other baselines' (SPEC §6): 50 DDIM steps,
-/// CFG 7.5, 512×512, an empty negative prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlipGenerateOptions {
+impl std::fmt::Debug for BlipDiffusionPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlipDiffusionPipeline")
+            .field("blip", &self.blip)
+            .field("sd.provenance", &self.sd.provenance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One BLIP-Diffusion generation (`pnd generate --method blip-diffusion`).
+#[derive(Debug, Clone)]
+pub struct BlipRequest {
+    /// The reference image of the subject.
+    pub reference: PathBuf,
+    /// Its category, the Q-Former's text input (`source_subject_category`).
+    pub subject_category: String,
+    /// The category named in the prompt (`target_subject_category`); the subject's by default.
+    pub target_category: Option<String>,
+    /// The text prompt after the subject (`in the jungle`), see [`blip_text_prompt`].
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub prompt_settings: PromptSettings,
     pub steps: usize,
-    pub guidance_scale: f64,
+    pub cfg_scale: f64,
     pub height: usize,
     pub width: usize,
-    pub neg_prompt: String,
-    pub prompt: PromptSettings,
+    pub seed: u64,
+    /// `[1, 4, height/8, width/8]`; replaces the seeded noise.
+    pub init_latents: Option<Tensor>,
 }
 
-impl Default for BlipGenerateOptions {
+impl Default for BlipRequest {
+    /// The other baselines' settings (SPEC §6): 50 DDIM steps, CFG 7.5, 512×512, an empty
+    /// negative prompt, seed 0; the pipeline's prompt strength 1.0 × 20 repetitions.
     fn default() -> Self {
         Self {
+            reference: PathBuf::new(),
+            subject_category: String::new(),
+            target_category: None,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            prompt_settings: PromptSettings::default(),
             steps: 50,
-            guidance_scale: 7.5,
+            cfg_scale: 7.5,
             height: 512,
             width: 512,
-            neg_prompt: String::new(),
-            prompt: PromptSettings::default(),
+            seed: 0,
+            init_latents: None,
         }
     }
 }
 
+/// What [`BlipDiffusionPipeline::generate`] produced.
+#[derive(Debug, Clone)]
+pub struct BlipOutput {
+    pub image: image::RgbImage,
+    /// Final latents before decoding, `[1, 4, h/8, w/8]`.
+    pub latents: Tensor,
+    pub conditioning: BlipConditioning,
+}
+
 impl BlipDiffusionPipeline {
-    /// [`BlipDiffusion::load`] plus `unet/` and `vae/`.
-    pub fn load(model: &ModelSource, dtype: DType, device: &Device) -> Result<Self, BlipError> {
-        let blip = BlipDiffusion::load(model, dtype, device)?;
-        model
-            .file(&["unet/config.json"])
-            .map_err(missing(model, "unet"))?;
-        let unet = UNet2DConditionModel::load(model, "unet", dtype, device)?;
-        let v_cfg_path = model
-            .file(&["vae/config.json"])
-            .map_err(missing(model, "vae"))?;
-        let v_cfg: AutoencoderKLConfig = read_config("vae", &v_cfg_path)?;
-        let v_files = model
-            .weight_files("vae", &["diffusion_pytorch_model"])
-            .map_err(missing(model, "vae"))?;
-        let vb = weights::var_builder(&v_files, dtype, device)?;
-        let vae = AutoencoderKL::new(&v_cfg, vb).map_err(|source| BlipError::Weights {
-            component: "vae",
-            path: join_paths(&v_files),
-            config: v_cfg_path,
-            source,
-        })?;
-        let levels = unet.config().block_out_channels.len();
-        let cross = unet
-            .config()
-            .cross_attention_dim
-            .expand(levels, "cross_attention_dim")?;
-        let hidden = blip.text_encoder.config().hidden_size;
-        if cross.iter().any(|&c| c != hidden) {
-            return Err(BlipError::Config {
-                component: "unet",
-                path: model.file(&["unet/config.json"])?,
-                reason: format!(
-                    "cross_attention_dim {cross:?} differs from the text encoder's hidden_size {hidden}"
-                ),
-            });
+    /// [`BlipDiffusion::load`] plus the folder's `unet/` and `vae/` through
+    /// [`StableDiffusion::load`].
+    pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self, BlipError> {
+        let src = ModelSource::parse(model)?;
+        let blip = BlipDiffusion::load(&src, dtype, device)?;
+        for component in ["unet", "vae"] {
+            src.file(&[&format!("{component}/config.json")])
+                .map_err(missing(
+                    &src,
+                    if component == "unet" { "unet" } else { "vae" },
+                ))?;
         }
-        Ok(Self { blip, unet, vae })
+        let opts = LoadOptions {
+            base: None,
+            embeddings: None,
+            dtype,
+            device: device.clone(),
+        };
+        let mut sd = StableDiffusion::load(model, &opts)?;
+        sd.scheduler = DdimConfig::stable_diffusion();
+        Ok(Self { blip, sd })
     }
 
     /// The DDIM schedule used for BLIP-Diffusion: SD's configuration (SPEC §6), not the folder's.
@@ -445,7 +534,7 @@ impl BlipDiffusionPipeline {
     }
 
     /// The reference pipeline's loop with DDIM: CFG on the batch `[uncond, cond]`, from
-    /// `init_latents` (DDIM's initial noise sigma is 1).
+    /// `init_latents` (DDIM's initial noise sigma is 1). `on_step(i, n)` after each step.
     ///
     /// # Shapes
     /// `init_latents`: `[1, 4, h/8, w/8]`; output the same.
@@ -454,74 +543,79 @@ impl BlipDiffusionPipeline {
         cond: &BlipConditioning,
         init_latents: &Tensor,
         steps: usize,
-        guidance_scale: f64,
+        cfg_scale: f64,
+        on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor, BlipError> {
-        let ddim = Self::scheduler(steps)?;
-        let dtype = self.unet.dtype();
-        let cfg_on = guidance_scale > 1.0;
-        let ehs = if cfg_on {
-            Tensor::cat(&[&cond.uncond, &cond.cond], 0)?
-        } else {
-            cond.cond.clone()
-        }
-        .to_dtype(dtype)?;
+        let ddim = self.sd.ddim(steps)?;
+        let dtype = self.sd.dtype();
+        let emb = PromptEmbeddings {
+            uncond: cond.uncond.to_dtype(dtype)?,
+            cond: cond.cond.to_dtype(dtype)?,
+        };
         let mut latents = init_latents.to_dtype(dtype)?;
-        for &t in ddim.timesteps() {
-            let input = if cfg_on {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let pred = self.unet.forward(&input, t as f64, &ehs)?;
-            let eps = if cfg_on {
-                let u = pred.get(0)?.unsqueeze(0)?;
-                let c = pred.get(1)?.unsqueeze(0)?;
-                (&u + ((c - &u)? * guidance_scale)?)?
-            } else {
-                pred
-            };
-            latents = ddim.step(&eps, t, &latents)?.prev_sample;
+        let n = ddim.timesteps().len();
+        for i in 0..n {
+            latents = self
+                .sd
+                .cfg_step(&ddim, &latents, i, &emb, cfg_scale, &mut NoHook)?
+                .latents;
+            on_step(i + 1, n);
         }
         Ok(latents)
     }
 
-    /// One image: condition on the reference, sample from `init_latents`, decode.
+    /// The conditioning of a request (reference image read and processed, queries, embeddings).
+    pub fn condition(&self, req: &BlipRequest) -> Result<BlipConditioning, BlipError> {
+        let reference = read_reference(&req.reference)?;
+        let target = req
+            .target_category
+            .as_deref()
+            .unwrap_or(&req.subject_category);
+        self.blip.condition(
+            &reference,
+            &req.subject_category,
+            &req.prompt,
+            target,
+            &req.negative_prompt,
+            req.prompt_settings,
+        )
+    }
+
+    /// The initial latents of a request: its own, checked against the size, else seeded noise.
+    pub fn initial_latents(&self, req: &BlipRequest) -> Result<Tensor, BlipError> {
+        let expected = self.sd.latent_shape(req.height, req.width)?;
+        match &req.init_latents {
+            Some(l) if l.dims() != expected.as_slice() => Err(PipelineError::LatentsShape {
+                path: PathBuf::from("<init_latents>"),
+                expected,
+                actual: format!("{:?}", l.dims()),
+            }
+            .into()),
+            Some(l) => Ok(l.to_dtype(self.sd.dtype())?),
+            None => Ok(self.sd.initial_latents(req.height, req.width, req.seed)?),
+        }
+    }
+
+    /// One image, unguided: condition, sample, decode.
     pub fn generate(
         &self,
-        reference: &image::RgbImage,
-        src_subject: &str,
-        prompt: &str,
-        tgt_subject: &str,
-        init_latents: &Tensor,
-        opts: &BlipGenerateOptions,
-    ) -> Result<image::RgbImage, BlipError> {
-        let f = self.vae.config().downsample_factor();
-        let want = [
-            1,
-            self.unet.config().in_channels,
-            opts.height / f,
-            opts.width / f,
-        ];
-        if init_latents.dims() != want || opts.height % f != 0 || opts.width % f != 0 {
-            return Err(candle_core::Error::Msg(format!(
-                "initial latents {:?} do not fit a {}x{} image (expected {want:?}, size a multiple of {f})",
-                init_latents.dims(),
-                opts.width,
-                opts.height
-            ))
+        req: &BlipRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<BlipOutput, BlipError> {
+        let init = self.initial_latents(req)?;
+        if req.subject_category.trim().is_empty() {
+            return Err(candle_core::Error::Msg(
+                "BLIP-Diffusion needs the reference's subject category (--subject-category)".into(),
+            )
             .into());
         }
-        let cond = self.blip.condition(
-            reference,
-            src_subject,
-            prompt,
-            tgt_subject,
-            &opts.neg_prompt,
-            opts.prompt,
-        )?;
-        let latents = self.sample(&cond, init_latents, opts.steps, opts.guidance_scale)?;
-        let image = self.vae.decode_latents(&latents)?;
-        let mut images = crate::vae::tensor_to_images(&image.to_dtype(DType::F32)?)?;
-        Ok(images.remove(0))
+        let conditioning = self.condition(req)?;
+        let latents = self.sample(&conditioning, &init, req.steps, req.cfg_scale, on_step)?;
+        let image = self.sd.decode_images(&latents)?.remove(0);
+        Ok(BlipOutput {
+            image,
+            latents,
+            conditioning,
+        })
     }
 }
