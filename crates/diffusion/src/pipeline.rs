@@ -507,3 +507,25 @@ fn add_learned_embedding(
     }
     Ok((learned.token, id))
 }
+
+/// Writes latents as safetensors with the single tensor `latents` (the `--save-latents` format,
+/// readable by [`StableDiffusion::read_init_latents`] and by `safetensors.torch.load_file`).
+pub fn write_latents(path: &Path, latents: &Tensor) -> Result<()> {
+    let t = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let map = std::collections::HashMap::from([("latents".to_string(), t)]);
+    candle_core::safetensors::save(&map, path)?;
+    Ok(())
+}
+
+/// Reads the tensor `latents` of a safetensors file (any shape), as f32 on the CPU.
+pub fn read_latents(path: &Path) -> Result<Tensor> {
+    let tensors = weights::load_tensors(&[path.to_path_buf()], &Device::Cpu)?;
+    let t = tensors
+        .get("latents")
+        .ok_or_else(|| PipelineError::LatentsShape {
+            path: path.into(),
+            expected: vec![],
+            actual: "no tensor 'latents'".into(),
+        })?;
+    Ok(t.to_dtype(DType::F32)?)
+}

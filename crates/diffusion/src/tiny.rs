@@ -154,8 +154,9 @@ impl SimpleBackend for SeededBackend {
     }
 }
 
-/// Builds a model with a seeded backend and returns the tensors it asked for.
-fn make_weights<M>(
+/// Builds a model with a seeded backend and returns the tensors it asked for (any candle model:
+/// the demo uses it for the tiny DINO and CLIP models too).
+pub fn make_weights<M>(
     seed: u64,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> candle_core::Result<BTreeMap<String, Tensor>> {

@@ -111,12 +111,20 @@ pub struct Dataset {
 impl Dataset {
     /// Opens a dataset folder; every subject folder must exist and hold at least one image.
     pub fn open(root: impl AsRef<Path>) -> Result<Self, DatasetError> {
+        let all: Vec<&str> = SUBJECTS.iter().map(|s| s.name).collect();
+        Self::open_subjects(root, &all)
+    }
+
+    /// Opens a dataset folder that needs only some subjects (an experiment on a subset, the demo's
+    /// mini benchmark); each named subject's folder must exist and hold at least one image.
+    pub fn open_subjects(root: impl AsRef<Path>, names: &[&str]) -> Result<Self, DatasetError> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
             return Err(DatasetError::NotFound(root));
         }
         let mut images = BTreeMap::new();
-        for subject in SUBJECTS.iter() {
+        for name in names {
+            let subject = crate::subjects::subject(name).ok_or_else(|| DatasetError::UnknownSubject(name.to_string()))?;
             let dir = root.join(subject.name);
             if !dir.is_dir() {
                 return Err(DatasetError::MissingSubject {
@@ -177,8 +185,9 @@ impl Dataset {
             })
     }
 
-    pub fn subjects(&self) -> impl Iterator<Item = &'static Subject> {
-        SUBJECTS.iter()
+    /// The subjects this dataset was opened with.
+    pub fn subjects(&self) -> impl Iterator<Item = &'static Subject> + '_ {
+        SUBJECTS.iter().filter(|s| self.images.contains_key(s.name))
     }
 }
 

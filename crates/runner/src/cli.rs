@@ -23,11 +23,17 @@ pub enum Command {
     Dataset(commands::dataset::DatasetCommand),
     /// Tables, Pareto plots, per-subject bars and image grids of a run.
     Report(commands::report::ReportArgs),
+    /// Generate one image with a Stable Diffusion model (plain, DreamBooth, Textual Inversion).
+    Generate(commands::generate::GenerateArgs),
+    /// Write the built-in tiny Stable Diffusion model (tests, demo).
+    TinyModel(commands::generate::TinyModelArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dataset(cmd) => commands::dataset::run(cmd),
         Command::Report(args) => commands::report::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::TinyModel(args) => commands::generate::run_tiny_model(args),
     }
 }

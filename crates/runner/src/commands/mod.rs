@@ -1,4 +1,5 @@
 //! One module per `pnd` subcommand.
 
 pub mod dataset;
+pub mod generate;
 pub mod report;

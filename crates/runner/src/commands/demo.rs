@@ -1,0 +1,30 @@
+//! `pnd demo [--out DIR] [--tokenizer DIR]`.
+
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where models, data, the run and the report go.
+    #[arg(long, default_value = "pnd-demo")]
+    pub out: PathBuf,
+    /// A CLIP tokenizer folder (vocab.json + merges.txt); default: ../shared/clip-tokenizer, or
+    /// openai/clip-vit-base-patch32 from the Hugging Face cache.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    eprintln!("pnd demo: tiny random models on a procedurally drawn mini benchmark.");
+    eprintln!("The numbers below are meaningless: they show that the pipeline runs end to end.\n");
+    let out = crate::demo::run_demo(&args.out, args.tokenizer.as_deref(), true)?;
+    print!("{}", out.table_markdown);
+    println!(
+        "\nrun folder: {}\nreport (tables, Pareto plots, per-subject bars, image grids): {}",
+        out.run_dir.display(),
+        out.report_dir.display()
+    );
+    println!("(tiny random models: the scores carry no meaning)");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,127 @@
+//! `pnd sweep` as users run it: dry runs of the paper's experiments, and one clear error before
+//! any work for a bad experiment.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn pnd(args: &[&str], cwd: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pnd"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn table1_dry_run_lists_3000_jobs_per_method() {
+    let (ok, out) = pnd(&["sweep", "experiments/table1.toml", "--dry-run"], &repo());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("experiment 'table1': 18000 generation jobs (18000 in shard 0/1)"),
+        "{out}"
+    );
+    for m in ["sd ", "sd+pnd", "ti ", "ti+pnd", "db ", "db+pnd"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(m))
+            .unwrap_or_else(|| panic!("{m}: {out}"));
+        assert!(line.contains(" 3000 jobs"), "{line}");
+    }
+    assert!(
+        out.contains("null-text inversion + reference palette: 90"),
+        "{out}"
+    );
+    assert!(out.contains("layout templates: 3000"), "{out}");
+    let (ok, out) = pnd(
+        &[
+            "sweep",
+            "experiments/table1.toml",
+            "--dry-run",
+            "--shard",
+            "3/16",
+        ],
+        &repo(),
+    );
+    assert!(ok && out.contains("(1125 in shard 3/16)"), "{out}");
+}
+
+#[test]
+fn every_experiment_file_parses() {
+    for e in [
+        "table1",
+        "table2-resolution",
+        "ablation-emd",
+        "ablation-losses",
+        "ablation-timesteps",
+    ] {
+        let (ok, out) = pnd(
+            &["sweep", &format!("experiments/{e}.toml"), "--dry-run"],
+            &repo(),
+        );
+        assert!(ok, "{e}: {out}");
+    }
+}
+
+fn experiment(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("e.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn bad_experiments_fail_before_any_work_with_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = repo().join("../shared/dreambench");
+    let base = format!(
+        "name = \"e\"\nsubjects = [\"dog\"]\n[metrics]\ndata = \"{}\"\ndino = \"/nonexistent/dino\"\nclip = \"/nonexistent/clip\"\n",
+        data.display()
+    );
+    let run = |body: &str| {
+        let p = experiment(tmp.path(), body);
+        let out = tmp.path().join("run");
+        let r = pnd(
+            &["sweep", p.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            tmp.path(),
+        );
+        assert!(!out.exists(), "work started for a bad experiment: {}", r.1);
+        r
+    };
+    let (ok, out) = run(&format!(
+        "{base}sedes = [0]\n[[methods]]\nname = \"sd\"\nbaseline = \"stable-diffusion\"\n"
+    ));
+    assert!(
+        !ok && out.contains("e.toml:7:1:") && out.contains("sedes"),
+        "{out}"
+    );
+    let unknown = base.replace("[\"dog\"]", "[\"dog\", \"unicorn\"]");
+    let (ok, out) = run(&format!(
+        "{unknown}[[methods]]\nname = \"sd\"\nbaseline = \"stable-diffusion\"\n"
+    ));
+    assert!(
+        !ok && out.contains("e.toml:2:20:") && out.contains("unknown subject 'unicorn'"),
+        "{out}"
+    );
+    let (ok, out) = run(&format!(
+        "{base}[models]\nbase = \"/nonexistent/sd\"\ndreambooth = \"/nonexistent/db/{{subject}}\"\n[[methods]]\nname = \"db\"\nbaseline = \"dreambooth\"\n"
+    ));
+    assert!(
+        !ok && out.contains("model path '/nonexistent/db/dog' does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("DINO model path '/nonexistent/dino' does not exist"),
+        "{out}"
+    );
+}
