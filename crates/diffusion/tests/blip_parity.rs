@@ -268,6 +268,7 @@ fn ten_step_ddim_latent_matches() {
         built_prompt: built.to_string(),
         query_embeds: query,
         ctx_begin_pos: 2,
+        single_prompt: "a dog in the jungle".into(),
     };
     let ehs = Tensor::cat(&[&cond.uncond, &cond.cond], 0).unwrap();
     let init = exp("init_latents");

@@ -84,4 +84,37 @@ fn generation_end_to_end_and_token_positions() {
     assert_eq!(emb.cond.dims(), &[1, 77, 16]);
     assert_eq!(emb.uncond.dims(), &[1, 77, 16]);
     assert!(c.word_positions(tok, "beach").is_err());
+    assert_eq!(c.single_prompt, "a dog in the jungle");
+    // a, dog, in, the, jungle: "a" before the queries, the rest after them.
+    assert_eq!(c.single_prompt_positions(tok).unwrap(), vec![1, 6, 7, 8, 9]);
+}
+
+/// Real weights, not run by default (minutes on CPU):
+/// `BLIP_DIFFUSION_MODEL=Salesforce/blipdiffusion cargo test -p diffusion --test blip_pipeline -- --ignored`
+/// (a local diffusers folder works too; the Q-Former's BERT vocabulary comes from
+/// `google-bert/bert-base-uncased` unless its config names another tokenizer folder).
+#[test]
+#[ignore]
+fn real_model_generates_a_dreambench_dog() {
+    let model = std::env::var("BLIP_DIFFUSION_MODEL").expect("set BLIP_DIFFUSION_MODEL");
+    let pipe = BlipDiffusionPipeline::load(&model, DType::F32, &Device::Cpu).unwrap();
+    let req = BlipRequest {
+        reference: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/dreambench/dog/00.jpg"),
+        subject_category: "dog".into(),
+        prompt: blip_text_prompt("a dog on the beach", "dog"),
+        steps: 10,
+        ..Default::default()
+    };
+    let out = pipe
+        .generate(&req, &mut |i, n| eprintln!("step {i}/{n}"))
+        .unwrap();
+    assert_eq!(out.conditioning.cond.dims(), &[1, 77, 768]);
+    let px = out.image.as_raw();
+    let mean = px.iter().map(|&v| v as f64).sum::<f64>() / px.len() as f64;
+    let var = px.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / px.len() as f64;
+    assert!(var > 100.0, "a flat image (variance {var})");
+    out.image
+        .save(std::env::temp_dir().join("blip_diffusion_real.png"))
+        .unwrap();
 }

@@ -237,7 +237,7 @@ impl BlipImageProcessor {
             Some(s) => three(s, "image_std")?,
             None => OPENAI_CLIP_STD,
         };
-        if std.iter().any(|&s| s == 0.0) {
+        if std.contains(&0.0) {
             candle_core::bail!("image processor: image_std {std:?} has a zero");
         }
         Ok(Self {

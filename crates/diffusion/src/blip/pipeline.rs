@@ -68,6 +68,8 @@ pub struct BlipConditioning {
     pub uncond: Tensor,
     /// Index in `cond` of the first query embedding (`ctx_begin_pos`).
     pub ctx_begin_pos: usize,
+    /// One repetition of the prompt, `a {tgt_subject} {prompt}` (what the built prompt repeats).
+    pub single_prompt: String,
 }
 
 /// The conditioning half of BLIP-Diffusion: image processor, Q-Former with its BERT tokenizer,
@@ -344,6 +346,14 @@ impl BlipDiffusion {
         let pixels = self.reference_pixels(reference)?;
         let query_embeds = self.query_embeddings(&pixels, src_subject)?;
         let built_prompt = Self::build_prompt(prompt, tgt_subject, settings);
+        let single_prompt = Self::build_prompt(
+            prompt,
+            tgt_subject,
+            PromptSettings {
+                prompt_strength: 1.0,
+                prompt_reps: 1,
+            },
+        );
         let prompt_ids = self.prompt_ids(&built_prompt)?;
         let cond = self.encode_prompt(&query_embeds, &built_prompt)?;
         let uncond = self.encode_negative(neg_prompt)?;
@@ -354,6 +364,7 @@ impl BlipDiffusion {
             cond,
             uncond,
             ctx_begin_pos: self.config.ctx_begin_pos,
+            single_prompt,
         })
     }
 }
@@ -410,6 +421,27 @@ impl BlipConditioning {
     /// The query tokens' positions in [`Self::cond`].
     pub fn query_positions(&self) -> std::ops::Range<usize> {
         self.ctx_begin_pos..self.ctx_begin_pos + self.num_query_tokens()
+    }
+
+    /// Positions in [`Self::cond`] of the word tokens of the first repetition of the prompt
+    /// ([`Self::single_prompt`], start and end tokens excluded), in order: what Pick-and-Draw's
+    /// layout loss matches against the template prompt's word tokens (`a dog in the jungle`).
+    pub fn single_prompt_positions(
+        &self,
+        tokenizer: &ClipTokenizer,
+    ) -> Result<Vec<usize>, BlipError> {
+        let enc = tokenizer.encode(&self.single_prompt)?;
+        let words = &enc.ids[1..enc.len_unpadded() - 1];
+        let kept = self.prompt_ids.len() - 1;
+        if words.len() + 1 > kept || self.prompt_ids[1..=words.len()] != *words {
+            return Err(candle_core::Error::Msg(format!(
+                "the prompt '{}' does not fit at the start of the {}-token BLIP-Diffusion prompt",
+                self.single_prompt,
+                self.prompt_ids.len()
+            ))
+            .into());
+        }
+        Ok((1..=words.len()).map(|p| self.cond_position(p)).collect())
     }
 
     /// Positions in [`Self::cond`] of the tokens of the first whole-word occurrence of `word` in

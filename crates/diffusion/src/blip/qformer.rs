@@ -444,7 +444,7 @@ impl Blip2QFormerModel {
         let mut mask = Vec::with_capacity(b * (self.cfg.num_query_tokens + n));
         for t in text_ids {
             ids.extend(t.iter().copied().chain(std::iter::repeat(pad_id)).take(n));
-            mask.extend(std::iter::repeat(0f32).take(self.cfg.num_query_tokens));
+            mask.extend(std::iter::repeat_n(0f32, self.cfg.num_query_tokens));
             // get_extended_attention_mask: (1 - mask) * -10000.
             mask.extend((0..n).map(|i| if i < t.len() { 0.0 } else { -10000.0 }));
         }
