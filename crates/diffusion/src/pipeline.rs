@@ -30,7 +30,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Files(#[from] WeightsError),
     #[error(transparent)]
-    Unet(#[from] UNetError),
+    Unet(Box<UNetError>),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
@@ -42,7 +42,7 @@ pub enum PipelineError {
         component: &'static str,
         path: String,
         config: PathBuf,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error("model '{model}': the UNet's cross_attention_dim {unet} differs from the text encoder's hidden_size {text} (text encoder from '{text_from}')")]
     Incompatible {
@@ -66,7 +66,20 @@ pub enum PipelineError {
         factor: usize,
     },
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+// candle's and the UNet's errors are large; boxing keeps every `Result` of this module small.
+impl From<candle_core::Error> for PipelineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(Box::new(e))
+    }
+}
+
+impl From<UNetError> for PipelineError {
+    fn from(e: UNetError) -> Self {
+        Self::Unet(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
@@ -208,7 +221,7 @@ pub fn load_text_encoder(
         component: "text encoder",
         path: join_paths(&files),
         config,
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -222,7 +235,7 @@ pub fn load_vae(src: &ModelSource, dtype: DType, device: &Device) -> Result<Auto
         component: "VAE",
         path: join_paths(&files),
         config,
-        source,
+        source: Box::new(source),
     })
 }
 
