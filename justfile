@@ -22,3 +22,26 @@ list data="../shared/dreambench":
 # Regenerate the parity fixtures (needs the Python reference stack, see README).
 fixtures:
     for f in tools/fixtures/*.py; do ~/.venvs/ref/bin/python "$f"; done
+
+# The whole pipeline offline on tiny models (writes ./pnd-demo).
+demo out="pnd-demo":
+    cargo run --release -p runner --bin pnd -- demo --out {{out}}
+
+# Table 1 of the paper: every baseline with and without Pick-and-Draw, then the report.
+reproduce-table1:
+    cargo run --release -p runner --bin pnd -- sweep experiments/table1.toml --resume
+    cargo run --release -p runner --bin pnd -- report results/runs/table1
+
+# One ablation: table2-resolution, ablation-emd, ablation-losses, ablation-timesteps.
+ablation name:
+    cargo run --release -p runner --bin pnd -- sweep experiments/{{name}}.toml --resume
+    cargo run --release -p runner --bin pnd -- report results/runs/{{name}}
+
+# Tables and figures of a run folder.
+report run:
+    cargo run --release -p runner --bin pnd -- report {{run}}
+
+# Side-by-side benchmarks against the Python reference (needs ~/.venvs/ref, see README).
+bench:
+    cargo run --release -p metrics --example bench_embed
+    cargo run --release -p diffusion --example bench_unet
