@@ -39,31 +39,95 @@ impl ComputePath {
     }
 }
 
-/// Softmax over the last dimension: `exp(x - max) / sum(exp(x - max))`.
+/// Softmax over the last dimension.
+///
+/// On the CPU, when `xs` is in a graph, the value is candle's fused kernel and the backward is the
+/// exact `y * (g - sum(g * y))`; elsewhere [`softmax_last_dim_composite`].
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() {
+        return candle_nn::ops::softmax_last_dim(xs);
+    }
+    if !xs.device().is_cpu() {
+        return softmax_last_dim_composite(xs);
+    }
+    let value = candle_nn::ops::softmax_last_dim(&xs.detach())?;
+    precomputed(xs, value, "softmax", |_, y, g| {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    })
+}
+
+/// Softmax as a composition: `exp(x - max) / sum(exp(x - max))`.
 ///
 /// The max is detached: softmax is invariant to the shift, so its exact derivative through the max
 /// is zero, and detaching keeps the (rounding-only) contribution of `max`'s backward out.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+pub fn softmax_last_dim_composite(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let num = xs.broadcast_sub(&max)?.exp()?;
     let den = num.sum_keepdim(D::Minus1)?;
     num.broadcast_div(&den)
 }
 
-/// Layer norm over the last dimension with biased variance, as `torch.nn.LayerNorm`.
-///
-/// # Shapes
-/// - `xs`: `[..., n]`; `weight`, `bias`: `[n]`; result: like `xs`.
-pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+/// `(x - mean) / sqrt(var + eps)` over the last dim of a `[rows, n]`-like tensor, and `1/sqrt(..)`.
+fn normalize_last(xs: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let n = xs.dim(D::Minus1)? as f64;
     let mean = (xs.sum_keepdim(D::Minus1)? / n)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    Ok((centered.broadcast_mul(&rstd)?, rstd))
+}
+
+/// The input gradient of `xhat = normalize_last(x)` given `gh = dL/dxhat`:
+/// `rstd * (gh - mean(gh) - xhat * mean(gh * xhat))`.
+fn normalize_last_backward(xs: &Tensor, gh: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = xs.dim(D::Minus1)? as f64;
+    let (xhat, rstd) = normalize_last(xs, eps)?;
+    let m1 = (gh.sum_keepdim(D::Minus1)? / n)?;
+    let m2 = ((gh * &xhat)?.sum_keepdim(D::Minus1)? / n)?;
+    gh.broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?)?
+        .broadcast_mul(&rstd)
+}
+
+/// Layer norm over the last dimension with biased variance, as `torch.nn.LayerNorm`.
+///
+/// On the CPU with constant `weight`/`bias` and `xs` in a graph, one op with the exact analytic
+/// backward; otherwise [`layer_norm_composite`].
+///
+/// # Shapes
+/// - `xs`: `[..., n]`; `weight`, `bias`: `[n]`; result: like `xs`.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !xs.track_op() || weight.track_op() || bias.track_op() || !xs.device().is_cpu() {
+        return layer_norm_composite(xs, weight, bias, eps);
+    }
+    let x = xs.detach();
+    let value = if x.dtype() == DType::F64 {
+        layer_norm_composite(&x, weight, bias, eps)?
+    } else {
+        candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?
+    };
+    let w = weight.clone();
+    precomputed(xs, value, "layer-norm", move |x, _, g| {
+        normalize_last_backward(x, &g.broadcast_mul(&w)?, eps)
+    })
+}
+
+/// Layer norm as a composition of differentiable ops.
+pub fn layer_norm_composite(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (normed, _) = normalize_last(xs, eps)?;
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
 /// Group norm with biased variance and per-channel affine, as `torch.nn.GroupNorm`.
+///
+/// On the CPU with constant `weight`/`bias` and `xs` in a graph, one op with the exact analytic
+/// backward; otherwise [`group_norm_composite`].
 ///
 /// # Shapes
 /// - `xs`: `[b, c, ...]` with `c % groups == 0`; `weight`, `bias`: `[c]`; result: like `xs`.
@@ -74,33 +138,125 @@ pub fn group_norm(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    if !xs.track_op() || weight.track_op() || bias.track_op() || !xs.device().is_cpu() {
+        return group_norm_composite(xs, groups, weight, bias, eps);
+    }
+    let value = group_norm_composite(&xs.detach(), groups, weight, bias, eps)?;
+    let w = weight.clone();
+    precomputed(xs, value, "group-norm", move |x, _, g| {
+        let dims = x.dims().to_vec();
+        let b = dims[0];
+        let gw = g.broadcast_mul(&w.reshape(affine_shape(&dims).as_slice())?)?;
+        let grouped = (b, groups, x.elem_count() / (b * groups));
+        normalize_last_backward(&x.reshape(grouped)?, &gw.reshape(grouped)?, eps)?
+            .reshape(dims.as_slice())
+    })
+}
+
+fn affine_shape(dims: &[usize]) -> Vec<usize> {
+    let mut shape = vec![1; dims.len()];
+    shape[1] = dims[1];
+    shape
+}
+
+/// Group norm as a composition of differentiable ops.
+pub fn group_norm_composite(
+    xs: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let (b, c) = (dims[0], dims[1]);
-    if c % groups != 0 {
+    if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
     }
-    let per_group = xs.elem_count() / (b * groups);
-    let grouped = xs.reshape((b, groups, per_group))?;
-    let mean = (grouped.sum_keepdim(2)? / per_group as f64)?;
-    let centered = grouped.broadcast_sub(&mean)?;
-    let var = (centered.sqr()?.sum_keepdim(2)? / per_group as f64)?;
-    let normed = centered
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .reshape(dims.as_slice())?;
-    let mut affine_shape = vec![1; dims.len()];
-    affine_shape[1] = c;
+    let grouped = xs.reshape((b, groups, xs.elem_count() / (b * groups)))?;
+    let (normed, _) = normalize_last(&grouped, eps)?;
+    let shape = affine_shape(&dims);
     normed
-        .broadcast_mul(&weight.reshape(affine_shape.as_slice())?)?
-        .broadcast_add(&bias.reshape(affine_shape.as_slice())?)
+        .reshape(dims.as_slice())?
+        .broadcast_mul(&weight.reshape(shape.as_slice())?)?
+        .broadcast_add(&bias.reshape(shape.as_slice())?)
 }
 
 /// Exact (erf) GELU, `0.5 x (1 + erf(x / sqrt 2))`, as `torch.nn.functional.gelu`.
 ///
-/// Written out because candle's `gelu_erf` backward uses a 6-digit constant for `1/sqrt(2 pi)`;
-/// `erf`'s backward is exact.
+/// candle's `gelu_erf` backward uses a 6-digit constant for `1/sqrt(2 pi)`; here the backward is
+/// `Phi(x) + x phi(x)` in full precision (on the CPU; elsewhere [`gelu_erf_composite`]).
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() {
+        return xs.gelu_erf();
+    }
+    if !xs.device().is_cpu() {
+        return gelu_erf_composite(xs);
+    }
+    let value = xs.detach().gelu_erf()?;
+    precomputed(xs, value, "gelu-erf", |x, _, g| {
+        let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+        let pdf = ((x.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        g * (cdf + (x * pdf)?)?
+    })
+}
+
+/// GELU as a composition (`erf`'s backward is exact).
+pub fn gelu_erf_composite(xs: &Tensor) -> Result<Tensor> {
     let inner = (xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()?;
     ((inner + 1.0)? * 0.5)?.mul(xs)
+}
+
+/// `xs + c` (broadcast) for a constant `c`: the backward passes the gradient to `xs` only.
+pub fn add_constant(xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() || c.track_op() || !xs.device().is_cpu() {
+        return xs.broadcast_add(c);
+    }
+    let value = xs.detach().broadcast_add(c)?;
+    precomputed(xs, value, "add-constant", |_, _, g| Ok(g.clone()))
+}
+
+/// `xs @ rhs` (batched) for a constant `rhs`: the backward is `g @ rhs^T` to `xs` only.
+pub fn matmul_constant(xs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() || rhs.track_op() || !xs.device().is_cpu() {
+        return xs.matmul(rhs);
+    }
+    let value = xs.detach().matmul(rhs)?;
+    let r = rhs.clone();
+    precomputed(xs, value, "matmul-constant", move |_, _, g| {
+        g.matmul(&r.t()?)
+    })
+}
+
+/// `xs @ weight^T + bias` (torch `Linear`) over the last dim for constant weights.
+///
+/// # Shapes
+/// - `xs`: `[..., in]`; `weight`: `[out, in]`; `bias`: `[out]`; result: `[..., out]`.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let in_dim = dims[dims.len() - 1];
+    let rows = xs.elem_count() / in_dim;
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
+    let compute = |x: &Tensor| -> Result<Tensor> {
+        // One GEMM over all leading dims: [rows, in] x [in, out].
+        let ys = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        let ys = match bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        ys.reshape(out_dims.as_slice())
+    };
+    let constant = !weight.track_op() && !bias.is_some_and(|b| b.track_op());
+    if !xs.track_op() || !constant || !xs.device().is_cpu() {
+        return compute(xs);
+    }
+    let value = compute(&xs.detach())?;
+    let w = weight.clone();
+    let out = weight.dim(0)?;
+    precomputed(xs, value, "linear", move |_, _, g| {
+        g.reshape((rows, out))?.matmul(&w)?.reshape(dims.as_slice())
+    })
 }
 
 /// Nearest-neighbour upsampling by 2 in both spatial dims, as
@@ -191,32 +347,59 @@ pub fn timestep_embedding(
 /// # Shapes
 /// - `xs`: `[b, c_in, h, w]`; `kernel`: `[c_out, c_in, k, k]`;
 ///   result: `[b, c_out, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]`.
-pub fn conv2d(xs: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if !xs.track_op() || kernel.track_op() || !xs.device().is_cpu() {
-        return xs.conv2d(kernel, padding, stride, 1, 1);
-    }
-    let value = xs.detach().conv2d(kernel, padding, stride, 1, 1)?;
-    let op = ConvInputGrad {
-        value: std::sync::Mutex::new(Some(value)),
-        kernel: kernel.clone(),
-        padding,
-        stride,
-    };
-    xs.apply_op1(op)
-}
-
-/// The custom op behind [`conv2d`]: its forward hands back the precomputed convolution, its
-/// backward computes the input gradient.
-struct ConvInputGrad {
-    value: std::sync::Mutex<Option<Tensor>>,
-    kernel: Tensor,
+pub fn conv2d(
+    xs: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
+) -> Result<Tensor> {
+    let compute = |x: &Tensor| -> Result<Tensor> {
+        let ys = x.conv2d(kernel, padding, stride, 1, 1)?;
+        match bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(ys),
+        }
+    };
+    let constant = !kernel.track_op() && !bias.is_some_and(|b| b.track_op());
+    if !xs.track_op() || !constant || !xs.device().is_cpu() {
+        return compute(xs);
+    }
+    let value = compute(&xs.detach())?;
+    let k = kernel.clone();
+    precomputed(xs, value, "conv2d", move |x, _, g| {
+        conv2d_input_grad(g, &k, x.dims4()?, padding, stride)
+    })
 }
 
-impl candle_core::CustomOp1 for ConvInputGrad {
+type GradFn = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Hands `value` (computed from `xs` outside the graph, by fast kernels) back as a node whose
+/// only argument is `xs` and whose backward is `grad(xs, value, dL/dvalue)`. Constants the value
+/// depends on (weights) get no gradient and, unlike candle's built-in backward, no zero-filled
+/// gradient buffers either.
+fn precomputed(
+    xs: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    grad: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    xs.apply_op1(Precomputed {
+        value: std::sync::Mutex::new(Some(value)),
+        name,
+        grad: Box::new(grad),
+    })
+}
+
+struct Precomputed {
+    value: std::sync::Mutex<Option<Tensor>>,
+    name: &'static str,
+    grad: GradFn,
+}
+
+impl candle_core::CustomOp1 for Precomputed {
     fn name(&self) -> &'static str {
-        "conv2d-input-grad"
+        self.name
     }
 
     fn cpu_fwd(
@@ -227,14 +410,14 @@ impl candle_core::CustomOp1 for ConvInputGrad {
         let value = self
             .value
             .lock()
-            .map_err(|_| candle_core::Error::Msg("conv2d value lock poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg(format!("{} value lock poisoned", self.name)))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d op applied twice".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg(format!("{} op applied twice", self.name)))?;
         let value = value.contiguous()?;
         let (storage, layout) = value.storage_and_layout();
         let cpu = match &*storage {
             candle_core::Storage::Cpu(s) => s,
-            _ => candle_core::bail!("conv2d-input-grad: value not on the CPU"),
+            _ => candle_core::bail!("{}: value not on the CPU", self.name),
         };
         let n = layout.shape().elem_count();
         let start = layout.start_offset();
@@ -251,13 +434,13 @@ impl candle_core::CustomOp1 for ConvInputGrad {
             candle_core::CpuStorage::BF16(v) => {
                 candle_core::CpuStorage::BF16(v[start..start + n].to_vec())
             }
-            _ => candle_core::bail!("conv2d-input-grad: unsupported dtype {:?}", value.dtype()),
+            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name, value.dtype()),
         };
         Ok((out, layout.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        conv2d_input_grad(grad, &self.kernel, arg.dims4()?, self.padding, self.stride).map(Some)
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.grad)(arg, res, grad).map(Some)
     }
 }
 

@@ -237,12 +237,89 @@ fn conv2d_input_gradient_matches_finite_differences_for_every_stride_and_parity(
     {
         let x = randn(&[2, 3, h, w], 20 + i as u64);
         let kernel = randn(&[4, 3, k, k], 30 + i as u64);
-        let err = fd_error(&x, |t| ops::conv2d(t, &kernel, p, s));
+        let err = fd_error(&x, |t| ops::conv2d(t, &kernel, None, p, s));
         println!("conv2d {h}x{w} k{k} p{p} s{s}: fd rel err {err:.2e}");
         assert!(err < 1e-7, "{err}");
         let reference = x.conv2d(&kernel, p, s, 1, 1).unwrap();
         let var = Var::from_tensor(&x).unwrap();
-        let ours = ops::conv2d(var.as_tensor(), &kernel, p, s).unwrap();
+        let ours = ops::conv2d(var.as_tensor(), &kernel, None, p, s).unwrap();
         assert!(max_abs(&ours, &reference) < 1e-12);
     }
+}
+
+#[test]
+fn composite_fallbacks_match_finite_differences() {
+    // The compositions used off the CPU or with trainable weights.
+    let x = randn(&[2, 6, 3, 2], 40);
+    let w = (randn(&[6], 41) + 1.0).unwrap();
+    let b = randn(&[6], 42);
+    let wl = (randn(&[2], 43) + 1.0).unwrap();
+    let bl = randn(&[2], 44);
+    let cases: Vec<(&str, f64, Tensor)> = vec![
+        (
+            "softmax",
+            fd_error(&x, ops::softmax_last_dim_composite),
+            x.clone(),
+        ),
+        (
+            "layer_norm",
+            fd_error(&x, |t| ops::layer_norm_composite(t, &wl, &bl, 1e-5)),
+            ops::layer_norm(&x, &wl, &bl, 1e-5).unwrap(),
+        ),
+        (
+            "group_norm",
+            fd_error(&x, |t| ops::group_norm_composite(t, 2, &w, &b, 1e-6)),
+            ops::group_norm(&x, 2, &w, &b, 1e-6).unwrap(),
+        ),
+        ("gelu", fd_error(&x, ops::gelu_erf_composite), x.clone()),
+    ];
+    for (name, err, _) in &cases {
+        println!("{name} composite fd rel err {err:.2e}");
+        assert!(*err < 1e-7, "{name}: {err}");
+    }
+    // Values: composite == op.
+    assert!(
+        max_abs(
+            &ops::layer_norm_composite(&x, &wl, &bl, 1e-5).unwrap(),
+            &cases[1].2
+        ) < 1e-12
+    );
+    assert!(
+        max_abs(
+            &ops::group_norm_composite(&x, 2, &w, &b, 1e-6).unwrap(),
+            &cases[2].2
+        ) < 1e-12
+    );
+}
+
+#[test]
+fn linear_constant_add_and_constant_matmul_gradients_match_finite_differences() {
+    let x = randn(&[2, 3, 5], 50);
+    let w = randn(&[4, 5], 51);
+    let b = randn(&[4], 52);
+    let err = fd_error(&x, |t| ops::linear(t, &w, Some(&b)));
+    println!("linear fd rel err {err:.2e}");
+    assert!(err < 1e-7, "{err}");
+    let reference = x
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    assert!(max_abs(&ops::linear(&x, &w, Some(&b)).unwrap(), &reference) < 1e-12);
+
+    let c = randn(&[2, 1, 5], 53);
+    let err = fd_error(&x, |t| ops::add_constant(t, &c));
+    assert!(err < 1e-7, "add_constant {err}");
+
+    let r = randn(&[2, 5, 4], 54);
+    let err = fd_error(&x, |t| ops::matmul_constant(t, &r));
+    println!("matmul_constant fd rel err {err:.2e}");
+    assert!(err < 1e-7, "{err}");
+
+    let xi = randn(&[1, 3, 5, 4], 55);
+    let k = randn(&[2, 3, 3, 3], 56);
+    let kb = randn(&[2], 57);
+    let err = fd_error(&xi, |t| ops::conv2d(t, &k, Some(&kb), 1, 2));
+    println!("conv2d+bias fd rel err {err:.2e}");
+    assert!(err < 1e-7, "{err}");
 }

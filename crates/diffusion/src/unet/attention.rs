@@ -65,14 +65,15 @@ impl Attention {
         let q = self.split_heads(&(self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let scores = q.matmul(&k.t()?)?;
+        // With a constant context (the usual case) k and v get no gradient buffers.
+        let scores = crate::ops::matmul_constant(&q, &k.t()?)?;
         let probs = softmax_last_dim(&scores, ctx.differentiable)?;
         if let Some(site) = &self.site {
             if ctx.hook.wants_attention(site) {
                 ctx.hook.attention(site, &probs)?;
             }
         }
-        let out = probs.matmul(&v)?; // [b, heads, n, d]
+        let out = crate::ops::matmul_constant(&probs, &v)?; // [b, heads, n, d]
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
     }

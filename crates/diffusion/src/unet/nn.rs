@@ -33,19 +33,7 @@ impl Linear {
     /// # Shapes
     /// - `xs`: `[..., in]`; result: `[..., out]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = xs.elem_count() / in_dim;
-        // One GEMM over all leading dims: [rows, in] x [in, out].
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
-        };
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
-        ys.reshape(out_dims)
+        ops::linear(xs, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -80,8 +68,13 @@ impl Conv2d {
     /// # Shapes
     /// - `xs`: `[b, in, h, w]`; result: `[b, out, h', w']`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = ops::conv2d(xs, &self.weight, self.padding, self.stride)?;
-        ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        ops::conv2d(
+            xs,
+            &self.weight,
+            Some(&self.bias),
+            self.padding,
+            self.stride,
+        )
     }
 }
 

@@ -71,7 +71,8 @@ impl ResnetBlock2D {
             .forward(&temb)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&temb)?;
+        // temb does not depend on the latent: a constant for the backward.
+        let h = ops::add_constant(&h, &temb)?;
         let h = self.act.forward(&self.norm2.forward(&h)?)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
