@@ -414,6 +414,74 @@ mod tests {
         }
     }
 
+    /// Finite differences in f64: d(Σ w ⊙ step(ε, t, x))/dx and /dε, and the same for the
+    /// inverse step, against candle's autograd (the null-text optimisation differentiates through
+    /// the step).
+    #[test]
+    fn step_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let r = |seed: u64| {
+            crate::noise::seeded_normal(seed, &[1, 2, 2, 2], &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let (x0, e0, w) = (r(1), r(2), r(3));
+        for pred in ["epsilon", "v_prediction"] {
+            let mut c = DdimConfig::stable_diffusion();
+            c.prediction_type = pred.into();
+            let d = Ddim::new(&c, 50).unwrap();
+            for inverse in [false, true] {
+                if inverse && pred != "epsilon" {
+                    continue;
+                }
+                let f = |x: &Tensor, e: &Tensor| -> Tensor {
+                    let y = if inverse {
+                        d.inverse_step(e, 501, x).unwrap()
+                    } else {
+                        d.step(e, 501, x).unwrap().prev_sample
+                    };
+                    (y * &w).unwrap().sum_all().unwrap()
+                };
+                let xv = candle_core::Var::from_tensor(&x0).unwrap();
+                let ev = candle_core::Var::from_tensor(&e0).unwrap();
+                let grads = f(xv.as_tensor(), ev.as_tensor()).backward().unwrap();
+                for (which, var) in [("x", &xv), ("eps", &ev)] {
+                    let g: Vec<f64> = grads
+                        .get(var.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                    let h = 1e-6;
+                    for i in 0..base.len() {
+                        let bump = |s: f64| {
+                            let mut v = base.clone();
+                            v[i] += s * h;
+                            Tensor::from_vec(v, (1, 2, 2, 2), &dev).unwrap()
+                        };
+                        let (p, m) = (bump(1.0), bump(-1.0));
+                        let (fp, fm) = if which == "x" {
+                            (f(&p, &e0), f(&m, &e0))
+                        } else {
+                            (f(&x0, &p), f(&x0, &m))
+                        };
+                        let fd = (fp.to_scalar::<f64>().unwrap() - fm.to_scalar::<f64>().unwrap())
+                            / (2.0 * h);
+                        let rel = (fd - g[i]).abs() / fd.abs().max(1e-8);
+                        assert!(
+                            rel < 1e-4,
+                            "{pred} inverse={inverse} d/d{which}[{i}]: fd {fd} autograd {}",
+                            g[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_config_values_are_named() {
         let mut c = DdimConfig::stable_diffusion();

@@ -2,11 +2,12 @@
 //! whose `last_hidden_state` (after the final layer norm) is the UNet's `encoder_hidden_states`.
 //!
 //! Port of transformers 5.24 `models/clip/modeling_clip.py` (`CLIPTextEmbeddings`, `CLIPAttention`
-//! with the causal mask, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer.forward`). Inference
-//! only: this path is never differentiated, so candle's fused layer norm and softmax are used.
+//! with the causal mask, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer.forward`). Layer norm
+//! and softmax are composed from elementary ops, so the encoder runs in any float dtype (f64 for
+//! finite-difference tests; candle's fused kernels reject f64) and stays differentiable.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
 fn d_eps() -> f64 {
@@ -75,6 +76,34 @@ impl Activation {
     }
 }
 
+/// `nn.LayerNorm` over the last axis, composed from elementary ops.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get(dim, "weight")?,
+        bias: vb.get(dim, "bias")?,
+        eps,
+    })
+}
+
+impl LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ClipAttention {
     q_proj: Linear,
@@ -117,7 +146,7 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out_proj.forward(&out)
     }

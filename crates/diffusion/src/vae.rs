@@ -209,7 +209,12 @@ impl VaeAttention {
         let k = self.to_k.forward(&hs)?;
         let v = self.to_v.forward(&hs)?;
         let scores = (q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // The fused kernel has no f64 version; the composed softmax is used for f64.
+        let probs = if scores.dtype() == DType::F64 {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let out = self.to_out.forward(&probs.matmul(&v)?)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
