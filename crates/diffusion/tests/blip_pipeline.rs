@@ -118,3 +118,60 @@ fn real_model_generates_a_dreambench_dog() {
         .save(std::env::temp_dir().join("blip_diffusion_real.png"))
         .unwrap();
 }
+
+#[test]
+fn tiny_blip_model_is_deterministic_loads_and_generates() {
+    use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
+    let tokenizer =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer");
+    let tokenizer = if tokenizer.is_dir() {
+        tokenizer
+    } else {
+        fixtures().join("model/tokenizer")
+    };
+    let spec = TinyBlipSpec::default();
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    write_tiny_blip_model(a.path(), 5, &tokenizer, &spec).unwrap();
+    write_tiny_blip_model(b.path(), 5, &tokenizer, &spec).unwrap();
+    let read = |d: &std::path::Path| std::fs::read(d.join("qformer/model.safetensors")).unwrap();
+    assert_eq!(read(a.path()), read(b.path()));
+
+    let pipe =
+        BlipDiffusionPipeline::load(a.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        pipe.blip.qformer_tokenizer.encode("dog").unwrap(),
+        vec![2, 23, 3]
+    );
+    let req = BlipRequest {
+        reference: fixtures().join("pattern.png"),
+        subject_category: "stuffed animal".into(),
+        prompt: blip_text_prompt("a stuffed animal on the beach", "stuffed animal"),
+        height: 64,
+        width: 64,
+        steps: 2,
+        ..Default::default()
+    };
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!((out.image.width(), out.image.height()), (64, 64));
+    assert_eq!(
+        out.conditioning.cond.dims(),
+        &[1, 77, spec.sd.text_hidden_size]
+    );
+    // Another reference image gives other query embeddings.
+    let other = image::RgbImage::from_pixel(50, 40, image::Rgb([200, 30, 90]));
+    let pixels = pipe.blip.reference_pixels(&other).unwrap();
+    let q = pipe
+        .blip
+        .query_embeddings(&pixels, "stuffed animal")
+        .unwrap();
+    let d = (&q - &out.conditioning.query_embeds)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-3, "queries ignore the reference image ({d})");
+}

@@ -17,6 +17,7 @@ pub mod ctx_clip;
 pub mod image;
 pub mod pipeline;
 pub mod qformer;
+pub mod tiny;
 pub mod vision;
 
 pub use ctx_clip::ContextClipTextModel;
