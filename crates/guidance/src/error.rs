@@ -7,6 +7,18 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    #[error(transparent)]
+    Pipeline(#[from] diffusion::pipeline::PipelineError),
+
+    #[error(transparent)]
+    Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
+
+    #[error("reference image '{path}': {reason}")]
+    Image { path: PathBuf, reason: String },
+
+    #[error("guidance gradient at step {step}, iteration {iteration} is not finite (nonfinite = \"abort\")")]
+    NonFinite { step: usize, iteration: usize },
+
     #[error("reading '{path}': {source}")]
     Io {
         path: PathBuf,

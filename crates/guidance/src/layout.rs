@@ -43,20 +43,22 @@ fn smooth_dim(x: &Tensor, dim: usize, w: [f64; 3]) -> Result<Tensor> {
 }
 
 /// 3×3 Gaussian smoothing with reflect padding, separably (the 2-D kernel is an outer product).
+/// A dimension of size 1 (the 1×1 middle block of a tiny image) cannot be reflect-padded and is
+/// left unsmoothed.
 ///
 /// # Shapes
-/// - `maps`: `[k, h, w]` with `h, w ≥ 2` → `[k, h, w]`
+/// - `maps`: `[k, h, w]` → `[k, h, w]`
 pub fn smooth(maps: &Tensor, kernel: Kernel, sigma: f64) -> Result<Tensor> {
     let (_, h, w) = maps.dims3()?;
-    if h < 2 || w < 2 {
-        return Err(Error::Shape {
-            what: "maps to smooth (reflect padding needs h, w ≥ 2)",
-            expected: "[k, h ≥ 2, w ≥ 2]".into(),
-            got: maps.dims().to_vec(),
-        });
-    }
     let wts = gaussian_weights(kernel, sigma);
-    smooth_dim(&smooth_dim(maps, 1, wts)?, 2, wts)
+    let mut out = maps.clone();
+    if h >= 2 {
+        out = smooth_dim(&out, 1, wts)?;
+    }
+    if w >= 2 {
+        out = smooth_dim(&out, 2, wts)?;
+    }
+    Ok(out)
 }
 
 /// Frobenius norm with the subgradient 0 at 0 (as PyTorch's `norm`), where a plain `sqrt` would
@@ -236,7 +238,10 @@ mod tests {
             .flatten_all()?
             .to_vec1()?;
         assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-15));
-        assert!(smooth(&Tensor::ones((1, 1, 4), DType::F64, &dev)?, Kernel::Aa, 0.5).is_err());
+        // A single row is smoothed along its length only.
+        let row = Tensor::new(&[[[0.0f64, 1.0, 0.0, 0.0]]], &dev)?;
+        let s: Vec<f64> = smooth(&row, Kernel::Aa, 0.5)?.flatten_all()?.to_vec1()?;
+        assert!((s[0] - 2.0 * a).abs() < 1e-15 && (s[1] - b).abs() < 1e-15);
         Ok(())
     }
 

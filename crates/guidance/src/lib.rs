@@ -17,3 +17,6 @@ pub mod trace;
 
 pub use config::{Components, Distance, GuidanceConfig, Kernel};
 pub use error::{Error, Result};
+pub mod capture;
+pub mod guide;
+pub mod inversion;

@@ -1,0 +1,78 @@
+//! Capture hooks (SPEC §6–7): a [`Hook`] that asks the UNet only for the sites Pick-and-Draw
+//! needs, and keeps head-averaged token maps and transformer-block outputs of one batch entry
+//! (the conditional branch), still in the autograd graph.
+
+use crate::maps::token_maps;
+use candle_core::Tensor;
+use diffusion::hooks::Hook;
+
+/// The attention site (`…attn2`) of a transformer-block site.
+pub fn attn2_site(block_site: &str) -> String {
+    format!("{block_site}.attn2")
+}
+
+/// Keeps, for the batch entry `batch`, the head-averaged maps of `tokens` at the cross-attention
+/// sites asked for and the block outputs at the block sites asked for.
+#[derive(Debug, Default)]
+pub struct SiteCapture {
+    pub batch: usize,
+    /// Token positions (into the 77 ids) whose maps are kept, in this order.
+    pub tokens: Vec<usize>,
+    pub attention_sites: Vec<String>,
+    pub block_sites: Vec<String>,
+    /// `(site, [tokens.len(), hw])` in forward order.
+    pub maps: Vec<(String, Tensor)>,
+    /// `(site, [hw, channels])` in forward order.
+    pub blocks: Vec<(String, Tensor)>,
+}
+
+impl SiteCapture {
+    pub fn new(
+        batch: usize,
+        tokens: Vec<usize>,
+        attention_sites: Vec<String>,
+        block_sites: Vec<String>,
+    ) -> Self {
+        SiteCapture {
+            batch,
+            tokens,
+            attention_sites,
+            block_sites,
+            maps: Vec::new(),
+            blocks: Vec::new(),
+        }
+    }
+
+    pub fn map(&self, site: &str) -> Option<&Tensor> {
+        self.maps.iter().find(|(s, _)| s == site).map(|(_, t)| t)
+    }
+
+    pub fn block(&self, site: &str) -> Option<&Tensor> {
+        self.blocks.iter().find(|(s, _)| s == site).map(|(_, t)| t)
+    }
+}
+
+impl Hook for SiteCapture {
+    fn wants_attention(&self, site: &str) -> bool {
+        self.attention_sites.iter().any(|s| s == site)
+    }
+
+    fn attention(&mut self, site: &str, probs: &Tensor) -> candle_core::Result<()> {
+        let maps = token_maps(probs, self.batch, &self.tokens)
+            .map_err(|e| candle_core::Error::Msg(format!("{site}: {e}")))?;
+        self.maps.push((site.to_string(), maps));
+        Ok(())
+    }
+
+    fn wants_block_output(&self, site: &str) -> bool {
+        self.block_sites.iter().any(|s| s == site)
+    }
+
+    fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {
+        self.blocks.push((
+            site.to_string(),
+            hidden.narrow(0, self.batch, 1)?.squeeze(0)?,
+        ));
+        Ok(())
+    }
+}
