@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod clip;
+pub mod jpeg;
 pub mod nn;
 pub mod preprocess;
 pub mod scorer;

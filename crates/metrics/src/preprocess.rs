@@ -74,7 +74,8 @@ impl Preprocess {
     }
 }
 
-/// Decodes an image file to 8-bit RGB; a file that cannot be read, is not an image, or is truncated
+/// Decodes an image file to 8-bit RGB (baseline JPEGs bit-exactly as PIL/libjpeg-turbo, see
+/// [`crate::jpeg`]; other files with the `image` crate); a file that cannot be read, is not an image, or is truncated
 /// is one error naming it.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, MetricsError> {
     let bytes = std::fs::read(path).map_err(|e| MetricsError::Image {
@@ -97,6 +98,11 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, MetricsError> {
         return Err(bad(
             "truncated JPEG (no end-of-image marker at the end of the file)".into(),
         ));
+    }
+    if format == image::ImageFormat::Jpeg {
+        if let Some(img) = crate::jpeg::decode_baseline(bytes) {
+            return Ok(img);
+        }
     }
     let img = image::load_from_memory_with_format(bytes, format).map_err(|e| bad(e.to_string()))?;
     Ok(img.to_rgb8())

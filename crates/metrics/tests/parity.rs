@@ -149,7 +149,7 @@ fn bicubic_resize_is_bit_exact_to_pil_on_a_synthetic_image() {
 }
 
 #[test]
-fn dreambench_preprocessing_matches_pil() {
+fn dreambench_decode_resize_crop_are_bit_exact_to_pil() {
     let stored = load("preprocess.safetensors");
     let hashes: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("preprocess.json")).unwrap())
@@ -192,5 +192,11 @@ fn dreambench_preprocessing_matches_pil() {
         "{n} images: decoded RGB identical to PIL for {decoded_same}, DINO crop for {dino_same}, CLIP crop for {clip_same}"
     );
     assert_eq!(n, 158);
-    assert!(worst <= 2, "crop differs from PIL by {worst}/255");
+    assert_eq!(worst, 0, "crop differs from PIL by {worst}/255");
+    assert_eq!(
+        decoded_same, n,
+        "JPEG decode differs from PIL/libjpeg-turbo"
+    );
+    assert_eq!(dino_same, n);
+    assert_eq!(clip_same, n);
 }
