@@ -22,9 +22,10 @@ pub struct LearnedEmbedding {
     pub vector: Tensor,
 }
 
-/// Reads a learned-embedding file: exactly one `{token: [dim] or [1, dim]}` entry, or the
-/// `{"string_to_param.*": ..}` (+ token in the file name) layout of the original textual-inversion
-/// code, flattened the way safetensors stores it.
+/// Reads a learned-embedding file: exactly one `{token: [dim] or [1, dim]}` entry (diffusers'
+/// training-script format). The nested `{"string_to_param": {"*": ..}, "name": ..}` pickles of the
+/// original textual-inversion code are not supported: they hold no top-level tensor and fail with
+/// an error saying so.
 pub fn read_learned_embedding(
     path: &Path,
     expected_dim: usize,
@@ -36,6 +37,11 @@ pub fn read_learned_embedding(
     let tensors = weights::load_tensors(&[path.to_path_buf()], &Device::Cpu)?;
     let mut entries: Vec<(String, Tensor)> = tensors.into_iter().collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
+    if entries.is_empty() {
+        return Err(invalid(
+            "no top-level tensor; expected {token: vector} (nested formats such as string_to_param are not supported)".into(),
+        ));
+    }
     if entries.len() != 1 {
         let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
         return Err(invalid(format!(

@@ -271,3 +271,44 @@ fn wrong_shape_init_latents_is_one_clear_error() {
     let ok = sd.read_init_latents(&path, 64, 64).unwrap();
     assert_eq!(ok.dims(), &[1, 4, 8, 8]);
 }
+
+#[test]
+fn bad_textual_inversion_files_are_one_clear_error_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong_dim = tmp.path().join("wrong_dim.safetensors");
+    let t = Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("<x>".to_string(), t)]),
+        &wrong_dim,
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        embeddings: Some(wrong_dim),
+        ..Default::default()
+    };
+    let err = StableDiffusion::load(model_dir().to_str().unwrap(), &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("wrong_dim.safetensors") && err.contains("[7]") && err.contains("[16]"),
+        "{err}"
+    );
+    // A token the vocabulary already has.
+    let clash = tmp.path().join("clash.safetensors");
+    let t = Tensor::zeros(16, candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("dog</w>".to_string(), t)]),
+        &clash,
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        embeddings: Some(clash),
+        ..Default::default()
+    };
+    let err = StableDiffusion::load(model_dir().to_str().unwrap(), &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dog</w>") && err.contains("already"), "{err}");
+}
