@@ -20,3 +20,4 @@ pub use error::{Error, Result};
 pub mod capture;
 pub mod guide;
 pub mod inversion;
+pub mod pipeline;

@@ -27,6 +27,8 @@ pub enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Write the built-in tiny Stable Diffusion model (tests, demo).
     TinyModel(commands::generate::TinyModelArgs),
+    /// Null-text inversion of a reference image (Pick-and-Draw's appearance palette).
+    Invert(commands::invert::InvertArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -35,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(args) => commands::report::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),
+        Command::Invert(args) => commands::invert::run(args),
     }
 }

@@ -44,6 +44,8 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub pnd: super::invert::PickAndDrawArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,10 +110,34 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         b.set_message("denoising");
         b
     };
-    let latents = sd.sample(&req, &mut |i, n| {
+    let mut on_step = |i: usize, n: usize| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
-    })?;
+    };
+    let latents = if args.pnd.pick_and_draw {
+        let init = match req.init_latents.clone() {
+            Some(l) => l,
+            None => sd.initial_latents(args.height, args.width, args.seed)?,
+        };
+        let (model, emb) = (&args.model, args.embeddings.as_ref());
+        let (p, n) = (&args.prompt, &args.negative_prompt);
+        super::invert::generate_latents(
+            &sd,
+            &args.pnd,
+            model,
+            emb,
+            p,
+            n,
+            args.steps,
+            args.cfg_scale,
+            args.height,
+            args.width,
+            init,
+            &mut on_step,
+        )?
+    } else {
+        sd.sample(&req, &mut on_step)?
+    };
     bar.finish_and_clear();
     if let Some(p) = &args.save_latents {
         write_latents(p, &latents).with_context(|| format!("writing latents '{}'", p.display()))?;

@@ -2,4 +2,5 @@
 
 pub mod dataset;
 pub mod generate;
+pub mod invert;
 pub mod report;
