@@ -9,6 +9,8 @@ use crate::sweep::{JobOutput, JobRunner};
 use anyhow::{bail, Context};
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use dreambench::{clip_t_prompt, Dataset, Job};
+use guidance::pipeline::{pick_and_draw, PickAndDrawRequest};
+use guidance::GuidanceConfig;
 use metrics::{Scorer, ScorerOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,12 +66,30 @@ pub fn model_for(
     })
 }
 
+/// A method's guidance settings: the experiment's `[guidance]`, then the method's own keys on top.
+pub fn guidance_config(exp: &Experiment, method: &MethodSpec) -> anyhow::Result<GuidanceConfig> {
+    let mut table = exp.guidance.clone();
+    for (k, v) in &method.guidance {
+        table.insert(k.clone(), v.clone());
+    }
+    let text = toml::to_string(&table)?;
+    let cfg =
+        GuidanceConfig::from_toml_str(&text, &format!("[guidance] of method '{}'", method.name))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// Checks everything the jobs will need before any work starts: the dataset and its subjects,
 /// every model location that must be local, every embedding file, and the metric models.
 pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
     open_dataset(exp)?;
     let mut problems = Vec::new();
     for method in &exp.methods {
+        if method.pick_and_draw {
+            if let Err(e) = guidance_config(exp, method) {
+                problems.push(format!("method '{}': {e:#}", method.name));
+            }
+        }
         for subject in exp.subjects() {
             match model_for(exp, method, subject.name) {
                 Err(e) => {
@@ -128,17 +148,20 @@ pub struct BenchRunner {
     dataset: Dataset,
     scorer: Scorer,
     loaded: Option<(ModelChoice, StableDiffusion)>,
+    /// The base model, kept for the layout template of guided personalized methods.
+    base: Option<StableDiffusion>,
+    /// Inversions and reference palettes, computed once per subject and model.
+    palette_cache: PathBuf,
     /// Show a per-step progress bar inside each job.
     pub step_progress: bool,
 }
 
 impl BenchRunner {
-    pub fn new(exp: Experiment, cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// `cache_dir` holds real-image embeddings and reference palettes (the per-subject shared work).
+    pub fn new(exp: Experiment, cache_dir: &Path) -> anyhow::Result<Self> {
         let dataset = open_dataset(&exp)?;
         let mut options = ScorerOptions::default();
-        if let Some(dir) = cache_dir {
-            options.cache = Some(metrics::EmbeddingCache::new(dir));
-        }
+        options.cache = Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings")));
         let scorer =
             Scorer::load(&exp.metrics.dino, &exp.metrics.clip, options).with_context(|| {
                 format!(
@@ -151,8 +174,21 @@ impl BenchRunner {
             dataset,
             scorer,
             loaded: None,
+            base: None,
+            palette_cache: cache_dir.join("palettes"),
             step_progress: false,
         })
+    }
+
+    fn ensure_base(&mut self) -> anyhow::Result<()> {
+        if self.base.is_none() {
+            let base = &self.exp.models.base;
+            self.base = Some(
+                StableDiffusion::load(base, &LoadOptions::default())
+                    .with_context(|| format!("loading base model '{base}'"))?,
+            );
+        }
+        Ok(())
     }
 
     fn pipeline(&mut self, choice: &ModelChoice) -> anyhow::Result<&StableDiffusion> {
@@ -212,31 +248,63 @@ impl JobRunner for BenchRunner {
             .to_path_buf();
         let choice = model_for(&self.exp, &method, subject.name)?;
         let g = self.exp.generation.clone();
-        if method.pick_and_draw {
-            bail!(
-                "method '{}': Pick-and-Draw guidance is not wired into `pnd sweep` yet",
-                method.name
-            );
-        }
         let started = Instant::now();
         let step_progress = self.step_progress;
-        let sd = self.pipeline(&choice)?;
-        let req = SampleRequest {
-            prompt: prompt.clone(),
-            negative_prompt: g.negative_prompt.clone(),
-            steps: g.steps,
-            cfg_scale: g.cfg_scale,
-            height: g.height,
-            width: g.width,
-            seed: job.seed,
-            init_latents: None,
-        };
         let bar = if step_progress {
             indicatif::ProgressBar::new(g.steps as u64)
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let latents = sd.sample(&req, &mut |i, _| bar.set_position(i as u64))?;
+        let personalized = choice.model != self.exp.models.base || choice.embeddings.is_some();
+        if method.pick_and_draw && personalized {
+            self.ensure_base()?;
+        }
+        self.pipeline(&choice)?;
+        let sd = &self.loaded.as_ref().expect("loaded above").1;
+        let init = sd.initial_latents(g.height, g.width, job.seed)?;
+        let latents = if method.pick_and_draw {
+            let cfg = guidance_config(&self.exp, &method)?;
+            let style = method.style(subject);
+            let identifier = match method.baseline {
+                Baseline::Dreambooth => Some(style.identifier.clone()),
+                Baseline::TextualInversion => style.token.clone(),
+                Baseline::StableDiffusion | Baseline::BlipDiffusion => None,
+            };
+            let req = PickAndDrawRequest {
+                prompt: prompt.clone(),
+                negative_prompt: g.negative_prompt.clone(),
+                steps: g.steps,
+                cfg_scale: g.cfg_scale,
+                height: g.height,
+                width: g.width,
+                init,
+                reference: reference.clone(),
+                class: subject.class.to_string(),
+                identifier,
+                template_prompt: None,
+                model_key: format!("{}|{:?}", choice.model, choice.embeddings),
+                cache_dir: self.palette_cache.clone(),
+                trace: Some(out.path("trace.jsonl")),
+            };
+            let base = if personalized {
+                self.base.as_ref()
+            } else {
+                None
+            };
+            pick_and_draw(sd, base, &cfg, &req, &mut |i, _| bar.set_position(i as u64))?.0
+        } else {
+            let req = SampleRequest {
+                prompt: prompt.clone(),
+                negative_prompt: g.negative_prompt.clone(),
+                steps: g.steps,
+                cfg_scale: g.cfg_scale,
+                height: g.height,
+                width: g.width,
+                seed: job.seed,
+                init_latents: Some(init),
+            };
+            sd.sample(&req, &mut |i, _| bar.set_position(i as u64))?
+        };
         bar.finish_and_clear();
         let image = sd.decode_images(&latents)?.remove(0);
         let seconds = started.elapsed().as_secs_f64();

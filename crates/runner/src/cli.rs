@@ -18,9 +18,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The whole pipeline offline on tiny models and a mini benchmark (minutes on a laptop).
+    Demo(commands::demo::DemoArgs),
     /// Fetch, verify and list the DreamBench dataset.
     #[command(subcommand)]
     Dataset(commands::dataset::DatasetCommand),
+    /// Run an experiment: generation and scoring jobs, resumable and shardable.
+    Sweep(commands::sweep::SweepArgs),
+    /// Join the run folders of an experiment's shards.
+    Merge(commands::sweep::MergeArgs),
     /// Tables, Pareto plots, per-subject bars and image grids of a run.
     Report(commands::report::ReportArgs),
     /// Generate one image with a Stable Diffusion model (plain, DreamBooth, Textual Inversion).
@@ -33,7 +39,10 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo(args) => commands::demo::run(args),
         Command::Dataset(cmd) => commands::dataset::run(cmd),
+        Command::Sweep(args) => commands::sweep::run(args),
+        Command::Merge(args) => commands::sweep::merge_run(args),
         Command::Report(args) => commands::report::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),

@@ -1,6 +1,8 @@
 //! One module per `pnd` subcommand.
 
 pub mod dataset;
+pub mod demo;
 pub mod generate;
 pub mod invert;
 pub mod report;
+pub mod sweep;

@@ -26,7 +26,8 @@ pub struct SweepArgs {
     /// List the jobs and the per-subject shared work, run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Embedding cache folder (default: the metrics crate's default cache).
+    /// Cache of per-subject shared work: real-image embeddings, inversions, reference palettes
+    /// (default: RUN_DIR/cache; point shards at one shared folder to compute them once).
     #[arg(long)]
     pub cache: Option<PathBuf>,
 }
@@ -70,7 +71,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         bail!("run folder '{}' already has results: pass --resume to continue it, or choose another --out", out.display());
     }
     let store = RunStore::create(&out, &plan)?;
-    let mut runner = BenchRunner::new(exp.clone(), args.cache.clone())?;
+    let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
+    let mut runner = BenchRunner::new(exp.clone(), &cache)?;
     if !out.join("oracle.json").is_file() {
         eprintln!(
             "oracle: embedding the real images of {} subjects",

@@ -191,7 +191,7 @@ pub fn run_demo(
     let plan = plan_of(&exp)?;
     let run_dir = root.join("run");
     let store = RunStore::create(&run_dir, &plan)?;
-    let mut runner = BenchRunner::new(exp.clone(), Some(root.join("cache")))?;
+    let mut runner = BenchRunner::new(exp.clone(), &root.join("cache"))?;
     if !run_dir.join("oracle.json").is_file() {
         let oracle = runner.oracle()?;
         write_file_atomic(
