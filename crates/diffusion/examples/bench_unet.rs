@@ -134,7 +134,12 @@ fn main() -> anyhow::Result<()> {
                 let map = rec.attention_map(ATTN_SITE).expect("captured map");
                 let block = rec.block_output(BLOCK_SITE).expect("captured block");
                 let loss = (map.narrow(3, 5, 1)?.sum_all()? + block.mean_all()?)?;
+                let forward_secs = start.elapsed().as_secs_f64();
                 let grads = loss.backward()?;
+                eprintln!(
+                    "candle fwdbwd: forward {forward_secs:.3} s, backward {:.3} s",
+                    start.elapsed().as_secs_f64() - forward_secs
+                );
                 let g = grads.get(z.as_tensor()).expect("latent gradient");
                 g.sqr()?.sum_all()?.to_scalar::<f32>()?;
             }

@@ -47,14 +47,46 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return candle_nn::ops::softmax_last_dim(xs);
     }
-    if !xs.device().is_cpu() {
+    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
         return softmax_last_dim_composite(xs);
     }
     let value = candle_nn::ops::softmax_last_dim(&xs.detach())?;
-    precomputed(xs, value, "softmax", |_, y, g| {
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        y * g.broadcast_sub(&dot)?
-    })
+    precomputed(xs, value, "softmax", |_, y, g| softmax_backward(y, g))
+}
+
+/// `y * (g - sum(g * y))` over the last dim, one pass per row on f32/f64.
+fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn go<T: candle_core::WithDType>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (y, g) = (y.contiguous()?, g.contiguous()?);
+        let n = y.elem_count();
+        let m = y.dim(D::Minus1)?;
+        let (sy, ly) = y.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        let (candle_core::Storage::Cpu(cy), candle_core::Storage::Cpu(cg)) = (&*sy, &*sg) else {
+            candle_core::bail!("softmax backward: tensors not on the CPU");
+        };
+        let vy = &cy.as_slice::<T>()?[ly.start_offset()..ly.start_offset() + n];
+        let vg = &cg.as_slice::<T>()?[lg.start_offset()..lg.start_offset() + n];
+        let mut out = Vec::with_capacity(n);
+        for (ry, rg) in vy.chunks(m).zip(vg.chunks(m)) {
+            let dot: f64 = ry
+                .iter()
+                .zip(rg)
+                .map(|(a, b)| a.to_f64() * b.to_f64())
+                .sum();
+            out.extend(
+                ry.iter()
+                    .zip(rg)
+                    .map(|(a, b)| T::from_f64(a.to_f64() * (b.to_f64() - dot))),
+            );
+        }
+        Tensor::from_vec(out, y.shape(), y.device())
+    }
+    match y.dtype() {
+        DType::F32 => go::<f32>(y, g),
+        DType::F64 => go::<f64>(y, g),
+        _ => y * g.broadcast_sub(&(g * y)?.sum_keepdim(D::Minus1)?)?,
+    }
 }
 
 /// Softmax as a composition: `exp(x - max) / sum(exp(x - max))`.
@@ -189,15 +221,14 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return xs.gelu_erf();
     }
-    if !xs.device().is_cpu() {
+    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
         return gelu_erf_composite(xs);
     }
     let value = xs.detach().gelu_erf()?;
     precomputed(xs, value, "gelu-erf", |x, _, g| {
-        let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
-        let pdf = ((x.sqr()? * -0.5)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-        g * (cdf + (x * pdf)?)?
+        zip_map(&g.contiguous()?, &x.contiguous()?, |g, x| {
+            g * gelu_and_grad(x).1
+        })
     })
 }
 
@@ -444,6 +475,44 @@ impl candle_core::CustomOp1 for Precomputed {
     }
 }
 
+/// `[c_out, c_in, kh, kw]` -> `[c_in, c_out, kh, kw]` flipped in both spatial dims, in one pass.
+fn flip_transpose(kernel: &Tensor) -> Result<Tensor> {
+    fn go<T: candle_core::WithDType>(k: &Tensor) -> Result<Tensor> {
+        let k = k.contiguous()?;
+        let (co, ci, kh, kw) = k.dims4()?;
+        let (s, l) = k.storage_and_layout();
+        let candle_core::Storage::Cpu(c) = &*s else {
+            candle_core::bail!("flip_transpose: kernel not on the CPU");
+        };
+        let v = &c.as_slice::<T>()?[l.start_offset()..l.start_offset() + k.elem_count()];
+        let mut out = vec![T::zero(); v.len()];
+        for o in 0..co {
+            for i in 0..ci {
+                let src = &v[(o * ci + i) * kh * kw..][..kh * kw];
+                let dst = &mut out[(i * co + o) * kh * kw..][..kh * kw];
+                for (j, x) in src.iter().enumerate() {
+                    dst[kh * kw - 1 - j] = *x;
+                }
+            }
+        }
+        Tensor::from_vec(out, (ci, co, kh, kw), k.device())
+    }
+    match kernel.dtype() {
+        DType::F32 => go::<f32>(kernel),
+        DType::F64 => go::<f64>(kernel),
+        _ => {
+            let (_, _, kh, kw) = kernel.dims4()?;
+            let rev =
+                |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<_>>(), kernel.device());
+            kernel
+                .index_select(&rev(kh)?, 2)?
+                .index_select(&rev(kw)?, 3)?
+                .transpose(0, 1)?
+                .contiguous()
+        }
+    }
+}
+
 /// The gradient of `conv2d(x, kernel, padding, stride)` with respect to `x` of shape `input_dims`.
 fn conv2d_input_grad(
     grad: &Tensor,
@@ -456,12 +525,7 @@ fn conv2d_input_grad(
     let (b, c_out, ho, wo) = grad.dims4()?;
     let (_, _, kh, kw) = kernel.dims4()?;
     // Flip spatially and swap in/out channels: [c_in, c_out, kh, kw].
-    let rev = |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<_>>(), kernel.device());
-    let flipped = kernel
-        .index_select(&rev(kh)?, 2)?
-        .index_select(&rev(kw)?, 3)?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let flipped = flip_transpose(kernel)?;
     // Dilate the gradient with stride-1 zeros between entries: size (n - 1) * s + 1.
     let (dh, dw) = ((ho - 1) * stride + 1, (wo - 1) * stride + 1);
     let dilated = if stride == 1 {
@@ -498,4 +562,94 @@ fn conv2d_input_grad(
     };
     let padded = pad(pad(dilated, 2, before_h, after_h)?, 3, before_w, after_w)?;
     padded.conv2d(&flipped, 0, 1, 1, 1)
+}
+
+/// Elementwise `f(a, b)` over two same-shaped CPU tensors in one pass (f32 or f64; computed in
+/// f64). Backward kernels use it to avoid a chain of full-size temporaries.
+fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result<Tensor> {
+    fn go<T: candle_core::WithDType>(
+        a: &Tensor,
+        b: &Tensor,
+        f: impl Fn(f64, f64) -> f64,
+    ) -> Result<Tensor> {
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let n = a.elem_count();
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) = (&*sa, &*sb) else {
+            candle_core::bail!("zip_map: tensors not on the CPU");
+        };
+        let va = &ca.as_slice::<T>()?[la.start_offset()..la.start_offset() + n];
+        let vb = &cb.as_slice::<T>()?[lb.start_offset()..lb.start_offset() + n];
+        let out: Vec<T> = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| T::from_f64(f(x.to_f64(), y.to_f64())))
+            .collect();
+        Tensor::from_vec(out, a.shape(), a.device())
+    }
+    if a.dims() != b.dims() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "zip_map: {:?} {:?} vs {:?} {:?}",
+            a.dims(),
+            a.dtype(),
+            b.dims(),
+            b.dtype()
+        );
+    }
+    match a.dtype() {
+        DType::F32 => go::<f32>(a, b, f),
+        DType::F64 => go::<f64>(a, b, f),
+        dt => candle_core::bail!("zip_map: unsupported dtype {dt:?}"),
+    }
+}
+
+/// SiLU `x * sigmoid(x)`; backward `g * s * (1 + x (1 - s))` in one pass on the CPU.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() || !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+        return xs.silu();
+    }
+    let value = xs.detach().silu()?;
+    precomputed(xs, value, "silu", |x, _, g| {
+        let d = zip_map(x, &x.ones_like()?, |x, _| {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        })?;
+        g.mul(&d)
+    })
+}
+
+/// GEGLU of a projection `p = [hidden, gate]` (last dim `2n`): `hidden * gelu_erf(gate)`, as
+/// diffusers' `GEGLU.forward`; on the CPU one op whose backward builds `dL/dp` directly.
+///
+/// # Shapes
+/// - `proj`: `[..., 2n]`; result: `[..., n]`.
+pub fn geglu(proj: &Tensor) -> Result<Tensor> {
+    let n = proj.dim(D::Minus1)? / 2;
+    let split = move |p: &Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((p.narrow(D::Minus1, 0, n)?, p.narrow(D::Minus1, n, n)?))
+    };
+    if !proj.track_op() || !proj.device().is_cpu() {
+        let (hidden, gate) = split(proj)?;
+        return hidden * gelu_erf(&gate)?;
+    }
+    let (hidden, gate) = split(&proj.detach())?;
+    let value = (hidden * gate.gelu_erf()?)?;
+    precomputed(proj, value, "geglu", move |p, _, g| {
+        let (hidden, gate) = split(p)?;
+        let g = g.contiguous()?;
+        // d/dhidden = g * gelu(gate); d/dgate = g * hidden * gelu'(gate).
+        let d_hidden = zip_map(&g, &gate.contiguous()?, |g, x| g * gelu_and_grad(x).0)?;
+        let g_h = (&g * &hidden)?;
+        let d_gate = zip_map(&g_h, &gate.contiguous()?, |gh, x| gh * gelu_and_grad(x).1)?;
+        Tensor::cat(&[&d_hidden, &d_gate], p.rank() - 1)
+    })
+}
+
+/// `(gelu_erf(x), d gelu_erf / dx)` in f64: `(x Phi(x), Phi(x) + x phi(x))`.
+fn gelu_and_grad(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp()
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    (x * cdf, cdf + x * pdf)
 }

@@ -323,3 +323,19 @@ fn linear_constant_add_and_constant_matmul_gradients_match_finite_differences() 
     println!("conv2d+bias fd rel err {err:.2e}");
     assert!(err < 1e-7, "{err}");
 }
+
+#[test]
+fn silu_and_geglu_gradients_match_finite_differences() {
+    let x = (randn(&[2, 3, 6], 60) * 2.0).unwrap();
+    let err = fd_error(&x, ops::silu);
+    println!("silu fd rel err {err:.2e}");
+    assert!(err < 1e-7, "{err}");
+    assert!(max_abs(&ops::silu(&x).unwrap(), &x.silu().unwrap()) < 1e-14);
+    let err = fd_error(&x, ops::geglu);
+    println!("geglu fd rel err {err:.2e}");
+    assert!(err < 1e-7, "{err}");
+    let reference =
+        (x.narrow(2, 0, 3).unwrap() * x.narrow(2, 3, 3).unwrap().gelu_erf().unwrap()).unwrap();
+    let var = Var::from_tensor(&x).unwrap();
+    assert!(max_abs(&ops::geglu(var.as_tensor()).unwrap(), &reference) < 1e-14);
+}

@@ -96,8 +96,13 @@ impl FeedForward {
     }
 
     pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let (hidden, gate) = chunk2_last(&self.proj.forward(xs)?)?;
-        let act = (hidden * gelu(&gate, differentiable)?)?;
+        let proj = self.proj.forward(xs)?;
+        let act = if differentiable {
+            crate::ops::geglu(&proj)?
+        } else {
+            let (hidden, gate) = chunk2_last(&proj)?;
+            (hidden * gelu(&gate, false)?)?
+        };
         self.out.forward(&act)
     }
 }

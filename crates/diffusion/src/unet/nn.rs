@@ -174,7 +174,7 @@ impl Activation {
 
     pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Silu => xs.silu(),
+            Activation::Silu => ops::silu(xs),
         }
     }
 }
