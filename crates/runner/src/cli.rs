@@ -35,6 +35,10 @@ pub enum Command {
     TinyModel(commands::generate::TinyModelArgs),
     /// Null-text inversion of a reference image (Pick-and-Draw's appearance palette).
     Invert(commands::invert::InvertArgs),
+    /// DINO, CLIP-I and CLIP-T of generated images against real images and a prompt.
+    Score(commands::score::ScoreArgs),
+    /// The real-image oracle row (each real image against the others of its subject).
+    Oracle(commands::oracle::OracleArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -47,5 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => commands::generate::run(args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),
         Command::Invert(args) => commands::invert::run(args),
+        Command::Score(args) => commands::score::run(args),
+        Command::Oracle(args) => commands::oracle::run(args),
     }
 }

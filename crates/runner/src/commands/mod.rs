@@ -4,5 +4,7 @@ pub mod dataset;
 pub mod demo;
 pub mod generate;
 pub mod invert;
+pub mod oracle;
 pub mod report;
+pub mod score;
 pub mod sweep;

@@ -1,0 +1,47 @@
+//! `pnd oracle`: the "Real Images (Oracle)" row: each real image against the other real images of
+//! its subject, mean over all pairs, and per subject (SPEC §5).
+
+use crate::commands::score::MetricModels;
+use anyhow::Context;
+use clap::Args;
+use dreambench::{Dataset, SUBJECTS};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct OracleArgs {
+    /// The DreamBench folder (one sub-folder of images per subject).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub models: MetricModels,
+    /// Print one JSON object: dino, clip_i, n_images, n_pairs, per_subject {subject: {dino, clip_i}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: OracleArgs) -> anyhow::Result<ExitCode> {
+    let data = Dataset::open(&args.data)
+        .with_context(|| format!("opening DreamBench at '{}'", args.data.display()))?;
+    let subjects: Vec<(String, Vec<PathBuf>)> = SUBJECTS
+        .iter()
+        .map(|s| Ok((s.name.to_string(), data.images(s.name)?.to_vec())))
+        .collect::<anyhow::Result<_>>()?;
+    let scorer = args.models.load()?;
+    let report = scorer.oracle(&subjects)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "Real images (oracle), {} images, {} pairs: DINO {:.4}, CLIP-I {:.4}",
+            report.n_images, report.n_pairs, report.dino, report.clip_i
+        );
+        for (name, s) in &report.per_subject {
+            println!(
+                "  {name:<22} DINO {:.4}  CLIP-I {:.4}  ({} images)",
+                s.dino, s.clip_i, s.n_images
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
