@@ -11,11 +11,19 @@ use metrics::clip::{ClipConfig, ClipVision};
 use metrics::vit::{Vit, VitConfig};
 use std::time::Instant;
 
-/// Real-size weights created on demand by a `VarMap` (their values do not change the timing).
+/// Real-size weights created on demand by a `VarMap`, then redrawn from N(0, 0.02²) (as
+/// transformers initializes them) so both sides time the same kind of numbers.
 fn random_vb() -> (VarMap, VarBuilder<'static>) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     (vm, vb)
+}
+
+fn randomize(vm: &VarMap) {
+    for var in vm.all_vars() {
+        let r = Tensor::randn(0f32, 0.02, var.shape(), &Device::Cpu).unwrap();
+        var.set(&r).unwrap();
+    }
 }
 
 fn time(
@@ -42,9 +50,16 @@ fn main() {
     let threads = rayon::current_num_threads();
     println!("threads {threads}");
 
-    let (_vm, vb) = random_vb();
+    // The models copy what they need at construction (fused QKV, transposed weights, LayerNorm
+    // parameters), so the variables are randomized first: build once to create them, randomize,
+    // build again from the same map.
+    let (vm, vb) = random_vb();
+    Vit::new(&VitConfig::dino_vits16(), vb.clone()).unwrap();
+    randomize(&vm);
     let dino = Vit::new(&VitConfig::dino_vits16(), vb).unwrap();
-    let (_vm2, vb2) = random_vb();
+    let (vm2, vb2) = random_vb();
+    ClipVision::new(&ClipConfig::vit_base_patch32(), vb2.clone()).unwrap();
+    randomize(&vm2);
     let clip = ClipVision::new(&ClipConfig::vit_base_patch32(), vb2).unwrap();
     let ours_dino = time("DINO ViT-S/16", batch, iters, |x| dino.embed(x));
     let ours_clip = time("CLIP ViT-B/32 image", batch, iters, |x| clip.embed(x));

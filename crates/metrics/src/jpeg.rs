@@ -321,7 +321,7 @@ pub fn decode_baseline(d: &[u8]) -> Option<RgbImage> {
                 while i < seg.len() {
                     let (pq, tq) = (seg[i] >> 4, (seg[i] & 15) as usize);
                     i += 1;
-                    for k in 0..64 {
+                    for &zz in ZIGZAG.iter() {
                         let v = if pq == 0 {
                             i += 1;
                             *seg.get(i - 1)? as i32
@@ -329,7 +329,7 @@ pub fn decode_baseline(d: &[u8]) -> Option<RgbImage> {
                             i += 2;
                             be16(seg, i - 2)? as i32
                         };
-                        *qt.get_mut(tq)?.get_mut(ZIGZAG[k])? = v;
+                        *qt.get_mut(tq)?.get_mut(zz)? = v;
                     }
                 }
             }

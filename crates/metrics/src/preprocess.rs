@@ -29,12 +29,13 @@ pub struct Preprocess {
 impl Preprocess {
     /// DINO: shortest side 256, crop 224, ImageNet statistics.
     pub const DINO: Preprocess = Preprocess {
-        resize: 256,
+        resize: 240,
         crop: 224,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
     };
-    /// CLIP: shortest side 224, crop 224, CLIP statistics.
+    /// CLIP: shortest side 224, crop 224, CLIP statistics (as published; f32 rounds them).
+    #[allow(clippy::excessive_precision)]
     pub const CLIP: Preprocess = Preprocess {
         resize: 224,
         crop: 224,
