@@ -11,7 +11,7 @@ Weights never require grad on either side. Ratio = PyTorch median time / candle 
 (> 1: candle is faster).
 
 Build first:  cargo build --release -p diffusion --example bench_unet
-Run:          ~/.venvs/ref/bin/python tools/bench/unet.py [--threads N] [--iters 3] [--warmup 1]
+Run:          ~/.venvs/ref/bin/python tools/bench/unet.py [--threads N] [--iters 3] [--warmup 1] [--rounds 2]
 """
 
 import argparse
@@ -142,6 +142,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -149,24 +150,36 @@ def main():
         return
     if not os.path.exists(BIN):
         sys.exit(f"missing {BIN}: cargo build --release -p diffusion --example bench_unet")
-    rows = []
-    for mode in args.modes.split(","):
-        t = run([sys.executable, __file__, "--worker", mode, "--threads", str(args.threads),
-                 "--iters", str(args.iters), "--warmup", str(args.warmup)], args.threads)
-        c = run([BIN, mode, str(args.iters), str(args.warmup)], args.threads)
-        rows.append((mode, t, c))
-    print(f"\nSD 1.5 UNet, 256x256 (latent 32x32), batch 1, f32, CPU, {args.threads} threads, "
-          f"median of {args.iters} (after {args.warmup} warm-up)")
-    print(f"{'mode':8} {'torch s':>9} {'candle s':>9} {'ratio':>7}  {'torch peak MiB':>15} {'candle peak MiB':>16}")
-    for mode, t, c in rows:
-        ratio = t["median"] / c["median"]
-        print(f"{mode:8} {t['median']:9.3f} {c['median']:9.3f} {ratio:6.2f}x  "
-              f"{t['vm_hwm_kb'] / 1024:15.0f} {c['vm_hwm_kb'] / 1024:16.0f}")
-    for mode, t, c in rows:
-        print(f"{mode}: peak above weights: torch {(t['vm_hwm_kb'] - t['vm_hwm_after_load_kb']) / 1024:.0f} MiB, "
-              f"candle {(c['vm_hwm_kb'] - c['vm_hwm_after_load_kb']) / 1024:.0f} MiB")
-    print("ratio = torch time / candle time (targets: fwd >= 1.0, fwdbwd >= 0.8)")
+    # Rounds alternate the two sides so that a change in machine load hits both.
+    results = {m: {"torch": [], "candle": []} for m in args.modes.split(",")}
+    for _ in range(args.rounds):
+        for mode in results:
+            t = run([sys.executable, __file__, "--worker", mode, "--threads", str(args.threads),
+                     "--iters", str(args.iters), "--warmup", str(args.warmup)], args.threads)
+            c = run([BIN, mode, str(args.iters), str(args.warmup)], args.threads)
+            results[mode]["torch"].append(t)
+            results[mode]["candle"].append(c)
 
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    print(f"\nSD 1.5 UNet, 256x256 (latent 32x32), batch 1, f32, CPU, {args.threads} threads, "
+          f"{args.rounds} round(s) x {args.iters} timed runs per side (after {args.warmup} warm-up each)")
+    print(f"{'mode':8} {'torch med':>9} {'candle med':>10} {'ratio':>6}  {'torch min':>9} {'candle min':>10} "
+          f"{'ratio':>6}  {'torch peak MiB':>14} {'candle peak MiB':>15}")
+    for mode, r in results.items():
+        tt = [x for run_ in r["torch"] for x in run_["times"]]
+        ct = [x for run_ in r["candle"] for x in run_["times"]]
+        tpeak = max(x["vm_hwm_kb"] for x in r["torch"]) / 1024
+        cpeak = max(x["vm_hwm_kb"] for x in r["candle"]) / 1024
+        print(f"{mode:8} {median(tt):9.3f} {median(ct):10.3f} {median(tt) / median(ct):5.2f}x  "
+              f"{min(tt):9.3f} {min(ct):10.3f} {min(tt) / min(ct):5.2f}x  {tpeak:14.0f} {cpeak:15.0f}")
+    for mode, r in results.items():
+        tw = max(x["vm_hwm_kb"] - x["vm_hwm_after_load_kb"] for x in r["torch"]) / 1024
+        cw = max(x["vm_hwm_kb"] - x["vm_hwm_after_load_kb"] for x in r["candle"]) / 1024
+        print(f"{mode}: peak above the loaded weights: torch {tw:.0f} MiB, candle {cw:.0f} MiB")
+    print("ratio = torch time / candle time (> 1: candle faster; targets: fwd >= 1.0, fwdbwd >= 0.8)")
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,28 @@
 //! Differentiable primitives for the UNet (SPEC §6, "Gradients").
 //!
 //! candle 0.11.1 records no backward for `candle_nn::ops::softmax_last_dim` and the fused
-//! `candle_nn::ops::layer_norm`, and `upsample_nearest2d`'s backward overwrites the incoming gradient
-//! instead of accumulating it. Everything here is built from ops whose backward candle implements
-//! exactly (add/mul/div, sum, exp, sqrt, erf, broadcast, reshape, matmul, conv2d), and each one has a
-//! finite-difference test in f64 (`tests/unet_ops.rs`).
+//! `candle_nn::ops::layer_norm`, `upsample_nearest2d`'s backward overwrites the incoming gradient
+//! instead of accumulating it, and `conv2d`'s backward fails for stride 2 on one odd and one even
+//! spatial size. Every function here has an exact backward, and each has a finite-difference test in
+//! f64 (`tests/unet_ops.rs`).
 //!
-//! [`ComputePath`] chooses, per forward call, between these compositions and candle's fused kernels.
+//! Two implementations per primitive:
+//! - on the CPU, with constant weights (not in a graph), a *precomputed* op: the value comes from
+//!   candle's fast (fused) kernels outside the graph and is handed back as one node whose backward
+//!   is the analytic input gradient (softmax, layer/group norm, GELU/GEGLU, SiLU, linear, conv2d,
+//!   adding or multiplying by a constant). Weights get no gradient and no zero-filled gradient
+//!   buffers, which is what makes the backward fast and small;
+//! - elsewhere (other devices, trainable weights), a composition of candle ops whose built-in
+//!   backward is exact (`*_composite`, also FD-tested).
+//!
+//! [`ComputePath`] chooses, per forward call, whether the UNet builds a graph through these at all.
 
 use candle_core::{DType, Result, Tensor, D};
 
 /// Which kernels a forward pass uses.
 ///
-/// - `Differentiable`: only ops with an exact backward in candle (this module's compositions);
-///   required whenever a gradient is taken.
+/// - `Differentiable`: only ops with an exact backward (this module's functions); required
+///   whenever a gradient is taken.
 /// - `Fused`: candle's fused softmax, layer norm, erf-GELU and nearest upsampling, which record no
 ///   (or a wrong) backward; for no-grad sampling only.
 /// - `Auto` (the default): `Differentiable` when an input of the forward call is in an autograd graph

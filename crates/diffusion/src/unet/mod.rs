@@ -42,10 +42,16 @@ pub enum UNetError {
     Weights {
         path: String,
         config: PathBuf,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error(transparent)]
-    Files(#[from] weights::WeightsError),
+    Files(Box<weights::WeightsError>),
+}
+
+impl From<weights::WeightsError> for UNetError {
+    fn from(e: weights::WeightsError) -> Self {
+        UNetError::Files(Box::new(e))
+    }
 }
 
 /// A value diffusers allows as a scalar or as one entry per down block.
@@ -538,7 +544,7 @@ impl UNet2DConditionModel {
                 .collect::<Vec<_>>()
                 .join(", "),
             config: config_path.clone(),
-            source,
+            source: Box::new(source),
         })
     }
 
