@@ -165,6 +165,14 @@ fn shared_copy_verifies() {
     assert_eq!(report.verified, 158);
 }
 
+/// Copies of the read-only shared dataset stay writable, so tests can damage them on purpose.
+fn make_writable(path: &Path) {
+    let mut perm = std::fs::metadata(path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(path, perm).unwrap();
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -174,6 +182,7 @@ fn copy_tree(from: &Path, to: &Path) {
             copy_tree(&e.path(), &dst);
         } else {
             std::fs::copy(e.path(), &dst).unwrap();
+            make_writable(&dst);
         }
     }
 }

@@ -40,7 +40,13 @@ fn check_fails_and_names_every_problem() {
         std::fs::create_dir_all(copy.join(subject)).unwrap();
         for e in std::fs::read_dir(shared_dreambench().join(subject)).unwrap() {
             let e = e.unwrap();
-            std::fs::copy(e.path(), copy.join(subject).join(e.file_name())).unwrap();
+            let dst = copy.join(subject).join(e.file_name());
+            std::fs::copy(e.path(), &dst).unwrap();
+            // The shared dataset is read-only; its copy must be writable to be damaged on purpose.
+            let mut perm = std::fs::metadata(&dst).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(&dst, perm).unwrap();
         }
     }
     let f = copy.join("dog/01.jpg");
