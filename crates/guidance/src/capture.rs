@@ -11,6 +11,21 @@ pub fn attn2_site(block_site: &str) -> String {
     format!("{block_site}.attn2")
 }
 
+/// The message of the error a [`SiteCapture`] with `stop_when_complete` returns to end the UNet
+/// forward once it holds everything it asked for.
+const CAPTURE_COMPLETE: &str = "pnd: capture complete, rest of the UNet forward skipped";
+
+/// Whether `err` is the early stop of a [`SiteCapture`] (not a failure).
+pub fn is_capture_complete(err: &candle_core::Error) -> bool {
+    match err {
+        candle_core::Error::Msg(m) => m == CAPTURE_COMPLETE,
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::Context { inner, .. }
+        | candle_core::Error::WithPath { inner, .. } => is_capture_complete(inner),
+        _ => false,
+    }
+}
+
 /// Keeps, for the batch entry `batch`, the head-averaged maps of `tokens` at the cross-attention
 /// sites asked for and the block outputs at the block sites asked for.
 #[derive(Debug, Default)]
@@ -24,6 +39,10 @@ pub struct SiteCapture {
     pub maps: Vec<(String, Tensor)>,
     /// `(site, [hw, channels])` in forward order.
     pub blocks: Vec<(String, Tensor)>,
+    /// End the forward pass (with the error [`is_capture_complete`] recognizes) as soon as every
+    /// requested site is captured: a loss built from the captures needs nothing after them, so
+    /// neither the rest of the forward nor its backward is computed.
+    pub stop_when_complete: bool,
 }
 
 impl SiteCapture {
@@ -40,7 +59,17 @@ impl SiteCapture {
             block_sites,
             maps: Vec::new(),
             blocks: Vec::new(),
+            stop_when_complete: false,
         }
+    }
+
+    fn check_complete(&self) -> candle_core::Result<()> {
+        let done = self.maps.len() >= self.attention_sites.len()
+            && self.blocks.len() >= self.block_sites.len();
+        if self.stop_when_complete && done {
+            return Err(candle_core::Error::Msg(CAPTURE_COMPLETE.to_string()));
+        }
+        Ok(())
     }
 
     pub fn map(&self, site: &str) -> Option<&Tensor> {
@@ -61,7 +90,7 @@ impl Hook for SiteCapture {
         let maps = token_maps(probs, self.batch, &self.tokens)
             .map_err(|e| candle_core::Error::Msg(format!("{site}: {e}")))?;
         self.maps.push((site.to_string(), maps));
-        Ok(())
+        self.check_complete()
     }
 
     fn wants_block_output(&self, site: &str) -> bool {

@@ -3,7 +3,7 @@
 //! (batch 1), then the normal CFG DDIM step.
 
 use crate::appearance::{appearance_loss, AppearanceLayer, MaskSize};
-use crate::capture::{attn2_site, SiteCapture};
+use crate::capture::{attn2_site, is_capture_complete, SiteCapture};
 use crate::config::{GuidanceConfig, NonFinite};
 use crate::error::{Error, Result};
 use crate::layout::{layout_loss, to_square};
@@ -95,7 +95,12 @@ pub fn step_loss(
         }
     }
     let mut cap = SiteCapture::new(0, capture_tokens, attention_sites, block_sites);
-    unet.forward_with(z, timestep as f64, cond, &mut cap)?;
+    cap.stop_when_complete = true;
+    match unet.forward_with(z, timestep as f64, cond, &mut cap) {
+        Ok(_) => {}
+        Err(e) if is_capture_complete(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
     let missing = |site: &str| Error::Invalid {
         what: "guidance capture",
         reason: format!(
