@@ -347,3 +347,38 @@ fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(m, (n, n), device)?.to_dtype(DType::F32)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eot_pooling_follows_the_config_eos_token_id() {
+        // Padded with EOT (49407) after the real EOT, as the OpenAI tokenizer pads.
+        let ids = [49406, 320, 1929, 49407, 49407, 49407];
+        // Legacy configs (eos_token_id 2): first maximum of the ids.
+        assert_eq!(ClipText::pooled_position(&ids, 2), Some(3));
+        // Newer configs: first occurrence of eos_token_id, even when a larger id comes earlier.
+        let with_added = [49406, 49410, 320, 49407, 0];
+        assert_eq!(ClipText::pooled_position(&with_added, 49407), Some(3));
+        assert_eq!(ClipText::pooled_position(&with_added, 2), Some(1));
+        assert_eq!(ClipText::pooled_position(&[1, 5], 49407), None);
+    }
+
+    #[test]
+    fn hidden_act_is_read_from_the_config() {
+        let cfg: ClipConfig = serde_json::from_str(
+            r#"{"text_config": {"hidden_act": "gelu"}, "vision_config": {"hidden_act": "quick_gelu"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.text_config.hidden_act, Activation::Gelu);
+        assert_eq!(cfg.vision_config.hidden_act, Activation::QuickGelu);
+        let bad = serde_json::from_str::<ClipConfig>(r#"{"text_config": {"hidden_act": "relu6"}}"#);
+        assert!(bad.unwrap_err().to_string().contains("relu6"));
+        // Defaults are transformers' CLIPConfig defaults.
+        let d: ClipConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(d.projection_dim, 512);
+        assert_eq!(d.text_config.eos_token_id, 49407);
+        assert_eq!(d.vision_config.patch_size, 32);
+    }
+}

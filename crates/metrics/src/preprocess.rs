@@ -29,7 +29,7 @@ pub struct Preprocess {
 impl Preprocess {
     /// DINO: shortest side 256, crop 224, ImageNet statistics.
     pub const DINO: Preprocess = Preprocess {
-        resize: 240,
+        resize: 256,
         crop: 224,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],

@@ -200,3 +200,51 @@ fn dreambench_decode_resize_crop_are_bit_exact_to_pil() {
     assert_eq!(dino_same, n);
     assert_eq!(clip_same, n);
 }
+
+#[test]
+fn transformers_5_vit_key_layout_loads_to_the_same_model() {
+    // Rename the legacy keys of the fixture into transformers ≥ 5 names (with a `vit.` prefix, as a
+    // ViTFor* checkpoint has them) and check the embeddings are unchanged.
+    let legacy = load("dino_tiny/model.safetensors");
+    let renamed: std::collections::HashMap<String, Tensor> = legacy
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace("encoder.layer.", "layers.")
+                .replace("attention.attention.query", "attention.q_proj")
+                .replace("attention.attention.key", "attention.k_proj")
+                .replace("attention.attention.value", "attention.v_proj")
+                .replace("attention.output.dense", "attention.o_proj")
+                .replace("intermediate.dense", "mlp.fc1")
+                .replace("output.dense", "mlp.fc2");
+            (format!("vit.{k}"), v)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixtures().join("dino_tiny/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let a = DinoModel::load(&fixture("dino_tiny"), &Device::Cpu).unwrap();
+    let b = DinoModel::load(dir.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    let x = lcg_pixels();
+    let ea = a
+        .vit
+        .embed(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let eb = b
+        .vit
+        .embed(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(ea, eb);
+}
