@@ -93,11 +93,11 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, MetricsError> {
         reason,
     };
     let format = image::guess_format(bytes).map_err(|e| bad(e.to_string()))?;
-    // The JPEG decoder fills a truncated scan with grey instead of failing; PIL refuses such a
-    // file ("image file is truncated"), and so do we: a JPEG must end with its EOI marker.
+    // The JPEG decoders fill a truncated scan with grey instead of failing; PIL refuses such a
+    // file ("image file is truncated"), and so do we: the scan must be followed by EOI.
     if format == image::ImageFormat::Jpeg && !jpeg_has_eoi(bytes) {
         return Err(bad(
-            "truncated JPEG (no end-of-image marker at the end of the file)".into(),
+            "truncated JPEG (no end-of-image marker after the image data)".into(),
         ));
     }
     if format == image::ImageFormat::Jpeg {
@@ -109,13 +109,15 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, MetricsError> {
     Ok(img.to_rgb8())
 }
 
-/// Whether the last JPEG marker is EOI (`FF D9`), allowing trailing padding zeros/whitespace.
+/// Whether the main image's scan is followed by an EOI marker (`FF D9`): the last EOI comes after the
+/// last start-of-scan (`FF DA`). Neither can occur inside entropy-coded data (0xFF is stuffed), an
+/// embedded EXIF thumbnail sits before the main scan, and trailing bytes after EOI are allowed.
 fn jpeg_has_eoi(bytes: &[u8]) -> bool {
-    let mut end = bytes.len();
-    while end > 0 && matches!(bytes[end - 1], 0 | b'\n' | b'\r' | b' ') {
-        end -= 1;
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (last(0xD9), last(0xDA)) {
+        (Some(eoi), Some(sos)) => eoi > sos,
+        _ => false,
     }
-    end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
 }
 
 /// Output size of torchvision's `Resize(size)` (an int): shortest side to `size`, the long side
@@ -283,6 +285,20 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eoi_must_follow_the_last_scan() {
+        let sos = [0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0x00, 3];
+        assert!(!jpeg_has_eoi(&sos));
+        let mut done = sos.to_vec();
+        done.extend([0xFF, 0xD9]);
+        assert!(jpeg_has_eoi(&done));
+        done.extend(b"trailing bytes");
+        assert!(jpeg_has_eoi(&done));
+        // An EOI that belongs to an embedded thumbnail (before the main scan) does not count.
+        let thumb = [0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 5, 6];
+        assert!(!jpeg_has_eoi(&thumb));
+    }
 
     #[test]
     fn sizes_and_crop_offsets_follow_torchvision() {
