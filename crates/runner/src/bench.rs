@@ -7,6 +7,7 @@ use crate::experiment::{Baseline, Experiment, MethodSpec};
 use crate::report::rows::{ImageRow, OracleRow};
 use crate::sweep::{JobOutput, JobRunner};
 use anyhow::{bail, Context};
+use diffusion::blip::{blip_text_prompt, BlipDiffusionPipeline, BlipRequest};
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use dreambench::{clip_t_prompt, Dataset, Job};
 use guidance::pipeline::{pick_and_draw, PickAndDrawRequest};
@@ -43,12 +44,20 @@ pub fn model_for(
 ) -> anyhow::Result<ModelChoice> {
     let m = &exp.models;
     Ok(match method.baseline {
-        Baseline::StableDiffusion => ModelChoice { model: m.base.clone(), base: None, embeddings: None },
+        Baseline::StableDiffusion => ModelChoice {
+            model: m.base.clone(),
+            base: None,
+            embeddings: None,
+        },
         Baseline::Dreambooth => {
             let Some(path) = m.for_subject(Baseline::Dreambooth, subject) else {
                 bail!("method '{}' is DreamBooth but the experiment sets no [models] dreambooth = \"path/{{subject}}\"", method.name)
             };
-            ModelChoice { model: path, base: Some(m.base.clone()), embeddings: None }
+            ModelChoice {
+                model: path,
+                base: Some(m.base.clone()),
+                embeddings: None,
+            }
         }
         Baseline::TextualInversion => {
             let Some(path) = m.for_subject(Baseline::TextualInversion, subject) else {
@@ -57,12 +66,29 @@ pub fn model_for(
                     method.name
                 )
             };
-            ModelChoice { model: m.base.clone(), base: None, embeddings: Some(PathBuf::from(path)) }
+            ModelChoice {
+                model: m.base.clone(),
+                base: None,
+                embeddings: Some(PathBuf::from(path)),
+            }
         }
-        Baseline::BlipDiffusion => bail!(
-            "method '{}': BLIP-Diffusion generation is not wired into `pnd sweep` yet (its model port is in progress); remove the method or run it elsewhere",
-            method.name
-        ),
+        Baseline::BlipDiffusion => {
+            if method.pick_and_draw {
+                bail!(
+                    "method '{}': Pick-and-Draw with BLIP-Diffusion is not available yet (its guided sampler needs the BLIP context embeddings); run BLIP-Diffusion unguided",
+                    method.name
+                )
+            }
+            let model = m
+                .blip_diffusion
+                .clone()
+                .unwrap_or_else(|| "Salesforce/blipdiffusion".into());
+            ModelChoice {
+                model,
+                base: None,
+                embeddings: None,
+            }
+        }
     })
 }
 
@@ -150,6 +176,7 @@ pub struct BenchRunner {
     loaded: Option<(ModelChoice, StableDiffusion)>,
     /// The base model, kept for the layout template of guided personalized methods.
     base: Option<StableDiffusion>,
+    blip: Option<(String, BlipDiffusionPipeline)>,
     /// Inversions and reference palettes, computed once per subject and model.
     palette_cache: PathBuf,
     /// Show a per-step progress bar inside each job.
@@ -175,6 +202,7 @@ impl BenchRunner {
             scorer,
             loaded: None,
             base: None,
+            blip: None,
             palette_cache: cache_dir.join("palettes"),
             step_progress: false,
         })
@@ -205,6 +233,119 @@ impl BenchRunner {
             self.loaded = Some((choice.clone(), sd));
         }
         Ok(&self.loaded.as_ref().expect("just loaded").1)
+    }
+
+    /// BLIP-Diffusion (unguided): the reference image and the class condition the prompt.
+    #[allow(clippy::too_many_arguments)]
+    fn run_blip(
+        &mut self,
+        job: &Job,
+        out: &JobOutput,
+        method: &MethodSpec,
+        subject: &'static dreambench::Subject,
+        prompt: String,
+        clip_prompt: String,
+        reference: PathBuf,
+        choice: &ModelChoice,
+        started: Instant,
+        bar: indicatif::ProgressBar,
+    ) -> anyhow::Result<ImageRow> {
+        if self.blip.as_ref().map(|(m, _)| m) != Some(&choice.model) {
+            self.blip = None;
+            self.loaded = None;
+            let pipe = BlipDiffusionPipeline::load(
+                &choice.model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .with_context(|| format!("loading BLIP-Diffusion '{}'", choice.model))?;
+            self.blip = Some((choice.model.clone(), pipe));
+        }
+        let pipe = &self.blip.as_ref().expect("loaded above").1;
+        let g = &self.exp.generation;
+        let req = BlipRequest {
+            reference: reference.clone(),
+            subject_category: subject.class.to_string(),
+            target_category: None,
+            prompt: blip_text_prompt(&prompt, subject.class),
+            negative_prompt: g.negative_prompt.clone(),
+            steps: g.steps,
+            cfg_scale: g.cfg_scale,
+            height: g.height,
+            width: g.width,
+            seed: job.seed,
+            init_latents: None,
+            ..Default::default()
+        };
+        let generated = pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        self.finish(
+            job,
+            out,
+            method,
+            subject,
+            prompt,
+            clip_prompt,
+            &reference,
+            generated.image,
+            seconds,
+        )
+    }
+
+    /// Writes the image atomically, scores it and makes its row.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        job: &Job,
+        out: &JobOutput,
+        method: &MethodSpec,
+        subject: &'static dreambench::Subject,
+        prompt: String,
+        clip_prompt: String,
+        reference: &Path,
+        image: image::RgbImage,
+        seconds: f64,
+    ) -> anyhow::Result<ImageRow> {
+        let tmp = out.temp_path("image.png");
+        image
+            .save(&tmp)
+            .with_context(|| format!("writing '{}'", tmp.display()))?;
+        let path = out.path("image.png");
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
+        let real = self.dataset.images(subject.name)?.to_vec();
+        let scores = self
+            .scorer
+            .score(std::slice::from_ref(&path), &real, &clip_prompt)?;
+        let run_dir = out
+            .dir()
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        Ok(ImageRow {
+            id: job.id().0,
+            method: job.method.clone(),
+            baseline: serde_json::to_value(method.baseline)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            guided: method.pick_and_draw,
+            subject: job.subject.clone(),
+            prompt_index: job.prompt_index,
+            seed: job.seed,
+            prompt,
+            clip_t_prompt: clip_prompt,
+            image: path
+                .strip_prefix(run_dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string(),
+            reference: reference.display().to_string(),
+            dino: scores.dino,
+            clip_i: scores.clip_i,
+            clip_t: scores.clip_t,
+            seconds,
+        })
     }
 
     /// The oracle row over the experiment's subjects (each real image against the others).
@@ -255,6 +396,20 @@ impl JobRunner for BenchRunner {
         } else {
             indicatif::ProgressBar::hidden()
         };
+        if method.baseline == Baseline::BlipDiffusion {
+            return self.run_blip(
+                job,
+                out,
+                &method,
+                subject,
+                prompt,
+                clip_prompt,
+                reference,
+                &choice,
+                started,
+                bar,
+            );
+        }
         let personalized = choice.model != self.exp.models.base || choice.embeddings.is_some();
         if method.pick_and_draw && personalized {
             self.ensure_base()?;
@@ -308,44 +463,16 @@ impl JobRunner for BenchRunner {
         bar.finish_and_clear();
         let image = sd.decode_images(&latents)?.remove(0);
         let seconds = started.elapsed().as_secs_f64();
-        let tmp = out.temp_path("image.png");
-        image
-            .save(&tmp)
-            .with_context(|| format!("writing '{}'", tmp.display()))?;
-        let path = out.path("image.png");
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
-        let real = self.dataset.images(subject.name)?.to_vec();
-        let scores = self
-            .scorer
-            .score(std::slice::from_ref(&path), &real, &clip_prompt)?;
-        let run_dir = out
-            .dir()
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("."));
-        Ok(ImageRow {
-            id: job.id().0,
-            method: job.method.clone(),
-            baseline: serde_json::to_value(method.baseline)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            guided: method.pick_and_draw,
-            subject: job.subject.clone(),
-            prompt_index: job.prompt_index,
-            seed: job.seed,
+        self.finish(
+            job,
+            out,
+            &method,
+            subject,
             prompt,
-            clip_t_prompt: clip_prompt,
-            image: path
-                .strip_prefix(run_dir)
-                .unwrap_or(&path)
-                .display()
-                .to_string(),
-            reference: reference.display().to_string(),
-            dino: scores.dino,
-            clip_i: scores.clip_i,
-            clip_t: scores.clip_t,
+            clip_prompt,
+            &reference,
+            image,
             seconds,
-        })
+        )
     }
 }

@@ -1,0 +1,61 @@
+//! A BLIP-Diffusion row through the sweep on tiny models: generated, scored, reported.
+
+use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
+use runner::bench::{validate, BenchRunner};
+use runner::commands::sweep::plan_of;
+use runner::demo::{subjects::write_mini_benchmark, write_tiny_metric_models};
+use runner::experiment::Experiment;
+use runner::report::rows::ImageRow;
+use runner::sweep::{run_jobs, RunStore, Shard};
+use std::path::Path;
+
+#[test]
+fn blip_diffusion_rows_are_generated_and_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer");
+    write_tiny_blip_model(&root.join("blip"), 0, &tokenizer, &TinyBlipSpec::default()).unwrap();
+    write_tiny_metric_models(&root.join("models"), &tokenizer, 0).unwrap();
+    write_mini_benchmark(&root.join("data"), 2, 64).unwrap();
+    let p = |s: &str| root.join(s).display().to_string();
+    let text = format!(
+        "name = \"blip\"\nsubjects = [\"dog\"]\nprompts = [0]\nseeds = [0]\n[models]\nblip_diffusion = \"{}\"\n\
+         [generation]\nsteps = 4\nheight = 64\nwidth = 64\n[metrics]\ndata = \"{}\"\ndino = \"{}\"\nclip = \"{}\"\n\
+         [[methods]]\nname = \"blip\"\nbaseline = \"blip-diffusion\"\n",
+        p("blip"),
+        p("data"),
+        p("models/dino"),
+        p("models/clip")
+    );
+    let exp = Experiment::parse(&text, "blip.toml").unwrap();
+    validate(&exp).unwrap();
+    let plan = plan_of(&exp).unwrap();
+    let store = RunStore::create(&root.join("run"), &plan).unwrap();
+    let mut runner = BenchRunner::new(exp.clone(), &root.join("cache")).unwrap();
+    run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
+    let rows: Vec<ImageRow> = store.rows().unwrap();
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(
+        (r.baseline.as_str(), r.guided, r.prompt.as_str()),
+        ("blip-diffusion", false, "a dog in the jungle")
+    );
+    assert!(r.dino.is_finite() && r.clip_i.is_finite() && r.clip_t.is_finite());
+    let img = image::open(root.join("run").join(&r.image)).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    // Guided BLIP-Diffusion is refused before any work, with the reason.
+    let guided = Experiment::parse(
+        &text.replace(
+            "baseline = \"blip-diffusion\"\n",
+            "baseline = \"blip-diffusion\"\npick_and_draw = true\n",
+        ),
+        "g.toml",
+    )
+    .unwrap();
+    let err = format!("{:#}", validate(&guided).unwrap_err());
+    assert!(
+        err.contains("Pick-and-Draw with BLIP-Diffusion is not available yet"),
+        "{err}"
+    );
+}
