@@ -9,6 +9,11 @@
 //! upsampling, the default, with edge rows replicated as `jdmainct.c` does), `jdcolor.c`
 //! `build_ycc_rgb_table` / `ycc_rgb_convert`. Progressive files and other subsamplings return
 //! `None` and the caller falls back to the `image` crate.
+//!
+//! Measured identical to Pillow 13 (`Image.open(p).convert("RGB")`) on all 158 DreamBench images
+//! (the `dreambench_decode_resize_crop_are_bit_exact_to_pil` test) and, during development, on 39
+//! synthetic JPEGs written by PIL (8×9 to 333×129 pixels, 4:4:4, 4:2:2 and 4:2:0, grayscale,
+//! optimized Huffman tables, restart intervals).
 
 use image::RgbImage;
 
