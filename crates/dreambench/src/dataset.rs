@@ -124,7 +124,8 @@ impl Dataset {
         }
         let mut images = BTreeMap::new();
         for name in names {
-            let subject = crate::subjects::subject(name).ok_or_else(|| DatasetError::UnknownSubject(name.to_string()))?;
+            let subject = crate::subjects::subject(name)
+                .ok_or_else(|| DatasetError::UnknownSubject(name.to_string()))?;
             let dir = root.join(subject.name);
             if !dir.is_dir() {
                 return Err(DatasetError::MissingSubject {
