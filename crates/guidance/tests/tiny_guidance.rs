@@ -377,3 +377,99 @@ fn full_guided_run_trace_and_palette_cache() {
         .unwrap();
     assert!(d > 1e-4, "guided and unguided samples are equal");
 }
+
+#[test]
+fn pick_and_draw_end_to_end_with_cache_and_components() {
+    use guidance::config::Components;
+    use guidance::pipeline::{pick_and_draw, PickAndDrawRequest};
+    let sd = load(DType::F32);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("ref.png");
+    reference_image().save(&image).unwrap();
+    let init = sd.initial_latents(SIZE, SIZE, 5).unwrap();
+    let mut req = PickAndDrawRequest {
+        prompt: PROMPT.into(),
+        negative_prompt: String::new(),
+        steps: 50,
+        cfg_scale: 7.5,
+        height: SIZE,
+        width: SIZE,
+        init: init.clone(),
+        reference: image,
+        class: "dog".into(),
+        identifier: Some("sks".into()),
+        template_prompt: None,
+        model_key: model_dir().display().to_string(),
+        cache_dir: tmp.path().join("cache"),
+        trace: Some(tmp.path().join("t.jsonl")),
+    };
+    let cfg = GuidanceConfig {
+        inversion: InversionConfig {
+            inner_steps: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (z1, t1) = pick_and_draw(&sd, None, &cfg, &req, &mut |_, _| {}).unwrap();
+    assert!(!t1.cache_hit);
+    assert_eq!(
+        guidance::trace::read_trace(req.trace.as_ref().unwrap())
+            .unwrap()
+            .len(),
+        60
+    );
+    let (z2, t2) = pick_and_draw(&sd, None, &cfg, &req, &mut |_, _| {}).unwrap();
+    assert!(t2.cache_hit, "second run missed the cache");
+    let d = (&z1 - &z2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0, "a cached palette changed the result");
+
+    // No loss component: exactly the unguided sample, no trace rows.
+    let none = GuidanceConfig {
+        components: Components::None,
+        ..cfg.clone()
+    };
+    req.trace = Some(tmp.path().join("none.jsonl"));
+    let (z0, _) = pick_and_draw(&sd, None, &none, &req, &mut |_, _| {}).unwrap();
+    let plain = sd
+        .sample(
+            &diffusion::pipeline::SampleRequest {
+                prompt: PROMPT.into(),
+                steps: 50,
+                height: SIZE,
+                width: SIZE,
+                init_latents: Some(init),
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let d = (&z0 - &plain)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    assert!(guidance::trace::read_trace(req.trace.as_ref().unwrap())
+        .unwrap()
+        .is_empty());
+
+    // A prompt without the class or the identifier is one clear error.
+    req.prompt = "a cat on the beach".into();
+    let err = pick_and_draw(&sd, None, &none, &req, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'dog'") && err.contains("a cat on the beach"),
+        "{err}"
+    );
+}
