@@ -187,14 +187,24 @@ fn figures_and_grids_are_written_and_decodable() {
 }
 
 #[test]
-fn bootstrap_interval_brackets_the_mean_and_is_seeded() {
-    let values: Vec<f64> = (0..100).map(|i| (i as f64 * 0.37).sin()).collect();
-    let mean = values.iter().sum::<f64>() / 100.0;
-    let (lo, hi) = aggregate::bootstrap_ci(&values, 1000, 7);
-    assert!(lo < mean && mean < hi && hi - lo < 0.5, "{lo} {mean} {hi}");
-    assert_eq!(aggregate::bootstrap_ci(&values, 1000, 7), (lo, hi));
-    let constant = aggregate::bootstrap_ci(&[0.25; 10], 200, 1);
-    assert_eq!(constant, (0.25, 0.25));
+fn stats_have_bootstrap_intervals_around_the_means() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let report = write_report(tmp.path(), None).unwrap();
+    let stats = std::fs::read_to_string(report.dir.join("stats.csv")).unwrap();
+    assert_eq!(stats.lines().count(), 1 + 4 * 3, "{stats}");
+    for line in stats.lines().skip(1) {
+        let f: Vec<f64> = line
+            .split(',')
+            .skip(3)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (mean, lo, hi) = (f[0], f[2], f[3]);
+        assert!(
+            lo <= mean + 1e-12 && mean <= hi + 1e-12 && hi - lo < 0.1,
+            "{line}"
+        );
+    }
 }
 
 #[test]

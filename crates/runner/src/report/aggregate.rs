@@ -1,5 +1,5 @@
 //! Aggregation of result rows with polars: per-method and per-subject means, standard deviations,
-//! and the 95% bootstrap confidence interval of each method's mean.
+//! and the 95% bootstrap confidence interval of each method's mean (the metrics crate's bootstrap).
 
 use super::rows::ImageRow;
 use polars::prelude::*;
@@ -110,7 +110,15 @@ pub fn by_method(
                 .collect()
         };
         let stat = |metric: &str| -> PolarsResult<Stat> {
-            let (ci_low, ci_high) = bootstrap_ci(&values(metric), 1000, bootstrap_seed);
+            // The metrics crate's bootstrap, so `pnd score` and reports give the same intervals.
+            let summary = metrics::scores::summarize(
+                &values(metric),
+                &metrics::Bootstrap {
+                    resamples: 1000,
+                    seed: bootstrap_seed,
+                },
+            );
+            let (ci_low, ci_high) = (summary.ci95[0], summary.ci95[1]);
             Ok(Stat {
                 mean: f64_at(&df, &format!("{metric}_mean"), i)?,
                 std: f64_at(&df, &format!("{metric}_std"), i)?,
@@ -155,34 +163,6 @@ pub fn by_subject(rows: &[ImageRow], methods: &[String]) -> PolarsResult<Vec<Sub
         }
     }
     Ok(out)
-}
-
-/// Percentile bootstrap 95% interval of the mean, `resamples` draws with a fixed seed
-/// (SplitMix64), so a report is reproducible byte for byte.
-pub fn bootstrap_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
-    let n = values.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN);
-    }
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| {
-            (0..n)
-                .map(|_| values[(next() % n as u64) as usize])
-                .sum::<f64>()
-                / n as f64
-        })
-        .collect();
-    means.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
-    (at(0.025), at(0.975))
 }
 
 /// Writes the rows as Parquet (atomically).
