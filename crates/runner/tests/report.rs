@@ -2,7 +2,7 @@
 
 use dreambench::Job;
 use runner::report::rows::{ImageRow, OracleRow};
-use runner::report::{aggregate, write_report};
+use runner::report::write_report;
 use runner::sweep::{Plan, RunStore};
 use std::path::Path;
 
