@@ -8,10 +8,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 
     #[error(transparent)]
-    Pipeline(#[from] diffusion::pipeline::PipelineError),
+    Pipeline(Box<diffusion::pipeline::PipelineError>),
 
     #[error(transparent)]
-    Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
+    Tokenizer(Box<diffusion::tokenizer::TokenizerError>),
 
     #[error("reference image '{path}': {reason}")]
     Image { path: PathBuf, reason: String },
@@ -56,6 +56,19 @@ pub enum Error {
         identifier: Vec<u32>,
         template: Vec<u32>,
     },
+}
+
+// Boxed: the diffusion crate's errors are large and would bloat every `Result` here.
+impl From<diffusion::pipeline::PipelineError> for Error {
+    fn from(e: diffusion::pipeline::PipelineError) -> Self {
+        Error::Pipeline(Box::new(e))
+    }
+}
+
+impl From<diffusion::tokenizer::TokenizerError> for Error {
+    fn from(e: diffusion::tokenizer::TokenizerError) -> Self {
+        Error::Tokenizer(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -144,6 +144,7 @@ pub fn null_text_optimize(
 /// CFG sampling from `z_T` with per-step unconditional embeddings; returns every latent after
 /// each step (`[z_{N−1}, …, z_0]`). `hook_at(i)` may give a hook for step `i`; sampling stops
 /// after `stop` steps.
+#[allow(clippy::too_many_arguments)]
 pub fn replay(
     sd: &StableDiffusion,
     ddim: &Ddim,
@@ -346,6 +347,7 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
 
 /// Replays an inversion and keeps the palette: at each step of `steps_needed`, the conditional
 /// branch's block outputs at `sites` and the subject masks from their `attn2` maps.
+#[allow(clippy::too_many_arguments)]
 pub fn palette_from_inversion(
     sd: &StableDiffusion,
     inv: &Inversion,

@@ -310,6 +310,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::needless_range_loop)]
     fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
         let k = a.len();
         for col in 0..k {

@@ -62,7 +62,7 @@ pub fn check_gradient(
     let n = numeric_gradient(x0, &mut f, 1e-6)?;
     let err = relative_error(&a, &n);
     let scale = n.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    if !(err <= tol) || scale == 0.0 {
+    if err.is_nan() || err > tol || scale == 0.0 {
         return Err(Error::Invalid {
             what: "finite-difference check",
             reason: format!(
