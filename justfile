@@ -19,9 +19,19 @@ fetch-data dest="dreambench":
 list data="../shared/dreambench":
     cargo run --release -p runner --bin pnd -- dataset list --data {{data}}
 
-# Regenerate the parity fixtures (needs the Python reference stack, see README).
-fixtures:
-    for f in tools/fixtures/*.py; do ~/.venvs/ref/bin/python "$f"; done
+# Regenerate the parity fixtures (needs the Python reference stacks, see README).
+fixtures: fixtures-metrics fixtures-sd fixtures-blip
+
+fixtures-metrics:
+    ~/.venvs/ref/bin/python tools/fixtures/metrics.py
+
+fixtures-sd:
+    ~/.venvs/ref/bin/python tools/fixtures/sd_unet.py
+    ~/.venvs/ref/bin/python tools/fixtures/sd_pipeline.py
+
+# BLIP-Diffusion loads only with diffusers 0.32.2 + transformers 4.51.3 (see the script's header).
+fixtures-blip:
+    ~/.venvs/blip/bin/python tools/fixtures/blip_diffusion.py
 
 # The whole pipeline offline on tiny models (writes ./pnd-demo).
 demo out="pnd-demo":
@@ -43,5 +53,5 @@ report run:
 
 # Side-by-side benchmarks against the Python reference (needs ~/.venvs/ref, see README).
 bench:
-    cargo run --release -p metrics --example bench_embed
+    RAYON_NUM_THREADS=2 cargo run --release -p metrics --example bench_embed -- 8 5
     cargo run --release -p diffusion --example bench_unet
