@@ -157,3 +157,38 @@ fn encoder_hidden_states_gradient_matches_finite_differences() {
     println!("encoder_hidden_states: autograd {analytic} fd {fd} rel {rel:.2e}");
     assert!(rel <= 1e-4, "rel {rel}");
 }
+
+#[test]
+fn linear_projection_model_gradients_match_finite_differences() {
+    // The SD 2.x-style fixture (use_linear_projection) at its odd 12x10 latent size.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet/model_v2");
+    let src = weights::ModelSource::parse(dir.to_str().unwrap()).unwrap();
+    let unet = UNet2DConditionModel::load(&src, "", DType::F64, &Device::Cpu).unwrap();
+    let z = randn(&[1, 4, 12, 10], 21);
+    let ctx = randn(&[1, 77, 16], 22);
+    let loss = |t: &Tensor| {
+        let mut rec = Recorder::all();
+        let eps = unet.forward_with(t, 301.0, &ctx, &mut rec).unwrap();
+        let mut l = (eps * randn(&[1, 4, 12, 10], 23))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        for (i, (_, a)) in rec.attention.iter().chain(&rec.blocks).enumerate() {
+            let w = randn(a.dims(), 100 + i as u64);
+            l = (l + (a * w).unwrap().sum_all().unwrap()).unwrap();
+        }
+        l
+    };
+    let var = Var::from_tensor(&z).unwrap();
+    let g = loss(var.as_tensor()).backward().unwrap();
+    let g = g.get(var.as_tensor()).unwrap().clone();
+    let u = unit(z.dims(), 24);
+    let h = 1e-4;
+    let analytic = scalar(&(&g * &u).unwrap().sum_all().unwrap());
+    let fd = (scalar(&loss(&(&z + (&u * h).unwrap()).unwrap()))
+        - scalar(&loss(&(&z - (&u * h).unwrap()).unwrap())))
+        / (2.0 * h);
+    let rel = (analytic - fd).abs() / fd.abs();
+    println!("linear projection: autograd {analytic} fd {fd} rel {rel:.2e}");
+    assert!(rel <= 1e-4, "rel {rel}");
+}

@@ -214,3 +214,25 @@ fn unsupported_config_is_one_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn sd2_style_model_at_an_odd_latent_size_matches_diffusers() {
+    // use_linear_projection, per-level legacy head counts (1, 2, 2, 2), upcast_attention, and a
+    // 12x10 latent: up blocks resize to the skip connections' sizes (forward_upsample_size).
+    let src =
+        weights::ModelSource::parse(fixture_dir().join("model_v2").to_str().unwrap()).unwrap();
+    let mut unet = UNet2DConditionModel::load(&src, "", DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(unet.config().heads().unwrap(), vec![1, 2, 2, 2]);
+    let exp =
+        candle_core::safetensors::load(fixture_dir().join("expected_v2.safetensors"), &Device::Cpu)
+            .unwrap();
+    for path in [ComputePath::Fused, ComputePath::Differentiable] {
+        unet.set_compute_path(path);
+        let eps = unet
+            .forward(&exp["sample"], 301.0, &exp["encoder_hidden_states"])
+            .unwrap();
+        let d = max_abs_diff(&eps, &exp["noise_pred"]);
+        println!("v2 {path:?}: noise_pred max abs diff {d:.3e}");
+        assert!(d <= 1e-4, "{path:?}: {d}");
+    }
+}
