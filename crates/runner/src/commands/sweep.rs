@@ -168,7 +168,7 @@ pub fn dry_run_listing(exp: &Experiment, plan: &Plan, shard: Shard) -> String {
         );
         let _ = writeln!(
             s,
-            "  layout templates: {} (subject × prompt × seed, shared by every guided method)",
+            "  layout templates: {} distinct (subject × prompt × seed; today recomputed inside each guided job)",
             subjects.len() * exp.prompt_indices().len() * exp.seeds.len()
         );
     }
