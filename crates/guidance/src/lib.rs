@@ -21,3 +21,4 @@ pub mod capture;
 pub mod guide;
 pub mod inversion;
 pub mod pipeline;
+pub mod blip;
