@@ -29,8 +29,8 @@ pub enum Command {
     Merge(commands::sweep::MergeArgs),
     /// Tables, Pareto plots, per-subject bars and image grids of a run.
     Report(commands::report::ReportArgs),
-    /// Generate one image with a Stable Diffusion model (plain, DreamBooth, Textual Inversion).
-    Generate(commands::generate::GenerateArgs),
+    /// Generate one image: Stable Diffusion (plain, DreamBooth, Textual Inversion) or BLIP-Diffusion.
+    Generate(Box<commands::generate::GenerateArgs>),
     /// Write the built-in tiny Stable Diffusion model (tests, demo).
     TinyModel(commands::generate::TinyModelArgs),
     /// Null-text inversion of a reference image (Pick-and-Draw's appearance palette).
@@ -48,7 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => commands::sweep::run(args),
         Command::Merge(args) => commands::sweep::merge_run(args),
         Command::Report(args) => commands::report::run(args),
-        Command::Generate(args) => commands::generate::run(args),
+        Command::Generate(args) => commands::generate::run(*args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),
         Command::Invert(args) => commands::invert::run(args),
         Command::Score(args) => commands::score::run(args),

@@ -46,6 +46,19 @@ pub struct GenerateArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub pnd: super::invert::PickAndDrawArgs,
+    /// The baseline: a Stable Diffusion model (plain, DreamBooth, Textual Inversion) or
+    /// BLIP-Diffusion (zero-shot from --reference and --subject-category).
+    #[arg(long, value_enum, default_value_t = Method::StableDiffusion)]
+    pub method: Method,
+    /// BLIP-Diffusion: the reference's category, the Q-Former's text input (default: --class).
+    #[arg(long)]
+    pub subject_category: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    StableDiffusion,
+    BlipDiffusion,
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,7 +77,7 @@ pub struct TinyModelArgs {
 }
 
 /// Writes a PNG through a temporary file and a rename, so a crash never leaves half an image.
-fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
+pub(crate) fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating '{}'", dir.display()))?;
     }
@@ -76,6 +89,18 @@ fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    if args.method == Method::BlipDiffusion {
+        return super::generate_blip::run(args);
+    }
+    if args.subject_category.is_some() {
+        anyhow::bail!("--subject-category applies to --method blip-diffusion only");
+    }
+    if !args.pnd.pick_and_draw && (args.pnd.reference.is_some() || args.pnd.class.is_some()) {
+        anyhow::bail!(
+            "--reference and --class need --pick-and-draw with a Stable Diffusion model \
+             (or --method blip-diffusion)"
+        );
+    }
     let opts = LoadOptions {
         base: args.base.clone(),
         embeddings: args.embeddings.clone(),

@@ -84,11 +84,11 @@ pub struct PickAndDrawArgs {
     /// Guide the sampling with Pick-and-Draw (needs --reference and --class).
     #[arg(long)]
     pub pick_and_draw: bool,
-    /// Reference image of the subject.
-    #[arg(long, requires = "pick_and_draw")]
+    /// Reference image of the subject (also BLIP-Diffusion's conditioning image).
+    #[arg(long)]
     pub reference: Option<PathBuf>,
     /// The subject's class noun (its last token is the subject token).
-    #[arg(long, requires = "pick_and_draw")]
+    #[arg(long)]
     pub class: Option<String>,
     /// Word removed from the prompt to make the template prompt (e.g. `sks`).
     #[arg(long, requires = "pick_and_draw")]

@@ -3,6 +3,7 @@
 pub mod dataset;
 pub mod demo;
 pub mod generate;
+pub mod generate_blip;
 pub mod invert;
 pub mod oracle;
 pub mod report;

@@ -1,0 +1,228 @@
+//! `pnd generate --method blip-diffusion` end to end on the tiny BLIP-Diffusion model (written to
+//! a temporary folder with the committed CLIP tokenizer): unguided it gives the library
+//! pipeline's latents; with `--pick-and-draw` it writes the full trace; bad flags give one clear
+//! error each.
+
+use candle_core::{DType, Device};
+use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
+use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
+use guidance::config::{GuidanceConfig, InversionConfig, Window};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn pnd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pnd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn setup(root: &Path) -> (PathBuf, PathBuf) {
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../diffusion/tests/fixtures/pipeline/model/tokenizer");
+    let model = root.join("blip");
+    write_tiny_blip_model(&model, 1, &tokenizer, &TinyBlipSpec::default()).unwrap();
+    let reference = root.join("ref.png");
+    image::RgbImage::from_fn(40, 48, |x, y| {
+        let (dx, dy) = (x as f64 - 20.0, y as f64 - 24.0);
+        if dx * dx + dy * dy < 120.0 {
+            image::Rgb([240, 170, 50])
+        } else {
+            image::Rgb([(x * 5) as u8, 30, (y * 4) as u8])
+        }
+    })
+    .save(&reference)
+    .unwrap();
+    (model, reference)
+}
+
+#[test]
+fn generate_blip_diffusion_plain_and_guided() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (model, reference) = setup(root);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let out = root.join("plain.png");
+    let latents = root.join("plain.safetensors");
+    let base_args = vec![
+        "generate".to_string(),
+        "--method".into(),
+        "blip-diffusion".into(),
+        "--model".into(),
+        s(&model),
+        "--reference".into(),
+        s(&reference),
+        "--subject-category".into(),
+        "dog".into(),
+        "--prompt".into(),
+        "a dog in the jungle".into(),
+        "--steps".into(),
+        "8".into(),
+        "--height".into(),
+        "64".into(),
+        "--width".into(),
+        "64".into(),
+        "--seed".into(),
+        "4".into(),
+        "--quiet".into(),
+    ];
+    let run = |extra: &[String]| {
+        let mut a = base_args.clone();
+        a.extend(extra.iter().cloned());
+        pnd(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // Unguided: the library pipeline's latents for the same request, and a 64×64 PNG.
+    let o = run(&[
+        "--out".into(),
+        s(&out),
+        "--save-latents".into(),
+        s(&latents),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pipe = BlipDiffusionPipeline::load(&s(&model), DType::F32, &Device::Cpu).unwrap();
+    let req = BlipRequest {
+        reference: reference.clone(),
+        subject_category: "dog".into(),
+        prompt: "in the jungle".into(),
+        steps: 8,
+        height: 64,
+        width: 64,
+        seed: 4,
+        ..Default::default()
+    };
+    let expected = pipe.generate(&req, &mut |_, _| {}).unwrap().latents;
+    let ours = diffusion::pipeline::read_latents(&latents).unwrap();
+    let d = (&ours - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0, "CLI and library latents differ by {d}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    // Guided, windows scaled to the 8-step schedule: 2 layout + 2 appearance steps × 3 updates.
+    let cfg = GuidanceConfig {
+        layout_window: Window { start: 0, end: 2 },
+        appearance_window: Window { start: 2, end: 4 },
+        inversion: InversionConfig {
+            inner_steps: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cfg_path = root.join("guidance.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let trace = root.join("trace.jsonl");
+    let guided_out = root.join("guided.png");
+    let guided_latents = root.join("guided.safetensors");
+    let o = run(&[
+        "--pick-and-draw".into(),
+        "--guidance-config".into(),
+        s(&cfg_path),
+        "--trace".into(),
+        s(&trace),
+        "--palette-cache".into(),
+        s(&root.join("cache")),
+        "--out".into(),
+        s(&guided_out),
+        "--save-latents".into(),
+        s(&guided_latents),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("pick-and-draw: inversion"), "{stderr}");
+    let rows = guidance::trace::read_trace(&trace).unwrap();
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        assert_eq!(r.loss_lay.is_some(), r.step < 2, "{r:?}");
+        assert_eq!(r.loss_app.is_some(), (2..4).contains(&r.step), "{r:?}");
+    }
+    let guided = diffusion::pipeline::read_latents(&guided_latents).unwrap();
+    let d = (&guided - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 0.0, "guidance changed nothing");
+    assert!(image::open(&guided_out).is_ok());
+}
+
+#[test]
+fn blip_diffusion_flags_give_one_clear_error_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reference) = setup(tmp.path());
+    let out = tmp.path().join("x.png");
+    let (m, r, o) = (
+        model.to_str().unwrap(),
+        reference.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let common = [
+        "generate", "--model", m, "--prompt", "a dog", "--steps", "2", "--height", "64", "--width",
+        "64", "--out", o, "--quiet",
+    ];
+    let err = |extra: &[&str]| {
+        let mut a = common.to_vec();
+        a.extend(extra);
+        let o = pnd(&a);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(&["--method", "blip-diffusion", "--subject-category", "dog"]);
+    assert!(e.contains("needs --reference"), "{e}");
+    let e = err(&["--method", "blip-diffusion", "--reference", r]);
+    assert!(e.contains("needs --subject-category"), "{e}");
+    let e = err(&[
+        "--method",
+        "blip-diffusion",
+        "--reference",
+        r,
+        "--class",
+        "dog",
+        "--pick-and-draw",
+        "--identifier",
+        "sks",
+    ]);
+    assert!(e.contains("--identifier does not apply"), "{e}");
+    let e = err(&["--subject-category", "dog"]);
+    assert!(e.contains("--method blip-diffusion only"), "{e}");
+    let e = err(&["--reference", r]);
+    assert!(e.contains("need --pick-and-draw"), "{e}");
+    let e = err(&["--method", "dalle"]);
+    assert!(e.contains("blip-diffusion"), "{e}");
+    // A Stable Diffusion folder is not a BLIP-Diffusion model: the missing component is named.
+    let sd_only = tmp.path().join("sd");
+    diffusion::tiny::write_tiny_model(
+        &sd_only,
+        0,
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../diffusion/tests/fixtures/pipeline/model/tokenizer"),
+        &diffusion::tiny::TinySpec::default(),
+    )
+    .unwrap();
+    let mut a = common.to_vec();
+    let sd = sd_only.to_str().unwrap();
+    a[2] = sd;
+    a.extend([
+        "--method",
+        "blip-diffusion",
+        "--reference",
+        r,
+        "--subject-category",
+        "dog",
+    ]);
+    let o = pnd(&a);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("lacks its qformer"),
+        "{e}"
+    );
+}
