@@ -299,3 +299,86 @@ fn missing_subject_category_is_one_clear_error() {
         .to_string();
     assert!(err.contains("subject category"), "{err}");
 }
+
+/// d(α ℓ_app + β ℓ_lay)/dz through the whole UNet under the BLIP conditioning (queries in the
+/// context), against central finite differences in f64 along random directions. The BLIP
+/// conditioning and palette come from the f32 pipeline (candle's CPU layer norm, used by the
+/// Q-Former, has no f64 kernel), the UNet and the gradients are f64.
+#[test]
+fn blip_guidance_gradient_matches_finite_differences() {
+    let pipe = pipe();
+    let opts = diffusion::pipeline::LoadOptions {
+        dtype: DType::F64,
+        ..Default::default()
+    };
+    let mut sd =
+        diffusion::pipeline::StableDiffusion::load(fixture().model.to_str().unwrap(), &opts)
+            .unwrap();
+    sd.scheduler = pipe.sd.scheduler.clone();
+    let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let cfg = short_config();
+    let tmp = tempfile::tempdir().unwrap();
+    let req = request(&tmp.path().join("cache"), None);
+    let mut palette = blip_reference_palette(&pipe, &cfg, &req, &mut Timings::default()).unwrap();
+    let reference: Vec<_> = palette
+        .steps
+        .remove(&2)
+        .unwrap()
+        .into_iter()
+        .map(|mut l| {
+            l.features = f64_(&l.features);
+            l
+        })
+        .collect();
+    let cond = pipe.condition(&req.blip).unwrap();
+    let template = cond.single_prompt.clone();
+    let (tokens, tpos) =
+        blip_prompt_tokens(&pipe.blip.tokenizer, &cond, "dog", &sd.tokenizer, &template).unwrap();
+    let init = f64_(&pipe.initial_latents(&req.blip).unwrap());
+    let temb = sd.encode_prompts(&template, "").unwrap();
+    let tmaps = template_maps(&sd, &temb, &init, STEPS, 7.5, &tpos, 0..3).unwrap();
+    // Both terms at once: the appearance targets and the template maps of step 2.
+    let targets = StepTargets {
+        appearance: Some(reference.as_slice()),
+        layout: Some(tmaps.steps[&2].as_slice()),
+    };
+    let c = f64_(&cond.cond);
+    let t = sd.ddim(STEPS).unwrap().timesteps()[2];
+    let z = diffusion::noise::seeded_normal(13, &[1, 4, 8, 8], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let (loss, grad) = step_gradient(&sd.unet, &cfg, &z, t, &c, &tokens, &targets).unwrap();
+    assert!(loss.loss_app.is_some() && loss.loss_lay.is_some());
+    assert!(loss.skipped < reference.len(), "{:?}", loss.masks);
+    let f = |x: &Tensor| -> f64 {
+        step_loss(&sd.unet, &cfg, x, t, &c, &tokens, &targets)
+            .unwrap()
+            .total
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let h = 1e-5;
+    let (mut analytic, mut numeric) = (vec![], vec![]);
+    for k in 0..3u64 {
+        let u = diffusion::noise::seeded_normal(200 + k, &[1, 4, 8, 8], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let fd = (f(&(&z + (&u * h).unwrap()).unwrap()) - f(&(&z - (&u * h).unwrap()).unwrap()))
+            / (2.0 * h);
+        analytic.push(
+            (&grad * &u)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+        );
+        numeric.push(fd);
+    }
+    let err = guidance::testutil::relative_error(&analytic, &numeric);
+    println!("rel err {err:e}, analytic {analytic:?} numeric {numeric:?}");
+    assert!(numeric.iter().any(|v| v.abs() > 1e-8), "zero gradient");
+    assert!(err <= 1e-4, "relative error {err:e}");
+}
