@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use diffusion::blip::{blip_text_prompt, BlipDiffusionPipeline, BlipRequest};
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use dreambench::{clip_t_prompt, Dataset, Job};
+use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::{pick_and_draw, PickAndDrawRequest};
 use guidance::GuidanceConfig;
 use metrics::{Scorer, ScorerOptions};
@@ -73,12 +74,6 @@ pub fn model_for(
             }
         }
         Baseline::BlipDiffusion => {
-            if method.pick_and_draw {
-                bail!(
-                    "method '{}': Pick-and-Draw with BLIP-Diffusion is not available yet (its guided sampler needs the BLIP context embeddings); run BLIP-Diffusion unguided",
-                    method.name
-                )
-            }
             let model = m
                 .blip_diffusion
                 .clone()
@@ -187,8 +182,10 @@ impl BenchRunner {
     /// `cache_dir` holds real-image embeddings and reference palettes (the per-subject shared work).
     pub fn new(exp: Experiment, cache_dir: &Path) -> anyhow::Result<Self> {
         let dataset = open_dataset(&exp)?;
-        let mut options = ScorerOptions::default();
-        options.cache = Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings")));
+        let options = ScorerOptions {
+            cache: Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings"))),
+            ..Default::default()
+        };
         let scorer =
             Scorer::load(&exp.metrics.dino, &exp.metrics.clip, options).with_context(|| {
                 format!(
@@ -235,7 +232,8 @@ impl BenchRunner {
         Ok(&self.loaded.as_ref().expect("just loaded").1)
     }
 
-    /// BLIP-Diffusion (unguided): the reference image and the class condition the prompt.
+    /// BLIP-Diffusion: the reference image and the class condition the prompt; with Pick-and-Draw
+    /// the palette comes from the same reference and the layout template from the base model.
     #[allow(clippy::too_many_arguments)]
     fn run_blip(
         &mut self,
@@ -250,6 +248,9 @@ impl BenchRunner {
         started: Instant,
         bar: indicatif::ProgressBar,
     ) -> anyhow::Result<ImageRow> {
+        if method.pick_and_draw {
+            self.ensure_base()?;
+        }
         if self.blip.as_ref().map(|(m, _)| m) != Some(&choice.model) {
             self.blip = None;
             self.loaded = None;
@@ -277,7 +278,24 @@ impl BenchRunner {
             init_latents: None,
             ..Default::default()
         };
-        let generated = pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?;
+        let image = if method.pick_and_draw {
+            let cfg = guidance_config(&self.exp, method)?;
+            let base = self.base.as_ref().expect("loaded above");
+            let preq = BlipPickAndDrawRequest {
+                blip: req,
+                template_prompt: Some(prompt.clone()),
+                model_key: choice.model.clone(),
+                cache_dir: self.palette_cache.clone(),
+                trace: Some(out.path("trace.jsonl")),
+            };
+            let (latents, _) = pick_and_draw_blip(pipe, base, &cfg, &preq, &mut |i, _| {
+                bar.set_position(i as u64)
+            })?;
+            pipe.sd.decode_images(&latents)?.remove(0)
+        } else {
+            pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?
+                .image
+        };
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
         self.finish(
@@ -288,7 +306,7 @@ impl BenchRunner {
             prompt,
             clip_prompt,
             &reference,
-            generated.image,
+            image,
             seconds,
         )
     }

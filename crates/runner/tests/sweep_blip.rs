@@ -44,18 +44,38 @@ fn blip_diffusion_rows_are_generated_and_scored() {
     let img = image::open(root.join("run").join(&r.image)).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 
-    // Guided BLIP-Diffusion is refused before any work, with the reason.
-    let guided = Experiment::parse(
-        &text.replace(
-            "baseline = \"blip-diffusion\"\n",
-            "baseline = \"blip-diffusion\"\npick_and_draw = true\n",
-        ),
-        "g.toml",
+    // Guided BLIP-Diffusion: the palette from the same reference, the template from the base SD.
+    write_tiny_model_for_base(root, &tokenizer);
+    let guided_text = text
+        .replace("[models]\n", &format!("[models]\nbase = \"{}\"\n", p("sd")))
+        .replace(
+            "[metrics]",
+            "[guidance]\nlayout_window = [0, 2]\nappearance_window = [2, 3]\n[metrics]",
+        )
+        .replace(
+            "name = \"blip\"\nbaseline = \"blip-diffusion\"\n",
+            "name = \"blip+pnd\"\nbaseline = \"blip-diffusion\"\npick_and_draw = true\n",
+        );
+    let guided = Experiment::parse(&guided_text, "g.toml").unwrap();
+    validate(&guided).unwrap();
+    let plan = plan_of(&guided).unwrap();
+    let store = RunStore::create(&root.join("run-guided"), &plan).unwrap();
+    let mut runner = BenchRunner::new(guided.clone(), &root.join("cache")).unwrap();
+    run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
+    let rows: Vec<ImageRow> = store.rows().unwrap();
+    assert_eq!((rows.len(), rows[0].guided), (1, true));
+    let trace =
+        std::fs::read_to_string(store.files_dir(&plan.jobs[0].id()).join("trace.jsonl")).unwrap();
+    // Steps 0-1 layout and step 2 appearance, 3 updates each.
+    assert_eq!(trace.lines().count(), 9, "{trace}");
+}
+
+fn write_tiny_model_for_base(root: &Path, tokenizer: &Path) {
+    diffusion::tiny::write_tiny_model(
+        &root.join("sd"),
+        1,
+        tokenizer,
+        &diffusion::tiny::TinySpec::default(),
     )
     .unwrap();
-    let err = format!("{:#}", validate(&guided).unwrap_err());
-    assert!(
-        err.contains("Pick-and-Draw with BLIP-Diffusion is not available yet"),
-        "{err}"
-    );
 }

@@ -29,10 +29,12 @@ fn table1_dry_run_lists_3000_jobs_per_method() {
     let (ok, out) = pnd(&["sweep", "experiments/table1.toml", "--dry-run"], &repo());
     assert!(ok, "{out}");
     assert!(
-        out.contains("experiment 'table1': 18000 generation jobs (18000 in shard 0/1)"),
+        out.contains("experiment 'table1': 24000 generation jobs (24000 in shard 0/1)"),
         "{out}"
     );
-    for m in ["sd ", "sd+pnd", "ti ", "ti+pnd", "db ", "db+pnd"] {
+    for m in [
+        "sd ", "sd+pnd", "ti ", "ti+pnd", "db ", "db+pnd", "blip ", "blip+pnd",
+    ] {
         let line = out
             .lines()
             .find(|l| l.trim_start().starts_with(m))
@@ -40,7 +42,7 @@ fn table1_dry_run_lists_3000_jobs_per_method() {
         assert!(line.contains(" 3000 jobs"), "{line}");
     }
     assert!(
-        out.contains("null-text inversion + reference palette: 90"),
+        out.contains("null-text inversion + reference palette: 120"),
         "{out}"
     );
     assert!(out.contains("layout templates: 3000"), "{out}");
@@ -54,7 +56,7 @@ fn table1_dry_run_lists_3000_jobs_per_method() {
         ],
         &repo(),
     );
-    assert!(ok && out.contains("(1125 in shard 3/16)"), "{out}");
+    assert!(ok && out.contains("(1500 in shard 3/16)"), "{out}");
 }
 
 #[test]
