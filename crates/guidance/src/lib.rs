@@ -17,8 +17,8 @@ pub mod trace;
 
 pub use config::{Components, Distance, GuidanceConfig, Kernel};
 pub use error::{Error, Result};
+pub mod blip;
 pub mod capture;
 pub mod guide;
 pub mod inversion;
 pub mod pipeline;
-pub mod blip;
