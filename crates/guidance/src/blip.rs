@@ -17,19 +17,18 @@
 //!   leading `a {class}` is dropped before matching, like an identifier).
 
 use crate::capture::{attn2_site, SiteCapture};
-use crate::config::{GuidanceConfig, InversionConfig};
+use crate::config::GuidanceConfig;
 use crate::error::{Error, Result};
 use crate::guide::{
     guided_sample, template_maps, GuidedRun, Palette, PromptTokens, ReferenceLayer,
 };
 use crate::inversion::{
-    ddim_invert, encode_image, file_sha256, load_reference_image, null_text_optimize, replay,
-    CacheKey, CacheStatus, Inversion, InversionReport, PaletteCache,
+    file_sha256, load_reference_image, replay, CacheKey, CacheStatus, Inversion, PaletteCache,
 };
 use crate::maps::{mask_indices, min_max_normalize};
 use crate::pipeline::{appearance_sites, Timings};
 use crate::trace::{TraceRow, TraceWriter};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use diffusion::blip::{
     pipeline::read_reference, BlipConditioning, BlipDiffusionPipeline, BlipError, BlipRequest,
 };
@@ -97,87 +96,7 @@ fn subject_position(
     Ok(*positions.last().expect("word_positions is non-empty"))
 }
 
-fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .mean_all()?
-        .to_scalar::<f64>()?)
-}
-
-fn psnr(sd: &StableDiffusion, z: &Tensor, img: &image::RgbImage) -> Result<f64> {
-    let rec = sd.decode_images(z)?.remove(0);
-    let se: f64 = rec
-        .as_raw()
-        .iter()
-        .zip(img.as_raw())
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let m = se / img.as_raw().len() as f64;
-    Ok(if m == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / m).log10()
-    })
-}
-
-/// Null-text inversion of `img` with given embeddings: [`crate::inversion::invert`] with the
-/// conditional embedding `cond` and the starting unconditional embedding `empty` in place of the
-/// text prompt's and the empty prompt's (for conditionings a string cannot express, such as
-/// BLIP's query-bearing context embeddings).
-///
-/// # Shapes
-/// `cond`, `empty`: `[1, seq, dim]`.
-pub fn invert_embeddings(
-    sd: &StableDiffusion,
-    img: &image::RgbImage,
-    cond: &Tensor,
-    empty: &Tensor,
-    steps: usize,
-    icfg: &InversionConfig,
-) -> Result<Inversion> {
-    let ddim = sd.ddim(steps)?;
-    let n = ddim.timesteps().len();
-    let z0 = encode_image(sd, img)?;
-    let traj = ddim_invert(sd, &ddim, &z0, cond)?;
-    let nt = null_text_optimize(sd, &ddim, &traj, cond, empty, icfg)?;
-    let z_t = traj[n].clone();
-    let quality = |nulls: &[Tensor]| -> Result<(f64, f64, f64)> {
-        let lat = replay(
-            sd,
-            &ddim,
-            &z_t,
-            nulls,
-            cond,
-            icfg.guidance_scale,
-            n,
-            &mut |_| None,
-            &mut |_, _| Ok(()),
-        )?;
-        let mut sum = 0.0;
-        for (i, z) in lat.iter().enumerate() {
-            sum += mse(z, &traj[n - 1 - i])?;
-        }
-        let last = lat.last().expect("steps > 0");
-        Ok((sum / n as f64, mse(last, &z0)?, psnr(sd, last, img)?))
-    };
-    let (trajectory_mse, final_mse, p) = quality(&nt.embeddings)?;
-    let (trajectory_mse_ddim, final_mse_ddim, p_ddim) = quality(&vec![empty.clone(); n])?;
-    Ok(Inversion {
-        z_t,
-        null_embeddings: Tensor::cat(&nt.embeddings, 0)?,
-        report: InversionReport {
-            steps,
-            trajectory_mse,
-            trajectory_mse_ddim,
-            final_mse,
-            final_mse_ddim,
-            psnr: p,
-            psnr_ddim: p_ddim,
-            updates: nt.updates,
-        },
-    })
-}
+pub use crate::inversion::invert_embeddings;
 
 /// The palette of an inversion replayed with the conditional embedding `cond`:
 /// [`crate::inversion::palette_from_inversion`] with an embedding in place of a text prompt.

@@ -239,13 +239,31 @@ pub fn invert(
     steps: usize,
     icfg: &InversionConfig,
 ) -> Result<Inversion> {
+    let cond = sd.encode_prompt(prompt)?;
+    let empty = sd.encode_prompt("")?;
+    invert_embeddings(sd, img, &cond, &empty, steps, icfg)
+}
+
+/// Null-text inversion of `img` with given embeddings: [`crate::inversion::invert`] with the
+/// conditional embedding `cond` and the starting unconditional embedding `empty` in place of the
+/// text prompt's and the empty prompt's (for conditionings a string cannot express, such as
+/// BLIP's query-bearing context embeddings).
+///
+/// # Shapes
+/// `cond`, `empty`: `[1, seq, dim]`.
+pub fn invert_embeddings(
+    sd: &StableDiffusion,
+    img: &image::RgbImage,
+    cond: &Tensor,
+    empty: &Tensor,
+    steps: usize,
+    icfg: &InversionConfig,
+) -> Result<Inversion> {
     let ddim = sd.ddim(steps)?;
     let n = ddim.timesteps().len();
     let z0 = encode_image(sd, img)?;
-    let cond = sd.encode_prompt(prompt)?;
-    let empty = sd.encode_prompt("")?;
-    let traj = ddim_invert(sd, &ddim, &z0, &cond)?;
-    let nt = null_text_optimize(sd, &ddim, &traj, &cond, &empty, icfg)?;
+    let traj = ddim_invert(sd, &ddim, &z0, cond)?;
+    let nt = null_text_optimize(sd, &ddim, &traj, cond, empty, icfg)?;
     let z_t = traj[n].clone();
     let quality = |nulls: &[Tensor]| -> Result<(f64, f64, f64)> {
         let lat = replay(
@@ -253,7 +271,7 @@ pub fn invert(
             &ddim,
             &z_t,
             nulls,
-            &cond,
+            cond,
             icfg.guidance_scale,
             n,
             &mut |_| None,
