@@ -61,6 +61,18 @@ pub enum DatasetError {
     DestinationExists(PathBuf),
 }
 
+/// The paths in a folder, sorted. An entry that cannot be read is an error naming the folder,
+/// never silently left out (a missing image must not shrink a subject unnoticed).
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    let mut paths = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io(dir))?;
+    paths.sort();
+    Ok(paths)
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
     move |source| DatasetError::Io {
         path: path.to_path_buf(),
@@ -133,12 +145,8 @@ impl Dataset {
                     subject: subject.name.into(),
                 });
             }
-            let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-                .map_err(io(&dir))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && is_image(p))
-                .collect();
-            files.sort();
+            let mut files = sorted_entries(&dir)?;
+            files.retain(|p| p.is_file() && is_image(p));
             if files.is_empty() {
                 return Err(DatasetError::NoImages {
                     dir: root.clone(),
@@ -279,12 +287,7 @@ pub fn check(root: impl AsRef<Path>) -> Result<CheckReport, DatasetError> {
         }
     }
     // Extra files: anything in a subject folder that is not listed, and unknown top-level folders.
-    let mut entries: Vec<PathBuf> = fs::read_dir(root)
-        .map_err(io(root))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for entry in entries {
+    for entry in sorted_entries(root)? {
         let name = entry
             .file_name()
             .unwrap_or_default()
@@ -299,12 +302,7 @@ pub fn check(root: impl AsRef<Path>) -> Result<CheckReport, DatasetError> {
             });
             continue;
         }
-        let mut files: Vec<PathBuf> = fs::read_dir(&entry)
-            .map_err(io(&entry))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        files.sort();
-        for file in files {
+        for file in sorted_entries(&entry)? {
             let rel = format!(
                 "{name}/{}",
                 file.file_name().unwrap_or_default().to_string_lossy()

@@ -480,19 +480,21 @@ pub fn oracle_embeddings(
 /// The images a PATH argument names: every `.jpg`/`.jpeg`/`.png` of a folder sorted by name, or the
 /// single file itself.
 pub fn list_images(path: &Path) -> Result<Vec<PathBuf>, MetricsError> {
-    let meta = std::fs::metadata(path).map_err(|source| MetricsError::Io {
+    let io = |source| MetricsError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    if meta.is_file() {
+    };
+    if std::fs::metadata(path).map_err(io)?.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|source| MetricsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    // An unreadable entry is an error, never a silently smaller image set.
+    let entries = std::fs::read_dir(path)
+        .map_err(io)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)?;
+    let mut files: Vec<PathBuf> = entries
+        .into_iter()
         .filter(|p| {
             p.is_file()
                 && matches!(
