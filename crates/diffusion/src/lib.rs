@@ -9,7 +9,6 @@ pub mod ops;
 pub mod pipeline;
 pub mod text;
 pub mod textual_inversion;
-pub mod tiny;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -121,7 +121,7 @@ fn real_model_generates_a_dreambench_dog() {
 
 #[test]
 fn tiny_blip_model_is_deterministic_loads_and_generates() {
-    use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
+    use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
     let tokenizer =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer");
     let tokenizer = if tokenizer.is_dir() {

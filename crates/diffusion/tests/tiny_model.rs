@@ -3,8 +3,8 @@
 mod pipeline_support;
 
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
-use diffusion::tiny::{write_tiny_embedding, write_tiny_model, TinySpec};
 use pipeline_support::*;
+use tiny::{write_tiny_embedding, write_tiny_model, TinySpec};
 
 #[test]
 fn tiny_model_is_deterministic_loads_and_generates() {

@@ -1,10 +1,9 @@
-//! Pick-and-Draw on BLIP-Diffusion (issue 7) with the tiny BLIP model of the diffusion crate
-//! (`diffusion::blip::tiny`, the real CLIP tokenizer from the diffusion crate's fixtures), on a
+//! Pick-and-Draw on BLIP-Diffusion (issue 7) with the tiny BLIP model of the `tiny` crate
+//! (`tiny::blip`, the real CLIP tokenizer from the diffusion crate's fixtures), on a
 //! short schedule with the windows scaled to it: the trace of a full guided run, the cache, the
 //! unguided equivalence, token positions, and guided updates that lower their own loss.
 
 use candle_core::{DType, Device, Tensor};
-use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
 use guidance::blip::{
     blip_prompt_tokens, blip_reference_palette, pick_and_draw_blip, BlipPickAndDrawRequest,
@@ -14,6 +13,7 @@ use guidance::guide::{step_gradient, step_loss, template_maps, StepTargets};
 use guidance::pipeline::Timings;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
 
 const SIZE: usize = 64;
 const STEPS: usize = 8;

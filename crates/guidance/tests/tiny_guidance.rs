@@ -1,11 +1,10 @@
-//! Pick-and-Draw on a tiny SD-1.x-shaped model (built with `diffusion::tiny`, the real CLIP
+//! Pick-and-Draw on a tiny SD-1.x-shaped model (built with the `tiny` crate, the real CLIP
 //! tokenizer from the diffusion crate's fixtures): exact gradients through the whole UNet,
 //! guided updates that lower their loss, the trace of a full guided run, null-text inversion
 //! against plain DDIM inversion, and the palette cache.
 
 use candle_core::{DType, Device, Tensor};
 use diffusion::pipeline::{LoadOptions, PromptEmbeddings, StableDiffusion};
-use diffusion::tiny::{write_tiny_model, TinySpec};
 use guidance::capture::{attn2_site, SiteCapture};
 use guidance::config::{Distance, GuidanceConfig, InversionConfig};
 use guidance::guide::{
@@ -17,6 +16,7 @@ use guidance::maps::{mask_indices, min_max_normalize};
 use guidance::testutil::relative_error;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use tiny::{write_tiny_model, TinySpec};
 
 const PROMPT: &str = "a sks dog on the beach";
 const SIZE: usize = 64;

@@ -4,11 +4,11 @@
 //! error each.
 
 use candle_core::{DType, Device};
-use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
 use guidance::config::{GuidanceConfig, InversionConfig, Window};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
 
 fn pnd(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_pnd"))
@@ -200,12 +200,12 @@ fn blip_diffusion_flags_give_one_clear_error_each() {
     assert!(e.contains("blip-diffusion"), "{e}");
     // A Stable Diffusion folder is not a BLIP-Diffusion model: the missing component is named.
     let sd_only = tmp.path().join("sd");
-    diffusion::tiny::write_tiny_model(
+    tiny::write_tiny_model(
         &sd_only,
         0,
         &Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../diffusion/tests/fixtures/pipeline/model/tokenizer"),
-        &diffusion::tiny::TinySpec::default(),
+        &tiny::TinySpec::default(),
     )
     .unwrap();
     let mut a = common.to_vec();

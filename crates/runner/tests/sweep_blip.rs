@@ -1,13 +1,14 @@
 //! A BLIP-Diffusion row through the sweep on tiny models: generated, scored, reported.
 
-use diffusion::blip::tiny::{write_tiny_blip_model, TinyBlipSpec};
 use runner::bench::{validate, BenchRunner};
 use runner::commands::sweep::plan_of;
-use runner::demo::{subjects::write_mini_benchmark, write_tiny_metric_models};
+use runner::demo::subjects::write_mini_benchmark;
 use runner::experiment::Experiment;
 use runner::report::rows::ImageRow;
 use runner::sweep::{run_jobs, RunStore, Shard};
 use std::path::Path;
+use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
+use tiny::write_tiny_metric_models;
 
 #[test]
 fn blip_diffusion_rows_are_generated_and_scored() {
@@ -71,11 +72,5 @@ fn blip_diffusion_rows_are_generated_and_scored() {
 }
 
 fn write_tiny_model_for_base(root: &Path, tokenizer: &Path) {
-    diffusion::tiny::write_tiny_model(
-        &root.join("sd"),
-        1,
-        tokenizer,
-        &diffusion::tiny::TinySpec::default(),
-    )
-    .unwrap();
+    tiny::write_tiny_model(&root.join("sd"), 1, tokenizer, &tiny::TinySpec::default()).unwrap();
 }

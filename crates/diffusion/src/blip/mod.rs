@@ -28,7 +28,6 @@ pub mod ctx_clip;
 pub mod image;
 pub mod pipeline;
 pub mod qformer;
-pub mod tiny;
 pub mod vision;
 
 pub use ctx_clip::ContextClipTextModel;

@@ -173,11 +173,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_tiny_model(args: TinyModelArgs) -> anyhow::Result<ExitCode> {
-    let spec = diffusion::tiny::TinySpec::default();
-    diffusion::tiny::write_tiny_model(&args.out, args.seed, &args.tokenizer, &spec)?;
+    let spec = tiny::TinySpec::default();
+    tiny::write_tiny_model(&args.out, args.seed, &args.tokenizer, &spec)?;
     if let Some(token) = &args.embedding_token {
         let path = args.out.join("learned_embeds.safetensors");
-        diffusion::tiny::write_tiny_embedding(&path, token, args.seed.wrapping_add(100), &spec)?;
+        tiny::write_tiny_embedding(&path, token, args.seed.wrapping_add(100), &spec)?;
     }
     eprintln!("wrote tiny model to '{}'", args.out.display());
     Ok(ExitCode::SUCCESS)

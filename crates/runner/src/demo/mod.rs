@@ -11,8 +11,8 @@ use crate::experiment::Experiment;
 use crate::report::write_report;
 use crate::sweep::{run_jobs, write_file_atomic, RunStore, Shard};
 use anyhow::Context;
-use diffusion::tiny::{make_weights, write_tiny_model, TinySpec};
 use std::path::{Path, PathBuf};
+use tiny::{write_tiny_metric_models, write_tiny_model, TinySpec};
 
 /// Where the real CLIP tokenizer is looked for (the tiny models use the real vocabulary).
 pub fn find_tokenizer(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -39,77 +39,6 @@ pub fn find_tokenizer(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         .into_iter()
         .find(|p| p.join("vocab.json").is_file() && p.join("merges.txt").is_file())
         .context("no CLIP tokenizer found: pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. from openai/clip-vit-base-patch32)")
-}
-
-fn save_tensors(
-    path: &Path,
-    tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
-) -> anyhow::Result<()> {
-    let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, path)
-        .with_context(|| format!("writing '{}'", path.display()))
-}
-
-/// Tiny DINO (ViT, HF `ViTModel` layout) and CLIP (HF `CLIPModel` layout) folders, seeded.
-pub fn write_tiny_metric_models(
-    dir: &Path,
-    tokenizer: &Path,
-    seed: u64,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dino = dir.join("dino");
-    let clip = dir.join("clip");
-    std::fs::create_dir_all(&dino)?;
-    std::fs::create_dir_all(&clip)?;
-    let vit_json = serde_json::json!({
-        "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-        "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": true
-    });
-    write_file_atomic(
-        &dino.join("config.json"),
-        serde_json::to_string_pretty(&vit_json)?.as_bytes(),
-    )?;
-    let vit_cfg: metrics::vit::VitConfig = serde_json::from_value(vit_json)?;
-    save_tensors(
-        &dino.join("model.safetensors"),
-        make_weights(seed, |vb| metrics::vit::Vit::new(&vit_cfg, vb))?,
-    )?;
-
-    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(tokenizer.join("vocab.json"))
-            .context("reading the tokenizer's vocab.json")?,
-    )?;
-    let clip_json = serde_json::json!({
-        "model_type": "clip", "projection_dim": 16,
-        "text_config": {"vocab_size": vocab.len(), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-            "eos_token_id": 49407},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-    });
-    write_file_atomic(
-        &clip.join("config.json"),
-        serde_json::to_string_pretty(&clip_json)?.as_bytes(),
-    )?;
-    let clip_cfg: metrics::clip::ClipConfig = serde_json::from_value(clip_json)?;
-    let tensors = make_weights(seed.wrapping_add(1), |vb| {
-        metrics::clip::ClipVision::new(&clip_cfg, vb.clone())?;
-        metrics::clip::ClipText::new(&clip_cfg, vb)
-    })?;
-    save_tensors(&clip.join("model.safetensors"), tensors)?;
-    for f in [
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        if tokenizer.join(f).is_file() {
-            std::fs::copy(tokenizer.join(f), clip.join(f))
-                .with_context(|| format!("copying tokenizer file {f}"))?;
-        }
-    }
-    Ok((dino, clip))
 }
 
 /// The demo experiment over the mini benchmark and the tiny models under `root`.

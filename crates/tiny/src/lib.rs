@@ -1,10 +1,12 @@
-//! Tiny Stable Diffusion models for tests, CI and `pnd demo` (SPEC §3 "Tiny models").
+//! Deterministic tiny models for tests, CI and `pnd demo` (SPEC §3 "Tiny models").
 //!
 //! [`write_tiny_model`] writes a complete diffusers-layout folder (`model_index.json`, `unet/`,
 //! `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) with SD 1.x's architecture at small
 //! widths: a UNet with 4 levels and cross-attention at the first three (like SD 1.5), a VAE with
 //! 4 levels (3 down-samplings, ×8 like SD), a 2-layer CLIP text encoder over the real CLIP
 //! vocabulary, the real tokenizer files copied from a given folder, and SD's DDIM configuration.
+//! [`blip::write_tiny_blip_model`] adds BLIP-Diffusion's parts to that folder, and
+//! [`write_tiny_metric_models`] writes the DINO and CLIP models the metrics load.
 //!
 //! Weights are random and deterministic: every tensor is drawn from its own generator seeded by
 //! `(seed, tensor name)` (FNV-1a of the name mixed into the seed, `StdRng`, `StandardNormal`), so
@@ -13,13 +15,18 @@
 //! The set of tensors and their shapes is exactly what our model constructors ask for, so the
 //! folder loads by construction; the names are diffusers'/transformers' checkpoint keys.
 
-use crate::text::{ClipTextConfig, ClipTextModel};
-use crate::tokenizer::ClipTokenizer;
-use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
+pub mod blip;
+mod metric_models;
+
+pub use metric_models::write_tiny_metric_models;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use diffusion::text::{ClipTextConfig, ClipTextModel};
+use diffusion::tokenizer::ClipTokenizer;
+use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::collections::BTreeMap;
@@ -35,8 +42,10 @@ pub enum TinyError {
     },
     #[error("tiny model: tokenizer folder '{dir}' has neither tokenizer.json nor vocab.json + merges.txt")]
     NoTokenizer { dir: PathBuf },
+    #[error("tiny model: reading '{path}': {reason}")]
+    Read { path: PathBuf, reason: String },
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
     #[error("tiny model: {0}")]
     Model(#[from] candle_core::Error),
 }
@@ -171,21 +180,53 @@ pub fn make_weights<M>(
     Ok(map)
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TinyError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TinyError + '_ {
     move |source| TinyError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), TinyError> {
+pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), TinyError> {
     let text = serde_json::to_string_pretty(v).expect("json value");
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-fn save(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<(), TinyError> {
+pub(crate) fn save(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<(), TinyError> {
     let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
     candle_core::safetensors::save(&map, path)?;
+    Ok(())
+}
+
+/// Parses a config the tiny writer made up into the model's config type.
+pub(crate) fn config<T: serde::de::DeserializeOwned>(
+    json: &serde_json::Value,
+) -> Result<T, TinyError> {
+    serde_json::from_value(json.clone())
+        .map_err(|e| TinyError::Model(candle_core::Error::Msg(e.to_string())))
+}
+
+/// Copies the CLIP tokenizer files of `from` that exist (`vocab.json`, `merges.txt`,
+/// `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) into the folder `to`.
+pub(crate) fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), TinyError> {
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = from.join(f);
+        if src.is_file() {
+            let dst = to.join(f);
+            std::fs::copy(&src, &dst).map_err(io(&dst))?;
+            // Copies of read-only inputs stay writable so the folder can be rebuilt in place.
+            let mut perm = std::fs::metadata(&dst).map_err(io(&dst))?.permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(&dst, perm).map_err(io(&dst))?;
+        }
+    }
     Ok(())
 }
 
@@ -281,48 +322,28 @@ pub fn write_tiny_model(
             dir: tokenizer_dir.into(),
         });
     }
-    for f in [
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let src = tokenizer_dir.join(f);
-        if src.is_file() {
-            let dst = out.join("tokenizer").join(f);
-            std::fs::copy(&src, &dst).map_err(io(&dst))?;
-            // Copies of read-only inputs stay writable so the folder can be rebuilt in place.
-            let mut perm = std::fs::metadata(&dst).map_err(io(&dst))?.permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perm.set_readonly(false);
-            std::fs::set_permissions(&dst, perm).map_err(io(&dst))?;
-        }
-    }
+    copy_tokenizer_files(tokenizer_dir, &out.join("tokenizer"))?;
     let vocab_size = ClipTokenizer::from_folder(&out.join("tokenizer"))?.vocab_size();
 
     let unet_json = unet_config_json(spec);
-    let unet_cfg: UNet2DConditionConfig = serde_json::from_value(unet_json.clone())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let unet_cfg: UNet2DConditionConfig = config(&unet_json)?;
     let unet = make_weights(seed, |vb| UNet2DConditionModel::new(&unet_cfg, vb))?;
     write_json(&out.join("unet/config.json"), &unet_json)?;
     save(&out.join("unet/diffusion_pytorch_model.safetensors"), unet)?;
 
     let vae_json = vae_config_json(spec);
-    let vae_cfg: AutoencoderKLConfig = serde_json::from_value(vae_json.clone())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let vae_cfg: AutoencoderKLConfig = config(&vae_json)?;
     let vae = make_weights(seed.wrapping_add(1), |vb| AutoencoderKL::new(&vae_cfg, vb))?;
     write_json(&out.join("vae/config.json"), &vae_json)?;
     save(&out.join("vae/diffusion_pytorch_model.safetensors"), vae)?;
 
     let text_json = text_config_json(spec, vocab_size);
-    let text_cfg: ClipTextConfig = serde_json::from_value(text_json.clone())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let text_cfg: ClipTextConfig = config(&text_json)?;
     let text = make_weights(seed.wrapping_add(2), |vb| ClipTextModel::new(&text_cfg, vb))?;
     write_json(&out.join("text_encoder/config.json"), &text_json)?;
     save(&out.join("text_encoder/model.safetensors"), text)?;
 
-    let c = crate::ddim::DdimConfig::stable_diffusion();
+    let c = diffusion::ddim::DdimConfig::stable_diffusion();
     write_json(
         &out.join("scheduler/scheduler_config.json"),
         &serde_json::json!({

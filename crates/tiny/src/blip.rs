@@ -1,15 +1,15 @@
 //! A tiny BLIP-Diffusion model for tests, CI and `pnd demo` (SPEC §3 "Tiny models"), in the
 //! diffusers `BlipDiffusionPipeline` layout: the tiny Stable Diffusion folder of
-//! [`crate::tiny::write_tiny_model`] (UNet, VAE, CLIP text encoder, whose checkpoint keys are also
+//! [`crate::write_tiny_model`] (UNet, VAE, CLIP text encoder, whose checkpoint keys are also
 //! `ContextCLIPTextModel`'s, real CLIP tokenizer, DDIM config), plus `qformer/` (a small BLIP-2
 //! vision encoder and Q-Former, weights drawn the same deterministic way), the Q-Former's BERT
 //! tokenizer folder `qformer/tokenizer/` (a small WordPiece vocabulary with the DreamBench class
 //! words, since BERT's own is not bundled; `qformer/config.json` names it), `image_processor/`,
 //! and a `model_index.json` with `ctx_begin_pos` and OpenAI CLIP's mean/std.
 
-use super::image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
-use super::qformer::{Blip2Config, Blip2QFormerModel};
-use crate::tiny::{make_weights, write_tiny_model, TinyError, TinySpec};
+use crate::{config, io, make_weights, save, write_json, write_tiny_model, TinyError, TinySpec};
+use diffusion::blip::image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+use diffusion::blip::qformer::{Blip2Config, Blip2QFormerModel};
 use std::path::Path;
 
 /// Widths of the tiny BLIP parts (the SD parts come from [`TinySpec`]).
@@ -52,18 +52,6 @@ pub fn tiny_wordpiece_vocab() -> Vec<String> {
     v.extend(('a'..='z').filter(|&c| c != 'a').map(|c| c.to_string()));
     v.extend(('a'..='z').map(|c| format!("##{c}")));
     v
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TinyError + '_ {
-    move |source| TinyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), TinyError> {
-    let text = serde_json::to_string_pretty(v).expect("json value");
-    std::fs::write(path, text + "\n").map_err(io(path))
 }
 
 /// The tiny Q-Former's `config.json` (transformers' `Blip2Config` field names).
@@ -126,14 +114,12 @@ pub fn write_tiny_blip_model(
     )?;
 
     let q_json = qformer_config_json(spec, vocab.len());
-    let q_cfg: Blip2Config = serde_json::from_value(q_json.clone())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let q_cfg: Blip2Config = config(&q_json)?;
     let weights = make_weights(seed.wrapping_add(3), |vb| {
         Blip2QFormerModel::new(&q_cfg, vb)
     })?;
     write_json(&out.join("qformer/config.json"), &q_json)?;
-    let map: std::collections::HashMap<String, candle_core::Tensor> = weights.into_iter().collect();
-    candle_core::safetensors::save(&map, out.join("qformer/model.safetensors"))?;
+    save(&out.join("qformer/model.safetensors"), weights)?;
 
     let proc_dir = out.join("image_processor");
     std::fs::create_dir_all(&proc_dir).map_err(io(&proc_dir))?;
