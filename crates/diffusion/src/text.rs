@@ -1,5 +1,7 @@
 //! The CLIP text encoder that conditions Stable Diffusion (SPEC §6): transformers' `CLIPTextModel`,
 //! whose `last_hidden_state` (after the final layer norm) is the UNet's `encoder_hidden_states`.
+//! BLIP-Diffusion's `ContextCLIPTextModel` is the same transformer with context embeddings spliced
+//! into the token embeddings ([`ClipTextModel::forward_with_context`]).
 //!
 //! Port of transformers 5.24 `models/clip/modeling_clip.py` (`CLIPTextEmbeddings`, `CLIPAttention`
 //! with the causal mask, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer.forward`). Layer norm
@@ -8,6 +10,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use layers::Activation;
 use serde::Deserialize;
 
 fn d_eps() -> f64 {
@@ -44,34 +47,6 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    QuickGelu,
-    GeluErf,
-    GeluTanh,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "quick_gelu" => Self::QuickGelu,
-            "gelu" => Self::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
-            other => candle_core::bail!(
-                "text encoder config: unsupported hidden_act '{other}' (quick_gelu, gelu, gelu_new)"
-            ),
-        })
-    }
-
-    fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::GeluErf => xs.gelu_erf(),
-            Self::GeluTanh => xs.gelu(),
         }
     }
 }
@@ -117,12 +92,6 @@ struct ClipAttention {
 impl ClipAttention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        if h % cfg.num_attention_heads != 0 {
-            candle_core::bail!(
-                "text encoder config: hidden_size {h} is not divisible by num_attention_heads {}",
-                cfg.num_attention_heads
-            );
-        }
         Ok(Self {
             q_proj: linear(h, h, vb.pp("q_proj"))?,
             k_proj: linear(h, h, vb.pp("k_proj"))?,
@@ -171,7 +140,7 @@ impl ClipEncoderLayer {
             fc1: linear(h, i, vb.pp("mlp.fc1"))?,
             fc2: linear(i, h, vb.pp("mlp.fc2"))?,
             layer_norm2: layer_norm(h, eps, vb.pp("layer_norm2"))?,
-            act: Activation::parse(&cfg.hidden_act)?,
+            act: Activation::parse_field(&cfg.hidden_act, "text encoder config hidden_act")?,
         })
     }
 
@@ -181,11 +150,15 @@ impl ClipEncoderLayer {
                 .self_attn
                 .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
         let m = self.fc1.forward(&self.layer_norm2.forward(&h)?)?;
-        &h + self.fc2.forward(&self.act.apply(&m)?)?
+        &h + self.fc2.forward(&self.act.forward(&m)?)?
     }
 }
 
 /// `CLIPTextModel` (weights under `text_model.`, or at the root as transformers 5 saves them).
+///
+/// The same transformer serves BLIP-Diffusion's `ContextCLIPTextModel`
+/// ([`crate::blip::ContextClipTextModel`]): [`ClipTextModel::forward_with_context`] inserts
+/// context embeddings into the token embeddings before the position embeddings are added.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
@@ -197,6 +170,22 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_final_norm_eps(cfg, cfg.layer_norm_eps, vb)
+    }
+
+    /// Like [`ClipTextModel::new`] with the final layer norm's eps given apart from the config's.
+    pub(crate) fn with_final_norm_eps(
+        cfg: &ClipTextConfig,
+        final_eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        if cfg.num_attention_heads == 0 || h % cfg.num_attention_heads != 0 {
+            candle_core::bail!(
+                "text encoder config: hidden_size {h} is not divisible by num_attention_heads {}",
+                cfg.num_attention_heads
+            );
+        }
         // transformers < 5 saves under `text_model.` (real SD checkpoints); 5.x saves without it.
         let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
             vb
@@ -204,20 +193,15 @@ impl ClipTextModel {
             vb.pp("text_model")
         };
         let emb = vb.pp("embeddings");
-        let token_embedding =
-            embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let token_embedding = embedding(cfg.vocab_size, h, emb.pp("token_embedding"))?;
         let position_embedding = emb.get(
-            (cfg.max_position_embeddings, cfg.hidden_size),
+            (cfg.max_position_embeddings, h),
             "position_embedding.weight",
         )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = layer_norm(
-            cfg.hidden_size,
-            cfg.layer_norm_eps,
-            vb.pp("final_layer_norm"),
-        )?;
+        let final_layer_norm = layer_norm(h, final_eps, vb.pp("final_layer_norm"))?;
         Ok(Self {
             token_embedding,
             position_embedding,
@@ -264,7 +248,16 @@ impl ClipTextModel {
     /// # Shapes
     /// `ids`: `[b, n]` (u32, n ≤ max_position_embeddings); output `[b, n, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (_, n) = ids.dims2()?;
+        self.forward_with_context(ids, None)
+    }
+
+    /// The input embeddings: token embeddings with `ctx` inserted after the first `ctx_begin_pos`
+    /// tokens, plus position embeddings over the grown sequence.
+    ///
+    /// # Shapes
+    /// `ids`: `[b, n]`; `ctx`: `[b, k, hidden]`; output `[b, n + k, hidden]` (`k = 0` without ctx).
+    pub fn embeddings(&self, ids: &Tensor, ctx: Option<(&Tensor, usize)>) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
         let vocab = self.token_embedding.embeddings().dim(0)?;
         let max_id = ids
             .to_dtype(DType::U32)?
@@ -277,9 +270,54 @@ impl ClipTextModel {
             );
         }
         let tokens = self.token_embedding.forward(ids)?;
-        let xs = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
-        let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
-        let mut xs = xs;
+        let tokens = match ctx {
+            None => tokens,
+            Some((ctx, pos)) => {
+                let (cb, _, ch) = ctx.dims3()?;
+                if cb != b || ch != self.cfg.hidden_size {
+                    candle_core::bail!(
+                        "context embeddings {:?} do not fit token ids [{b}, {n}] and hidden size {}",
+                        ctx.dims(),
+                        self.cfg.hidden_size
+                    );
+                }
+                if pos > n {
+                    candle_core::bail!("ctx_begin_pos {pos} is past the {n} prompt tokens");
+                }
+                let ctx = ctx.to_dtype(tokens.dtype())?;
+                Tensor::cat(
+                    &[
+                        &tokens.narrow(1, 0, pos)?,
+                        &ctx,
+                        &tokens.narrow(1, pos, n - pos)?,
+                    ],
+                    1,
+                )?
+            }
+        };
+        let len = tokens.dim(1)?;
+        if len > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{len} tokens (prompt and context) exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        tokens.broadcast_add(&self.position_embedding.narrow(0, 0, len)?)
+    }
+
+    /// `last_hidden_state` with `ctx` embeddings inserted at position `ctx_begin_pos`
+    /// (BLIP-Diffusion's `text_encoder(input_ids=ids, ctx_embeddings=ctx, ctx_begin_pos=[pos] * b)`);
+    /// the causal mask covers the grown sequence.
+    ///
+    /// # Shapes
+    /// `ids`: `[b, n]` (u32); `ctx`: `[b, k, hidden]`; output `[b, n + k, hidden]`.
+    pub fn forward_with_context(
+        &self,
+        ids: &Tensor,
+        ctx: Option<(&Tensor, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = self.embeddings(ids, ctx)?;
+        let mask = Self::causal_mask(xs.dim(1)?, xs.dtype(), xs.device())?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;
         }

@@ -1,4 +1,4 @@
-//! Building blocks shared by the ViT (DINO) and CLIP encoders: activations, a linear layer that
+//! Building blocks shared by the ViT (DINO) and CLIP encoders: a linear layer that
 //! runs as one 2-D matmul, a LayerNorm with a two-pass f64 reduction, fused-QKV self-attention
 //! and the pre-LayerNorm transformer block both models use.
 //!
@@ -9,31 +9,9 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
-use serde::Deserialize;
 
 /// `hidden_act` of a transformers config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Activation {
-    /// Exact (erf) GELU, transformers' `"gelu"`.
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// `x · σ(1.702 x)`, transformers' `"quick_gelu"` (OpenAI CLIP).
-    #[serde(rename = "quick_gelu")]
-    QuickGelu,
-    /// tanh-approximated GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
-    #[serde(alias = "gelu_new", rename = "gelu_pytorch_tanh")]
-    GeluTanh,
-}
-
-impl Module for Activation {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Gelu => xs.gelu_erf(),
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
-            Activation::GeluTanh => xs.gelu(),
-        }
-    }
-}
+pub use layers::Activation;
 
 /// `y = x Wᵀ + b` over the last dimension, computed as a single `[rows, in] × [in, out]` matmul.
 #[derive(Debug, Clone)]

@@ -39,7 +39,6 @@ pub use pipeline::{
 pub use qformer::{BertTokenizer, Blip2Config, Blip2QFormerModel};
 pub use vision::{Blip2VisionConfig, Blip2VisionModel};
 
-use candle_core::{Result, Tensor};
 use std::path::PathBuf;
 
 /// Errors of loading or running BLIP-Diffusion; each names the component, file or value at fault.
@@ -82,36 +81,4 @@ pub enum BlipError {
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// The activations BLIP-2 and CLIP configs name (`hidden_act`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    QuickGelu,
-    GeluErf,
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    pub(crate) fn parse(name: &str, what: &str) -> Result<Self> {
-        Ok(match name {
-            "quick_gelu" => Self::QuickGelu,
-            "gelu" => Self::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
-            "relu" => Self::Relu,
-            other => candle_core::bail!(
-                "{what}: unsupported hidden_act '{other}' (quick_gelu, gelu, gelu_new, relu)"
-            ),
-        })
-    }
-
-    pub(crate) fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::GeluErf => xs.gelu_erf(),
-            Self::GeluTanh => xs.gelu(),
-            Self::Relu => xs.relu(),
-        }
-    }
 }

@@ -9,9 +9,10 @@
 //! `Blip2QFormerSelfOutput`, `Blip2QFormerIntermediate`, `Blip2QFormerOutput`). Inference only.
 
 use super::vision::{Blip2VisionConfig, Blip2VisionModel};
-use super::{Activation, BlipError};
+use super::BlipError;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use layers::Activation;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -260,12 +261,12 @@ impl FeedForward {
             up: linear(h, i, vb.pp(format!("intermediate{suffix}.dense")))?,
             down: linear(i, h, out.pp("dense"))?,
             norm: layer_norm(h, cfg.layer_norm_eps, out.pp("LayerNorm"))?,
-            act: Activation::parse(&cfg.hidden_act, "qformer_config")?,
+            act: Activation::parse_field(&cfg.hidden_act, "qformer_config hidden_act")?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let m = self.act.apply(&self.up.forward(xs)?)?;
+        let m = self.act.forward(&self.up.forward(xs)?)?;
         self.norm.forward(&(self.down.forward(&m)? + xs)?)
     }
 }
@@ -345,7 +346,7 @@ impl ProjLayer {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.dense1.forward(&self.norm.forward(xs)?)?;
-        xs + self.dense2.forward(&Activation::QuickGelu.apply(&h)?)?
+        xs + self.dense2.forward(&Activation::QuickGelu.forward(&h)?)?
     }
 }
 

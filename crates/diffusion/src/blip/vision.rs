@@ -5,10 +5,10 @@
 //! 4.51.3 `models/blip_2/modeling_blip_2.py` (`Blip2Attention` with its fused `qkv`, `Blip2MLP`,
 //! `Blip2EncoderLayer`). Inference only.
 
-use super::Activation;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d_no_bias, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
+use layers::Activation;
 use serde::Deserialize;
 
 fn d_act() -> String {
@@ -100,14 +100,14 @@ impl Blip2EncoderLayer {
             fc1: linear(h, i, vb.pp("mlp.fc1"))?,
             fc2: linear(i, h, vb.pp("mlp.fc2"))?,
             layer_norm2: layer_norm(h, eps, vb.pp("layer_norm2"))?,
-            act: Activation::parse(&cfg.hidden_act, "vision_config")?,
+            act: Activation::parse_field(&cfg.hidden_act, "vision_config hidden_act")?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
         let m = self.fc1.forward(&self.layer_norm2.forward(&h)?)?;
-        &h + self.fc2.forward(&self.act.apply(&m)?)?
+        &h + self.fc2.forward(&self.act.forward(&m)?)?
     }
 }
 

@@ -25,7 +25,7 @@ use blocks::{
 };
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use nn::{Activation, Conv2d, Ctx, GroupNorm, Linear};
+use nn::{activate, parse_activation, Activation, Conv2d, Ctx, GroupNorm, Linear};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -306,12 +306,12 @@ impl UNet2DConditionConfig {
                 self.conv_in_kernel, self.conv_out_kernel
             )));
         }
-        Activation::parse(&self.act_fn, "act_fn")?;
+        parse_activation(&self.act_fn, "act_fn")?;
         if let Some(a) = &self.time_embedding_act_fn {
-            Activation::parse(a, "time_embedding_act_fn")?;
+            parse_activation(a, "time_embedding_act_fn")?;
         }
         if let Some(a) = &self.timestep_post_act {
-            Activation::parse(a, "timestep_post_act")?;
+            parse_activation(a, "timestep_post_act")?;
         }
         Ok(())
     }
@@ -379,7 +379,7 @@ impl UNet2DConditionModel {
             .only_cross_attention
             .expand(n, "only_cross_attention")
             .map_err(build_err)?;
-        let act = Activation::parse(&cfg.act_fn, "act_fn").map_err(build_err)?;
+        let act = parse_activation(&cfg.act_fn, "act_fn").map_err(build_err)?;
         let groups = cfg.norm_num_groups.unwrap_or(32);
 
         let conv_in = Conv2d::new(
@@ -398,14 +398,14 @@ impl UNet2DConditionModel {
             post_act: cfg
                 .timestep_post_act
                 .as_deref()
-                .map(|a| Activation::parse(a, "timestep_post_act"))
+                .map(|a| parse_activation(a, "timestep_post_act"))
                 .transpose()
                 .map_err(build_err)?,
         };
         let time_embed_act = cfg
             .time_embedding_act_fn
             .as_deref()
-            .map(|a| Activation::parse(a, "time_embedding_act_fn"))
+            .map(|a| parse_activation(a, "time_embedding_act_fn"))
             .transpose()
             .map_err(build_err)?;
 
@@ -633,12 +633,12 @@ impl UNet2DConditionModel {
         )?;
         let te = &self.time_embedding;
         let mut emb = te.linear_1.forward(&t_emb)?;
-        emb = te.linear_2.forward(&te.act.forward(&emb)?)?;
+        emb = te.linear_2.forward(&activate(te.act, &emb)?)?;
         if let Some(post) = te.post_act {
-            emb = post.forward(&emb)?;
+            emb = activate(post, &emb)?;
         }
         if let Some(act) = self.time_embed_act {
-            emb = act.forward(&emb)?;
+            emb = activate(act, &emb)?;
         }
 
         let mut xs = self.conv_in.forward(&sample)?;
@@ -672,7 +672,7 @@ impl UNet2DConditionModel {
             )?;
         }
 
-        let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = activate(self.conv_act, &self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 

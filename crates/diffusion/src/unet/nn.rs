@@ -5,6 +5,7 @@ use crate::hooks::Hook;
 use crate::ops;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
+pub(crate) use layers::Activation;
 
 /// What a forward pass carries down the module tree: the resolved kernel path and the hook.
 pub(crate) struct Ctx<'a> {
@@ -155,27 +156,26 @@ pub(crate) fn gelu(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
     }
 }
 
-/// The activation functions a diffusers UNet config may name (`act_fn`, `time_embedding_act_fn`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    Silu,
+/// The activation a diffusers UNet config names (`act_fn`, `time_embedding_act_fn`,
+/// `timestep_post_act`): SiLU (`"silu"`, `"swish"`) is the one SD uses and the one supported.
+pub(crate) fn parse_activation(
+    name: &str,
+    field: &str,
+) -> std::result::Result<Activation, super::UNetError> {
+    match Activation::parse(name) {
+        Ok(Activation::Silu) => Ok(Activation::Silu),
+        _ => Err(super::UNetError::Unsupported {
+            field: field.to_string(),
+            value: name.to_string(),
+        }),
+    }
 }
 
-impl Activation {
-    pub fn parse(name: &str, field: &str) -> std::result::Result<Self, super::UNetError> {
-        match name {
-            "silu" | "swish" => Ok(Activation::Silu),
-            other => Err(super::UNetError::Unsupported {
-                field: field.to_string(),
-                value: other.to_string(),
-            }),
-        }
-    }
-
-    pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Silu => ops::silu(xs),
-        }
+/// `act(xs)` with the exact one-pass CPU backward of [`ops::silu`] for SiLU.
+pub(crate) fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::Silu => ops::silu(xs),
+        other => candle_core::Module::forward(&other, xs),
     }
 }
 

@@ -5,7 +5,7 @@
 //!   pads right/bottom by one first)
 //! - `models/upsampling.py`: `Upsample2D.forward` (nearest ×2, or to `output_size`, then conv 3×3)
 
-use super::nn::{Activation, Conv2d, GroupNorm, Linear};
+use super::nn::{activate, Activation, Conv2d, GroupNorm, Linear};
 use crate::ops;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -59,12 +59,12 @@ impl ResnetBlock2D {
     /// # Shapes
     /// - `xs`: `[b, in, h, w]`; `temb`: `[b, temb_channels]`; result: `[b, out, h, w]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(xs)?)?;
+        let h = activate(self.act, &self.norm1.forward(xs)?)?;
         let h = self.conv1.forward(&h)?;
         let temb = if self.skip_time_act {
             temb.clone()
         } else {
-            self.act.forward(temb)?
+            activate(self.act, temb)?
         };
         let temb = self
             .time_emb_proj
@@ -73,7 +73,7 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         // temb does not depend on the latent: a constant for the backward.
         let h = ops::add_constant(&h, &temb)?;
-        let h = self.act.forward(&self.norm2.forward(&h)?)?;
+        let h = activate(self.act, &self.norm2.forward(&h)?)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
