@@ -18,15 +18,17 @@ pub enum WeightsError {
         wanted: String,
         location: String,
     },
+    #[error("model folder '{model}' does not exist")]
+    NoSuchFolder { model: String },
     #[error("model '{model}' is neither a local folder nor a Hugging Face repo id (owner/name)")]
     NotAModel { model: String },
-    #[error("model '{model}': [{wanted}] not in the Hugging Face cache ('{cache}') and HF_HUB_OFFLINE is set")]
+    #[error("model '{model}' (no such local folder, so taken as a Hugging Face repo id): [{wanted}] not in the Hugging Face cache ('{cache}') and HF_HUB_OFFLINE is set")]
     OfflineMiss {
         model: String,
         wanted: String,
         cache: String,
     },
-    #[error("model '{model}': could not download [{wanted}] from the Hugging Face hub: {reason}")]
+    #[error("model '{model}' (no such local folder, so taken as a Hugging Face repo id): could not download [{wanted}] from the Hugging Face hub: {reason}")]
     Download {
         model: String,
         wanted: String,
@@ -47,6 +49,8 @@ pub enum WeightsError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("sharded weight index '{path}': {reason}")]
+    ShardIndex { path: PathBuf, reason: String },
 }
 
 /// A resolved model location: a local folder, or a hub repo whose files come from the cache or a download.
@@ -58,6 +62,7 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// A path that exists locally is a folder; `owner/name` that is not a local path is a repo id.
+    /// Any other path is a folder that does not exist.
     pub fn parse(model: &str) -> Result<Self, WeightsError> {
         let path = Path::new(model);
         if path.exists() {
@@ -71,10 +76,13 @@ impl ModelSource {
                 repo: model.to_string(),
             });
         }
-        Err(WeightsError::MissingFile {
+        if looks_like_path || parts.len() > 1 || model.contains(std::path::MAIN_SEPARATOR) {
+            return Err(WeightsError::NoSuchFolder {
+                model: model.into(),
+            });
+        }
+        Err(WeightsError::NotAModel {
             model: model.into(),
-            wanted: "the folder itself".into(),
-            location: path.display().to_string(),
         })
     }
 
@@ -176,14 +184,26 @@ impl ModelSource {
                 path: first.clone(),
                 source,
             })?;
-        let mut shards: Vec<String> = index["weight_map"]
+        let bad_index = |reason: &str| WeightsError::ShardIndex {
+            path: first.clone(),
+            reason: reason.to_string(),
+        };
+        let map = index
+            .get("weight_map")
+            .ok_or_else(|| bad_index("no \"weight_map\" (tensor name -> shard file)"))?
             .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
+            .ok_or_else(|| bad_index("\"weight_map\" is not an object"))?;
+        if map.is_empty() {
+            return Err(bad_index("\"weight_map\" lists no tensors"));
+        }
+        let mut shards = map
+            .iter()
+            .map(|(name, file)| {
+                file.as_str().map(str::to_string).ok_or_else(|| {
+                    bad_index(&format!("the shard of '{name}' is {file}, not a file name"))
+                })
             })
-            .unwrap_or_default();
+            .collect::<Result<Vec<String>, WeightsError>>()?;
         shards.sort();
         shards.dedup();
         shards
@@ -301,5 +321,60 @@ mod tests {
     fn not_a_path_nor_repo_id_is_an_error() {
         assert!(ModelSource::parse("./no/such/folder").is_err());
         assert!(ModelSource::parse("just-a-name").is_err());
+    }
+
+    #[test]
+    fn a_missing_folder_is_named_as_one() {
+        for model in ["/nonexistent", "./no/such/folder", "no/such/folder"] {
+            let err = ModelSource::parse(model).unwrap_err().to_string();
+            assert_eq!(err, format!("model folder '{model}' does not exist"));
+        }
+        let err = ModelSource::parse("just-a-name").unwrap_err().to_string();
+        assert!(
+            err.contains("'just-a-name'") && err.contains("neither a local folder"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_two_part_name_that_is_no_folder_is_said_to_be_taken_as_a_hub_id() {
+        let cache = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_HOME", cache.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let src = ModelSource::parse("no-such-owner/no-such-model").unwrap();
+        let err = src.file(&["model_index.json"]).unwrap_err().to_string();
+        assert!(
+            err.contains("'no-such-owner/no-such-model'")
+                && err.contains("no such local folder, so taken as a Hugging Face repo id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_shard_index_that_names_no_shards_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model.safetensors.index.json");
+        let src = ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
+        for (json, says) in [
+            (r#"{"metadata": {"total_size": 0}}"#, "no \"weight_map\""),
+            (r#"{"weight_map": []}"#, "not an object"),
+            (r#"{"weight_map": {}}"#, "lists no tensors"),
+            (r#"{"weight_map": {"a.weight": 3}}"#, "'a.weight' is 3"),
+        ] {
+            std::fs::write(&index, json).unwrap();
+            let err = src.weight_files("", &["model"]).unwrap_err().to_string();
+            assert!(
+                err.contains(&index.display().to_string()) && err.contains(says),
+                "{json}: {err}"
+            );
+        }
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a.weight": "model-1.safetensors"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("model-1.safetensors"), b"x").unwrap();
+        let files = src.weight_files("", &["model"]).unwrap();
+        assert_eq!(files, vec![dir.path().join("model-1.safetensors")]);
     }
 }
