@@ -1,5 +1,5 @@
-//! UNet benchmark, candle side (issue 4, SPEC §10): the real SD 1.5 UNet configuration with random
-//! weights, 256×256 (latent 32×32), batch 1, f32, CPU.
+//! UNet benchmark, candle side (issue 4, SPEC §10): the real SD 1.5 UNet configuration with the
+//! `tiny` crate's seeded random weights, 256×256 (latent 32×32), batch 1, f32, CPU.
 //!
 //! `bench_unet fwd|fwdbwd [iters] [warmup]` prints one JSON line with the wall times and the
 //! process's peak resident memory (VmHWM). `fwd` is a no-grad forward (fused kernels); `fwdbwd` is
@@ -8,13 +8,10 @@
 //! `tools/bench/unet.py` runs this and the PyTorch + diffusers side with the same thread count and
 //! prints the ratios. Build: `cargo build --release -p diffusion --example bench_unet`.
 
-use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor, Var};
 use diffusion::hooks::Recorder;
 use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use rand::{Rng, SeedableRng};
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// diffusers' `runwayml/stable-diffusion-v1-5` `unet/config.json`.
@@ -41,42 +38,6 @@ const SD15_UNET_CONFIG: &str = r#"{
 
 const ATTN_SITE: &str = "up_blocks.2.attentions.0.transformer_blocks.0.attn2";
 const BLOCK_SITE: &str = "up_blocks.2.attentions.0.transformer_blocks.0";
-
-/// Random weights: uniform with std 1/sqrt(fan_in) for matrices and kernels, ones for norm scales,
-/// small uniform biases. Seeded: the same weights on every run.
-struct RandomWeights {
-    rng: Mutex<rand::rngs::StdRng>,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let dims = s.dims();
-        let n = s.elem_count();
-        if dims.len() == 1 && name.ends_with("weight") {
-            return Tensor::ones(s, dtype, dev);
-        }
-        let fan_in = if dims.len() >= 2 { n / dims[0] } else { 100 };
-        let a = (3.0 / fan_in as f32).sqrt();
-        let mut rng = self.rng.lock().unwrap();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
-        Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for '{name}'")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
 
 fn vm_hwm_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -105,14 +66,9 @@ fn main() -> anyhow::Result<()> {
     let mode = args.get(1).map(String::as_str).unwrap_or("fwd").to_string();
     let iters: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
     let warmup: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let device = Device::Cpu;
 
     let cfg = UNet2DConditionConfig::from_json(SD15_UNET_CONFIG)?;
-    let backend = RandomWeights {
-        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
-    };
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-    let unet = UNet2DConditionModel::new(&cfg, vb)?;
+    let unet = tiny::random_model(0, |vb| UNet2DConditionModel::new(&cfg, vb))?;
     let after_load_kb = vm_hwm_kb();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);

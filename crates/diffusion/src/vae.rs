@@ -268,6 +268,23 @@ struct Encoder {
     conv_out: Conv2d,
 }
 
+/// `n` resnets under `vb`'s `resnets.{j}`: the first from `cin` channels to `cout`, the others
+/// `cout` to `cout`.
+fn resnet_stack(
+    cin: usize,
+    cout: usize,
+    n: usize,
+    groups: usize,
+    vb: &VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..n)
+        .map(|j| {
+            let cin = if j == 0 { cin } else { cout };
+            ResnetBlock2D::new(cin, cout, groups, vb.pp(format!("resnets.{j}")))
+        })
+        .collect()
+}
+
 impl Encoder {
     fn new(cfg: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
         let boc = &cfg.block_out_channels;
@@ -279,16 +296,7 @@ impl Encoder {
             let cin = cout;
             cout = c;
             let b = vb.pp(format!("down_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                        b.pp(format!("resnets.{j}")),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(cin, cout, cfg.layers_per_block, g, &b)?;
             let downsample = if i + 1 < boc.len() {
                 let cfg = Conv2dConfig {
                     stride: 2,
@@ -361,16 +369,7 @@ impl Decoder {
             let cin = cout;
             cout = c;
             let b = vb.pp(format!("up_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                        b.pp(format!("resnets.{j}")),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(cin, cout, cfg.layers_per_block + 1, g, &b)?;
             let upsample = if i + 1 < rev.len() {
                 Some(conv3(cout, cout, b.pp("upsamplers.0.conv"))?)
             } else {

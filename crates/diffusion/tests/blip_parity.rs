@@ -1,15 +1,18 @@
 //! BLIP-Diffusion against diffusers 0.32.2 + transformers 4.51.3 on the tiny random pipeline of
 //! `tools/fixtures/blip_diffusion.py` (fixtures in `tests/fixtures/blip/`).
 
+mod pipeline_support;
+
 use candle_core::{DType, Device, Tensor};
 use diffusion::blip::pipeline::{read_reference, BlipDiffusionPipeline, PromptSettings};
 use diffusion::blip::{BlipDiffusion, BlipImageProcessor, BlipImageProcessorConfig};
+use pipeline_support::{fixture, max_abs_diff};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blip")
+    fixture("blip")
 }
 
 fn dreambench_dog() -> PathBuf {
@@ -42,20 +45,6 @@ fn blip() -> &'static BlipDiffusion {
         let src = weights::ModelSource::Local(fixtures().join("model"));
         BlipDiffusion::load(&src, DType::F32, &Device::Cpu).unwrap()
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {

@@ -1,12 +1,15 @@
 //! The BLIP-Diffusion generation entry point on the tiny fixture model: DreamBench prompt
 //! handling, token positions in the context embedding, and an end-to-end generation.
 
+mod pipeline_support;
+
 use candle_core::{DType, Device};
 use diffusion::blip::{blip_text_prompt, BlipDiffusionPipeline, BlipRequest};
+use pipeline_support::{fixture, max_abs_diff, shared_tokenizer_dir};
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blip")
+    fixture("blip")
 }
 
 fn pipeline() -> BlipDiffusionPipeline {
@@ -61,15 +64,7 @@ fn generation_end_to_end_and_token_positions() {
     let c = &out.conditioning;
     let init = pipe.initial_latents(&req).unwrap();
     let again = pipe.sample(c, &init, 3, 7.5, &mut |_, _| {}).unwrap();
-    let d = (&again - &out.latents)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(max_abs_diff(&again, &out.latents), 0.0);
 
     // "a dog in the jungle, …": BOS, a, [4 queries], dog, …
     assert_eq!(c.built_prompt.split(", ").count(), 20);
@@ -122,8 +117,7 @@ fn real_model_generates_a_dreambench_dog() {
 #[test]
 fn tiny_blip_model_is_deterministic_loads_and_generates() {
     use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
-    let tokenizer =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer");
+    let tokenizer = shared_tokenizer_dir();
     let tokenizer = if tokenizer.is_dir() {
         tokenizer
     } else {
@@ -165,13 +159,6 @@ fn tiny_blip_model_is_deterministic_loads_and_generates() {
         .blip
         .query_embeddings(&pixels, "stuffed animal")
         .unwrap();
-    let d = (&q - &out.conditioning.query_embeds)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&q, &out.conditioning.query_embeds);
     assert!(d > 1e-3, "queries ignore the reference image ({d})");
 }

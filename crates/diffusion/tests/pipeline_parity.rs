@@ -7,10 +7,27 @@ use candle_core::{Device, Tensor};
 use diffusion::hooks::NoHook;
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use pipeline_support::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn load(model: &Path, opts: &LoadOptions) -> StableDiffusion {
     StableDiffusion::load(model.to_str().unwrap(), opts).unwrap()
+}
+
+/// The message of the error loading `model` with `opts` gives.
+fn load_error(model: &Path, opts: &LoadOptions) -> String {
+    StableDiffusion::load(model.to_str().unwrap(), opts)
+        .err()
+        .expect("the load should fail")
+        .to_string()
+}
+
+/// Writes a safetensors file holding the one tensor `name`.
+fn save_one(path: &Path, name: &str, t: Tensor) {
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(name.to_string(), t)]),
+        path,
+    )
+    .unwrap();
 }
 
 fn request() -> SampleRequest {
@@ -157,10 +174,7 @@ fn textual_inversion_adds_the_files_vector_and_changes_the_output() {
 #[test]
 fn dreambooth_folder_loads_with_base_components_and_changes_the_output() {
     let db_dir = fixtures().join("dreambooth");
-    let err = StableDiffusion::load(db_dir.to_str().unwrap(), &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&db_dir, &LoadOptions::default());
     assert!(
         err.contains("vae/config.json") && err.contains("dreambooth"),
         "{err}"
@@ -200,10 +214,7 @@ fn missing_weights_is_one_clear_error() {
     let m = tmp.path().join("m");
     copy_dir(&model_dir(), &m);
     std::fs::remove_file(m.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-    let err = StableDiffusion::load(m.to_str().unwrap(), &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&m, &LoadOptions::default());
     assert!(
         err.contains("vae/diffusion_pytorch_model.safetensors")
             && err.contains(m.to_str().unwrap()),
@@ -211,36 +222,36 @@ fn missing_weights_is_one_clear_error() {
     );
 }
 
-#[test]
-fn config_not_matching_weights_is_one_clear_error() {
+/// The load error of a copy of the fixture model whose `config` has `from` replaced by `to`.
+fn load_error_with_edited_config(config: &str, from: &str, to: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
     copy_dir(&model_dir(), &m);
-    let cfg_path = m.join("text_encoder/config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
-    std::fs::write(&cfg_path, text).unwrap();
-    let err = StableDiffusion::load(m.to_str().unwrap(), &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let cfg_path = m.join(config);
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(text.contains(from), "{config} lacks {from}");
+    std::fs::write(&cfg_path, text.replace(from, to)).unwrap();
+    load_error(&m, &LoadOptions::default())
+}
+
+#[test]
+fn config_not_matching_weights_is_one_clear_error() {
+    let err = load_error_with_edited_config(
+        "text_encoder/config.json",
+        "\"intermediate_size\": 32",
+        "\"intermediate_size\": 48",
+    );
     assert!(
         err.contains("text encoder weights") && err.contains("config.json") && err.contains("48"),
         "{err}"
     );
 
     // The VAE too.
-    copy_dir(&model_dir(), &m);
-    let cfg_path = m.join("vae/config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace("\"latent_channels\": 4", "\"latent_channels\": 8");
-    std::fs::write(&cfg_path, text).unwrap();
-    let err = StableDiffusion::load(m.to_str().unwrap(), &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error_with_edited_config(
+        "vae/config.json",
+        "\"latent_channels\": 4",
+        "\"latent_channels\": 8",
+    );
     assert!(
         err.contains("VAE weights") && err.contains("vae/config.json"),
         "{err}"
@@ -253,11 +264,7 @@ fn wrong_shape_init_latents_is_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("bad.safetensors");
     let t = Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents".to_string(), t)]),
-        &path,
-    )
-    .unwrap();
+    save_one(&path, "latents", t);
     let err = sd
         .read_init_latents(&path, 64, 128)
         .unwrap_err()
@@ -272,43 +279,28 @@ fn wrong_shape_init_latents_is_one_clear_error() {
     assert_eq!(ok.dims(), &[1, 4, 8, 8]);
 }
 
+/// The load error of the fixture model with the Textual Inversion file `{token: vector}` at `file`.
+fn textual_inversion_error(file: PathBuf, token: &str, vector: Tensor) -> String {
+    save_one(&file, token, vector);
+    let opts = LoadOptions {
+        embeddings: Some(file),
+        ..Default::default()
+    };
+    load_error(&model_dir(), &opts)
+}
+
 #[test]
 fn bad_textual_inversion_files_are_one_clear_error_each() {
     let tmp = tempfile::tempdir().unwrap();
+    let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap();
     let wrong_dim = tmp.path().join("wrong_dim.safetensors");
-    let t = Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("<x>".to_string(), t)]),
-        &wrong_dim,
-    )
-    .unwrap();
-    let opts = LoadOptions {
-        embeddings: Some(wrong_dim),
-        ..Default::default()
-    };
-    let err = StableDiffusion::load(model_dir().to_str().unwrap(), &opts)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = textual_inversion_error(wrong_dim, "<x>", zeros(7));
     assert!(
         err.contains("wrong_dim.safetensors") && err.contains("[7]") && err.contains("[16]"),
         "{err}"
     );
     // A token the vocabulary already has.
     let clash = tmp.path().join("clash.safetensors");
-    let t = Tensor::zeros(16, candle_core::DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("dog</w>".to_string(), t)]),
-        &clash,
-    )
-    .unwrap();
-    let opts = LoadOptions {
-        embeddings: Some(clash),
-        ..Default::default()
-    };
-    let err = StableDiffusion::load(model_dir().to_str().unwrap(), &opts)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = textual_inversion_error(clash, "dog</w>", zeros(16));
     assert!(err.contains("dog</w>") && err.contains("already"), "{err}");
 }

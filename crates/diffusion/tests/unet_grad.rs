@@ -10,36 +10,12 @@
 //! unit direction `u`: `fd = (L(z + h u) - L(z - h u)) / 2h`, h = 1e-4.
 //! Measured: `|<grad L, u> - fd| / |fd|`, asserted ≤ 1e-4 for every loss and direction.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod pipeline_support;
+
+use candle_core::{DType, Tensor, Var};
 use diffusion::hooks::Recorder;
 use diffusion::unet::UNet2DConditionModel;
-use std::path::PathBuf;
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 11) as f64) / ((1u64 << 53) as f64)
-    };
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (next().max(1e-300), next());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn model() -> UNet2DConditionModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet/model");
-    let src = weights::ModelSource::parse(dir.to_str().unwrap()).unwrap();
-    UNet2DConditionModel::load(&src, "", DType::F64, &Device::Cpu).unwrap()
-}
+use pipeline_support::{randn, unet_fixture};
 
 /// Named scalar losses of one forward pass: one per attention site, one per block site, one on eps.
 fn losses(unet: &UNet2DConditionModel, z: &Tensor, ctx: &Tensor) -> Vec<(String, Tensor)> {
@@ -70,7 +46,7 @@ fn unit(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn check_latent_gradients(z: Tensor, ctx: Tensor) {
-    let unet = model();
+    let unet = unet_fixture("model", DType::F64);
     let var = Var::from_tensor(&z).unwrap();
     let graph = losses(&unet, var.as_tensor(), &ctx);
     assert_eq!(graph.len(), 16 + 16 + 1);
@@ -134,7 +110,7 @@ fn latent_gradients_match_finite_differences_at_an_odd_latent_size() {
 #[test]
 fn encoder_hidden_states_gradient_matches_finite_differences() {
     // Null-text inversion optimizes the unconditional embedding through the UNet.
-    let unet = model();
+    let unet = unet_fixture("model", DType::F64);
     let z = randn(&[1, 4, 8, 8], 15);
     let ctx = randn(&[1, 77, 32], 16);
     let var = Var::from_tensor(&ctx).unwrap();
@@ -161,9 +137,7 @@ fn encoder_hidden_states_gradient_matches_finite_differences() {
 #[test]
 fn linear_projection_model_gradients_match_finite_differences() {
     // The SD 2.x-style fixture (use_linear_projection) at its odd 12x10 latent size.
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet/model_v2");
-    let src = weights::ModelSource::parse(dir.to_str().unwrap()).unwrap();
-    let unet = UNet2DConditionModel::load(&src, "", DType::F64, &Device::Cpu).unwrap();
+    let unet = unet_fixture("model_v2", DType::F64);
     let z = randn(&[1, 4, 12, 10], 21);
     let ctx = randn(&[1, 77, 16], 22);
     let loss = |t: &Tensor| {

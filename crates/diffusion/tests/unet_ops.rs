@@ -6,30 +6,11 @@
 //! `i` (h = 1e-6); the error is `max_i |g_i - fd_i| / max(max_i |fd_i|, 1e-12)`, i.e. relative to
 //! the largest gradient entry, which stays well-conditioned where single entries are near zero.
 
+mod pipeline_support;
+
 use candle_core::{DType, Device, Tensor, Var};
 use diffusion::ops;
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    // A small deterministic generator so the tests do not depend on candle's RNG.
-    let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 11) as f64) / ((1u64 << 53) as f64)
-    };
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            // Box-Muller
-            let (u1, u2) = (next().max(1e-300), next());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+use pipeline_support::{max_abs_diff_f64, randn};
 
 /// Max relative (to the largest entry) error of the autograd gradient against central differences.
 fn fd_error(x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> f64 {
@@ -77,21 +58,6 @@ fn fd_error(x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> f
         / scale
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 #[test]
 fn softmax_gradient_matches_finite_differences_and_fused_kernel() {
     let x = (randn(&[2, 3, 7], 1) * 3.0).unwrap();
@@ -99,7 +65,7 @@ fn softmax_gradient_matches_finite_differences_and_fused_kernel() {
     println!("softmax fd rel err {err:.2e}");
     assert!(err < 1e-7, "{err}");
     let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
-    assert!(max_abs(&ops::softmax_last_dim(&x).unwrap(), &fused) < 1e-14);
+    assert!(max_abs_diff_f64(&ops::softmax_last_dim(&x).unwrap(), &fused) < 1e-14);
 }
 
 #[test]
@@ -125,7 +91,7 @@ fn layer_norm_gradient_matches_finite_differences_and_fused_kernel() {
         1e-5,
     )
     .unwrap();
-    assert!(max_abs(&ours, &fused) < 1e-5);
+    assert!(max_abs_diff_f64(&ours, &fused) < 1e-5);
 }
 
 #[test]
@@ -138,7 +104,7 @@ fn group_norm_gradient_matches_finite_differences_and_candle_nn() {
     assert!(err < 1e-7, "{err}");
     let gn = candle_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-6).unwrap();
     let reference = candle_core::Module::forward(&gn, &x).unwrap();
-    assert!(max_abs(&ops::group_norm(&x, 3, &w, &b, 1e-6).unwrap(), &reference) < 1e-12);
+    assert!(max_abs_diff_f64(&ops::group_norm(&x, 3, &w, &b, 1e-6).unwrap(), &reference) < 1e-12);
 }
 
 #[test]
@@ -147,7 +113,7 @@ fn gelu_erf_gradient_matches_finite_differences_and_fused_kernel() {
     let err = fd_error(&x, ops::gelu_erf);
     println!("gelu_erf fd rel err {err:.2e}");
     assert!(err < 1e-7, "{err}");
-    assert!(max_abs(&ops::gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap()) < 1e-12);
+    assert!(max_abs_diff_f64(&ops::gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap()) < 1e-12);
 }
 
 #[test]
@@ -158,7 +124,7 @@ fn upsample_nearest2x_gradient_accumulates_and_matches_candle_forward() {
     assert!(err < 1e-7, "{err}");
     let reference = x.upsample_nearest2d(6, 8).unwrap();
     assert_eq!(
-        max_abs(&ops::upsample_nearest2x(&x).unwrap(), &reference),
+        max_abs_diff_f64(&ops::upsample_nearest2x(&x).unwrap(), &reference),
         0.0
     );
     // Each input pixel feeds a 2×2 block: d sum(up(x)) / dx = 4 everywhere.
@@ -170,7 +136,10 @@ fn upsample_nearest2x_gradient_accumulates_and_matches_candle_forward() {
         .backward()
         .unwrap();
     let g = g.get(var.as_tensor()).unwrap();
-    assert_eq!(max_abs(g, &(x.ones_like().unwrap() * 4.0).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff_f64(g, &(x.ones_like().unwrap() * 4.0).unwrap()),
+        0.0
+    );
 }
 
 #[test]
@@ -243,7 +212,7 @@ fn conv2d_input_gradient_matches_finite_differences_for_every_stride_and_parity(
         let reference = x.conv2d(&kernel, p, s, 1, 1).unwrap();
         let var = Var::from_tensor(&x).unwrap();
         let ours = ops::conv2d(var.as_tensor(), &kernel, None, p, s).unwrap();
-        assert!(max_abs(&ours, &reference) < 1e-12);
+        assert!(max_abs_diff_f64(&ours, &reference) < 1e-12);
     }
 }
 
@@ -279,13 +248,13 @@ fn composite_fallbacks_match_finite_differences() {
     }
     // Values: composite == op.
     assert!(
-        max_abs(
+        max_abs_diff_f64(
             &ops::layer_norm_composite(&x, &wl, &bl, 1e-5).unwrap(),
             &cases[1].2
         ) < 1e-12
     );
     assert!(
-        max_abs(
+        max_abs_diff_f64(
             &ops::group_norm_composite(&x, 2, &w, &b, 1e-6).unwrap(),
             &cases[2].2
         ) < 1e-12
@@ -305,7 +274,7 @@ fn linear_constant_add_and_constant_matmul_gradients_match_finite_differences() 
         .unwrap()
         .broadcast_add(&b)
         .unwrap();
-    assert!(max_abs(&ops::linear(&x, &w, Some(&b)).unwrap(), &reference) < 1e-12);
+    assert!(max_abs_diff_f64(&ops::linear(&x, &w, Some(&b)).unwrap(), &reference) < 1e-12);
 
     let c = randn(&[2, 1, 5], 53);
     let err = fd_error(&x, |t| ops::add_constant(t, &c));
@@ -330,12 +299,12 @@ fn silu_and_geglu_gradients_match_finite_differences() {
     let err = fd_error(&x, ops::silu);
     println!("silu fd rel err {err:.2e}");
     assert!(err < 1e-7, "{err}");
-    assert!(max_abs(&ops::silu(&x).unwrap(), &x.silu().unwrap()) < 1e-14);
+    assert!(max_abs_diff_f64(&ops::silu(&x).unwrap(), &x.silu().unwrap()) < 1e-14);
     let err = fd_error(&x, ops::geglu);
     println!("geglu fd rel err {err:.2e}");
     assert!(err < 1e-7, "{err}");
     let reference =
         (x.narrow(2, 0, 3).unwrap() * x.narrow(2, 3, 3).unwrap().gelu_erf().unwrap()).unwrap();
     let var = Var::from_tensor(&x).unwrap();
-    assert!(max_abs(&ops::geglu(var.as_tensor()).unwrap(), &reference) < 1e-14);
+    assert!(max_abs_diff_f64(&ops::geglu(var.as_tensor()).unwrap(), &reference) < 1e-14);
 }

@@ -1,28 +1,21 @@
 //! UNet parity with diffusers on the tiny SD-1.5-shaped fixture (`tools/fixtures/sd_unet.py`):
 //! noise prediction, every cross-attention map and every transformer-block output, batch 2.
 
+mod pipeline_support;
+
 use candle_core::{DType, Device, Tensor};
 use diffusion::hooks::{Hook, Recorder};
 use diffusion::unet::{ComputePath, UNet2DConditionModel, UNetError};
+use pipeline_support::{fixture, max_abs_diff, unet_fixture};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet")
-}
-
-fn load_model(dtype: DType) -> UNet2DConditionModel {
-    let src = weights::ModelSource::parse(fixture_dir().join("model").to_str().unwrap()).unwrap();
-    UNet2DConditionModel::load(&src, "", dtype, &Device::Cpu).unwrap()
-}
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(fixture("unet").join("expected.safetensors"), &Device::Cpu)
         .unwrap()
 }
 
 fn sites() -> (Vec<String>, Vec<String>) {
-    let text = std::fs::read_to_string(fixture_dir().join("sites.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("unet").join("sites.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let list = |k: &str| -> Vec<String> {
         v[k].as_array()
@@ -34,23 +27,9 @@ fn sites() -> (Vec<String>, Vec<String>) {
     (list("attention"), list("blocks"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Runs the model on the fixture inputs and checks every output against diffusers.
 fn check_parity(path: ComputePath) {
-    let mut unet = load_model(DType::F32);
+    let mut unet = unet_fixture("model", DType::F32);
     unet.set_compute_path(path);
     let exp = expected();
     let t = exp["timestep"].to_vec1::<f32>().unwrap()[0] as f64;
@@ -101,7 +80,7 @@ fn differentiable_path_matches_diffusers() {
 
 #[test]
 fn site_lists_follow_diffusers_names_and_order() {
-    let unet = load_model(DType::F32);
+    let unet = unet_fixture("model", DType::F32);
     let (attn_sites, block_sites) = sites();
     assert_eq!(unet.cross_attention_sites(), attn_sites);
     assert_eq!(unet.transformer_block_sites(), block_sites);
@@ -139,7 +118,7 @@ impl Hook for OneSite {
 
 #[test]
 fn hook_receives_only_what_it_asks_for() {
-    let unet = load_model(DType::F32);
+    let unet = unet_fixture("model", DType::F32);
     let exp = expected();
     let mut hook = OneSite {
         asked: 0,
@@ -164,7 +143,7 @@ fn hook_receives_only_what_it_asks_for() {
 
 #[test]
 fn f64_model_matches_diffusers() {
-    let unet = load_model(DType::F64);
+    let unet = unet_fixture("model", DType::F64);
     let exp = expected();
     let sample = exp["sample"].to_dtype(DType::F64).unwrap();
     let ctx = exp["encoder_hidden_states"].to_dtype(DType::F64).unwrap();
@@ -178,7 +157,7 @@ fn f64_model_matches_diffusers() {
 #[test]
 fn config_that_does_not_match_the_weights_names_tensor_shape_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture_dir().join("model");
+    let model = fixture("unet").join("model");
     std::fs::copy(
         model.join("diffusion_pytorch_model.safetensors"),
         dir.path().join("diffusion_pytorch_model.safetensors"),
@@ -204,7 +183,7 @@ fn config_that_does_not_match_the_weights_names_tensor_shape_and_file() {
 
 #[test]
 fn unsupported_config_is_one_clear_error() {
-    let text = std::fs::read_to_string(fixture_dir().join("model/config.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("unet").join("model/config.json")).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
     cfg["class_embed_type"] = serde_json::json!("timestep");
     let cfg: diffusion::unet::UNet2DConditionConfig = serde_json::from_value(cfg).unwrap();
@@ -219,13 +198,13 @@ fn unsupported_config_is_one_clear_error() {
 fn sd2_style_model_at_an_odd_latent_size_matches_diffusers() {
     // use_linear_projection, per-level legacy head counts (1, 2, 2, 2), upcast_attention, and a
     // 12x10 latent: up blocks resize to the skip connections' sizes (forward_upsample_size).
-    let src =
-        weights::ModelSource::parse(fixture_dir().join("model_v2").to_str().unwrap()).unwrap();
-    let mut unet = UNet2DConditionModel::load(&src, "", DType::F32, &Device::Cpu).unwrap();
+    let mut unet = unet_fixture("model_v2", DType::F32);
     assert_eq!(unet.config().heads().unwrap(), vec![1, 2, 2, 2]);
-    let exp =
-        candle_core::safetensors::load(fixture_dir().join("expected_v2.safetensors"), &Device::Cpu)
-            .unwrap();
+    let exp = candle_core::safetensors::load(
+        fixture("unet").join("expected_v2.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     for path in [ComputePath::Fused, ComputePath::Differentiable] {
         unet.set_compute_path(path);
         let eps = unet

@@ -1,48 +1,21 @@
 //! The fused (no-grad) and differentiable kernel paths compute the same UNet, and `Auto` picks the
 //! differentiable one exactly when an input is in an autograd graph.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod pipeline_support;
+
+use candle_core::{DType, Tensor, Var};
 use diffusion::hooks::Recorder;
 use diffusion::unet::{ComputePath, UNet2DConditionModel};
-use std::path::PathBuf;
+use pipeline_support::{max_abs_diff, unet_fixture};
 
 fn model() -> UNet2DConditionModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet/model");
-    let src = weights::ModelSource::parse(dir.to_str().unwrap()).unwrap();
-    UNet2DConditionModel::load(&src, "", DType::F32, &Device::Cpu).unwrap()
+    unet_fixture("model", DType::F32)
 }
 
-/// Deterministic N(0, 1) samples (seeded LCG + Box-Muller), as f32.
+/// Deterministic N(0, 1) samples, as f32.
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 11) as f64) / ((1u64 << 53) as f64)
-    };
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (next().max(1e-300), next());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
+    pipeline_support::randn(shape, seed)
+        .to_dtype(DType::F32)
         .unwrap()
 }
 
@@ -67,17 +40,17 @@ fn fused_and_differentiable_paths_agree() {
         let ctx = randn(&[2, 77, 32], 2);
         let (ef, rf) = run(&mut unet, ComputePath::Fused, &z, &ctx);
         let (ed, rd) = run(&mut unet, ComputePath::Differentiable, &z, &ctx);
-        let d = max_abs(&ef, &ed);
+        let d = max_abs_diff(&ef, &ed);
         println!("{h}x{w}: noise_pred fused vs differentiable {d:.2e}");
         assert!(d <= 1e-5, "{d}");
         assert_eq!(rf.attention.len(), 16);
         for ((s, a), (_, b)) in rf.attention.iter().zip(&rd.attention) {
-            let d = max_abs(a, b);
+            let d = max_abs_diff(a, b);
             assert!(d <= 1e-5, "{s}: {d}");
         }
         // Block outputs reach |x| ~ 30 here: f32 rounding of the two orders of summation.
         for ((s, a), (_, b)) in rf.blocks.iter().zip(&rd.blocks) {
-            let d = max_abs(a, b);
+            let d = max_abs_diff(a, b);
             assert!(d <= 1e-4, "{s}: {d}");
         }
     }

@@ -180,6 +180,20 @@ pub fn make_weights<M>(
     Ok(map)
 }
 
+/// A model built on [`make_weights`]' deterministic random weights, in memory (e.g. the full-size
+/// SD 1.5 UNet of the benchmarks).
+pub fn random_model<M>(
+    seed: u64,
+    build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+) -> candle_core::Result<M> {
+    let tensors = make_weights(seed, &build)?;
+    build(VarBuilder::from_tensors(
+        tensors.into_iter().collect(),
+        DType::F32,
+        &Device::Cpu,
+    ))
+}
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TinyError + '_ {
     move |source| TinyError::Io {
         path: path.to_path_buf(),
