@@ -8,8 +8,13 @@
 //! - transformer-block output: `up_blocks.2.attentions.0.transformer_blocks.0`
 //!
 //! Step boundaries are not inferred here: a sampler that needs them calls its hook explicitly.
+//!
+//! A hook may end the forward pass early: after each tensor it receives, the UNet asks
+//! [`Hook::flow`], and [`ControlFlow::Break`] stops the pass there
+//! ([`crate::unet::UNet2DConditionModel::forward_until`] then returns `Break`).
 
 use candle_core::Tensor;
+use std::ops::ControlFlow;
 
 /// Receives the tensors of the sites it asks for during a UNet forward pass.
 pub trait Hook {
@@ -40,6 +45,13 @@ pub trait Hook {
     /// - `hidden`: `[batch, hw, channels]`.
     fn block_output(&mut self, _site: &str, _hidden: &Tensor) -> candle_core::Result<()> {
         Ok(())
+    }
+
+    /// Asked after each tensor handed to this hook: `Continue` (the default) goes on with the
+    /// forward pass, `Break` ends it there, so nothing after that site is computed (nor, for a
+    /// loss built from the captured tensors, differentiated).
+    fn flow(&self) -> ControlFlow<()> {
+        ControlFlow::Continue(())
     }
 }
 

@@ -96,7 +96,7 @@ fn bench_emd() {
     for (n, m) in [(1024usize, 1024usize), (1024, 700), (600, 900)] {
         let cost: Vec<f64> = (0..n * m).map(|_| rng.random_range(0.0..2.0)).collect();
         let s = Instant::now();
-        let plan = guidance::ot::transport_uniform(&cost, n, m);
+        let plan = guidance::ot::transport_uniform(&cost, n, m).unwrap();
         println!(
             "{}",
             serde_json::json!({"emd": format!("{n}x{m}"), "seconds": s.elapsed().as_secs_f64(), "cost": plan.cost})
@@ -135,7 +135,7 @@ fn main() {
     };
 
     // Targets from other latents (their content does not change the cost).
-    let sites = g.appearance_sites(3);
+    let sites = g.appearance_sites(3).unwrap();
     let attn: Vec<String> = sites.iter().map(|s| attn2_site(s)).collect();
     let mut cap = SiteCapture::new(0, vec![3], attn, sites.clone());
     unet.forward_with(&randn(&mut rng, &[1, 4, 32, 32]), t as f64, &cond, &mut cap)

@@ -15,9 +15,9 @@ pub fn cosine_distances(v_ref: &Tensor, v_gen: &Tensor) -> Result<Tensor> {
     let (n, c) = v_ref.dims2()?;
     let (m, c2) = v_gen.dims2()?;
     if c != c2 || n == 0 || m == 0 {
-        return Err(Error::Invalid {
-            what: "cosine distances",
-            reason: format!("need non-empty sets of equal width, got [{n}, {c}] and [{m}, {c2}]"),
+        return Err(Error::FeatureSets {
+            reference: [n, c],
+            generated: [m, c2],
         });
     }
     let unit = |v: &Tensor| -> Result<Tensor> {
@@ -38,7 +38,9 @@ pub fn uremd(v_ref: &Tensor, v_gen: &Tensor) -> Result<Tensor> {
 }
 
 /// Exact EMD with uniform marginals: `Σ P*_ij C_ij` with the optimal plan `P*` held fixed, so
-/// the gradient flows through the cost matrix only.
+/// the gradient flows through the cost matrix only. Non-finite features (a diverged latent) have no
+/// plan: the loss is then NaN, like [`uremd`]'s, so the guided sampler reports the update as
+/// non-finite and skips it (or aborts, as configured) instead of stopping here.
 ///
 /// # Shapes
 /// - `v_ref`: `[n, c]`, `v_gen`: `[m, c]` → scalar
@@ -50,11 +52,17 @@ pub fn emd(v_ref: &Tensor, v_gen: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1()?;
-    let plan = ot::transport_uniform(&values, n, m);
-    let mut dense = vec![0.0f64; n * m];
-    for &(i, j, w) in &plan.entries {
-        dense[i * m + j] = w;
-    }
+    let dense = match ot::transport_uniform(&values, n, m) {
+        Ok(plan) => {
+            let mut dense = vec![0.0f64; n * m];
+            for &(i, j, w) in &plan.entries {
+                dense[i * m + j] = w;
+            }
+            dense
+        }
+        Err(ot::TransportError::NonFinite { .. }) => vec![f64::NAN; n * m],
+        Err(e) => return Err(e.into()),
+    };
     let p = Tensor::from_vec(dense, (n, m), cost.device())?.to_dtype(cost.dtype())?;
     Ok((cost * p)?.sum_all()?)
 }
@@ -159,6 +167,30 @@ mod tests {
         let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
         let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
         1.0 - dot / (na * nb)
+    }
+
+    /// NaN features give a NaN loss and gradient under either distance (the guided sampler then
+    /// reports and skips the update); the exact EMD does not panic on them.
+    #[test]
+    fn nan_features_give_a_nan_loss_not_a_panic() -> Result<()> {
+        let dev = Device::Cpu;
+        let reference = Tensor::new(&[[1.0f64, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev)?;
+        let generated = candle_core::Var::new(&[[0.5f64, f64::NAN], [1.0, 2.0]], &dev)?;
+        for kind in [Distance::Uremd, Distance::Emd] {
+            let layers = [AppearanceLayer {
+                site: "l0",
+                reference: &reference,
+                reference_mask: &[0, 1, 2],
+                generated: generated.as_tensor(),
+                generated_mask: &[0, 1],
+            }];
+            let loss = appearance_loss(&layers, kind)?.loss;
+            assert!(loss.to_scalar::<f64>()?.is_nan(), "{kind:?}");
+            let grads = loss.backward()?;
+            let g: Vec<Vec<f64>> = grads.get(generated.as_tensor()).unwrap().to_vec2()?;
+            assert!(g.iter().flatten().any(|v| v.is_nan()), "{kind:?}: {g:?}");
+        }
+        Ok(())
     }
 
     #[test]
@@ -329,7 +361,7 @@ mod tests {
                 )
             })
             .collect();
-        let plan = ot::transport_uniform(&cost, n, m);
+        let plan = ot::transport_uniform(&cost, n, m)?;
         let mut want = vec![vec![0.0; c]; m];
         for &(i, j, w) in &plan.entries {
             let a = &r[i * c..(i + 1) * c];

@@ -5,25 +5,11 @@
 use crate::maps::token_maps;
 use candle_core::Tensor;
 use diffusion::hooks::Hook;
+use std::ops::ControlFlow;
 
 /// The attention site (`…attn2`) of a transformer-block site.
 pub fn attn2_site(block_site: &str) -> String {
     format!("{block_site}.attn2")
-}
-
-/// The message of the error a [`SiteCapture`] with `stop_when_complete` returns to end the UNet
-/// forward once it holds everything it asked for.
-const CAPTURE_COMPLETE: &str = "pnd: capture complete, rest of the UNet forward skipped";
-
-/// Whether `err` is the early stop of a [`SiteCapture`] (not a failure).
-pub fn is_capture_complete(err: &candle_core::Error) -> bool {
-    match err {
-        candle_core::Error::Msg(m) => m == CAPTURE_COMPLETE,
-        candle_core::Error::WithBacktrace { inner, .. }
-        | candle_core::Error::Context { inner, .. }
-        | candle_core::Error::WithPath { inner, .. } => is_capture_complete(inner),
-        _ => false,
-    }
 }
 
 /// Keeps, for the batch entry `batch`, the head-averaged maps of `tokens` at the cross-attention
@@ -39,9 +25,10 @@ pub struct SiteCapture {
     pub maps: Vec<(String, Tensor)>,
     /// `(site, [hw, channels])` in forward order.
     pub blocks: Vec<(String, Tensor)>,
-    /// End the forward pass (with the error [`is_capture_complete`] recognizes) as soon as every
-    /// requested site is captured: a loss built from the captures needs nothing after them, so
-    /// neither the rest of the forward nor its backward is computed.
+    /// End the forward pass ([`Hook::flow`] breaks; run it with
+    /// [`diffusion::unet::UNet2DConditionModel::forward_until`]) as soon as every requested site
+    /// is captured: a loss built from the captures needs nothing after them, so neither the rest
+    /// of the forward nor its backward is computed.
     pub stop_when_complete: bool,
 }
 
@@ -63,13 +50,9 @@ impl SiteCapture {
         }
     }
 
-    fn check_complete(&self) -> candle_core::Result<()> {
-        let done = self.maps.len() >= self.attention_sites.len()
-            && self.blocks.len() >= self.block_sites.len();
-        if self.stop_when_complete && done {
-            return Err(candle_core::Error::Msg(CAPTURE_COMPLETE.to_string()));
-        }
-        Ok(())
+    /// Whether every requested site has been captured.
+    pub fn is_complete(&self) -> bool {
+        self.maps.len() >= self.attention_sites.len() && self.blocks.len() >= self.block_sites.len()
     }
 
     pub fn map(&self, site: &str) -> Option<&Tensor> {
@@ -90,7 +73,7 @@ impl Hook for SiteCapture {
         let maps = token_maps(probs, self.batch, &self.tokens)
             .map_err(|e| candle_core::Error::Msg(format!("{site}: {e}")))?;
         self.maps.push((site.to_string(), maps));
-        self.check_complete()
+        Ok(())
     }
 
     fn wants_block_output(&self, site: &str) -> bool {
@@ -103,5 +86,13 @@ impl Hook for SiteCapture {
             hidden.narrow(0, self.batch, 1)?.squeeze(0)?,
         ));
         Ok(())
+    }
+
+    fn flow(&self) -> ControlFlow<()> {
+        if self.stop_when_complete && self.is_complete() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 }

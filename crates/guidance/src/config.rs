@@ -56,6 +56,17 @@ pub enum NonFinite {
     Abort,
 }
 
+/// Which word of a personalized prompt gives the subject token (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectToken {
+    /// The pseudo-word's last token when the identifier is one (a Textual Inversion token: the
+    /// model holds a learned embedding), else the class noun's: SPEC §7's rule.
+    Identifier,
+    /// The class noun's last token whenever the prompt holds the class noun.
+    Class,
+}
+
 /// A half-open range of sampling step indices `[start, end)`, written `[start, end]` in TOML.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "[usize; 2]", into = "[usize; 2]")]
@@ -140,6 +151,7 @@ pub struct GuidanceConfig {
     /// σ of the 3×3 Gaussian.
     pub sigma: f64,
     pub nonfinite: NonFinite,
+    pub subject_token: SubjectToken,
     pub inversion: InversionConfig,
 }
 
@@ -160,6 +172,7 @@ impl Default for GuidanceConfig {
             kernel: Kernel::Aa,
             sigma: 0.5,
             nonfinite: NonFinite::Skip,
+            subject_token: SubjectToken::Identifier,
             inversion: InversionConfig::default(),
         }
     }
@@ -168,12 +181,12 @@ impl Default for GuidanceConfig {
 impl GuidanceConfig {
     /// Parses a TOML document; `origin` names it in errors (a path or `<inline>`).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
-        let cfg: GuidanceConfig = toml::from_str(text).map_err(|e| Error::Config {
+        let config: GuidanceConfig = toml::from_str(text).map_err(|e| Error::Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        cfg.validate()?;
-        Ok(cfg)
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self> {
@@ -208,8 +221,8 @@ impl GuidanceConfig {
         if !(self.sigma.is_finite() && self.sigma > 0.0) {
             return Err(bad("sigma", self.sigma, "must be positive"));
         }
-        if self.layers.is_none() && appearance_up_block(self.resolution).is_none() {
-            return Err(bad("resolution", self.resolution, "must be 16, 32 or 64"));
+        if self.layers.is_none() {
+            self.appearance_block()?;
         }
         for (name, w) in [
             ("layout_window", self.layout_window),
@@ -240,16 +253,26 @@ impl GuidanceConfig {
         self.components.layout() && self.layout_window.contains(step) && self.iterations > 0
     }
 
+    /// The up block of the appearance layers chosen by `resolution`, or the
+    /// [`Error::InvalidSetting`] of an unsupported resolution.
+    pub fn appearance_block(&self) -> Result<usize> {
+        appearance_up_block(self.resolution).ok_or_else(|| Error::InvalidSetting {
+            name: "resolution",
+            value: self.resolution.to_string(),
+            reason: "must be 16, 32 or 64",
+        })
+    }
+
     /// The appearance layers' transformer-block sites for a UNet whose up blocks hold
     /// `attentions_per_up_block` Transformer2D models each (3 for SD 1.x).
-    pub fn appearance_sites(&self, attentions_per_up_block: usize) -> Vec<String> {
+    pub fn appearance_sites(&self, attentions_per_up_block: usize) -> Result<Vec<String>> {
         if let Some(layers) = &self.layers {
-            return layers.clone();
+            return Ok(layers.clone());
         }
-        let block = appearance_up_block(self.resolution).expect("validated resolution");
-        (0..attentions_per_up_block)
+        let block = self.appearance_block()?;
+        Ok((0..attentions_per_up_block)
             .map(|a| format!("up_blocks.{block}.attentions.{a}.transformer_blocks.0"))
-            .collect()
+            .collect())
     }
 }
 
@@ -278,8 +301,9 @@ mod tests {
         assert_eq!(c.distance, Distance::Uremd);
         assert_eq!(c.components, Components::Both);
         assert_eq!(c.kernel, Kernel::Aa);
+        assert_eq!(c.subject_token, SubjectToken::Identifier);
         assert_eq!(
-            c.appearance_sites(3),
+            c.appearance_sites(3).unwrap(),
             vec![
                 "up_blocks.2.attentions.0.transformer_blocks.0",
                 "up_blocks.2.attentions.1.transformer_blocks.0",
@@ -308,7 +332,7 @@ mod tests {
         assert_eq!(c.layout_window.range(), 0..5);
         assert_eq!(c.inversion.inner_steps, 3);
         assert_eq!(c.inversion.lr, 1e-2);
-        assert!(c.appearance_sites(3)[0].starts_with("up_blocks.1."));
+        assert!(c.appearance_sites(3).unwrap()[0].starts_with("up_blocks.1."));
         assert!(!c.appearance_at(12));
         let back = GuidanceConfig::from_toml_str(&toml::to_string(&c).unwrap(), "<t>").unwrap();
         assert_eq!(back, c);
@@ -336,6 +360,27 @@ mod tests {
         let err = GuidanceConfig::from_toml_str("tau = 1.5\n", "<t>").unwrap_err();
         assert!(err.to_string().contains("tau"), "{err}");
         let err = GuidanceConfig::from_toml_str("distance = \"l2\"\n", "<t>").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    /// A config built in code skips `from_toml_*`'s validation: its bad values are errors where
+    /// they are used, not panics.
+    #[test]
+    fn unvalidated_bad_resolution_is_an_error() {
+        let c = GuidanceConfig {
+            resolution: 48,
+            ..Default::default()
+        };
+        let err = c.appearance_sites(3).unwrap_err().to_string();
+        assert!(err.contains("resolution = 48"), "{err}");
+        let explicit = GuidanceConfig {
+            layers: Some(vec!["up_blocks.1.attentions.0.transformer_blocks.0".into()]),
+            ..c
+        };
+        assert_eq!(explicit.appearance_sites(3).unwrap().len(), 1);
+        let c = GuidanceConfig::from_toml_str("subject_token = \"class\"\n", "<t>").unwrap();
+        assert_eq!(c.subject_token, SubjectToken::Class);
+        let err = GuidanceConfig::from_toml_str("subject_token = \"sks\"\n", "<t>").unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
     }
 

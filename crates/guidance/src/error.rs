@@ -1,4 +1,4 @@
-//! Typed errors of the guidance crate.
+//! Typed errors of the guidance crate: one variant per case a caller may want to tell apart.
 
 use std::path::PathBuf;
 
@@ -13,11 +13,25 @@ pub enum Error {
     #[error(transparent)]
     Tokenizer(Box<diffusion::tokenizer::TokenizerError>),
 
+    #[error("BLIP-Diffusion: {0}")]
+    Blip(Box<diffusion::blip::BlipError>),
+
     #[error("reference image '{path}': {reason}")]
     Image { path: PathBuf, reason: String },
 
     #[error("guidance gradient at step {step}, iteration {iteration} is not finite (nonfinite = \"abort\")")]
     NonFinite { step: usize, iteration: usize },
+
+    /// The null-text optimization met a NaN or infinite loss (diverged, or non-finite inputs).
+    #[error(
+        "null-text optimization diverged: the loss at sampling step {step}, Adam iteration \
+         {iteration} is {loss} (not finite)"
+    )]
+    NullTextNonFinite {
+        step: usize,
+        iteration: usize,
+        loss: f64,
+    },
 
     #[error("reading '{path}': {source}")]
     Io {
@@ -44,8 +58,78 @@ pub enum Error {
         got: Vec<usize>,
     },
 
-    #[error("{what}: {reason}")]
-    Invalid { what: &'static str, reason: String },
+    /// Feature sets the appearance distance cannot compare (empty, or of different widths).
+    #[error(
+        "cosine distances need non-empty sets of equal width, got {reference:?} and {generated:?}"
+    )]
+    FeatureSets {
+        reference: [usize; 2],
+        generated: [usize; 2],
+    },
+
+    #[error("exact EMD: {0}")]
+    Transport(#[from] crate::ot::TransportError),
+
+    #[error("token index {index} is outside the {tokens} attention tokens")]
+    TokenIndex { index: usize, tokens: usize },
+
+    #[error("layout loss: no cross-attention layers")]
+    NoLayoutLayers,
+
+    /// A site the guidance needs is not in the UNet.
+    #[error("the UNet has no site '{site}' (sites: {available:?})")]
+    UnknownSite {
+        site: String,
+        available: Vec<String>,
+    },
+
+    /// Configured appearance layers that are not transformer blocks of the UNet.
+    #[error(
+        "appearance layers {layers:?} are not transformer blocks of this UNet ({available:?})"
+    )]
+    UnknownLayers {
+        layers: Vec<String>,
+        available: Vec<String>,
+    },
+
+    /// Neither the subject word nor the identifier occurs in the prompt.
+    #[error(
+        "subject token: neither the class '{class}' nor the identifier {identifier:?} is in the \
+         prompt '{prompt}'"
+    )]
+    SubjectNotInPrompt {
+        class: String,
+        identifier: Option<String>,
+        prompt: String,
+    },
+
+    #[error("guided BLIP-Diffusion needs the reference's subject category")]
+    MissingSubjectCategory,
+
+    #[error("guided sampling: the appearance loss is on but there is no reference palette")]
+    MissingPalette,
+
+    #[error("guided sampling: the layout loss is on but there are no template maps")]
+    MissingTemplate,
+
+    /// A palette or template without the entry of a guided step.
+    #[error("{what}: nothing for step {step}")]
+    MissingStep { what: &'static str, step: usize },
+
+    /// A stored tensor file without a tensor it must hold.
+    #[error("'{path}' has no tensor '{name}'")]
+    MissingTensor { path: PathBuf, name: String },
+
+    #[error("trace line {path}:{line}: {message}")]
+    TraceLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
+    /// A stored JSON file that does not parse.
+    #[error("'{path}': {reason}")]
+    CorruptFile { path: PathBuf, reason: String },
 
     #[error(
         "cannot match the prompt tokens {personal:?} (identifier {identifier:?} removed) \
@@ -68,6 +152,12 @@ impl From<diffusion::pipeline::PipelineError> for Error {
 impl From<diffusion::tokenizer::TokenizerError> for Error {
     fn from(e: diffusion::tokenizer::TokenizerError) -> Self {
         Error::Tokenizer(Box::new(e))
+    }
+}
+
+impl From<diffusion::blip::BlipError> for Error {
+    fn from(e: diffusion::blip::BlipError) -> Self {
+        Error::Blip(Box::new(e))
     }
 }
 

@@ -3,10 +3,10 @@
 //! (batch 1), then the normal CFG DDIM step.
 
 use crate::appearance::{appearance_loss, AppearanceLayer, MaskSize};
-use crate::capture::{attn2_site, is_capture_complete, SiteCapture};
+use crate::capture::{attn2_site, SiteCapture};
 use crate::config::{GuidanceConfig, NonFinite};
 use crate::error::{Error, Result};
-use crate::layout::{layout_loss, to_square};
+use crate::layout::{layout_loss, match_tokens, to_square, word_ids};
 use crate::maps::{mask_indices, min_max_normalize};
 use crate::trace::TraceRow;
 use candle_core::{DType, Tensor, Var};
@@ -64,19 +64,10 @@ pub struct StepLoss {
     pub skipped: usize,
 }
 
-/// The weighted Pick-and-Draw loss at latent `z` (conditional branch only).
-///
-/// # Shapes
-/// - `z`: `[1, 4, h, w]`; `cond`: `[1, 77, dim]`
-pub fn step_loss(
-    unet: &UNet2DConditionModel,
-    cfg: &GuidanceConfig,
-    z: &Tensor,
-    timestep: usize,
-    cond: &Tensor,
-    tokens: &PromptTokens,
-    targets: &StepTargets<'_>,
-) -> Result<StepLoss> {
+/// The capture of a gradient pass (batch entry 0): the maps of the subject and layout tokens at the
+/// `attn2` sites the active loss terms read and the block outputs of the appearance layers; it
+/// ends the forward pass as soon as it holds them all.
+pub fn step_capture(tokens: &PromptTokens, targets: &StepTargets<'_>) -> SiteCapture {
     let mut capture_tokens = vec![tokens.subject];
     capture_tokens.extend(&tokens.layout);
     let mut attention_sites = Vec::new();
@@ -96,17 +87,28 @@ pub fn step_loss(
     }
     let mut cap = SiteCapture::new(0, capture_tokens, attention_sites, block_sites);
     cap.stop_when_complete = true;
-    match unet.forward_with(z, timestep as f64, cond, &mut cap) {
-        Ok(_) => {}
-        Err(e) if is_capture_complete(&e) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let missing = |site: &str| Error::Invalid {
-        what: "guidance capture",
-        reason: format!(
-            "the UNet has no site '{site}' (sites: {:?})",
-            unet.transformer_block_sites()
-        ),
+    cap
+}
+
+/// The weighted Pick-and-Draw loss at latent `z` (conditional branch only).
+///
+/// # Shapes
+/// - `z`: `[1, 4, h, w]`; `cond`: `[1, 77, dim]`
+pub fn step_loss(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    z: &Tensor,
+    timestep: usize,
+    cond: &Tensor,
+    tokens: &PromptTokens,
+    targets: &StepTargets<'_>,
+) -> Result<StepLoss> {
+    let mut cap = step_capture(tokens, targets);
+    // The forward ends at the last captured site; its output is not needed.
+    let _ = unet.forward_until(z, timestep as f64, cond, &mut cap)?;
+    let missing = |site: &str| Error::UnknownSite {
+        site: site.to_string(),
+        available: unet.transformer_block_sites(),
     };
 
     let mut total: Option<Tensor> = None;
@@ -124,7 +126,7 @@ pub fn step_loss(
                 .map(&attn2_site(&l.site))
                 .ok_or_else(|| missing(&l.site))?;
             let subject = min_max_normalize(&map.detach().narrow(0, 0, 1)?)?.squeeze(0)?;
-            gen_masks.push(mask_indices(&subject, cfg.tau)?);
+            gen_masks.push(mask_indices(&subject, config.tau)?);
         }
         let layers = reference
             .iter()
@@ -139,11 +141,11 @@ pub fn step_loss(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let app = appearance_loss(&layers, cfg.distance)?;
+        let app = appearance_loss(&layers, config.distance)?;
         out.loss_app = Some(app.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         out.masks = app.masks;
         out.skipped = app.skipped;
-        total = Some((app.loss * cfg.alpha)?);
+        total = Some((app.loss * config.alpha)?);
     }
     if let Some(template) = targets.layout {
         let k = tokens.layout.len();
@@ -157,9 +159,9 @@ pub fn step_loss(
                 Ok((to_square(&gen)?, to_square(temp)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let lay = layout_loss(&pairs, cfg.kernel, cfg.sigma)?;
+        let lay = layout_loss(&pairs, config.kernel, config.sigma)?;
         out.loss_lay = Some(lay.to_dtype(DType::F64)?.to_scalar::<f64>()?);
-        let weighted = (lay * cfg.beta)?;
+        let weighted = (lay * config.beta)?;
         total = Some(match total {
             Some(t) => (t + weighted)?,
             None => weighted,
@@ -171,29 +173,44 @@ pub fn step_loss(
     Ok(out)
 }
 
+/// The losses at a latent and their gradient.
+pub struct StepGradient {
+    pub loss: StepLoss,
+    /// `∇_z` of `loss.total`, like `z`.
+    pub grad: Tensor,
+}
+
 /// The gradient of [`step_loss`] with respect to `z`, zeros when the loss does not depend on it.
 pub fn step_gradient(
     unet: &UNet2DConditionModel,
-    cfg: &GuidanceConfig,
+    config: &GuidanceConfig,
     z: &Tensor,
     timestep: usize,
     cond: &Tensor,
     tokens: &PromptTokens,
     targets: &StepTargets<'_>,
-) -> Result<(StepLoss, Tensor)> {
+) -> Result<StepGradient> {
     let var = Var::from_tensor(&z.detach())?;
-    let loss = step_loss(unet, cfg, var.as_tensor(), timestep, cond, tokens, targets)?;
+    let loss = step_loss(
+        unet,
+        config,
+        var.as_tensor(),
+        timestep,
+        cond,
+        tokens,
+        targets,
+    )?;
     let grad = match loss.total.backward()?.remove(var.as_tensor()) {
         Some(g) => g,
         None => z.zeros_like()?,
     };
-    Ok((loss, grad))
+    Ok(StepGradient { loss, grad })
 }
 
 /// Everything a guided sampling run needs.
 pub struct GuidedRun<'a> {
     pub sd: &'a StableDiffusion,
-    pub cfg: &'a GuidanceConfig,
+    pub config: &'a GuidanceConfig,
     pub emb: &'a PromptEmbeddings,
     pub steps: usize,
     pub cfg_scale: f64,
@@ -216,48 +233,26 @@ pub fn guided_sample(
     let mut z = init.clone();
     for i in 0..n {
         let t = ddim.timesteps()[i];
-        let appearance = if run.cfg.appearance_at(i) {
-            let palette = run.palette.ok_or_else(|| Error::Invalid {
-                what: "guided sampling",
-                reason: "the appearance loss is on but there is no reference palette".into(),
-            })?;
-            Some(
-                palette
-                    .steps
-                    .get(&i)
-                    .map(|v| v.as_slice())
-                    .ok_or_else(|| Error::Invalid {
-                        what: "reference palette",
-                        reason: format!("no reference features for step {i}"),
-                    })?,
-            )
-        } else {
-            None
-        };
-        let layout = if run.cfg.layout_at(i) {
-            let template = run.template.ok_or_else(|| Error::Invalid {
-                what: "guided sampling",
-                reason: "the layout loss is on but there are no template maps".into(),
-            })?;
-            Some(
-                template
-                    .steps
-                    .get(&i)
-                    .map(|v| v.as_slice())
-                    .ok_or_else(|| Error::Invalid {
-                        what: "template maps",
-                        reason: format!("no template maps for step {i}"),
-                    })?,
-            )
-        } else {
-            None
-        };
+        let appearance = targets_at(
+            run.config.appearance_at(i),
+            run.palette.map(|p| &p.steps),
+            Error::MissingPalette,
+            "reference palette",
+            i,
+        )?;
+        let layout = targets_at(
+            run.config.layout_at(i),
+            run.template.map(|t| &t.steps),
+            Error::MissingTemplate,
+            "template maps",
+            i,
+        )?;
         if appearance.is_some() || layout.is_some() {
             let targets = StepTargets { appearance, layout };
-            for it in 0..run.cfg.iterations {
-                let (loss, grad) = step_gradient(
+            for it in 0..run.config.iterations {
+                let StepGradient { loss, grad } = step_gradient(
                     &run.sd.unet,
-                    run.cfg,
+                    run.config,
                     &z,
                     t,
                     &run.emb.cond,
@@ -272,8 +267,8 @@ pub fn guided_sample(
                     .to_scalar::<f64>()?;
                 let finite = norm.is_finite();
                 if finite {
-                    z = (z - (grad * run.cfg.eta)?)?.detach();
-                } else if run.cfg.nonfinite == NonFinite::Abort {
+                    z = (z - (grad * run.config.eta)?)?.detach();
+                } else if run.config.nonfinite == NonFinite::Abort {
                     return Err(Error::NonFinite {
                         step: i,
                         iteration: it,
@@ -299,6 +294,25 @@ pub fn guided_sample(
         on_step(i + 1, n);
     }
     Ok(z)
+}
+
+/// The entry of step `i` of per-step targets when their loss term is `on` at `i`; `absent` when
+/// there are no such targets at all.
+fn targets_at<'a, T>(
+    on: bool,
+    steps: Option<&'a BTreeMap<usize, Vec<T>>>,
+    absent: Error,
+    what: &'static str,
+    i: usize,
+) -> Result<Option<&'a [T]>> {
+    if !on {
+        return Ok(None);
+    }
+    let steps = steps.ok_or(absent)?;
+    match steps.get(&i) {
+        Some(v) => Ok(Some(v.as_slice())),
+        None => Err(Error::MissingStep { what, step: i }),
+    }
 }
 
 /// The template (SPEC §7): unguided CFG sampling of `sd` (the base model) with the
@@ -350,11 +364,26 @@ pub fn template_prompt(prompt: &str, identifier: Option<&str>) -> String {
     }
 }
 
-/// Word tokens of a tokenized prompt (start, end and padding excluded).
-fn word_ids(tok: &diffusion::tokenizer::ClipTokenizer, text: &str) -> Result<Vec<u32>> {
-    let enc = tok.encode(text)?;
-    let n = enc.len_unpadded();
-    Ok(enc.ids[1..n.saturating_sub(1).max(1)].to_vec())
+/// The generated prompt's token positions and the template's positions matched with them.
+#[derive(Debug, Clone)]
+pub struct TokenMatch {
+    pub prompt: PromptTokens,
+    /// The template's positions of `prompt.layout`'s tokens, in the same order.
+    pub template: Vec<usize>,
+}
+
+impl TokenMatch {
+    /// From `(prompt position, template position)` pairs.
+    pub(crate) fn from_pairs(
+        subject: usize,
+        pairs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Self {
+        let (layout, template) = pairs.into_iter().unzip();
+        TokenMatch {
+            prompt: PromptTokens { subject, layout },
+            template,
+        }
+    }
 }
 
 /// The token positions of the generated prompt (subject = last token of `subject_word`; layout
@@ -367,7 +396,7 @@ pub fn prompt_tokens(
     identifier: Option<&str>,
     base: &diffusion::tokenizer::ClipTokenizer,
     template: &str,
-) -> Result<(PromptTokens, Vec<usize>)> {
+) -> Result<TokenMatch> {
     let subject = *personal
         .word_positions(prompt, subject_word)?
         .last()
@@ -378,12 +407,5 @@ pub fn prompt_tokens(
         None => vec![],
     };
     let t = word_ids(base, template)?;
-    let pairs = crate::layout::match_tokens(&p, &id, &t)?;
-    Ok((
-        PromptTokens {
-            subject,
-            layout: pairs.iter().map(|&(a, _)| a).collect(),
-        },
-        pairs.iter().map(|&(_, b)| b).collect(),
-    ))
+    Ok(TokenMatch::from_pairs(subject, match_tokens(&p, &id, &t)?))
 }

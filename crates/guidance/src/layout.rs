@@ -104,10 +104,7 @@ pub fn layer_distance(
 /// ℓ_lay: the mean of [`layer_distance`] over layers (each `(generated, template)`).
 pub fn layout_loss(layers: &[(Tensor, Tensor)], kernel: Kernel, sigma: f64) -> Result<Tensor> {
     if layers.is_empty() {
-        return Err(Error::Invalid {
-            what: "layout loss",
-            reason: "no cross-attention layers".into(),
-        });
+        return Err(Error::NoLayoutLayers);
     }
     let terms = layers
         .iter()
@@ -167,17 +164,23 @@ pub fn match_tokens(
         .collect())
 }
 
-/// Selects the maps of `tokens` from head-averaged `[hw, tokens]`-style maps given as `[n, hw]`
-/// rows indexed by token position. Provided for callers holding all tokens' maps.
-pub fn select_rows(maps: &Tensor, rows: &[usize]) -> Result<Tensor> {
-    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    let idx = Tensor::new(idx.as_slice(), maps.device())?;
-    Ok(maps.index_select(&idx, 0)?)
+/// Word tokens of a prompt (start, end and padding excluded), as [`match_tokens`] takes them.
+pub(crate) fn word_ids(tok: &diffusion::tokenizer::ClipTokenizer, text: &str) -> Result<Vec<u32>> {
+    let enc = tok.encode(text)?;
+    let n = enc.len_unpadded();
+    Ok(enc.ids[1..n.saturating_sub(1).max(1)].to_vec())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `[n, hw]` rows of `maps` at `rows`.
+    fn select_rows(maps: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), maps.device())?;
+        Ok(maps.index_select(&idx, 0)?)
+    }
     use crate::testutil::check_gradient;
     use candle_core::{DType, Device};
 

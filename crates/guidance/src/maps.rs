@@ -19,9 +19,9 @@ pub fn token_maps(probs: &Tensor, batch: usize, token_indices: &[usize]) -> Resu
         });
     }
     if let Some(&bad) = token_indices.iter().find(|&&t| t >= dims[3]) {
-        return Err(Error::Invalid {
-            what: "token index",
-            reason: format!("{bad} is outside the {} attention tokens", dims[3]),
+        return Err(Error::TokenIndex {
+            index: bad,
+            tokens: dims[3],
         });
     }
     let idx: Vec<u32> = token_indices.iter().map(|&t| t as u32).collect();

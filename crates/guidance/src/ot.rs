@@ -1,6 +1,6 @@
 //! Exact optimal transport for the EMD ablation (SPEC §7): the transportation problem with
-//! uniform marginals, solved by successive shortest paths with Dijkstra and node potentials,
-//! and the Hungarian algorithm for square assignment problems (used to check the former).
+//! uniform marginals, solved by successive shortest paths with Dijkstra and node potentials
+//! (checked in the tests against brute force, LP vertex enumeration and a Hungarian solver).
 //!
 //! With `n` sources and `m` sinks the uniform marginals `1/n` and `1/m` are scaled to integer
 //! supplies `m/g` and demands `n/g` (`g = gcd(n, m)`), so every flow is integral and the plan is
@@ -15,6 +15,18 @@ pub struct TransportPlan {
     pub cost: f64,
 }
 
+/// A transport problem without a solution.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TransportError {
+    #[error("transport needs non-empty sets, got {n}×{m}")]
+    Empty { n: usize, m: usize },
+    #[error("the cost matrix has {len} entries, not {n}×{m}")]
+    Shape { len: usize, n: usize, m: usize },
+    /// A NaN or infinite cost (features that diverged): no plan is meaningful.
+    #[error("the cost matrix holds the non-finite value {value} at entry {index}")]
+    NonFinite { index: usize, value: f64 },
+}
+
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
@@ -25,17 +37,26 @@ fn gcd(a: usize, b: usize) -> usize {
 
 /// Solves `min Σ P_ij C_ij` over plans with row sums `1/n` and column sums `1/m`.
 ///
-/// `cost` is row-major `[n, m]`; `n` and `m` must be positive and the costs finite.
-pub fn transport_uniform(cost: &[f64], n: usize, m: usize) -> TransportPlan {
-    assert!(
-        n > 0 && m > 0,
-        "transport needs non-empty sets, got {n}×{m}"
-    );
-    assert_eq!(cost.len(), n * m, "cost matrix is not {n}×{m}");
-    assert!(
-        cost.iter().all(|c| c.is_finite()),
-        "non-finite transport cost"
-    );
+/// `cost` is row-major `[n, m]`; `n` and `m` must be positive and the costs finite, else
+/// [`TransportError`].
+pub fn transport_uniform(
+    cost: &[f64],
+    n: usize,
+    m: usize,
+) -> Result<TransportPlan, TransportError> {
+    if n == 0 || m == 0 {
+        return Err(TransportError::Empty { n, m });
+    }
+    if cost.len() != n * m {
+        return Err(TransportError::Shape {
+            len: cost.len(),
+            n,
+            m,
+        });
+    }
+    if let Some((index, &value)) = cost.iter().enumerate().find(|(_, c)| !c.is_finite()) {
+        return Err(TransportError::NonFinite { index, value });
+    }
     let g = gcd(n, m);
     let (supply0, demand0) = ((m / g) as i64, (n / g) as i64);
     let mut supply = vec![supply0; n];
@@ -172,77 +193,103 @@ pub fn transport_uniform(cost: &[f64], n: usize, m: usize) -> TransportPlan {
             }
         }
     }
-    TransportPlan {
+    Ok(TransportPlan {
         entries,
         cost: total_cost,
-    }
-}
-
-/// Minimum-cost perfect assignment of a square `[n, n]` row-major cost matrix (Hungarian
-/// algorithm with potentials, O(n³)). Returns the column assigned to each row.
-pub fn assignment(cost: &[f64], n: usize) -> Vec<usize> {
-    assert_eq!(cost.len(), n * n, "assignment cost matrix is not {n}×{n}");
-    // 1-based arrays: column 0 is a virtual column holding the row being inserted.
-    let mut u = vec![0.0f64; n + 1];
-    let mut v = vec![0.0f64; n + 1];
-    let mut row_of = vec![0usize; n + 1];
-    let mut way = vec![0usize; n + 1];
-    for i in 1..=n {
-        row_of[0] = i;
-        let mut j0 = 0;
-        let mut minv = vec![f64::INFINITY; n + 1];
-        let mut used = vec![false; n + 1];
-        loop {
-            used[j0] = true;
-            let i0 = row_of[j0];
-            let mut delta = f64::INFINITY;
-            let mut j1 = 0;
-            for j in 1..=n {
-                if !used[j] {
-                    let cur = cost[(i0 - 1) * n + (j - 1)] - u[i0] - v[j];
-                    if cur < minv[j] {
-                        minv[j] = cur;
-                        way[j] = j0;
-                    }
-                    if minv[j] < delta {
-                        delta = minv[j];
-                        j1 = j;
-                    }
-                }
-            }
-            for j in 0..=n {
-                if used[j] {
-                    u[row_of[j]] += delta;
-                    v[j] -= delta;
-                } else {
-                    minv[j] -= delta;
-                }
-            }
-            j0 = j1;
-            if row_of[j0] == 0 {
-                break;
-            }
-        }
-        loop {
-            let j1 = way[j0];
-            row_of[j0] = row_of[j1];
-            j0 = j1;
-            if j0 == 0 {
-                break;
-            }
-        }
-    }
-    let mut col_of = vec![0usize; n];
-    for j in 1..=n {
-        col_of[row_of[j] - 1] = j - 1;
-    }
-    col_of
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Minimum-cost perfect assignment of a square `[n, n]` row-major cost matrix (Hungarian
+    /// algorithm with potentials, O(n³)). Returns the column assigned to each row.
+    fn assignment(cost: &[f64], n: usize) -> Vec<usize> {
+        assert_eq!(cost.len(), n * n, "assignment cost matrix is not {n}×{n}");
+        // 1-based arrays: column 0 is a virtual column holding the row being inserted.
+        let mut u = vec![0.0f64; n + 1];
+        let mut v = vec![0.0f64; n + 1];
+        let mut row_of = vec![0usize; n + 1];
+        let mut way = vec![0usize; n + 1];
+        for i in 1..=n {
+            row_of[0] = i;
+            let mut j0 = 0;
+            let mut minv = vec![f64::INFINITY; n + 1];
+            let mut used = vec![false; n + 1];
+            loop {
+                used[j0] = true;
+                let i0 = row_of[j0];
+                let mut delta = f64::INFINITY;
+                let mut j1 = 0;
+                for j in 1..=n {
+                    if !used[j] {
+                        let cur = cost[(i0 - 1) * n + (j - 1)] - u[i0] - v[j];
+                        if cur < minv[j] {
+                            minv[j] = cur;
+                            way[j] = j0;
+                        }
+                        if minv[j] < delta {
+                            delta = minv[j];
+                            j1 = j;
+                        }
+                    }
+                }
+                for j in 0..=n {
+                    if used[j] {
+                        u[row_of[j]] += delta;
+                        v[j] -= delta;
+                    } else {
+                        minv[j] -= delta;
+                    }
+                }
+                j0 = j1;
+                if row_of[j0] == 0 {
+                    break;
+                }
+            }
+            loop {
+                let j1 = way[j0];
+                row_of[j0] = row_of[j1];
+                j0 = j1;
+                if j0 == 0 {
+                    break;
+                }
+            }
+        }
+        let mut col_of = vec![0usize; n];
+        for j in 1..=n {
+            col_of[row_of[j] - 1] = j - 1;
+        }
+        col_of
+    }
+
+    /// The mean cost of [`assignment`]'s optimal permutation of a square `[n, n]` cost matrix.
+    fn assignment_cost(cost: &[f64], n: usize) -> f64 {
+        assignment(cost, n)
+            .iter()
+            .enumerate()
+            .map(|(i, &j)| cost[i * n + j])
+            .sum::<f64>()
+            / n as f64
+    }
+
+    fn transport(cost: &[f64], n: usize, m: usize) -> TransportPlan {
+        transport_uniform(cost, n, m).expect("finite, well-shaped costs")
+    }
+
+    /// The plan of `cost` has the uniform marginals and the LP optimum's cost.
+    fn check_against_lp(cost: &[f64], n: usize, m: usize) {
+        let plan = transport(cost, n, m);
+        check_marginals(&plan, n, m);
+        let brute = lp_by_enumeration(cost, n, m);
+        assert!(
+            (plan.cost - brute).abs() < 1e-12,
+            "{n}×{m}: {} vs {brute}",
+            plan.cost
+        );
+    }
 
     fn random_cost(rng: &mut StdRng, n: usize, m: usize) -> Vec<f64> {
         (0..n * m).map(|_| rng.random_range(0.0..2.0)).collect()
@@ -363,20 +410,14 @@ mod tests {
                     })
                     .fold(f64::INFINITY, f64::min)
                     / n as f64;
-                let plan = transport_uniform(&c, n, n);
+                let plan = transport(&c, n, n);
                 check_marginals(&plan, n, n);
                 assert!(
                     (plan.cost - brute).abs() < 1e-12,
                     "{n}: {} vs {brute}",
                     plan.cost
                 );
-                let a = assignment(&c, n);
-                let hung = a
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &j)| c[i * n + j])
-                    .sum::<f64>();
-                assert!((hung / n as f64 - brute).abs() < 1e-12);
+                assert!((assignment_cost(&c, n) - brute).abs() < 1e-12);
             }
         }
     }
@@ -396,15 +437,7 @@ mod tests {
             (4, 6),
         ] {
             for _ in 0..3 {
-                let c = random_cost(&mut rng, n, m);
-                let plan = transport_uniform(&c, n, m);
-                check_marginals(&plan, n, m);
-                let brute = lp_by_enumeration(&c, n, m);
-                assert!(
-                    (plan.cost - brute).abs() < 1e-12,
-                    "{n}×{m}: {} vs {brute}",
-                    plan.cost
-                );
+                check_against_lp(&random_cost(&mut rng, n, m), n, m);
             }
         }
     }
@@ -416,14 +449,7 @@ mod tests {
         for (n, m) in [(3, 4), (4, 2), (3, 5)] {
             for _ in 0..5 {
                 let c: Vec<f64> = (0..n * m).map(|_| rng.random_range(0..3) as f64).collect();
-                let plan = transport_uniform(&c, n, m);
-                check_marginals(&plan, n, m);
-                let brute = lp_by_enumeration(&c, n, m);
-                assert!(
-                    (plan.cost - brute).abs() < 1e-12,
-                    "{n}×{m}: {} vs {brute}",
-                    plan.cost
-                );
+                check_against_lp(&c, n, m);
             }
         }
     }
@@ -433,15 +459,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         for n in [20, 64, 100] {
             let c = random_cost(&mut rng, n, n);
-            let plan = transport_uniform(&c, n, n);
+            let plan = transport(&c, n, n);
             check_marginals(&plan, n, n);
-            let a = assignment(&c, n);
-            let hung = a
-                .iter()
-                .enumerate()
-                .map(|(i, &j)| c[i * n + j])
-                .sum::<f64>()
-                / n as f64;
+            let hung = assignment_cost(&c, n);
             assert!(
                 (plan.cost - hung).abs() < 1e-10,
                 "{n}: {} vs {hung}",
@@ -467,14 +487,30 @@ mod tests {
                     big[r * size + q] = c[(r / s) * m + q / d];
                 }
             }
-            let a = assignment(&big, size);
-            let hung = a
-                .iter()
-                .enumerate()
-                .map(|(r, &q)| big[r * size + q])
-                .sum::<f64>();
-            let plan = transport_uniform(&c, n, m);
-            assert!((plan.cost - hung / size as f64).abs() < 1e-10);
+            let plan = transport(&c, n, m);
+            assert!((plan.cost - assignment_cost(&big, size)).abs() < 1e-10);
         }
+    }
+
+    #[test]
+    fn bad_costs_are_errors_not_panics() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut c = vec![0.5; 6];
+            c[4] = bad;
+            match transport_uniform(&c, 2, 3) {
+                Err(TransportError::NonFinite { index: 4, value }) => {
+                    assert!(value.is_nan() == bad.is_nan())
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            transport_uniform(&[], 0, 3),
+            Err(TransportError::Empty { n: 0, m: 3 })
+        );
+        assert_eq!(
+            transport_uniform(&[0.0; 5], 2, 3),
+            Err(TransportError::Shape { len: 5, n: 2, m: 3 })
+        );
     }
 }

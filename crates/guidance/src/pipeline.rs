@@ -1,16 +1,16 @@
 //! One Pick-and-Draw image end to end (SPEC §7): cached null-text inversion and palette of the
-//! reference image, template maps from the base model, then guided sampling. Each shared piece
-//! is timed separately so the overhead of the guidance itself can be reported.
+//! reference image, cached template maps from the base model, then guided sampling. Each shared
+//! piece is timed separately so the overhead of the guidance itself can be reported. Nothing here
+//! prints: what a caller may want to tell the user comes back in [`PickAndDraw`].
 
-use crate::config::GuidanceConfig;
+use crate::cache::{file_sha256, CacheKey, Cached, PaletteCache, TemplateCache, TemplateKey};
+use crate::config::{GuidanceConfig, SubjectToken};
 use crate::error::{Error, Result};
 use crate::guide::{
     guided_sample, prompt_tokens, template_maps, template_prompt, GuidedRun, Palette, TemplateMaps,
 };
-use crate::inversion::{
-    file_sha256, invert, load_reference_image, palette_from_inversion, CacheKey, CacheStatus,
-    PaletteCache,
-};
+use crate::inversion::{invert, load_reference_image, Inversion};
+use crate::palette::{palette_from_embeddings, PaletteSpec};
 use crate::trace::{TraceRow, TraceWriter};
 use candle_core::Tensor;
 use diffusion::pipeline::StableDiffusion;
@@ -37,6 +37,7 @@ pub struct PickAndDrawRequest {
     pub template_prompt: Option<String>,
     /// Names the model in the cache key (the model argument and any embedding file).
     pub model_key: String,
+    /// Holds the inversions, palettes and layout templates.
     pub cache_dir: PathBuf,
     pub trace: Option<PathBuf>,
 }
@@ -48,17 +49,47 @@ pub struct Timings {
     pub palette_s: f64,
     pub template_s: f64,
     pub sampling_s: f64,
+    /// The inversion and the palette both came from the cache.
     pub cache_hit: bool,
+    /// The layout template came from the cache.
+    pub template_cache_hit: bool,
 }
 
-/// The appearance sites of `cfg` present in `sd`'s UNet (an explicit `layers` list as given).
-pub fn appearance_sites(sd: &StableDiffusion, cfg: &GuidanceConfig) -> Result<Vec<String>> {
+/// A guided update whose gradient held NaN or infinite values and was not applied
+/// (`nonfinite = "skip"`; the trace has the same row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedUpdate {
+    pub step: usize,
+    pub iteration: usize,
+}
+
+impl std::fmt::Display for SkippedUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "non-finite guidance gradient at step {}, iteration {}; update skipped",
+            self.step, self.iteration
+        )
+    }
+}
+
+/// One Pick-and-Draw generation.
+#[derive(Debug, Clone)]
+pub struct PickAndDraw {
+    /// The final latents `[1, 4, h/8, w/8]`.
+    pub latents: Tensor,
+    pub timings: Timings,
+    /// Updates skipped for a non-finite gradient, in order (for the caller to report).
+    pub skipped_updates: Vec<SkippedUpdate>,
+}
+
+/// The appearance sites of `config` present in `sd`'s UNet (an explicit `layers` list as given).
+pub fn appearance_sites(sd: &StableDiffusion, config: &GuidanceConfig) -> Result<Vec<String>> {
     let all = sd.unet.transformer_block_sites();
-    let sites = match &cfg.layers {
+    let sites = match &config.layers {
         Some(l) => l.clone(),
         None => {
-            let block = crate::config::appearance_up_block(cfg.resolution).expect("validated");
-            let prefix = format!("up_blocks.{block}.");
+            let prefix = format!("up_blocks.{}.", config.appearance_block()?);
             all.iter()
                 .filter(|s| s.starts_with(&prefix))
                 .cloned()
@@ -66,9 +97,9 @@ pub fn appearance_sites(sd: &StableDiffusion, cfg: &GuidanceConfig) -> Result<Ve
         }
     };
     if sites.is_empty() || sites.iter().any(|s| !all.contains(s)) {
-        return Err(Error::Invalid {
-            what: "appearance layers",
-            reason: format!("{sites:?} are not transformer blocks of this UNet ({all:?})"),
+        return Err(Error::UnknownLayers {
+            layers: sites,
+            available: all,
         });
     }
     Ok(sites)
@@ -85,13 +116,19 @@ pub fn inversion_prompt(class: &str, identifier: Option<&str>) -> String {
 /// The reference palette of `req`, from the cache when it holds it.
 pub fn reference_palette(
     sd: &StableDiffusion,
-    cfg: &GuidanceConfig,
+    config: &GuidanceConfig,
     req: &PickAndDrawRequest,
     timings: &mut Timings,
 ) -> Result<Palette> {
-    let sites = appearance_sites(sd, cfg)?;
+    let sites = appearance_sites(sd, config)?;
     let prompt = inversion_prompt(&req.class, req.identifier.as_deref());
-    let subject_word = subject_word(sd, &prompt, req)?;
+    let subject_word = subject_word(
+        sd,
+        &prompt,
+        &req.class,
+        req.identifier.as_deref(),
+        config.subject_token,
+    )?;
     let subject = *sd
         .tokenizer
         .word_positions(&prompt, &subject_word)?
@@ -105,51 +142,172 @@ pub fn reference_palette(
         height: req.height,
         width: req.width,
         scheduler: format!("{:?}", sd.scheduler),
-        inversion: format!("{:?}", cfg.inversion),
+        inversion: format!("{:?}", config.inversion),
         dtype: format!("{:?}", sd.dtype()),
     };
-    let cache = PaletteCache::new(&req.cache_dir);
-    let window = cfg.appearance_window.range();
-    let t0 = Instant::now();
-    let (inv, s1) = cache.inversion(&key, sd, || {
-        let img = load_reference_image(&req.reference, req.height, req.width)?;
-        invert(sd, &img, &prompt, req.steps, &cfg.inversion)
-    })?;
-    timings.inversion_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let (palette, s2) = cache.palette(&key, &sites, cfg.tau, window.clone(), sd, || {
-        palette_from_inversion(
-            sd,
-            &inv,
-            &prompt,
-            subject,
-            &sites,
-            cfg.tau,
-            cfg.inversion.guidance_scale,
-            window.clone(),
-        )
-    })?;
-    timings.palette_s = t1.elapsed().as_secs_f64();
-    timings.cache_hit = s1 == CacheStatus::Hit && s2 == CacheStatus::Hit;
-    Ok(palette)
+    // The replay's conditioning: the inversion prompt's embedding (as `palette_from_inversion`).
+    let cond = sd.encode_prompt(&prompt)?;
+    cached_palette(
+        sd,
+        &req.cache_dir,
+        &key,
+        &PaletteSpec::new(config, &sites, subject),
+        &cond,
+        || {
+            let img = load_reference_image(&req.reference, req.height, req.width)?;
+            invert(sd, &img, &prompt, req.steps, &config.inversion)
+        },
+        timings,
+    )
 }
 
-/// The class noun when the prompt holds it, else the identifier (a Textual Inversion pseudo-word
-/// standing for the subject).
-fn subject_word(sd: &StableDiffusion, prompt: &str, req: &PickAndDrawRequest) -> Result<String> {
-    if sd.tokenizer.word_positions(prompt, &req.class).is_ok() {
-        return Ok(req.class.clone());
+/// The inversion (computed by `invert` on a miss) and the palette of `key` replayed with `cond`,
+/// from the palette cache under `cache_dir` when it holds them, timed into `timings`.
+pub(crate) fn cached_palette(
+    sd: &StableDiffusion,
+    cache_dir: &Path,
+    key: &CacheKey,
+    spec: &PaletteSpec<'_>,
+    cond: &Tensor,
+    invert: impl FnOnce() -> Result<Inversion>,
+    timings: &mut Timings,
+) -> Result<Palette> {
+    let cache = PaletteCache::new(cache_dir);
+    let t0 = Instant::now();
+    let inv = cache.inversion(key, sd, invert)?;
+    timings.inversion_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let palette = cache.palette(key, spec.sites, spec.tau, spec.steps.clone(), sd, || {
+        palette_from_embeddings(sd, &inv.value, cond, spec)
+    })?;
+    timings.palette_s = t1.elapsed().as_secs_f64();
+    timings.cache_hit = inv.hit() && palette.hit();
+    Ok(palette.value)
+}
+
+/// The word of `prompt` whose last token is the subject token (SPEC §7): with
+/// [`SubjectToken::Identifier`] the pseudo-word when the identifier is one (`sd` holds a learned
+/// Textual Inversion embedding), else the class noun; a prompt without the preferred word falls
+/// back to the other one.
+pub fn subject_word(
+    sd: &StableDiffusion,
+    prompt: &str,
+    class_noun: &str,
+    identifier_word: Option<&str>,
+    choice: SubjectToken,
+) -> Result<String> {
+    let present = |w: &str| sd.tokenizer.word_positions(prompt, w).is_ok();
+    let identifier = identifier_word.filter(|id| present(id));
+    let class = present(class_noun).then_some(class_noun);
+    let pseudo_word = sd.provenance.learned_token.is_some();
+    let preferred = match choice {
+        SubjectToken::Identifier if pseudo_word => identifier.or(class),
+        _ => class.or(identifier),
+    };
+    preferred
+        .map(str::to_string)
+        .ok_or_else(|| Error::SubjectNotInPrompt {
+            class: class_noun.to_string(),
+            identifier: identifier_word.map(str::to_string),
+            prompt: prompt.to_string(),
+        })
+}
+
+/// What the layout template is sampled from: the base model, the identifier-free prompt, the
+/// initial latents and the sampling settings.
+pub struct TemplateRequest<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub init: &'a Tensor,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    /// Template token positions whose maps are kept.
+    pub tokens: &'a [usize],
+    /// Layout steps whose maps are kept.
+    pub window: std::ops::Range<usize>,
+}
+
+/// The layout template of `req` sampled with `base`, from the template cache under `cache_dir`
+/// when it holds it (a template depends on nothing else, so every guided method shares it).
+pub fn layout_template(
+    base: &StableDiffusion,
+    req: &TemplateRequest<'_>,
+    cache_dir: &Path,
+) -> Result<Cached<TemplateMaps>> {
+    let init = req.init.to_dtype(base.dtype())?;
+    let key = TemplateKey::new(
+        base,
+        req.prompt,
+        req.negative_prompt,
+        &init,
+        req.steps,
+        req.cfg_scale,
+        req.tokens,
+        req.window.clone(),
+    )?;
+    TemplateCache::new(cache_dir).template(&key, base, || {
+        let emb = base.encode_prompts(req.prompt, req.negative_prompt)?;
+        template_maps(
+            base,
+            &emb,
+            &init,
+            req.steps,
+            req.cfg_scale,
+            req.tokens,
+            req.window.clone(),
+        )
+    })
+}
+
+/// The layout template when the layout loss is on, timed into `timings`.
+pub(crate) fn timed_layout_template(
+    base: &StableDiffusion,
+    config: &GuidanceConfig,
+    req: &TemplateRequest<'_>,
+    cache_dir: &Path,
+    timings: &mut Timings,
+) -> Result<Option<TemplateMaps>> {
+    if !config.components.layout() || config.layout_window.range().is_empty() {
+        return Ok(None);
     }
-    match &req.identifier {
-        Some(id) if sd.tokenizer.word_positions(prompt, id).is_ok() => Ok(id.clone()),
-        _ => Err(Error::Invalid {
-            what: "subject token",
-            reason: format!(
-                "neither the class '{}' nor the identifier {:?} is in the prompt '{prompt}'",
-                req.class, req.identifier
-            ),
-        }),
-    }
+    let t0 = Instant::now();
+    let template = layout_template(base, req, cache_dir)?;
+    timings.template_s = t0.elapsed().as_secs_f64();
+    timings.template_cache_hit = template.hit();
+    Ok(Some(template.value))
+}
+
+/// Guided sampling with one trace row per update written to `trace` (when given), timed into
+/// `timings`; the skipped updates are returned with the latents.
+pub(crate) fn traced_sample(
+    run: &GuidedRun<'_>,
+    init: &Tensor,
+    trace: Option<&Path>,
+    mut timings: Timings,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<PickAndDraw> {
+    let mut writer = trace.map(TraceWriter::create).transpose()?;
+    let mut skipped_updates = Vec::new();
+    let mut on_row = |row: &TraceRow| -> Result<()> {
+        if row.non_finite {
+            skipped_updates.push(SkippedUpdate {
+                step: row.step,
+                iteration: row.iteration,
+            });
+        }
+        match writer.as_mut() {
+            Some(w) => w.write(row),
+            None => Ok(()),
+        }
+    };
+    let t0 = Instant::now();
+    let latents = guided_sample(run, init, &mut on_row, on_step)?;
+    timings.sampling_s = t0.elapsed().as_secs_f64();
+    Ok(PickAndDraw {
+        latents,
+        timings,
+        skipped_updates,
+    })
 }
 
 /// Generates one image's latents with Pick-and-Draw. `base` is the template model (the
@@ -157,15 +315,16 @@ fn subject_word(sd: &StableDiffusion, prompt: &str, req: &PickAndDrawRequest) ->
 pub fn pick_and_draw(
     sd: &StableDiffusion,
     base: Option<&StableDiffusion>,
-    cfg: &GuidanceConfig,
+    config: &GuidanceConfig,
     req: &PickAndDrawRequest,
     on_step: &mut dyn FnMut(usize, usize),
-) -> Result<(Tensor, Timings)> {
-    cfg.validate()?;
+) -> Result<PickAndDraw> {
+    config.validate()?;
     let base = base.unwrap_or(sd);
     let mut timings = Timings::default();
-    let palette = if cfg.components.appearance() && !cfg.appearance_window.range().is_empty() {
-        Some(reference_palette(sd, cfg, req, &mut timings)?)
+    let palette = if config.components.appearance() && !config.appearance_window.range().is_empty()
+    {
+        Some(reference_palette(sd, config, req, &mut timings)?)
     } else {
         None
     };
@@ -173,8 +332,14 @@ pub fn pick_and_draw(
         .template_prompt
         .clone()
         .unwrap_or_else(|| template_prompt(&req.prompt, req.identifier.as_deref()));
-    let subject = subject_word(sd, &req.prompt, req)?;
-    let (tokens, template_positions) = prompt_tokens(
+    let subject = subject_word(
+        sd,
+        &req.prompt,
+        &req.class,
+        req.identifier.as_deref(),
+        config.subject_token,
+    )?;
+    let tokens = prompt_tokens(
         &sd.tokenizer,
         &req.prompt,
         &subject,
@@ -182,54 +347,33 @@ pub fn pick_and_draw(
         &base.tokenizer,
         &template,
     )?;
-    let t0 = Instant::now();
-    let tmaps: Option<TemplateMaps> =
-        if cfg.components.layout() && !cfg.layout_window.range().is_empty() {
-            let temb = base.encode_prompts(&template, &req.negative_prompt)?;
-            Some(template_maps(
-                base,
-                &temb,
-                &req.init,
-                req.steps,
-                req.cfg_scale,
-                &template_positions,
-                cfg.layout_window.range(),
-            )?)
-        } else {
-            None
-        };
-    timings.template_s = t0.elapsed().as_secs_f64();
+    let tmaps = timed_layout_template(
+        base,
+        config,
+        &TemplateRequest {
+            prompt: &template,
+            negative_prompt: &req.negative_prompt,
+            init: &req.init,
+            steps: req.steps,
+            cfg_scale: req.cfg_scale,
+            tokens: &tokens.template,
+            window: config.layout_window.range(),
+        },
+        &req.cache_dir,
+        &mut timings,
+    )?;
     let emb = sd.encode_prompts(&req.prompt, &req.negative_prompt)?;
     let run = GuidedRun {
         sd,
-        cfg,
+        config,
         emb: &emb,
         steps: req.steps,
         cfg_scale: req.cfg_scale,
-        tokens,
+        tokens: tokens.prompt,
         palette: palette.as_ref(),
         template: tmaps.as_ref(),
     };
-    let mut writer = match &req.trace {
-        Some(p) => Some(TraceWriter::create(p)?),
-        None => None,
-    };
-    let mut trace = |row: &TraceRow| -> Result<()> {
-        if row.non_finite {
-            eprintln!(
-                "warning: non-finite guidance gradient at step {}, iteration {}; update skipped",
-                row.step, row.iteration
-            );
-        }
-        match writer.as_mut() {
-            Some(w) => w.write(row),
-            None => Ok(()),
-        }
-    };
-    let t1 = Instant::now();
-    let z = guided_sample(&run, &req.init, &mut trace, on_step)?;
-    timings.sampling_s = t1.elapsed().as_secs_f64();
-    Ok((z, timings))
+    traced_sample(&run, &req.init, req.trace.as_deref(), timings, on_step)
 }
 
 /// The default cache folder: `$PND_CACHE`, else `~/.cache/pnd/palettes`, else `.pnd-cache`.

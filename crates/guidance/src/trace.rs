@@ -70,9 +70,10 @@ pub fn read_trace(path: &Path) -> Result<Vec<TraceRow>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::Invalid {
-                what: "trace line",
-                reason: format!("{}:{}: {e}", path.display(), i + 1),
+            serde_json::from_str(l).map_err(|e| Error::TraceLine {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
             })
         })
         .collect()

@@ -3,19 +3,24 @@
 //! guided updates that lower their loss, the trace of a full guided run, null-text inversion
 //! against plain DDIM inversion, and the palette cache.
 
+mod support;
+
 use candle_core::{DType, Device, Tensor};
+use diffusion::hooks::Hook;
 use diffusion::pipeline::{LoadOptions, PromptEmbeddings, StableDiffusion};
+use guidance::cache::{CacheKey, CacheStatus, PaletteCache};
 use guidance::capture::{attn2_site, SiteCapture};
 use guidance::config::{Distance, GuidanceConfig, InversionConfig};
 use guidance::guide::{
     guided_sample, prompt_tokens, step_gradient, step_loss, template_maps, template_prompt,
-    GuidedRun, PromptTokens, ReferenceLayer, StepTargets,
+    GuidedRun, PromptTokens, ReferenceLayer, StepGradient, StepTargets,
 };
-use guidance::inversion::{invert, palette_from_inversion, CacheKey, CacheStatus, PaletteCache};
+use guidance::inversion::invert;
 use guidance::maps::{mask_indices, min_max_normalize};
-use guidance::testutil::relative_error;
+use guidance::palette::{palette_from_inversion, PaletteSpec};
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use support::{assert_directional_gradient, max_abs_diff};
 use tiny::{write_tiny_model, TinySpec};
 
 const PROMPT: &str = "a sks dog on the beach";
@@ -51,7 +56,7 @@ fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
 
 fn tokens(sd: &StableDiffusion) -> (PromptTokens, Vec<usize>, String) {
     let template = template_prompt(PROMPT, Some("sks"));
-    let (p, t) = prompt_tokens(
+    let m = prompt_tokens(
         &sd.tokenizer,
         PROMPT,
         "dog",
@@ -60,19 +65,35 @@ fn tokens(sd: &StableDiffusion) -> (PromptTokens, Vec<usize>, String) {
         &template,
     )
     .unwrap();
-    (p, t, template)
+    (m.prompt, m.template, template)
+}
+
+/// Unguided CFG sampling of `PROMPT` from `init` (50 steps).
+fn unguided(sd: &StableDiffusion, init: &Tensor) -> Tensor {
+    sd.sample(
+        &diffusion::pipeline::SampleRequest {
+            prompt: PROMPT.into(),
+            steps: 50,
+            height: SIZE,
+            width: SIZE,
+            init_latents: Some(init.clone()),
+            ..Default::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap()
 }
 
 /// Reference layers and template maps taken from other latents, for tests of the loss alone.
 fn targets(
     sd: &StableDiffusion,
-    cfg: &GuidanceConfig,
+    config: &GuidanceConfig,
     p: &PromptTokens,
     tpos: &[usize],
 ) -> (Vec<ReferenceLayer>, Vec<(String, Tensor)>) {
     let dt = sd.dtype();
     let cond = sd.encode_prompt(PROMPT).unwrap();
-    let sites = cfg.appearance_sites(3);
+    let sites = config.appearance_sites(3).unwrap();
     let attn: Vec<String> = sites.iter().map(|s| attn2_site(s)).collect();
     let mut cap = SiteCapture::new(0, vec![p.subject], attn, sites.clone());
     sd.unet
@@ -88,7 +109,7 @@ fn targets(
             ReferenceLayer {
                 site: s.clone(),
                 features: cap.block(s).unwrap().detach(),
-                mask: mask_indices(&norm, cfg.tau).unwrap(),
+                mask: mask_indices(&norm, config.tau).unwrap(),
             }
         })
         .collect();
@@ -119,57 +140,44 @@ fn gradients_through_the_unet_match_finite_differences() {
         (Distance::Emd, true, false),
         (Distance::Uremd, false, true),
     ] {
-        let cfg = GuidanceConfig {
+        let config = GuidanceConfig {
             distance,
             ..Default::default()
         };
-        let (reference, template) = targets(&sd, &cfg, &p, &tpos);
+        let (reference, template) = targets(&sd, &config, &p, &tpos);
         let t = StepTargets {
             appearance: app.then_some(reference.as_slice()),
             layout: lay.then_some(template.as_slice()),
         };
-        let (loss, grad) = step_gradient(&sd.unet, &cfg, &z, 601, &cond, &p, &t).unwrap();
+        let StepGradient { loss, grad } =
+            step_gradient(&sd.unet, &config, &z, 601, &cond, &p, &t).unwrap();
         if app {
             assert_eq!(loss.skipped, 0, "{:?}", loss.masks);
         }
         let f = |x: &Tensor| -> f64 {
-            step_loss(&sd.unet, &cfg, x, 601, &cond, &p, &t)
+            step_loss(&sd.unet, &config, x, 601, &cond, &p, &t)
                 .unwrap()
                 .total
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let h = 1e-5;
-        let (mut analytic, mut numeric) = (vec![], vec![]);
-        for k in 0..3 {
-            let u = randn(100 + k, &[1, 4, 8, 8], DType::F64);
-            let u = (&u
-                / u.sqr()
+        let directions: Vec<Tensor> = (0..3)
+            .map(|k| {
+                let u = randn(100 + k, &[1, 4, 8, 8], DType::F64);
+                let norm = u
+                    .sqr()
                     .unwrap()
                     .sum_all()
                     .unwrap()
                     .sqrt()
                     .unwrap()
                     .to_scalar::<f64>()
-                    .unwrap())
-            .unwrap();
-            let fd = (f(&(&z + (&u * h).unwrap()).unwrap())
-                - f(&(&z - (&u * h).unwrap()).unwrap()))
-                / (2.0 * h);
-            analytic.push(
-                (&grad * &u)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap(),
-            );
-            numeric.push(fd);
-        }
-        let err = relative_error(&analytic, &numeric);
-        println!("{distance:?} app={app} lay={lay}: rel err {err:e}, analytic {analytic:?} numeric {numeric:?}");
-        assert!(numeric.iter().any(|v| v.abs() > 1e-8), "zero gradient");
-        assert!(err <= 1e-4, "relative error {err:e}");
+                    .unwrap();
+                (&u / norm).unwrap()
+            })
+            .collect();
+        let label = format!("{distance:?} app={app} lay={lay}");
+        assert_directional_gradient(f, &z, &grad, &directions, 1e-5, &label);
     }
 }
 
@@ -178,18 +186,19 @@ fn every_guided_update_lowers_its_loss() {
     let sd = load(DType::F64);
     let (p, tpos, _) = tokens(&sd);
     let cond = sd.encode_prompt(PROMPT).unwrap();
-    let cfg = GuidanceConfig::default();
-    let (reference, template) = targets(&sd, &cfg, &p, &tpos);
+    let config = GuidanceConfig::default();
+    let (reference, template) = targets(&sd, &config, &p, &tpos);
     let ddim = sd.ddim(50).unwrap();
     for (k, &step) in [0usize, 5, 9, 10, 15, 19].iter().enumerate() {
         let t = ddim.timesteps()[step];
         let targets = StepTargets {
-            appearance: cfg.appearance_at(step).then_some(reference.as_slice()),
-            layout: cfg.layout_at(step).then_some(template.as_slice()),
+            appearance: config.appearance_at(step).then_some(reference.as_slice()),
+            layout: config.layout_at(step).then_some(template.as_slice()),
         };
         let mut z = randn(20 + k as u64, &[1, 4, 8, 8], DType::F64);
-        for _ in 0..cfg.iterations {
-            let (before, grad) = step_gradient(&sd.unet, &cfg, &z, t, &cond, &p, &targets).unwrap();
+        for _ in 0..config.iterations {
+            let StepGradient { loss: before, grad } =
+                step_gradient(&sd.unet, &config, &z, t, &cond, &p, &targets).unwrap();
             let l0 = before.total.to_scalar::<f64>().unwrap();
             let gn = grad
                 .sqr()
@@ -204,7 +213,7 @@ fn every_guided_update_lowers_its_loss() {
             // A step of length 1e-4 along −∇.
             let eta = 1e-4 / gn;
             z = (&z - (grad * eta).unwrap()).unwrap();
-            let l1 = step_loss(&sd.unet, &cfg, &z, t, &cond, &p, &targets)
+            let l1 = step_loss(&sd.unet, &config, &z, t, &cond, &p, &targets)
                 .unwrap()
                 .total
                 .to_scalar::<f64>()
@@ -248,7 +257,7 @@ fn null_text_inversion_beats_plain_ddim_inversion() {
 #[test]
 fn full_guided_run_trace_and_palette_cache() {
     let sd = load(DType::F32);
-    let cfg = GuidanceConfig {
+    let config = GuidanceConfig {
         inversion: InversionConfig {
             inner_steps: 2,
             ..Default::default()
@@ -256,7 +265,7 @@ fn full_guided_run_trace_and_palette_cache() {
         ..Default::default()
     };
     let (p, tpos, template) = tokens(&sd);
-    let sites = cfg.appearance_sites(3);
+    let sites = config.appearance_sites(3).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let cache = PaletteCache::new(tmp.path().join("cache"));
     let img = reference_image();
@@ -268,7 +277,7 @@ fn full_guided_run_trace_and_palette_cache() {
         height: SIZE,
         width: SIZE,
         scheduler: format!("{:?}", sd.scheduler),
-        inversion: format!("{:?}", cfg.inversion),
+        inversion: format!("{:?}", config.inversion),
         dtype: "f32".into(),
     };
     let subject = *sd
@@ -277,26 +286,24 @@ fn full_guided_run_trace_and_palette_cache() {
         .unwrap()
         .last()
         .unwrap();
-    let window = cfg.appearance_window.range();
+    let window = config.appearance_window.range();
+    let spec = PaletteSpec {
+        subject_token: subject,
+        sites: &sites,
+        tau: config.tau,
+        cfg_scale: 7.5,
+        steps: window.clone(),
+    };
     let build = |calls: &mut usize| {
-        let (inv, s1) = cache.inversion(&key, &sd, || {
+        let inv = cache.inversion(&key, &sd, || {
             *calls += 1;
-            invert(&sd, &img, "a sks dog", 50, &cfg.inversion)
+            invert(&sd, &img, "a sks dog", 50, &config.inversion)
         })?;
-        let (pal, s2) = cache.palette(&key, &sites, cfg.tau, window.clone(), &sd, || {
+        let pal = cache.palette(&key, &sites, config.tau, window.clone(), &sd, || {
             *calls += 1;
-            palette_from_inversion(
-                &sd,
-                &inv,
-                "a sks dog",
-                subject,
-                &sites,
-                cfg.tau,
-                7.5,
-                window.clone(),
-            )
+            palette_from_inversion(&sd, &inv.value, "a sks dog", &spec)
         })?;
-        Ok::<_, guidance::Error>((pal, s1, s2))
+        Ok::<_, guidance::Error>((pal.value, inv.status, pal.status))
     };
     let mut calls = 0;
     let (palette, s1, s2) = build(&mut calls).unwrap();
@@ -311,28 +318,28 @@ fn full_guided_run_trace_and_palette_cache() {
     for (step, layers) in &palette.steps {
         for (a, b) in layers.iter().zip(&again.steps[step]) {
             assert_eq!(a.mask, b.mask);
-            let d = (&a.features - &b.features)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(d, 0.0);
+            assert_eq!(max_abs_diff(&a.features, &b.features), 0.0);
         }
     }
 
     let init = sd.initial_latents(SIZE, SIZE, 3).unwrap();
     let temb = sd.encode_prompts(&template, "").unwrap();
-    let tmaps =
-        template_maps(&sd, &temb, &init, 50, 7.5, &tpos, cfg.layout_window.range()).unwrap();
+    let tmaps = template_maps(
+        &sd,
+        &temb,
+        &init,
+        50,
+        7.5,
+        &tpos,
+        config.layout_window.range(),
+    )
+    .unwrap();
     assert_eq!(tmaps.steps.len(), 10);
     assert_eq!(tmaps.steps[&0].len(), 16);
     let emb: PromptEmbeddings = sd.encode_prompts(PROMPT, "").unwrap();
     let run = GuidedRun {
         sd: &sd,
-        cfg: &cfg,
+        config: &config,
         emb: &emb,
         steps: 50,
         cfg_scale: 7.5,
@@ -354,40 +361,18 @@ fn full_guided_run_trace_and_palette_cache() {
         assert_eq!(r.masks.len(), if r.step >= 10 { 3 } else { 0 });
     }
     // The guidance changed the sample.
-    let plain = sd
-        .sample(
-            &diffusion::pipeline::SampleRequest {
-                prompt: PROMPT.into(),
-                steps: 50,
-                height: SIZE,
-                width: SIZE,
-                init_latents: Some(init.clone()),
-                ..Default::default()
-            },
-            &mut |_, _| {},
-        )
-        .unwrap();
-    let d = (&z - &plain)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&z, &unguided(&sd, &init));
     assert!(d > 1e-4, "guided and unguided samples are equal");
 }
 
-#[test]
-fn pick_and_draw_end_to_end_with_cache_and_components() {
-    use guidance::config::Components;
-    use guidance::pipeline::{pick_and_draw, PickAndDrawRequest};
-    let sd = load(DType::F32);
-    let tmp = tempfile::tempdir().unwrap();
-    let image = tmp.path().join("ref.png");
-    reference_image().save(&image).unwrap();
-    let init = sd.initial_latents(SIZE, SIZE, 5).unwrap();
-    let mut req = PickAndDrawRequest {
+/// A Pick-and-Draw request for `PROMPT` (50 steps, class `dog`, identifier `sks`, no trace).
+fn pnd_request(
+    init: &Tensor,
+    image: &std::path::Path,
+    model_key: &str,
+    cache_dir: PathBuf,
+) -> guidance::pipeline::PickAndDrawRequest {
+    guidance::pipeline::PickAndDrawRequest {
         prompt: PROMPT.into(),
         negative_prompt: String::new(),
         steps: 50,
@@ -395,70 +380,71 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
         height: SIZE,
         width: SIZE,
         init: init.clone(),
-        reference: image,
+        reference: image.to_path_buf(),
         class: "dog".into(),
         identifier: Some("sks".into()),
         template_prompt: None,
-        model_key: model_dir().display().to_string(),
-        cache_dir: tmp.path().join("cache"),
-        trace: Some(tmp.path().join("t.jsonl")),
-    };
-    let cfg = GuidanceConfig {
+        model_key: model_key.into(),
+        cache_dir,
+        trace: None,
+    }
+}
+
+#[test]
+fn pick_and_draw_end_to_end_with_cache_and_components() {
+    use guidance::config::Components;
+    use guidance::pipeline::pick_and_draw;
+    let sd = load(DType::F32);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("ref.png");
+    reference_image().save(&image).unwrap();
+    let init = sd.initial_latents(SIZE, SIZE, 5).unwrap();
+    let mut req = pnd_request(
+        &init,
+        &image,
+        &model_dir().display().to_string(),
+        tmp.path().join("cache"),
+    );
+    req.trace = Some(tmp.path().join("t.jsonl"));
+    let config = GuidanceConfig {
         inversion: InversionConfig {
             inner_steps: 1,
             ..Default::default()
         },
         ..Default::default()
     };
-    let (z1, t1) = pick_and_draw(&sd, None, &cfg, &req, &mut |_, _| {}).unwrap();
-    assert!(!t1.cache_hit);
+    let first = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+    assert!(!first.timings.cache_hit);
+    assert!(!first.timings.template_cache_hit);
+    assert!(first.skipped_updates.is_empty());
     assert_eq!(
         guidance::trace::read_trace(req.trace.as_ref().unwrap())
             .unwrap()
             .len(),
         60
     );
-    let (z2, t2) = pick_and_draw(&sd, None, &cfg, &req, &mut |_, _| {}).unwrap();
-    assert!(t2.cache_hit, "second run missed the cache");
-    let d = (&z1 - &z2)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0, "a cached palette changed the result");
+    let second = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+    assert!(second.timings.cache_hit, "second run missed the cache");
+    assert!(
+        second.timings.template_cache_hit,
+        "second run missed the template cache"
+    );
+    assert_eq!(
+        max_abs_diff(&first.latents, &second.latents),
+        0.0,
+        "a cached palette changed the result"
+    );
 
     // No loss component: exactly the unguided sample, no trace rows.
     let none = GuidanceConfig {
         components: Components::None,
-        ..cfg.clone()
+        ..config.clone()
     };
     req.trace = Some(tmp.path().join("none.jsonl"));
-    let (z0, _) = pick_and_draw(&sd, None, &none, &req, &mut |_, _| {}).unwrap();
-    let plain = sd
-        .sample(
-            &diffusion::pipeline::SampleRequest {
-                prompt: PROMPT.into(),
-                steps: 50,
-                height: SIZE,
-                width: SIZE,
-                init_latents: Some(init),
-                ..Default::default()
-            },
-            &mut |_, _| {},
-        )
-        .unwrap();
-    let d = (&z0 - &plain)
+    let z0 = pick_and_draw(&sd, None, &none, &req, &mut |_, _| {})
         .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+        .latents;
+    assert_eq!(max_abs_diff(&z0, &unguided(&sd, &init)), 0.0);
     assert!(guidance::trace::read_trace(req.trace.as_ref().unwrap())
         .unwrap()
         .is_empty());
@@ -472,4 +458,247 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
         err.contains("'dog'") && err.contains("a cat on the beach"),
         "{err}"
     );
+}
+
+/// Records every site the UNet reaches (the UNet asks the hook at each) and passes everything on
+/// to `inner`, which decides what it keeps and when the forward ends.
+struct SiteLog {
+    inner: SiteCapture,
+    reached: std::cell::RefCell<Vec<String>>,
+}
+
+impl SiteLog {
+    fn new(inner: SiteCapture) -> Self {
+        SiteLog {
+            inner,
+            reached: Default::default(),
+        }
+    }
+    fn reached(&self) -> Vec<String> {
+        self.reached.borrow().clone()
+    }
+}
+
+impl Hook for SiteLog {
+    fn wants_attention(&self, site: &str) -> bool {
+        self.reached.borrow_mut().push(site.to_string());
+        self.inner.wants_attention(site)
+    }
+    fn attention(&mut self, site: &str, probs: &Tensor) -> candle_core::Result<()> {
+        self.inner.attention(site, probs)
+    }
+    fn wants_block_output(&self, site: &str) -> bool {
+        self.reached.borrow_mut().push(site.to_string());
+        self.inner.wants_block_output(site)
+    }
+    fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {
+        self.inner.block_output(site, hidden)
+    }
+    fn flow(&self) -> std::ops::ControlFlow<()> {
+        self.inner.flow()
+    }
+}
+
+/// Issue 11 item 7: the appearance pass's capture (`up_blocks.2` maps and block outputs) ends the
+/// forward at its last site, a block output, so `up_blocks.3` never runs; the layout pass needs
+/// every cross-attention site and runs to the last one.
+#[test]
+fn the_gradient_pass_forward_stops_after_its_last_site() {
+    let sd = load(DType::F32);
+    let (p, tpos, _) = tokens(&sd);
+    let config = GuidanceConfig::default();
+    let (reference, template) = targets(&sd, &config, &p, &tpos);
+    let cond = sd.encode_prompt(PROMPT).unwrap();
+    let z = randn(8, &[1, 4, 8, 8], DType::F32);
+    let run = |targets: &StepTargets<'_>| {
+        let mut log = SiteLog::new(guidance::guide::step_capture(&p, targets));
+        let flow = sd.unet.forward_until(&z, 601.0, &cond, &mut log).unwrap();
+        (flow.is_break(), log)
+    };
+    let appearance = StepTargets {
+        appearance: Some(&reference),
+        layout: None,
+    };
+    let (stopped, log) = run(&appearance);
+    let last = reference.last().unwrap().site.clone();
+    assert!(stopped, "the appearance pass ran to the end");
+    assert!(log.inner.is_complete());
+    let reached = log.reached();
+    assert_eq!(reached.last(), Some(&last), "{reached:?}");
+    assert!(
+        reached.iter().all(|s| !s.starts_with("up_blocks.3")),
+        "{reached:?}"
+    );
+    // Without the stop the same capture reaches up_blocks.3 (the log sees every site).
+    let mut full = SiteLog::new(guidance::guide::step_capture(&p, &appearance));
+    full.inner.stop_when_complete = false;
+    sd.unet.forward_with(&z, 601.0, &cond, &mut full).unwrap();
+    assert!(full.flow().is_continue());
+    let all = full.reached();
+    assert!(all.iter().any(|s| s.starts_with("up_blocks.3")), "{all:?}");
+    assert!(all.len() > reached.len());
+
+    let layout = StepTargets {
+        appearance: None,
+        layout: Some(&template),
+    };
+    let (_, log) = run(&layout);
+    assert_eq!(
+        log.reached().last(),
+        sd.unet.cross_attention_sites().last(),
+        "the layout pass reads every cross-attention site"
+    );
+    // A hook that ends the pass is an error for forward_with (which must return a prediction).
+    let mut early = guidance::guide::step_capture(&p, &appearance);
+    let err = sd
+        .unet
+        .forward_with(&z, 601.0, &cond, &mut early)
+        .unwrap_err();
+    assert!(err.to_string().contains("forward_until"), "{err}");
+}
+
+/// Issue 11 item 8: a NaN in the null-text optimization is one clear error naming the step.
+#[test]
+fn null_text_optimization_reports_a_non_finite_loss() {
+    let sd = load(DType::F32);
+    let cond = sd.encode_prompt("a sks dog").unwrap();
+    let nan = (cond.zeros_like().unwrap() + f64::NAN).unwrap();
+    let err = guidance::inversion::invert_embeddings(
+        &sd,
+        &reference_image(),
+        &cond,
+        &nan,
+        4,
+        &InversionConfig::default(),
+    )
+    .err()
+    .expect("a NaN starting embedding fails");
+    assert!(
+        matches!(
+            err,
+            guidance::Error::NullTextNonFinite {
+                step: 0,
+                iteration: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not finite"), "{err}");
+}
+
+/// Issue 11 item 5: `subject_token` picks the pseudo-word of a Textual Inversion model by default
+/// (SPEC §7) and the class noun when asked; DreamBooth's identifier is never the subject.
+#[test]
+fn subject_token_follows_the_option() {
+    use guidance::config::SubjectToken::{Class, Identifier};
+    use guidance::pipeline::subject_word;
+    let mut sd = load(DType::F32);
+    let ti = "a <dog7> dog on the beach";
+    let pick = |sd: &StableDiffusion, prompt: &str, id: &str, choice| {
+        subject_word(sd, prompt, "dog", Some(id), choice).unwrap()
+    };
+    // No learned embedding: the identifier (DreamBooth's `sks`) is not a pseudo-word.
+    assert_eq!(pick(&sd, PROMPT, "sks", Identifier), "dog");
+    assert_eq!(pick(&sd, PROMPT, "sks", Class), "dog");
+    let id = sd.tokenizer.add_token("<dog7>").unwrap();
+    sd.provenance.learned_token = Some(("<dog7>".into(), id));
+    assert_eq!(pick(&sd, ti, "<dog7>", Identifier), "<dog7>");
+    assert_eq!(pick(&sd, ti, "<dog7>", Class), "dog");
+    // Either choice falls back to the word the prompt holds.
+    assert_eq!(
+        pick(&sd, "a <dog7> on the beach", "<dog7>", Class),
+        "<dog7>"
+    );
+    assert_eq!(pick(&sd, "a dog on the beach", "<dog7>", Identifier), "dog");
+    let err = subject_word(&sd, "a cat", "dog", Some("<dog7>"), Identifier).unwrap_err();
+    assert!(
+        matches!(err, guidance::Error::SubjectNotInPrompt { .. }),
+        "{err}"
+    );
+}
+
+/// Issue 11 item 13: a config built in code with a bad resolution is an error, not a panic.
+#[test]
+fn unvalidated_config_is_an_error_not_a_panic() {
+    let sd = load(DType::F32);
+    let bad = GuidanceConfig {
+        resolution: 48,
+        ..Default::default()
+    };
+    let err = guidance::pipeline::appearance_sites(&sd, &bad).unwrap_err();
+    assert!(err.to_string().contains("resolution = 48"), "{err}");
+}
+
+/// Issue 11 item 11: the layout template is cached by (base model, prompt, initial latents,
+/// sampling settings); a hit gives exactly the computed maps, whatever personalized model asks.
+#[test]
+fn layout_template_cache_hit_is_identical() {
+    use guidance::pipeline::{layout_template, pick_and_draw, TemplateRequest};
+    let sd = load(DType::F32);
+    let (_, tpos, template) = tokens(&sd);
+    let tmp = tempfile::tempdir().unwrap();
+    let init = sd.initial_latents(SIZE, SIZE, 4).unwrap();
+    let req = TemplateRequest {
+        prompt: &template,
+        negative_prompt: "",
+        init: &init,
+        steps: 20,
+        cfg_scale: 7.5,
+        tokens: &tpos,
+        window: 0..4,
+    };
+    let first = layout_template(&sd, &req, tmp.path()).unwrap();
+    assert!(!first.hit());
+    let again = layout_template(&sd, &req, tmp.path()).unwrap();
+    assert!(again.hit());
+    let computed = {
+        let emb = sd.encode_prompts(&template, "").unwrap();
+        template_maps(&sd, &emb, &init, 20, 7.5, &tpos, 0..4).unwrap()
+    };
+    for t in [&first.value, &again.value] {
+        assert_eq!(t.steps.len(), 4);
+        for (step, maps) in &computed.steps {
+            assert_eq!(t.steps[step].len(), maps.len());
+            for ((s1, m1), (s2, m2)) in t.steps[step].iter().zip(maps) {
+                assert_eq!(s1, s2);
+                assert_eq!(max_abs_diff(m1, m2), 0.0, "{step} {s1}");
+            }
+        }
+    }
+    // Another seed is another template.
+    let other = sd.initial_latents(SIZE, SIZE, 5).unwrap();
+    let miss = layout_template(
+        &sd,
+        &TemplateRequest {
+            init: &other,
+            ..req
+        },
+        tmp.path(),
+    )
+    .unwrap();
+    assert!(!miss.hit());
+
+    // Two methods (model keys) with the same base model, prompt and seed share one template; the
+    // result with the cached template is the one computed without it.
+    let image = tmp.path().join("ref.png");
+    reference_image().save(&image).unwrap();
+    let config = GuidanceConfig {
+        components: guidance::config::Components::Layout,
+        ..Default::default()
+    };
+    let request = |model_key: &str, cache: &str| {
+        pnd_request(&init, &image, model_key, tmp.path().join(cache))
+    };
+    let [a, b, fresh] = [
+        ("method-a", "shared"),
+        ("method-b", "shared"),
+        ("method-b", "fresh"),
+    ]
+    .map(|(key, cache)| {
+        pick_and_draw(&sd, None, &config, &request(key, cache), &mut |_, _| {}).unwrap()
+    });
+    assert!(!a.timings.template_cache_hit && b.timings.template_cache_hit);
+    assert!(!fresh.timings.template_cache_hit);
+    assert_eq!(max_abs_diff(&b.latents, &fresh.latents), 0.0);
 }

@@ -288,10 +288,13 @@ impl BenchRunner {
                 cache_dir: self.palette_cache.clone(),
                 trace: Some(out.path("trace.jsonl")),
             };
-            let (latents, _) = pick_and_draw_blip(pipe, base, &cfg, &preq, &mut |i, _| {
+            let out = pick_and_draw_blip(pipe, base, &cfg, &preq, &mut |i, _| {
                 bar.set_position(i as u64)
             })?;
-            pipe.sd.decode_images(&latents)?.remove(0)
+            for skipped in &out.skipped_updates {
+                eprintln!("warning: {skipped}");
+            }
+            pipe.sd.decode_images(&out.latents)?.remove(0)
         } else {
             pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?
                 .image
@@ -464,7 +467,11 @@ impl JobRunner for BenchRunner {
             } else {
                 None
             };
-            pick_and_draw(sd, base, &cfg, &req, &mut |i, _| bar.set_position(i as u64))?.0
+            let out = pick_and_draw(sd, base, &cfg, &req, &mut |i, _| bar.set_position(i as u64))?;
+            for skipped in &out.skipped_updates {
+                eprintln!("warning: {skipped}");
+            }
+            out.latents
         } else {
             let req = SampleRequest {
                 prompt: prompt.clone(),

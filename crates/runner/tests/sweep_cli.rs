@@ -67,6 +67,7 @@ fn every_experiment_file_parses() {
         "ablation-emd",
         "ablation-losses",
         "ablation-timesteps",
+        "ablation-subject-token",
     ] {
         let (ok, out) = pnd(
             &["sweep", &format!("experiments/{e}.toml"), "--dry-run"],

@@ -8,9 +8,12 @@
 //!   (`scale = dim_head^-0.5`, softmax over keys). `upcast_attention` / `upcast_softmax` only change
 //!   f16 computations and are no-ops here in f32/f64.
 
-use super::nn::{chunk2_last, gelu, softmax_last_dim, Conv2d, Ctx, GroupNorm, LayerNorm, Linear};
+use super::nn::{
+    chunk2_last, gelu, proceed, softmax_last_dim, Conv2d, Ctx, Flow, GroupNorm, LayerNorm, Linear,
+};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use std::ops::ControlFlow;
 
 /// diffusers `Attention` with the classic processor; `attn1` (self) or `attn2` (cross).
 #[derive(Debug, Clone)]
@@ -58,7 +61,7 @@ impl Attention {
     /// # Shapes
     /// - `xs`: `[b, n, query_dim]`; `context`: `[b, m, context_dim]` (None: self-attention);
     ///   result: `[b, n, query_dim]`. The probabilities handed to the hook are `[b, heads, n, m]`.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Flow<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
         // Scaling q ([n, d]) rather than the scores ([n, m]) saves a pass over the larger tensor.
@@ -69,13 +72,13 @@ impl Attention {
         let scores = crate::ops::matmul_constant(&q, &k.t()?)?;
         let probs = softmax_last_dim(&scores, ctx.differentiable)?;
         if let Some(site) = &self.site {
-            if ctx.hook.wants_attention(site) {
-                ctx.hook.attention(site, &probs)?;
+            if ctx.attention(site, &probs)?.is_break() {
+                return Ok(ControlFlow::Break(()));
             }
         }
         let out = crate::ops::matmul_constant(&probs, &v)?; // [b, heads, n, d]
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
-        self.to_out.forward(&out)
+        Ok(ControlFlow::Continue(self.to_out.forward(&out)?))
     }
 }
 
@@ -173,19 +176,16 @@ impl BasicTransformerBlock {
 
     /// # Shapes
     /// - `xs`: `[b, hw, dim]`; `context`: `[b, tokens, cross_attention_dim]`; result: like `xs`.
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Flow<Tensor> {
         let d = ctx.differentiable;
         let h = self.norm1.forward(xs, d)?;
         let ctx1 = self.only_cross_attention.then_some(context);
-        let xs = (self.attn1.forward(&h, ctx1, ctx)? + xs)?;
+        let xs = (proceed!(self.attn1.forward(&h, ctx1, ctx)) + xs)?;
         let h = self.norm2.forward(&xs, d)?;
-        let xs = (self.attn2.forward(&h, Some(context), ctx)? + xs)?;
+        let xs = (proceed!(self.attn2.forward(&h, Some(context), ctx)) + xs)?;
         let h = self.norm3.forward(&xs, d)?;
         let xs = (self.ff.forward(&h, d)? + xs)?;
-        if ctx.hook.wants_block_output(&self.site) {
-            ctx.hook.block_output(&self.site, &xs)?;
-        }
-        Ok(xs)
+        Ok(ctx.block_output(&self.site, &xs)?.map_continue(|()| xs))
     }
 }
 
@@ -263,7 +263,7 @@ impl Transformer2DModel {
 
     /// # Shapes
     /// - `xs`: `[b, c, h, w]`; `context`: `[b, tokens, cross_attention_dim]`; result: like `xs`.
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Flow<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let normed = self.norm.forward(xs)?;
@@ -273,13 +273,13 @@ impl Transformer2DModel {
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.transformer_blocks {
-            hidden = block.forward(&hidden, context, ctx)?;
+            hidden = proceed!(block.forward(&hidden, context, ctx));
         }
         let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(&hidden)?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&hidden)?)?,
         };
-        out + residual
+        Ok(ControlFlow::Continue((out + residual)?))
     }
 }

@@ -3,10 +3,11 @@
 //! `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`, `UpBlock2D` (their `__init__` and `forward`).
 
 use super::attention::{Transformer2DModel, TransformerConfig};
-use super::nn::{Activation, Ctx};
+use super::nn::{proceed, Activation, Ctx, Flow};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use std::ops::ControlFlow;
 
 /// What every block shares (from the UNet config).
 pub(crate) struct BlockConfig {
@@ -124,13 +125,13 @@ impl DownBlock {
         temb: &Tensor,
         context: &Tensor,
         ctx: &mut Ctx,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    ) -> Flow<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, temb)?;
             if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context, ctx)?;
+                xs = proceed!(attn.forward(&xs, context, ctx));
             }
             skips.push(xs.clone());
         }
@@ -138,7 +139,7 @@ impl DownBlock {
             xs = down.forward(&xs)?;
             skips.push(xs.clone());
         }
-        Ok((xs, skips))
+        Ok(ControlFlow::Continue((xs, skips)))
     }
 }
 
@@ -189,13 +190,13 @@ impl MidBlock {
         temb: &Tensor,
         context: &Tensor,
         ctx: &mut Ctx,
-    ) -> Result<Tensor> {
+    ) -> Flow<Tensor> {
         let mut xs = self.resnets[0].forward(xs, temb)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = attn.forward(&xs, context, ctx)?;
+            xs = proceed!(attn.forward(&xs, context, ctx));
             xs = resnet.forward(&xs, temb)?;
         }
-        Ok(xs)
+        Ok(ControlFlow::Continue(xs))
     }
 }
 
@@ -277,7 +278,7 @@ impl UpBlock {
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
         ctx: &mut Ctx,
-    ) -> Result<Tensor> {
+    ) -> Flow<Tensor> {
         let mut xs = xs.clone();
         let mut skips = skips.to_vec();
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -287,12 +288,12 @@ impl UpBlock {
             xs = Tensor::cat(&[&xs, &skip], 1)?;
             xs = resnet.forward(&xs, temb)?;
             if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context, ctx)?;
+                xs = proceed!(attn.forward(&xs, context, ctx));
             }
         }
         if let Some(up) = &self.upsampler {
             xs = up.forward(&xs, upsample_size, ctx.differentiable)?;
         }
-        Ok(xs)
+        Ok(ControlFlow::Continue(xs))
     }
 }

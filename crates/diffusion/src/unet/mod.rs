@@ -25,8 +25,9 @@ use blocks::{
 };
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use nn::{activate, parse_activation, Activation, Conv2d, Ctx, GroupNorm, Linear};
+use nn::{activate, parse_activation, proceed, Activation, Conv2d, Ctx, GroupNorm, Linear};
 use serde::Deserialize;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 /// Errors of building or loading a UNet; each names the offending field, tensor or file.
@@ -581,7 +582,8 @@ impl UNet2DConditionModel {
     }
 
     /// The noise prediction; `hook` receives the cross-attention maps and transformer-block outputs
-    /// of the sites it asks for, in forward order (down blocks, mid block, up blocks).
+    /// of the sites it asks for, in forward order (down blocks, mid block, up blocks). A hook that
+    /// ends the pass early ([`Hook::flow`]) is an error here; use [`Self::forward_until`].
     ///
     /// # Shapes
     /// - `sample`: `[b, in_channels, h, w]`; `encoder_hidden_states`: `[b, tokens, cross_dim]`;
@@ -593,6 +595,27 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         hook: &mut dyn Hook,
     ) -> Result<Tensor> {
+        match self.forward_until(sample, timestep, encoder_hidden_states, hook)? {
+            ControlFlow::Continue(eps) => Ok(eps),
+            ControlFlow::Break(()) => candle_core::bail!(
+                "the hook ended the UNet forward pass early; call forward_until to allow that"
+            ),
+        }
+    }
+
+    /// [`Self::forward_with`] for a hook that may end the pass early: `Break` as soon as
+    /// [`Hook::flow`] says so after a tensor it received (nothing after that site is computed),
+    /// else `Continue` with the noise prediction.
+    ///
+    /// # Shapes
+    /// As [`Self::forward_with`].
+    pub fn forward_until(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn Hook,
+    ) -> Result<ControlFlow<(), Tensor>> {
         let cfg = &self.config;
         let (b, c, h, w) = sample.dims4()?;
         if c != cfg.in_channels {
@@ -644,13 +667,13 @@ impl UNet2DConditionModel {
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, res) = block.forward(&xs, &emb, encoder_hidden_states, &mut ctx)?;
+            let (out, res) = proceed!(block.forward(&xs, &emb, encoder_hidden_states, &mut ctx));
             xs = out;
             skips.extend(res);
         }
-        xs = self
+        xs = proceed!(self
             .mid_block
-            .forward(&xs, &emb, encoder_hidden_states, &mut ctx)?;
+            .forward(&xs, &emb, encoder_hidden_states, &mut ctx));
 
         let n = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
@@ -662,18 +685,18 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            xs = block.forward(
+            xs = proceed!(block.forward(
                 &xs,
                 &own,
                 &emb,
                 encoder_hidden_states,
                 upsample_size,
                 &mut ctx,
-            )?;
+            ));
         }
 
         let xs = activate(self.conv_act, &self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        Ok(ControlFlow::Continue(self.conv_out.forward(&xs)?))
     }
 
     fn conv_in_channels(&self) -> usize {

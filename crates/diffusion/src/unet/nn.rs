@@ -6,11 +6,50 @@ use crate::ops;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 pub(crate) use layers::Activation;
+use std::ops::ControlFlow;
 
 /// What a forward pass carries down the module tree: the resolved kernel path and the hook.
 pub(crate) struct Ctx<'a> {
     pub differentiable: bool,
     pub hook: &'a mut dyn Hook,
+}
+
+/// The result of a module's forward pass that a hook may end early: `Break` when the hook asked
+/// to stop (the remaining modules are not run).
+pub(crate) type Flow<T> = Result<ControlFlow<(), T>>;
+
+/// The value of a [`Flow`], or an early `return Ok(Break(()))` from the enclosing forward when
+/// the hook ended the pass.
+macro_rules! proceed {
+    ($flow:expr) => {
+        match $flow? {
+            std::ops::ControlFlow::Continue(v) => v,
+            std::ops::ControlFlow::Break(()) => return Ok(std::ops::ControlFlow::Break(())),
+        }
+    };
+}
+pub(crate) use proceed;
+
+impl Ctx<'_> {
+    /// Hands a cross-attention site's probabilities to the hook when it wants them, then asks it
+    /// whether to go on.
+    pub fn attention(&mut self, site: &str, probs: &Tensor) -> Result<ControlFlow<()>> {
+        if !self.hook.wants_attention(site) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.hook.attention(site, probs)?;
+        Ok(self.hook.flow())
+    }
+
+    /// Hands a transformer block's output to the hook when it wants it, then asks it whether to
+    /// go on.
+    pub fn block_output(&mut self, site: &str, hidden: &Tensor) -> Result<ControlFlow<()>> {
+        if !self.hook.wants_block_output(site) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.hook.block_output(site, hidden)?;
+        Ok(self.hook.flow())
+    }
 }
 
 /// `torch.nn.Linear`.

@@ -103,7 +103,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             trace: pnd.trace.clone(),
         };
         let base = base.as_ref().unwrap_or(&pipe.sd);
-        let (z, t) = pick_and_draw_blip(&pipe, base, &cfg, &greq, &mut on_step)?;
+        let out = pick_and_draw_blip(&pipe, base, &cfg, &greq, &mut on_step)?;
+        for skipped in &out.skipped_updates {
+            eprintln!("warning: {skipped}");
+        }
+        let (z, t) = (out.latents, out.timings);
         eprintln!(
             "pick-and-draw: inversion {:.1}s, palette {:.1}s (cache {}), template {:.1}s, guided sampling {:.1}s",
             t.inversion_s,

@@ -159,7 +159,11 @@ pub fn generate_latents(
         cache_dir: pnd.palette_cache.clone().unwrap_or_else(default_cache_dir),
         trace: pnd.trace.clone(),
     };
-    let (z, t) = pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?;
+    let out = pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?;
+    for skipped in &out.skipped_updates {
+        eprintln!("warning: {skipped}");
+    }
+    let (z, t) = (out.latents, out.timings);
     eprintln!(
         "pick-and-draw: inversion {:.1}s, palette {:.1}s (cache {}), template {:.1}s, guided sampling {:.1}s",
         t.inversion_s,

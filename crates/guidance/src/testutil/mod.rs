@@ -1,20 +1,11 @@
-//! Finite-difference gradient checks in f64, shared by the unit and integration tests.
+//! Finite-difference gradient checks in f64 for the unit tests (the integration tests include
+//! [`relative_error`]'s file from `tests/support`).
 
-use crate::error::{Error, Result};
+mod relative;
+
+use crate::error::Result;
 use candle_core::{Device, Tensor, Var};
-
-/// Relative error between an analytic and a numeric gradient: the largest
-/// `|g_i − fd_i| / max(|fd_i|, 1e-3 · max_j |fd_j|)` (the floor keeps components that are
-/// zero up to rounding from dominating).
-pub fn relative_error(analytic: &[f64], numeric: &[f64]) -> f64 {
-    let scale = numeric.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
-    let floor = (1e-3 * scale).max(1e-300);
-    analytic
-        .iter()
-        .zip(numeric)
-        .map(|(g, n)| (g - n).abs() / n.abs().max(floor))
-        .fold(0.0, f64::max)
-}
+pub use relative::relative_error;
 
 /// Central finite differences (step `1e-6`) of the scalar `f` at `x0`.
 pub fn numeric_gradient(
@@ -63,12 +54,11 @@ pub fn check_gradient(
     let err = relative_error(&a, &n);
     let scale = n.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     if err.is_nan() || err > tol || scale == 0.0 {
-        return Err(Error::Invalid {
-            what: "finite-difference check",
-            reason: format!(
-                "relative error {err:e} (scale {scale:e})\nanalytic {a:?}\nnumeric  {n:?}"
-            ),
-        });
+        return Err(candle_core::Error::Msg(format!(
+            "finite-difference check: relative error {err:e} (scale {scale:e})\n\
+             analytic {a:?}\nnumeric  {n:?}"
+        ))
+        .into());
     }
     Ok(())
 }
