@@ -1,19 +1,20 @@
-//! DreamBench facts checked against the shared copy of the dataset (`../shared/dreambench`).
+//! DreamBench facts checked against a copy of the dataset (`PND_DREAMBENCH`, default
+//! `../shared/dreambench`; the tests that read it are ignored without it).
 
 use dreambench::{
     check, clip_t_prompt, enumerate_jobs, fetch, subject, Dataset, FetchOptions, Kind, Problem,
     PromptStyle, ReferenceRule, LIVE_PROMPTS, OBJECT_PROMPTS, SUBJECTS,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn shared_dreambench() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench")
-}
-
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn thirty_subjects_158_images_9_live() {
-    let ds = Dataset::open(shared_dreambench()).unwrap();
+    let ds = Dataset::open(testdata::dreambench()).unwrap();
     assert_eq!(SUBJECTS.len(), 30);
     assert_eq!(ds.image_count(), 158);
     let live: Vec<&str> = SUBJECTS
@@ -29,9 +30,13 @@ fn thirty_subjects_158_images_9_live() {
 
 /// The class table and both prompt lists agree with the dataset's own `prompts_and_classes.txt`.
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn class_table_and_prompts_match_prompts_and_classes_txt() {
     let text =
-        std::fs::read_to_string(shared_dreambench().join("prompts_and_classes.txt")).unwrap();
+        std::fs::read_to_string(testdata::dreambench().join("prompts_and_classes.txt")).unwrap();
     let classes: Vec<(String, String)> = text
         .lines()
         .skip_while(|l| *l != "subject_name,class")
@@ -127,8 +132,12 @@ fn prompts_render_per_method() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn reference_image_rule() {
-    let ds = Dataset::open(shared_dreambench()).unwrap();
+    let ds = Dataset::open(testdata::dreambench()).unwrap();
     let first = ds.reference_image("dog7", &ReferenceRule::First).unwrap();
     assert_eq!(first.file_name().unwrap(), "00.jpg");
     let third = ds
@@ -159,8 +168,12 @@ fn job_ids_are_stable_and_human_readable() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn shared_copy_verifies() {
-    let report = check(shared_dreambench()).unwrap();
+    let report = check(testdata::dreambench()).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.verified, 158);
 }
@@ -188,10 +201,14 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn check_names_truncated_missing_and_extra_files() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("dreambench");
-    copy_tree(&shared_dreambench(), &copy);
+    copy_tree(&testdata::dreambench(), &copy);
     let truncated = copy.join("dog/02.jpg");
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -215,10 +232,14 @@ fn check_names_truncated_missing_and_extra_files() {
 
 /// `fetch` from a local git repository laid out like google/dreambooth (no network needed).
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn fetch_clones_a_repository_and_verifies_its_dataset_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("dreambooth");
-    copy_tree(&shared_dreambench(), &repo.join("dataset"));
+    copy_tree(&testdata::dreambench(), &repo.join("dataset"));
     std::fs::write(repo.join("README.md"), "DreamBooth\n").unwrap();
     let git = |args: &[&str]| {
         let out = Command::new("git")
