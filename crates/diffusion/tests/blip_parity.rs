@@ -15,10 +15,6 @@ fn fixtures() -> PathBuf {
     fixture("blip")
 }
 
-fn dreambench_dog() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench/dog/00.jpg")
-}
-
 fn expected() -> &'static HashMap<String, Tensor> {
     static E: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
     E.get_or_init(|| {
@@ -72,12 +68,12 @@ fn image_processor_matches_pil_bit_for_bit_on_a_png() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn image_processor_on_the_dreambench_jpeg() {
-    let path = dreambench_dog();
-    if !path.is_file() {
-        eprintln!("skipped: {} not present", path.display());
-        return;
-    }
+    let path = testdata::dreambench().join("dog/00.jpg");
     let img = read_reference(&path).unwrap();
     let s = &facts()["dog_size"];
     assert_eq!(

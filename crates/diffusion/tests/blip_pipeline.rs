@@ -5,7 +5,7 @@ mod pipeline_support;
 
 use candle_core::{DType, Device};
 use diffusion::blip::{blip_text_prompt, BlipDiffusionPipeline, BlipRequest};
-use pipeline_support::{fixture, max_abs_diff, shared_tokenizer_dir};
+use pipeline_support::{fixture, max_abs_diff};
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
@@ -94,8 +94,7 @@ fn real_model_generates_a_dreambench_dog() {
     let model = std::env::var("BLIP_DIFFUSION_MODEL").expect("set BLIP_DIFFUSION_MODEL");
     let pipe = BlipDiffusionPipeline::load(&model, DType::F32, &Device::Cpu).unwrap();
     let req = BlipRequest {
-        reference: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/dreambench/dog/00.jpg"),
+        reference: testdata::dreambench().join("dog/00.jpg"),
         subject_category: "dog".into(),
         prompt: blip_text_prompt("a dog on the beach", "dog"),
         steps: 10,
@@ -117,7 +116,7 @@ fn real_model_generates_a_dreambench_dog() {
 #[test]
 fn tiny_blip_model_is_deterministic_loads_and_generates() {
     use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
-    let tokenizer = shared_tokenizer_dir();
+    let tokenizer = testdata::clip_tokenizer();
     let tokenizer = if tokenizer.is_dir() {
         tokenizer
     } else {

@@ -149,6 +149,10 @@ fn bicubic_resize_is_bit_exact_to_pil_on_a_synthetic_image() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn dreambench_decode_resize_crop_are_bit_exact_to_pil() {
     let stored = load("preprocess.safetensors");
     let hashes: serde_json::Value =
@@ -157,7 +161,7 @@ fn dreambench_decode_resize_crop_are_bit_exact_to_pil() {
     let (mut decoded_same, mut dino_same, mut clip_same, mut n) = (0, 0, 0, 0);
     let mut worst = 0;
     for (rel, h) in hashes.as_object().unwrap() {
-        let img = load_rgb(&dreambench().join(rel)).unwrap();
+        let img = load_rgb(&testdata::dreambench().join(rel)).unwrap();
         n += 1;
         decoded_same += (metrics::cache::sha256_hex(img.as_raw()) == h["decoded"]) as usize;
         let dc = Preprocess::DINO.crop_u8(&img);

@@ -26,7 +26,7 @@ fn scorer(cache: Option<EmbeddingCache>) -> Scorer {
 }
 
 fn subjects() -> Vec<(String, Vec<PathBuf>)> {
-    let data = Dataset::open(dreambench()).unwrap();
+    let data = Dataset::open(testdata::dreambench()).unwrap();
     dreambench::SUBJECTS
         .iter()
         .map(|s| (s.name.to_string(), data.images(s.name).unwrap().to_vec()))
@@ -34,6 +34,10 @@ fn subjects() -> Vec<(String, Vec<PathBuf>)> {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn oracle_over_all_158_images_matches_the_reference() {
     let want = reference();
     let subjects = subjects();
@@ -116,12 +120,16 @@ fn oracle_over_all_158_images_matches_the_reference() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn score_matches_the_reference_and_the_cache_reproduces_it() {
     let want = &reference()["score"];
     let cache_dir = tempfile::tempdir().unwrap();
     let s = scorer(Some(EmbeddingCache::new(cache_dir.path())));
-    let generated = metrics::list_images(&dreambench().join("cat/00.jpg")).unwrap();
-    let real = metrics::list_images(&dreambench().join("dog")).unwrap();
+    let generated = metrics::list_images(&testdata::dreambench().join("cat/00.jpg")).unwrap();
+    let real = metrics::list_images(&testdata::dreambench().join("dog")).unwrap();
     let prompt = want["prompt"].as_str().unwrap();
     let first = s.score(&generated, &real, prompt).unwrap();
     let mut worst = 0f64;
@@ -218,10 +226,14 @@ fn wrong_tensor_shapes_are_one_error_naming_tensor_and_file() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn unreadable_or_truncated_images_are_one_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let s = scorer(None);
-    let bytes = std::fs::read(dreambench().join("dog/00.jpg")).unwrap();
+    let bytes = std::fs::read(testdata::dreambench().join("dog/00.jpg")).unwrap();
     let truncated = dir.path().join("truncated.jpg");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let garbage = dir.path().join("garbage.png");

@@ -1,13 +1,14 @@
 //! The CLIP tokenizer built from `vocab.json` + `merges.txt` tokenizes exactly as `tokenizer.json`.
 
-mod common;
-
-use common::shared;
 use metrics::tokenizer::ClipTokenizer;
 
 #[test]
+#[cfg_attr(
+    no_clip_tokenizer,
+    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
+)]
 fn vocab_merges_tokenizer_equals_tokenizer_json_on_all_clip_t_prompts() {
-    let dir = shared("clip-tokenizer");
+    let dir = testdata::clip_tokenizer();
     let json = ClipTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"), 77).unwrap();
     let built =
         ClipTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), 77)

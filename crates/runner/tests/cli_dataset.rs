@@ -1,11 +1,6 @@
 //! `pnd dataset check | list` as a user runs them.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn shared_dreambench() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench")
-}
 
 fn pnd(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pnd"))
@@ -21,24 +16,32 @@ fn pnd(args: &[&str]) -> (bool, String) {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn check_passes_on_the_shared_copy() {
     let (ok, out) = pnd(&[
         "dataset",
         "check",
         "--data",
-        shared_dreambench().to_str().unwrap(),
+        testdata::dreambench().to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("158 of 158 images verified"), "{out}");
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn check_fails_and_names_every_problem() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("db");
     for subject in ["cat", "dog", "vase"] {
         std::fs::create_dir_all(copy.join(subject)).unwrap();
-        for e in std::fs::read_dir(shared_dreambench().join(subject)).unwrap() {
+        for e in std::fs::read_dir(testdata::dreambench().join(subject)).unwrap() {
             let e = e.unwrap();
             let dst = copy.join(subject).join(e.file_name());
             std::fs::copy(e.path(), &dst).unwrap();
@@ -74,8 +77,12 @@ fn check_of_a_missing_folder_is_one_clear_error() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn list_prints_subjects_and_json() {
-    let data = shared_dreambench();
+    let data = testdata::dreambench();
     let (ok, out) = pnd(&["dataset", "list", "--data", data.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(out.contains("30 subjects, 158 images"), "{out}");

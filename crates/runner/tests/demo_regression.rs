@@ -89,10 +89,14 @@ fn kill_and_resume(demo: &Path, run: &Path) {
 }
 
 #[test]
+#[cfg_attr(
+    no_clip_tokenizer,
+    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
+)]
 fn demo_matches_golden_and_survives_kills_and_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = tmp.path().join("demo");
-    let tokenizer = repo().join("../shared/clip-tokenizer");
+    let tokenizer = testdata::clip_tokenizer();
     let out = run_demo(&demo, Some(&tokenizer), false).unwrap();
     let report = &out.report_dir;
     // 1. Golden scores.

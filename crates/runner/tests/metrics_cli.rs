@@ -34,8 +34,12 @@ fn pnd(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn oracle_on_all_158_images_matches_the_reference() {
-    let data = root().join("../shared/dreambench").display().to_string();
+    let data = testdata::dreambench().display().to_string();
     let (dino, clip) = (fixture("dino_tiny"), fixture("clip_tiny"));
     let got = pnd(&[
         "oracle",
@@ -65,9 +69,13 @@ fn oracle_on_all_158_images_matches_the_reference() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn score_of_one_generated_image_matches_the_reference() {
     let want = &reference()["score"];
-    let data = root().join("../shared/dreambench");
+    let data = testdata::dreambench();
     let cache = tempfile::tempdir().unwrap();
     let got = pnd(&[
         "score",
@@ -94,8 +102,12 @@ fn score_of_one_generated_image_matches_the_reference() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn score_with_a_missing_model_folder_fails_naming_it() {
-    let data = root().join("../shared/dreambench");
+    let data = testdata::dreambench();
     let out = Command::new(env!("CARGO_BIN_EXE_pnd"))
         .args([
             "score",

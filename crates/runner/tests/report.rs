@@ -6,10 +6,6 @@ use runner::report::write_report;
 use runner::sweep::{Plan, RunStore};
 use std::path::Path;
 
-fn shared_dreambench() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench")
-}
-
 /// Four methods, two subjects, two prompts, one seed; scores are simple functions of the indices,
 /// so every aggregate is known in closed form.
 fn make_run(dir: &Path) -> Vec<ImageRow> {
@@ -69,7 +65,7 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             prompt: format!("prompt {}", job.prompt_index),
             clip_t_prompt: format!("prompt {}", job.prompt_index),
             image,
-            reference: shared_dreambench()
+            reference: testdata::dreambench()
                 .join(&job.subject)
                 .join("00.jpg")
                 .display()

@@ -84,9 +84,13 @@ fn experiment(dir: &Path, body: &str) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn bad_experiments_fail_before_any_work_with_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = repo().join("../shared/dreambench");
+    let data = testdata::dreambench();
     let base = format!(
         "name = \"e\"\nsubjects = [\"dog\"]\n[metrics]\ndata = \"{}\"\ndino = \"/nonexistent/dino\"\nclip = \"/nonexistent/clip\"\n",
         data.display()

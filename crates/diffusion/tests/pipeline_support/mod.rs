@@ -83,12 +83,3 @@ pub fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
-
-pub fn shared_tokenizer_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer")
-}
-
-pub fn dreambench_prompts_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/dreambench/prompts_and_classes.txt")
-}

@@ -10,17 +10,6 @@ pub fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
 }
 
-/// `../shared/dreambench` relative to the repository root.
-pub fn dreambench() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/dreambench")
-}
-
-pub fn shared(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared")
-        .join(name)
-}
-
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
