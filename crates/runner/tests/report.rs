@@ -92,6 +92,10 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn table_has_means_and_deltas_against_the_unguided_baseline() {
     let tmp = tempfile::tempdir().unwrap();
     make_run(tmp.path());
@@ -131,6 +135,10 @@ fn table_has_means_and_deltas_against_the_unguided_baseline() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn figures_and_grids_are_written_and_decodable() {
     let tmp = tempfile::tempdir().unwrap();
     make_run(tmp.path());
@@ -183,6 +191,10 @@ fn figures_and_grids_are_written_and_decodable() {
 }
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn stats_have_bootstrap_intervals_around_the_means() {
     let tmp = tempfile::tempdir().unwrap();
     make_run(tmp.path());
