@@ -11,7 +11,6 @@
 
 pub mod cache;
 pub mod clip;
-pub mod jpeg;
 pub mod nn;
 pub mod preprocess;
 pub mod scorer;
@@ -62,4 +61,13 @@ pub enum MetricsError {
         what: String,
         source: candle_core::Error,
     },
+}
+
+impl From<imaging::ImageError> for MetricsError {
+    fn from(e: imaging::ImageError) -> Self {
+        MetricsError::Image {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
 }

@@ -7,14 +7,12 @@
 //!
 //! The reference is diffusers 0.32.2 with transformers 4.51.3 (`pipelines/blip_diffusion/`): later
 //! versions cannot load or silently change the pipeline (SPEC §11). The fixtures are written by
-//! `tools/fixtures/blip_diffusion.py`.
+//! `tools/fixtures/blip_diffusion.py`. The reference image is decoded and resized exactly as PIL
+//! does ([`imaging`]), so the processed pixels equal the reference's bit for bit, JPEGs included.
 //!
 //! Differences from the reference, all deliberate:
 //! - Sampling uses DDIM in SD's configuration (SPEC §6) instead of the folder's PNDM, like the
 //!   other baselines; the loop is otherwise the pipeline's (CFG on `[uncond, cond]`).
-//! - JPEG references are decoded by the `image` crate, not libjpeg: a few pixels differ by one or
-//!   two levels (on DreamBench `dog/00.jpg` at 224×224: max 2 levels, mean 0.1 level). The resize
-//!   itself is Pillow's, bit for bit.
 //! - A negative prompt longer than 77 tokens is truncated (the reference fails on it).
 //! - The Q-Former tokenizer is built from the `vocab.txt` of the folder `qformer/config.json`
 //!   names (`tokenizer`), resolved against the model folder, `qformer/`, then as a hub repo id;

@@ -369,13 +369,13 @@ impl BlipDiffusion {
     }
 }
 
-/// Reads a reference image as RGB (alpha dropped, grey replicated, as PIL's `convert("RGB")`).
+/// Reads a reference image as PIL's `Image.open(path).convert("RGB")` does (alpha dropped, grey
+/// replicated, JPEGs decoded bit-exactly as libjpeg-turbo: [`imaging::load_rgb`]).
 pub fn read_reference(path: &Path) -> Result<image::RgbImage, BlipError> {
-    let img = image::open(path).map_err(|e| BlipError::Image {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok(img.to_rgb8())
+    imaging::load_rgb(path).map_err(|e| BlipError::Image {
+        path: e.path,
+        reason: e.reason,
+    })
 }
 
 /// The text prompt BLIP-Diffusion gets for a DreamBench prompt rendered class-only

@@ -7,14 +7,12 @@ use diffusion::pipeline::StableDiffusion;
 use std::path::Path;
 
 /// The reference image center-cropped to the generation aspect ratio and resized to
-/// `width × height` (Catmull-Rom), as the VAE sees it.
+/// `width × height`, as the VAE sees it: decoded and resized (bicubic) as PIL does ([`imaging`]).
 pub fn load_reference_image(path: &Path, height: usize, width: usize) -> Result<image::RgbImage> {
-    let img = image::open(path)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?
-        .to_rgb8();
+    let img = imaging::load_rgb(path).map_err(|e| Error::Image {
+        path: e.path,
+        reason: e.reason,
+    })?;
     let (w, h) = img.dimensions();
     // Largest centered crop with the target aspect ratio.
     let (tw, th) = (width as f64, height as f64);
@@ -25,12 +23,7 @@ pub fn load_reference_image(path: &Path, height: usize, width: usize) -> Result<
     );
     let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
     let crop = image::imageops::crop_imm(&img, x0, y0, cw, ch).to_image();
-    Ok(image::imageops::resize(
-        &crop,
-        width as u32,
-        height as u32,
-        image::imageops::FilterType::CatmullRom,
-    ))
+    Ok(imaging::resize_bicubic(&crop, width as u32, height as u32))
 }
 
 /// Scaled VAE posterior mean of an image (no sampling).

@@ -1,7 +1,8 @@
 //! A baseline (sequential, Huffman) JPEG decoder that reproduces libjpeg-turbo's default output —
-//! what PIL's `Image.open(..).convert("RGB")` returns — bit for bit, so the metric pipeline sees the
-//! same pixels as the Python reference. The `image` crate's decoder (zune-jpeg) uses an stb-style
-//! IDCT and its own upsampling, which differ from libjpeg by up to 2/255 on DreamBench images.
+//! what PIL's `Image.open(..).convert("RGB")` returns — bit for bit, so the metrics and the
+//! generators' reference images see the same pixels as the Python reference. The `image` crate's
+//! decoder (zune-jpeg) uses an stb-style IDCT and its own upsampling, which differ from libjpeg by up
+//! to 2/255 on DreamBench images.
 //!
 //! Ported from libjpeg-turbo 3.x (<https://github.com/libjpeg-turbo/libjpeg-turbo/tree/3.0.4/src>):
 //! `jidctint.c` `jpeg_idct_islow` (JDCT_ISLOW, the default), `jdmaster.c`
@@ -11,9 +12,9 @@
 //! `None` and the caller falls back to the `image` crate.
 //!
 //! Measured identical to Pillow 13 (`Image.open(p).convert("RGB")`) on all 158 DreamBench images
-//! (the `dreambench_decode_resize_crop_are_bit_exact_to_pil` test) and, during development, on 39
-//! synthetic JPEGs written by PIL (8×9 to 333×129 pixels, 4:4:4, 4:2:2 and 4:2:0, grayscale,
-//! optimized Huffman tables, restart intervals).
+//! (the metrics crate's `dreambench_decode_resize_crop_are_bit_exact_to_pil` test) and, during
+//! development, on 39 synthetic JPEGs written by PIL (8×9 to 333×129 pixels, 4:4:4, 4:2:2 and 4:2:0,
+//! grayscale, optimized Huffman tables, restart intervals).
 
 use image::RgbImage;
 
