@@ -16,7 +16,8 @@
 //! - A negative prompt longer than 77 tokens is truncated (the reference fails on it).
 //! - The Q-Former tokenizer is built from the `vocab.txt` of the folder `qformer/config.json`
 //!   names (`tokenizer`), resolved against the model folder, `qformer/`, then as a hub repo id;
-//!   without one, `google-bert/bert-base-uncased` as diffusers does.
+//!   without one, `bert-base-uncased` as diffusers does, looked up in the hub cache (or
+//!   downloaded) as `google-bert/bert-base-uncased`, then under its old id `bert-base-uncased`.
 
 // Load errors carry the weights crate's and the pipeline's errors unboxed; they are built once per
 // failed load, never on a hot path.

@@ -7,7 +7,7 @@
 
 use super::ctx_clip::ContextClipTextModel;
 use super::image::{BlipImageProcessor, BlipImageProcessorConfig};
-use super::qformer::{tokenizer_source, BertTokenizer, Blip2Config, Blip2QFormerModel};
+use super::qformer::{tokenizer_sources, BertTokenizer, Blip2Config, Blip2QFormerModel};
 use super::BlipError;
 use crate::ddim::{Ddim, DdimConfig};
 use crate::hooks::NoHook;
@@ -225,7 +225,8 @@ impl BlipDiffusion {
         cfg: &Blip2Config,
         cfg_path: &Path,
     ) -> Result<BertTokenizer, BlipError> {
-        // A folder inside the same hub repo first, then what `tokenizer_source` resolves.
+        // A folder inside the same hub repo first, then the first of `tokenizer_sources` that has
+        // the vocabulary.
         let inside = cfg.tokenizer.as_deref().and_then(|name| match model {
             ModelSource::Hub { .. } => model.file(&[&format!("{name}/vocab.txt")]).ok(),
             ModelSource::Local(_) => None,
@@ -236,17 +237,27 @@ impl BlipDiffusion {
                 (v, c.is_file().then_some(c))
             }
             None => {
-                let src = tokenizer_source(model, cfg.tokenizer.as_deref());
-                let vocab = src.file(&["vocab.txt"]).map_err(|e| BlipError::Tokenizer {
+                let mut failures = Vec::new();
+                let mut found = None;
+                for src in tokenizer_sources(model, cfg.tokenizer.as_deref()) {
+                    match src.file(&["vocab.txt"]) {
+                        Ok(vocab) => {
+                            found = Some((vocab, src.file(&["tokenizer_config.json"]).ok()));
+                            break;
+                        }
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                found.ok_or_else(|| BlipError::Tokenizer {
                     path: cfg_path.to_path_buf(),
                     reason: format!(
-                        "the Q-Former config's tokenizer '{}' has no vocab.txt: {e}",
+                        "the Q-Former config's tokenizer '{}' has no vocab.txt: {}",
                         cfg.tokenizer
                             .as_deref()
-                            .unwrap_or("bert-base-uncased (default)")
+                            .unwrap_or("bert-base-uncased (default)"),
+                        failures.join("; ")
                     ),
-                })?;
-                (vocab, src.file(&["tokenizer_config.json"]).ok())
+                })?
             }
         };
         BertTokenizer::from_files(&vocab, config.as_deref())

@@ -474,13 +474,18 @@ impl Blip2QFormerModel {
     }
 }
 
-/// Where the Q-Former's tokenizer folder is, from the `tokenizer` field of `qformer/config.json`:
-/// a path relative to the model folder, to `qformer/`, or absolute; else a hub repo id
-/// (`bert-base-uncased`, the default, is `google-bert/bert-base-uncased`).
-pub(super) fn tokenizer_source(
+/// BERT's uncased base vocabulary on the hub: `google-bert/bert-base-uncased`, stored for years by
+/// transformers and diffusers under its old id `bert-base-uncased`, so a user's offline cache may
+/// hold either.
+pub const BERT_BASE_UNCASED: [&str; 2] = ["google-bert/bert-base-uncased", "bert-base-uncased"];
+
+/// Where the Q-Former's tokenizer folder may be, in the order to try, from the `tokenizer` field of
+/// `qformer/config.json`: a path relative to the model folder, to `qformer/`, or absolute; else a
+/// hub repo id (`bert-base-uncased`, the default, under both its ids: [`BERT_BASE_UNCASED`]).
+pub(super) fn tokenizer_sources(
     model: &weights::ModelSource,
     reference: Option<&str>,
-) -> weights::ModelSource {
+) -> Vec<weights::ModelSource> {
     let name = reference.unwrap_or("bert-base-uncased");
     if let weights::ModelSource::Local(root) = model {
         for dir in [
@@ -489,27 +494,31 @@ pub(super) fn tokenizer_source(
             PathBuf::from(name),
         ] {
             if dir.is_dir() {
-                return weights::ModelSource::Local(dir);
+                return vec![weights::ModelSource::Local(dir)];
             }
         }
         // A path into the model folder (`qformer/tokenizer`) that is not there: report it as
         // missing rather than asking the hub for a repo of that name.
         if let Some(std::path::Component::Normal(first)) = Path::new(name).components().next() {
             if root.join(first).is_dir() {
-                return weights::ModelSource::Local(root.join(name));
+                return vec![weights::ModelSource::Local(root.join(name))];
             }
         }
     }
-    let repo = match name {
-        "bert-base-uncased" => "google-bert/bert-base-uncased".to_string(),
-        other => other.to_string(),
-    };
-    match weights::ModelSource::parse(&repo) {
-        Ok(src) => src,
+    if BERT_BASE_UNCASED.contains(&name) {
+        return BERT_BASE_UNCASED
+            .iter()
+            .map(|repo| weights::ModelSource::Hub {
+                repo: repo.to_string(),
+            })
+            .collect();
+    }
+    match weights::ModelSource::parse(name) {
+        Ok(src) => vec![src],
         // Not a folder and not a repo id: report it as the folder that was looked for.
-        Err(_) => weights::ModelSource::Local(match model {
+        Err(_) => vec![weights::ModelSource::Local(match model {
             weights::ModelSource::Local(root) => root.join(name),
             weights::ModelSource::Hub { .. } => PathBuf::from(name),
-        }),
+        })],
     }
 }
