@@ -17,7 +17,7 @@
 use crate::ddim::{Ddim, DdimConfig, DdimError};
 use crate::hooks::{Hook, NoHook};
 use crate::text::{ClipTextConfig, ClipTextModel};
-use crate::textual_inversion::{read_learned_embedding, TextualInversionError};
+use crate::textual_inversion::{read_learned_embedding, LearnedToken, TextualInversionError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::unet::{UNet2DConditionModel, UNetError};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -91,6 +91,9 @@ pub struct LoadOptions {
     pub base: Option<String>,
     /// A Textual Inversion file to add to the tokenizer and text encoder.
     pub embeddings: Option<PathBuf>,
+    /// The token to bind the Textual Inversion vector to (the one the prompts use), as diffusers'
+    /// `load_textual_inversion(path, token=…)`; `None` keeps the file's own key.
+    pub embedding_token: Option<String>,
     pub dtype: DType,
     pub device: Device,
 }
@@ -100,6 +103,7 @@ impl Default for LoadOptions {
         Self {
             base: None,
             embeddings: None,
+            embedding_token: None,
             dtype: DType::F32,
             device: Device::Cpu,
         }
@@ -114,8 +118,8 @@ pub struct Provenance {
     pub text_encoder: String,
     pub tokenizer: String,
     pub scheduler: String,
-    /// `(token, id)` of a loaded Textual Inversion embedding.
-    pub learned_token: Option<(String, u32)>,
+    /// The loaded Textual Inversion vector: its token, id, file and the file's own key.
+    pub learned_token: Option<LearnedToken>,
 }
 
 /// A loaded Stable Diffusion model.
@@ -299,8 +303,12 @@ impl StableDiffusion {
             learned_token: None,
         };
         if let Some(path) = &opts.embeddings {
-            let (token, id) = add_learned_embedding(&mut tokenizer, &mut text_encoder, path)?;
-            provenance.learned_token = Some((token, id));
+            provenance.learned_token = Some(add_learned_embedding(
+                &mut tokenizer,
+                &mut text_encoder,
+                path,
+                opts.embedding_token.as_deref(),
+            )?);
         }
         Ok(Self {
             unet,
@@ -322,9 +330,15 @@ impl StableDiffusion {
         self.dtype
     }
 
-    /// Adds a Textual Inversion embedding; returns its token and id.
-    pub fn load_textual_inversion(&mut self, path: &Path) -> Result<(String, u32)> {
-        let r = add_learned_embedding(&mut self.tokenizer, &mut self.text_encoder, path)?;
+    /// Adds a Textual Inversion embedding under `token` (the file's own key when `None`), as
+    /// diffusers' `load_textual_inversion(path, token=…)`; returns what was bound, also kept in
+    /// [`Provenance::learned_token`].
+    pub fn load_textual_inversion(
+        &mut self,
+        path: &Path,
+        token: Option<&str>,
+    ) -> Result<LearnedToken> {
+        let r = add_learned_embedding(&mut self.tokenizer, &mut self.text_encoder, path, token)?;
         self.provenance.learned_token = Some(r.clone());
         Ok(r)
     }
@@ -504,21 +518,27 @@ fn add_learned_embedding(
     tokenizer: &mut ClipTokenizer,
     text_encoder: &mut ClipTextModel,
     path: &Path,
-) -> Result<(String, u32)> {
+    token: Option<&str>,
+) -> Result<LearnedToken> {
     let learned = read_learned_embedding(path, text_encoder.hidden_size())?;
-    let id = tokenizer.add_token(&learned.token)?;
+    let token = token.unwrap_or(&learned.key).to_string();
+    let id = tokenizer.add_token(&token)?;
     let row = text_encoder.push_token_embedding(&learned.vector)?;
     if row != id {
-        return Err(TextualInversionError::Invalid {
+        return Err(TextualInversionError::RowMismatch {
             path: path.into(),
-            reason: format!(
-                "token '{}' got tokenizer id {id} but embedding row {row} (the tokenizer and the text encoder's vocabulary sizes differ)",
-                learned.token
-            ),
+            token,
+            id,
+            row,
         }
         .into());
     }
-    Ok((learned.token, id))
+    Ok(LearnedToken {
+        token,
+        id,
+        file: path.to_path_buf(),
+        file_key: learned.key,
+    })
 }
 
 /// Writes latents as safetensors with the single tensor `latents` (the `--save-latents` format,

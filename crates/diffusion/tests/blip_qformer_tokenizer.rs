@@ -41,7 +41,9 @@ fn model_with_default_qformer_tokenizer(dir: &Path) {
 
 /// A Hugging Face cache (`$HF_HOME/hub`) holding the fixture's BERT vocabulary under `repo`.
 fn cache_with(home: &Path, repo: &str) {
-    let root = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
+    let root = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
     let snapshot = root.join("snapshots/0123abcd");
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(root.join("refs")).unwrap();
@@ -80,7 +82,11 @@ fn default_bert_vocabulary_is_found_under_either_hub_id() {
         let home = tempfile::tempdir().unwrap();
         cache_with(home.path(), repo);
         let blip = load(model.path(), home.path()).unwrap_or_else(|e| panic!("{repo}: {e}"));
-        assert_eq!(blip.qformer_tokenizer.encode("a dog").unwrap(), want, "{repo}");
+        assert_eq!(
+            blip.qformer_tokenizer.encode("a dog").unwrap(),
+            want,
+            "{repo}"
+        );
     }
     let empty = tempfile::tempdir().unwrap();
     let err = load(model.path(), empty.path()).err().unwrap();

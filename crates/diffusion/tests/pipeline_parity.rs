@@ -150,7 +150,8 @@ fn textual_inversion_adds_the_files_vector_and_changes_the_output() {
             ..Default::default()
         };
         let ti = load(&model_dir(), &opts);
-        let (tok, id) = ti.provenance.learned_token.clone().unwrap();
+        let learned = ti.provenance.learned_token.clone().unwrap();
+        let (tok, id) = (learned.token, learned.id);
         assert_eq!(tok, token);
         assert_eq!(id as u64, f["ti_token_id"].as_u64().unwrap());
         let file_vec = candle_core::safetensors::load(

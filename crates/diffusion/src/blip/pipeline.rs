@@ -561,10 +561,9 @@ impl BlipDiffusionPipeline {
                 ))?;
         }
         let opts = LoadOptions {
-            base: None,
-            embeddings: None,
             dtype,
             device: device.clone(),
+            ..Default::default()
         };
         let mut sd = StableDiffusion::load(model, &opts)?;
         sd.scheduler = DdimConfig::stable_diffusion();
