@@ -1,19 +1,19 @@
 //! The CLIP BPE tokenizer of Stable Diffusion (SPEC §6): 77 tokens, `<|startoftext|>` … `<|endoftext|>`,
 //! padded with the tokenizer config's `pad_token`, truncated to `model_max_length`.
 //!
-//! A `tokenizer/tokenizer.json` is used as is. Real SD 1.5 folders ship only `vocab.json` +
-//! `merges.txt`: from those we build the same pipeline transformers' `CLIPTokenizer` builds
-//! (transformers 5.24, `models/clip/tokenization_clip.py`, `CLIPTokenizer.__init__`): NFC,
-//! whitespace runs → one space, lowercase; the CLIP split regex, then byte-level; BPE with `</w>`
-//! end-of-word suffix and `<|endoftext|>` as unknown; RoBERTa-style BOS/EOS post-processing.
+//! The tokenizer itself is [`clip_tokenizer`]'s: a `tokenizer/tokenizer.json` is used as is; real
+//! SD 1.5 folders ship only `vocab.json` + `merges.txt`, from which it builds the same pipeline
+//! transformers' `CLIPTokenizer` builds. This wrapper adds SD's padding and truncation, word
+//! positions and Textual Inversion tokens.
 
+use clip_tokenizer::{BOS, EOS};
 use std::path::{Path, PathBuf};
 use tokenizers::{AddedToken, Tokenizer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("tokenizer '{path}': {reason}")]
-    Load { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Load(#[from] clip_tokenizer::Error),
     #[error("tokenizer: token '{token}' is not in the vocabulary of '{path}'")]
     MissingToken { token: String, path: PathBuf },
     #[error("tokenizing '{prompt}': {reason}")]
@@ -65,18 +65,6 @@ impl std::fmt::Debug for ClipTokenizer {
     }
 }
 
-const BOS: &str = "<|startoftext|>";
-const EOS: &str = "<|endoftext|>";
-const SPLIT_REGEX: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
-
-fn load_err(path: &Path, reason: impl ToString) -> TokenizerError {
-    TokenizerError::Load {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
-}
-
 /// A `tokenizer_config.json` / `special_tokens_map.json` entry: a string or `{"content": ..}`.
 fn token_string(v: &serde_json::Value) -> Option<String> {
     match v {
@@ -100,11 +88,11 @@ impl ClipTokenizer {
         };
         let tok_json = src.file(&[&p("tokenizer.json")]).ok();
         let (tok, source) = match tok_json {
-            Some(path) => (Self::read_tokenizer_json(&path)?, path),
+            Some(path) => (clip_tokenizer::from_tokenizer_json(&path)?, path),
             None => {
                 let vocab = src.file(&[&p("vocab.json")])?;
                 let merges = src.file(&[&p("merges.txt")])?;
-                (Self::build_bpe(&vocab, &merges)?, vocab)
+                (clip_tokenizer::from_vocab_merges(&vocab, &merges)?, vocab)
             }
         };
         let mut settings = Vec::new();
@@ -153,68 +141,6 @@ impl ClipTokenizer {
             bos_id,
             eos_id,
         })
-    }
-
-    fn read_tokenizer_json(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let mut tok = Tokenizer::from_file(path).map_err(|e| load_err(path, e))?;
-        tok.with_padding(None);
-        tok.with_truncation(None).map_err(|e| load_err(path, e))?;
-        Ok(tok)
-    }
-
-    /// transformers' `CLIPTokenizer` pipeline over `vocab.json` + `merges.txt`.
-    fn build_bpe(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let vocab: serde_json::Value = weights::read_json(vocab_path)?;
-        if !vocab.is_object() {
-            return Err(load_err(vocab_path, "vocab.json is not a JSON object"));
-        }
-        let text = std::fs::read_to_string(merges_path).map_err(|e| load_err(merges_path, e))?;
-        let merges: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .collect();
-        if let Some(bad) = merges.iter().find(|l| l.split(' ').count() != 2) {
-            return Err(load_err(
-                merges_path,
-                format!("malformed merge line '{bad}'"),
-            ));
-        }
-        let id = |t: &str| {
-            vocab
-                .get(t)
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| TokenizerError::MissingToken {
-                    token: t.into(),
-                    path: vocab_path.into(),
-                })
-        };
-        let (bos_id, eos_id) = (id(BOS)?, id(EOS)?);
-        let added = |id: u64, content: &str| {
-            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true})
-        };
-        let spec = serde_json::json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": [added(bos_id, BOS), added(eos_id, EOS)],
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "NFC"},
-                {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
-                {"type": "Lowercase"}]},
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": SPLIT_REGEX}, "behavior": "Removed", "invert": true},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
-            "post_processor": {"type": "RobertaProcessing", "sep": [EOS, eos_id], "cls": [BOS, bos_id],
-                "trim_offsets": false, "add_prefix_space": false},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": EOS, "continuing_subword_prefix": "",
-                "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
-        spec.to_string()
-            .parse::<Tokenizer>()
-            .map_err(|e| load_err(vocab_path, e))
     }
 
     /// The file the vocabulary came from.

@@ -44,6 +44,8 @@ pub enum MetricsError {
     Image { path: PathBuf, reason: String },
     #[error("tokenizer '{path}': {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ClipTokenizer(#[from] clip_tokenizer::Error),
     #[error("no images (jpg, jpeg, png) in '{0}'")]
     NoImages(PathBuf),
     #[error("'{path}': {source}")]

@@ -10,7 +10,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "pnd-demo")]
     pub out: PathBuf,
     /// A CLIP tokenizer folder (vocab.json + merges.txt); default: ../shared/clip-tokenizer, or
-    /// openai/clip-vit-base-patch32 from the Hugging Face cache.
+    /// openai/clip-vit-base-patch32 from the Hugging Face cache, else the vocabulary built into pnd.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 }

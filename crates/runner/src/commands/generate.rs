@@ -68,9 +68,10 @@ pub struct TinyModelArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Folder with the CLIP tokenizer files to copy.
-    #[arg(long, default_value = "../shared/clip-tokenizer")]
-    pub tokenizer: PathBuf,
+    /// Folder with the CLIP tokenizer files to copy; default: ../shared/clip-tokenizer, the
+    /// Hugging Face cache's openai/clip-vit-base-patch32, else the vocabulary built into pnd.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Also write `learned_embeds.safetensors` with a tiny Textual Inversion vector for this token.
     #[arg(long)]
     pub embedding_token: Option<String>,
@@ -174,7 +175,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
 
 pub fn run_tiny_model(args: TinyModelArgs) -> anyhow::Result<ExitCode> {
     let spec = tiny::TinySpec::default();
-    tiny::write_tiny_model(&args.out, args.seed, &args.tokenizer, &spec)?;
+    let scratch = tempfile::tempdir().context("creating a temporary folder")?;
+    let tokenizer = crate::demo::find_tokenizer(args.tokenizer.as_deref(), scratch.path())?;
+    tiny::write_tiny_model(&args.out, args.seed, &tokenizer, &spec)?;
     if let Some(token) = &args.embedding_token {
         let path = args.out.join("learned_embeds.safetensors");
         tiny::write_tiny_embedding(&path, token, args.seed.wrapping_add(100), &spec)?;

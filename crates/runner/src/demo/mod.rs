@@ -14,8 +14,11 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tiny::{write_tiny_metric_models, write_tiny_model, TinySpec};
 
-/// Where the real CLIP tokenizer is looked for (the tiny models use the real vocabulary).
-pub fn find_tokenizer(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The CLIP tokenizer folder of the tiny models (they use the real vocabulary): `explicit`, else
+/// `../shared/clip-tokenizer` or `shared/clip-tokenizer`, else `openai/clip-vit-base-patch32`'s
+/// `vocab.json` + `merges.txt` from the Hugging Face cache (or hub), else the vocabulary built into
+/// the binary ([`clip_tokenizer::write_builtin`], the same files) written to `builtin_dir`.
+pub fn find_tokenizer(explicit: Option<&Path>, builtin_dir: &Path) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         anyhow::ensure!(
             p.join("vocab.json").is_file() || p.join("tokenizer.json").is_file(),
@@ -24,21 +27,31 @@ pub fn find_tokenizer(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         );
         return Ok(p.into());
     }
-    let mut candidates: Vec<PathBuf> = vec![
-        "../shared/clip-tokenizer".into(),
-        "shared/clip-tokenizer".into(),
-    ];
-    if let Ok(src) = weights::ModelSource::parse("openai/clip-vit-base-patch32") {
-        if let Ok(vocab) = src.file(&["vocab.json"]) {
-            if let Some(dir) = vocab.parent() {
-                candidates.push(dir.into());
-            }
+    let has_files = |p: &Path| p.join("vocab.json").is_file() && p.join("merges.txt").is_file();
+    for dir in ["../shared/clip-tokenizer", "shared/clip-tokenizer"] {
+        if has_files(Path::new(dir)) {
+            return Ok(dir.into());
         }
     }
-    candidates
-        .into_iter()
-        .find(|p| p.join("vocab.json").is_file() && p.join("merges.txt").is_file())
-        .context("no CLIP tokenizer found: pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. from openai/clip-vit-base-patch32)")
+    let hub = weights::ModelSource::parse("openai/clip-vit-base-patch32")
+        .and_then(|src| Ok((src.file(&["vocab.json"])?, src.file(&["merges.txt"])?)));
+    match hub {
+        Ok((vocab, merges)) if vocab.parent() == merges.parent() => {
+            return Ok(vocab.parent().expect("a file in a folder").into())
+        }
+        Ok(_) => eprintln!(
+            "CLIP tokenizer: the hub cache holds vocab.json and merges.txt of different revisions"
+        ),
+        Err(e) => eprintln!("CLIP tokenizer: none from the hub ({e})"),
+    }
+    eprintln!(
+        "CLIP tokenizer: using the built-in vocabulary (written to '{}')",
+        builtin_dir.display()
+    );
+    if !has_files(builtin_dir) {
+        clip_tokenizer::write_builtin(builtin_dir)?;
+    }
+    Ok(builtin_dir.into())
 }
 
 /// The demo experiment over the mini benchmark and the tiny models under `root`.
@@ -101,7 +114,7 @@ pub fn run_demo(
 ) -> anyhow::Result<DemoOutput> {
     std::fs::create_dir_all(root).with_context(|| format!("creating '{}'", root.display()))?;
     let root = root.canonicalize()?;
-    let tokenizer = find_tokenizer(tokenizer)?;
+    let tokenizer = find_tokenizer(tokenizer, &root.join("models/clip-tokenizer"))?;
     let models = root.join("models");
     if !models.join("sd/model_index.json").is_file() {
         eprintln!("demo: writing tiny models to '{}'", models.display());
