@@ -602,7 +602,12 @@ fn subject_token_follows_the_option() {
     assert_eq!(pick(&sd, PROMPT, "sks", Identifier), "dog");
     assert_eq!(pick(&sd, PROMPT, "sks", Class), "dog");
     let id = sd.tokenizer.add_token("<dog7>").unwrap();
-    sd.provenance.learned_token = Some(("<dog7>".into(), id));
+    sd.provenance.learned_token = Some(diffusion::textual_inversion::LearnedToken {
+        token: "<dog7>".into(),
+        id,
+        file: "learned_embeds.safetensors".into(),
+        file_key: "<dog7>".into(),
+    });
     assert_eq!(pick(&sd, ti, "<dog7>", Identifier), "<dog7>");
     assert_eq!(pick(&sd, ti, "<dog7>", Class), "dog");
     // Either choice falls back to the word the prompt holds.
