@@ -8,7 +8,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(
     name = "pnd",
-    version,
+    version = crate::provenance::version_line(),
     about = "Pick-and-Draw reference implementation and DreamBench harness"
 )]
 pub struct Cli {

@@ -14,11 +14,13 @@
 //! pick_and_draw = true
 //! ```
 //! Included blocks are merged in order, then the file itself (later keys win; tables merge key by
-//! key). Every file is checked on its own first, so unknown keys, bad values and unknown subjects
-//! are reported with that file's name, line and column.
+//! key). Every file is checked on its own first, so unknown keys, bad values, unknown subjects and
+//! bad guidance settings (the experiment's `[guidance]` and each method's) are reported with that
+//! file's name, line and column.
 
-use crate::sweep::{config_line_column, ConfigError};
+use crate::sweep::{config_line_column, ConfigError, Problem};
 use dreambench::{enumerate_jobs, jobs::valid_name, Job, PromptStyle, ReferenceRule, Subject};
+use guidance::GuidanceConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -90,8 +92,11 @@ pub struct Models {
     pub blip_diffusion: Option<String>,
 }
 
+/// Vanilla Stable Diffusion 1.5 on the Hugging Face hub: the paper's base model.
+pub const SD15: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
 fn default_base() -> String {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5".into()
+    SD15.into()
 }
 
 impl Default for Models {
@@ -210,7 +215,8 @@ struct FileParts {
     models: Option<Models>,
     generation: Option<Generation>,
     metrics: Option<MetricProtocol>,
-    guidance: Option<toml::Table>,
+    /// Parsed as guidance settings here, so unknown keys and bad values point into this file.
+    guidance: Option<Spanned<GuidanceConfig>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,16 +228,16 @@ struct MethodParts {
     label: Option<String>,
     pick_and_draw: Option<bool>,
     prompt_style: Option<PromptStyle>,
-    guidance: Option<toml::Table>,
+    guidance: Option<Spanned<GuidanceConfig>>,
 }
 
-fn located(text: &str, file: &str, span: std::ops::Range<usize>, message: String) -> ConfigError {
+fn located(text: &str, file: &str, span: std::ops::Range<usize>, problem: Problem) -> ConfigError {
     let (line, column) = config_line_column(text, span.start);
     ConfigError::Invalid {
         file: file.to_string(),
         line,
         column,
-        message,
+        problem,
     }
 }
 
@@ -244,7 +250,7 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 text,
                 file,
                 s.span(),
-                format!("unknown subject '{}' (see `pnd dataset list`)", s.get_ref()),
+                Problem::UnknownSubject(s.get_ref().clone()),
             ));
         }
     }
@@ -254,7 +260,7 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 text,
                 file,
                 p.span(),
-                format!("prompt index {} out of range 0..25", p.get_ref()),
+                Problem::PromptOutOfRange(*p.get_ref()),
             ));
         }
     }
@@ -265,10 +271,7 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 text,
                 file,
                 m.name.span(),
-                format!(
-                    "method name '{}' must be lowercase letters, digits, '-', '+', '_' (no '__')",
-                    m.name.get_ref()
-                ),
+                Problem::BadMethodName(m.name.get_ref().clone()),
             ));
         }
         if !names.insert(m.name.get_ref().clone()) {
@@ -276,7 +279,24 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 text,
                 file,
                 m.name.span(),
-                format!("method name '{}' appears twice", m.name.get_ref()),
+                Problem::DuplicateMethod(m.name.get_ref().clone()),
+            ));
+        }
+    }
+    let guidance_tables = parts.guidance.iter().chain(
+        parts
+            .methods
+            .iter()
+            .flatten()
+            .filter_map(|m| m.guidance.as_ref()),
+    );
+    for g in guidance_tables {
+        if let Err(e) = g.get_ref().validate() {
+            return Err(located(
+                text,
+                file,
+                g.span(),
+                Problem::Guidance(e.to_string()),
             ));
         }
     }
@@ -306,7 +326,7 @@ impl Experiment {
                 text,
                 file,
                 first.span(),
-                "includes need a file location: use Experiment::load".into(),
+                Problem::IncludeWithoutFile,
             ));
         }
         Self::from_table(table, file)
@@ -338,11 +358,7 @@ impl Experiment {
                     &text,
                     &file,
                     inc.span(),
-                    format!(
-                        "no config block '{}' (looked for configs/{}.toml)",
-                        inc.get_ref(),
-                        inc.get_ref()
-                    ),
+                    Problem::MissingInclude(inc.get_ref().clone()),
                 )
             })?;
             if stack.iter().any(|p| p == &found) {
@@ -350,7 +366,7 @@ impl Experiment {
                     &text,
                     &file,
                     inc.span(),
-                    format!("'{}' includes itself", inc.get_ref()),
+                    Problem::IncludeCycle(inc.get_ref().clone()),
                 ));
             }
             Self::load_into(&found, merged, stack)?;
@@ -366,12 +382,12 @@ impl Experiment {
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::NoLocation {
                     file: file.into(),
-                    message: e.message().trim().to_string(),
+                    problem: Problem::Schema(e.message().trim().to_string()),
                 })?;
         if exp.methods.is_empty() {
             return Err(ConfigError::NoLocation {
                 file: file.into(),
-                message: "no [[methods]]".into(),
+                problem: Problem::NoMethods,
             });
         }
         Ok(exp)

@@ -1,9 +1,12 @@
 //! The `pnd` binary's library: every command is a function here that tests can call.
 
-pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod demo;
 pub mod experiment;
+pub mod jobs;
+pub mod progress;
+pub mod provenance;
 pub mod report;
+pub mod requests;
 pub mod sweep;

@@ -6,6 +6,9 @@
 //! After a deliberate change of results, rewrite the golden files with
 //! `PND_BLESS=1 cargo test -p runner --test demo_regression` and say why in the commit.
 
+mod common;
+
+use common::repo;
 use runner::demo::run_demo;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,17 +19,13 @@ use std::time::Duration;
 /// metric default (resize size, normalization, pooling) moves them by 1e-2 or more.
 const TOLERANCE: f64 = 1e-4;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn golden() -> PathBuf {
     repo().join("results/golden/demo")
 }
 
 fn pnd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pnd"));
-    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut c = common::pnd_command(args);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -56,7 +55,24 @@ fn compare_csv(name: &str, got: &str, want: &str) -> Vec<String> {
     diffs
 }
 
-fn kill_and_resume(demo: &Path, run: &Path) {
+/// Rows written so far (not the temporary files of a row being written).
+fn finished_rows(run: &Path) -> usize {
+    std::fs::read_dir(run.join("rows"))
+        .map(|d| {
+            d.filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(".json") && !name.starts_with('.')
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Kills `pnd sweep` each time the run has reached the next count of finished rows (so the kill
+/// lands while the following job is in flight), then resumes it to the end; returns the final
+/// run's stderr (a log: stderr is a pipe, not a terminal).
+fn kill_and_resume(demo: &Path, run: &Path) -> String {
     let exp = demo.join("demo.toml");
     let cache = demo.join("cache");
     let args = [
@@ -68,10 +84,13 @@ fn kill_and_resume(demo: &Path, run: &Path) {
         cache.to_str().unwrap(),
         "--resume",
     ];
+    let targets = [2usize, 5, 8];
     let mut kills = 0;
-    for delay_ms in [700u64, 1500, 2300, 3100, 4200] {
-        let mut child = pnd(&args).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+    for target in targets {
+        let mut child = pnd(&args).stderr(Stdio::null()).spawn().unwrap();
+        while finished_rows(run) < target && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if child.try_wait().unwrap().is_some() {
             break;
         }
@@ -79,13 +98,28 @@ fn kill_and_resume(demo: &Path, run: &Path) {
         child.wait().unwrap();
         kills += 1;
     }
-    let out = pnd(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        kills,
+        targets.len(),
+        "the sweep ended before reaching {} finished rows",
+        targets[kills]
     );
-    assert!(kills >= 1, "the sweep finished before any kill");
+    let before = finished_rows(run);
+    assert!(before >= 8 && before < 12, "{before} rows after the kills");
+    let out = pnd(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    // The log of the resumed run: one plain line per job it finished.
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("job ")).collect();
+    assert_eq!(lines.len(), 12 - before, "{log}");
+    let total = 12 - before;
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            line.contains(" done in ") && line.contains(&format!("[{}/{total}], ETA ", i + 1)),
+            "{line}"
+        );
+    }
+    log
 }
 
 #[test]
@@ -119,9 +153,41 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
     );
     let table = std::fs::read(report.join("table.md")).unwrap();
 
+    // Provenance: plan.json records the build, each model's revision and the dataset checksum,
+    // and the report's header shows them.
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.run_dir.join("plan.json")).unwrap())
+            .unwrap();
+    let prov = &plan["provenance"];
+    assert_eq!(prov["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(prov["commit"], runner::provenance::COMMIT);
+    assert!(!prov["features"].as_array().unwrap().is_empty());
+    let models = prov["models"].as_array().unwrap();
+    let roles: Vec<&str> = models.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["base", "dino", "clip"], "{prov}");
+    for m in models {
+        let rev = m["revision"].as_str().unwrap();
+        assert!(rev.starts_with("sha256:") && rev.len() == 7 + 64, "{m}");
+    }
+    assert_eq!(prov["dataset"]["images"], 9);
+    assert_eq!(prov["protocol"]["generation"]["steps"], 20);
+    let front = std::fs::read_to_string(report.join("report.md")).unwrap();
+    eprintln!("report header:\n{front}");
+    assert!(
+        front.contains(&format!(
+            "- Build: pnd {} (commit {}",
+            env!("CARGO_PKG_VERSION"),
+            runner::provenance::COMMIT
+        )) && front.contains(models[0]["revision"].as_str().unwrap())
+            && front.contains(prov["dataset"]["sha256"].as_str().unwrap())
+            && front.contains("- Jobs: 12 of 12 finished, 0 failed"),
+        "{front}"
+    );
+
     // 2. Killed and resumed: the same table, byte for byte.
     let run2 = tmp.path().join("killed");
-    kill_and_resume(&demo, &run2);
+    let log = kill_and_resume(&demo, &run2);
+    eprintln!("resumed sweep's log (stderr not a terminal):\n{log}");
     let st = pnd(&["report", run2.to_str().unwrap()]).status().unwrap();
     assert!(st.success());
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Experiment files with included config blocks.
 
 use runner::experiment::{Baseline, Experiment};
+use runner::sweep::{ConfigError, Problem};
 use std::path::Path;
 
 fn write(root: &Path, rel: &str, text: &str) {
@@ -126,5 +127,107 @@ fn errors_point_into_the_file_that_has_them() {
     assert!(
         err.contains("d.toml:3:8:") && err.contains("method name 'SD'"),
         "{err}"
+    );
+}
+
+/// Callers tell the cases apart by variant, not by parsing the message.
+#[test]
+fn config_errors_are_typed() {
+    let tmp = tree();
+    let problem = |rel: &str, text: &str| {
+        write(tmp.path(), rel, text);
+        Experiment::load(&tmp.path().join(rel))
+            .unwrap_err()
+            .problem()
+            .cloned()
+    };
+    let methods = "[[methods]]\nname = \"sd\"\nbaseline = \"stable-diffusion\"\n";
+    assert_eq!(
+        problem(
+            "experiments/e.toml",
+            &format!("name = \"e\"\ninclude = [\"protocol/nope\"]\n{methods}")
+        ),
+        Some(Problem::MissingInclude("protocol/nope".into()))
+    );
+    assert_eq!(
+        problem(
+            "experiments/f.toml",
+            &format!("name = \"f\"\nsubjects = [\"unicorn\"]\n{methods}")
+        ),
+        Some(Problem::UnknownSubject("unicorn".into()))
+    );
+    assert_eq!(
+        problem(
+            "experiments/g.toml",
+            &format!("name = \"g\"\nprompts = [30]\n{methods}")
+        ),
+        Some(Problem::PromptOutOfRange(30))
+    );
+    assert_eq!(
+        problem(
+            "experiments/h.toml",
+            &format!("name = \"h\"\n{methods}{methods}")
+        ),
+        Some(Problem::DuplicateMethod("sd".into()))
+    );
+    assert_eq!(
+        problem("experiments/i.toml", "name = \"i\"\nmethods = []\n"),
+        Some(Problem::NoMethods)
+    );
+    assert!(matches!(
+        problem("experiments/j.toml", &format!("name = \"j\"\nsedes = 1\n{methods}")),
+        Some(Problem::Schema(m)) if m.contains("sedes")
+    ));
+    let missing = Experiment::load(&tmp.path().join("experiments/none.toml")).unwrap_err();
+    assert!(matches!(missing, ConfigError::Io { .. }) && missing.problem().is_none());
+}
+
+/// A method's guidance overrides are checked in the user's file: errors point at its line and
+/// column, not at re-serialized text.
+#[test]
+fn guidance_override_errors_point_into_the_users_file() {
+    let tmp = tree();
+    let exp = |body: &str| {
+        format!("name = \"g\"\n[[methods]]\nname = \"sd+pnd\"\nbaseline = \"stable-diffusion\"\npick_and_draw = true\n{body}")
+    };
+    write(
+        tmp.path(),
+        "experiments/g.toml",
+        &exp("guidance = { resolutoin = 16 }\n"),
+    );
+    let err = Experiment::load(&tmp.path().join("experiments/g.toml")).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("experiments/g.toml:6:") && msg.contains("resolutoin"),
+        "{msg}"
+    );
+    write(
+        tmp.path(),
+        "experiments/h.toml",
+        &exp("guidance = { resolution = 17 }\n"),
+    );
+    let err = Experiment::load(&tmp.path().join("experiments/h.toml")).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("experiments/h.toml:6:12:") && msg.contains("resolution"),
+        "{msg}"
+    );
+    assert!(matches!(err.problem(), Some(Problem::Guidance(_))), "{msg}");
+    write(
+        tmp.path(),
+        "configs/guidance/bad.toml",
+        "[guidance]\neta = 1.0\ntau = 2.0\n",
+    );
+    write(
+        tmp.path(),
+        "experiments/i.toml",
+        &exp("").replace("[[methods]]", "include = [\"guidance/bad\"]\n[[methods]]"),
+    );
+    let msg = Experiment::load(&tmp.path().join("experiments/i.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("configs/guidance/bad.toml:") && msg.contains("tau"),
+        "{msg}"
     );
 }

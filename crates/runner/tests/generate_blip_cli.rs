@@ -6,22 +6,16 @@
 use candle_core::{DType, Device};
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
 use guidance::config::{GuidanceConfig, InversionConfig, Window};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
 
-fn pnd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pnd"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+
+use common::{fixture_tokenizer, max_abs_diff, pnd};
+use std::path::{Path, PathBuf};
 
 fn setup(root: &Path) -> (PathBuf, PathBuf) {
-    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../diffusion/tests/fixtures/pipeline/model/tokenizer");
     let model = root.join("blip");
-    write_tiny_blip_model(&model, 1, &tokenizer, &TinyBlipSpec::default()).unwrap();
+    write_tiny_blip_model(&model, 1, &fixture_tokenizer(), &TinyBlipSpec::default()).unwrap();
     let reference = root.join("ref.png");
     image::RgbImage::from_fn(40, 48, |x, y| {
         let (dx, dy) = (x as f64 - 20.0, y as f64 - 24.0);
@@ -93,14 +87,7 @@ fn generate_blip_diffusion_plain_and_guided() {
     };
     let expected = pipe.generate(&req, &mut |_, _| {}).unwrap().latents;
     let ours = diffusion::pipeline::read_latents(&latents).unwrap();
-    let d = (&ours - &expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&ours, &expected);
     assert_eq!(d, 0.0, "CLI and library latents differ by {d}");
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
@@ -120,8 +107,13 @@ fn generate_blip_diffusion_plain_and_guided() {
     let trace = root.join("trace.jsonl");
     let guided_out = root.join("guided.png");
     let guided_latents = root.join("guided.safetensors");
+    // The layout template comes from a vanilla Stable Diffusion (here a tiny one), not BLIP's UNet.
+    let sd = root.join("sd");
+    tiny::write_tiny_model(&sd, 0, &fixture_tokenizer(), &Default::default()).unwrap();
     let o = run(&[
         "--pick-and-draw".into(),
+        "--base-model".into(),
+        s(&sd),
         "--guidance-config".into(),
         s(&cfg_path),
         "--trace".into(),
@@ -136,6 +128,10 @@ fn generate_blip_diffusion_plain_and_guided() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("pick-and-draw: inversion"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pick-and-draw: layout template from '{}'", s(&sd))),
+        "{stderr}"
+    );
     let rows = guidance::trace::read_trace(&trace).unwrap();
     assert_eq!(rows.len(), 12);
     for r in &rows {
@@ -143,14 +139,7 @@ fn generate_blip_diffusion_plain_and_guided() {
         assert_eq!(r.loss_app.is_some(), (2..4).contains(&r.step), "{r:?}");
     }
     let guided = diffusion::pipeline::read_latents(&guided_latents).unwrap();
-    let d = (&guided - &expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&guided, &expected);
     assert!(d > 0.0, "guidance changed nothing");
     assert!(image::open(&guided_out).is_ok());
 }
@@ -203,8 +192,7 @@ fn blip_diffusion_flags_give_one_clear_error_each() {
     tiny::write_tiny_model(
         &sd_only,
         0,
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../diffusion/tests/fixtures/pipeline/model/tokenizer"),
+        &fixture_tokenizer(),
         &tiny::TinySpec::default(),
     )
     .unwrap();

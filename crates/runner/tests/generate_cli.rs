@@ -1,23 +1,41 @@
 //! `pnd generate` end to end on the tiny diffusers fixture pipeline of the diffusion crate
 //! (tools/fixtures/sd_pipeline.py): same final latents and PNG as diffusers.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../diffusion/tests/fixtures/pipeline")
-}
+use common::{pnd, repo, sd_fixtures as fixtures};
+use std::path::Path;
+use std::process::Output;
 
 fn facts() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
         .unwrap()
 }
 
-fn pnd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pnd"))
-        .args(args)
-        .output()
-        .unwrap()
+/// `pnd generate --model M --prompt P --steps S --height H --width W EXTRA... --quiet`.
+fn generate(
+    model: &Path,
+    prompt: &str,
+    steps: &str,
+    (h, w): (&str, &str),
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--steps",
+        steps,
+        "--height",
+        h,
+        "--width",
+        w,
+        "--quiet",
+    ];
+    args.extend(extra);
+    pnd(&args)
 }
 
 #[test]
@@ -28,28 +46,22 @@ fn generate_with_init_latents_matches_diffusers() {
     let f = facts();
     let model = fixtures().join("model");
     let init = fixtures().join("init_latents.safetensors");
-    let o = pnd(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
+    let o = generate(
+        &model,
         f["prompt"].as_str().unwrap(),
-        "--steps",
         "10",
-        "--cfg-scale",
-        "7.5",
-        "--height",
-        "64",
-        "--width",
-        "128",
-        "--init-latents",
-        init.to_str().unwrap(),
-        "--save-latents",
-        saved.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+        ("64", "128"),
+        &[
+            "--cfg-scale",
+            "7.5",
+            "--init-latents",
+            init.to_str().unwrap(),
+            "--save-latents",
+            saved.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let ours: Vec<f32> = diffusion::pipeline::read_latents(&saved)
@@ -95,24 +107,18 @@ fn generate_with_wrong_shape_init_latents_fails_with_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let init = fixtures().join("init_latents.safetensors");
     let model = fixtures().join("model");
-    let o = pnd(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
+    let o = generate(
+        &model,
         "a dog",
-        "--steps",
         "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--init-latents",
-        init.to_str().unwrap(),
-        "--out",
-        tmp.path().join("x.png").to_str().unwrap(),
-        "--quiet",
-    ]);
+        ("64", "64"),
+        &[
+            "--init-latents",
+            init.to_str().unwrap(),
+            "--out",
+            tmp.path().join("x.png").to_str().unwrap(),
+        ],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -169,30 +175,96 @@ fn tiny_model_command_then_generate_with_seed() {
     let run = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let emb = m.join("learned_embeds.safetensors");
-        let o = pnd(&[
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--prompt",
+        let o = generate(
+            &m,
             "a <tiny-dog> dog",
-            "--steps",
             "2",
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--seed",
-            seed,
-            "--embeddings",
-            emb.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ]);
+            ("64", "64"),
+            &[
+                "--seed",
+                seed,
+                "--embeddings",
+                emb.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::read(out).unwrap()
     };
     let (a, b, c) = (run("a.png", "1"), run("b.png", "1"), run("c.png", "2"));
     assert_eq!(a, b, "same seed, same bytes");
     assert_ne!(a, c, "other seed, other image");
+}
+
+/// The shipped guidance block is accepted by `--guidance-config` (issue 16 item 2).
+#[test]
+fn generate_pick_and_draw_with_the_shipped_guidance_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paper = repo().join("configs/guidance/paper.toml");
+    let model = fixtures().join("model");
+    let reference = tmp.path().join("ref.png");
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, 90, (y * 4) as u8])
+    })
+    .save(&reference)
+    .unwrap();
+    let out = tmp.path().join("guided.png");
+    let o = generate(
+        &model,
+        "a dog in the jungle",
+        "2",
+        ("64", "64"),
+        &[
+            "--pick-and-draw",
+            "--reference",
+            reference.to_str().unwrap(),
+            "--class",
+            "dog",
+            "--guidance-config",
+            paper.to_str().unwrap(),
+            "--palette-cache",
+            tmp.path().join("cache").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pick-and-draw: inversion"), "{err}");
+    // Plain Stable Diffusion is its own vanilla template model.
+    assert!(
+        err.contains(&format!("layout template from '{}'", model.display())),
+        "{err}"
+    );
+    assert!(image::open(&out).is_ok());
+}
+
+/// `pnd --version`: the version, the git commit it was built from and the build features.
+#[test]
+fn version_names_the_commit_and_the_features() {
+    let o = pnd(&["--version"]);
+    assert!(o.status.success());
+    let line = String::from_utf8(o.stdout).unwrap();
+    let line = line.trim();
+    assert!(
+        line.starts_with(&format!("pnd {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+    let commit = line
+        .split("commit ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{line}"
+    );
+    assert!(
+        line.contains("; features: ") && line.ends_with(')'),
+        "{line}"
+    );
 }

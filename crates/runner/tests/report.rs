@@ -37,6 +37,7 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
         experiment: "report-test".into(),
         config,
         jobs: jobs.clone(),
+        provenance: None,
     };
     let store = RunStore::create(dir, &plan).unwrap();
     let mut rows = Vec::new();
@@ -168,7 +169,22 @@ fn figures_and_grids_are_written_and_decodable() {
         assert!(svg.contains("<svg") && svg.contains("</svg>"), "{name}");
     }
     let grid = image::open(report.dir.join("grids/dog__sd+pnd.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (3 * 192 + 16, 2 * 192 + 12));
+    // Three 192-pixel columns with 4-pixel gaps; a 24-pixel title line, then per row a 20-pixel
+    // prompt line, the cells and a gap.
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (3 * 192 + 16, 24 + 2 * (20 + 192 + 4) + 4)
+    );
+    // The column titles and the row labels are drawn (dark text on the white strips).
+    let grid = grid.to_rgb8();
+    let dark_in = |rows: std::ops::Range<u32>| {
+        rows.flat_map(|y| (0..grid.width()).map(move |x| (x, y)))
+            .filter(|&(x, y)| grid.get_pixel(x, y).0.iter().all(|&c| c < 100))
+            .count()
+    };
+    assert!(dark_in(0..24) > 30, "no column titles");
+    assert!(dark_in(24..44) > 30, "no label on the first row");
+    assert!(dark_in(240..260) > 30, "no label on the second row");
     assert!(report.dir.join("grids/vase__db+pnd.png").is_file());
     assert!(report.dir.join("results.parquet").is_file());
     // The same run reports byte-identical files twice.
@@ -221,6 +237,26 @@ fn a_folder_that_is_not_a_run_is_one_clear_error() {
     let err = write_report(tmp.path(), None).unwrap_err().to_string();
     assert!(
         err.contains("not a run folder") && err.contains("plan.json"),
+        "{err}"
+    );
+}
+
+/// A plan.json whose config lost its methods is an error naming the file, not an empty report.
+#[test]
+fn a_plan_without_methods_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let path = tmp.path().join("plan.json");
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    plan["config"]["methods"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("baseline");
+    std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
+    let err = format!("{:#}", write_report(tmp.path(), None).unwrap_err());
+    assert!(
+        err.contains("plan.json") && err.contains("methods") && err.contains("baseline"),
         "{err}"
     );
 }

@@ -2,28 +2,30 @@
 //! with line and column.
 
 use dreambench::Job;
+use runner::commands::sweep::plan_of;
+use runner::demo::DEMO_METHODS;
 use runner::experiment::Experiment;
-use runner::sweep::{merge, run_jobs, JobOutput, JobRunner, Plan, RunStore, Shard};
+use runner::progress::ProgressMode;
+use runner::sweep::{
+    merge, run_jobs, run_jobs_with, JobOutput, JobRunner, Plan, RunOptions, RunStore, Shard,
+};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const EXPERIMENT: &str = r#"
+/// The engine test's experiment: the demo's two methods over three subjects.
+fn experiment() -> String {
+    format!(
+        r#"
 name = "engine-test"
 subjects = ["dog", "backpack", "cat2"]
 prompts = [0, 5, 24]
 seeds = [0, 1]
 
-[[methods]]
-name = "sd"
-baseline = "stable-diffusion"
-
-[[methods]]
-name = "sd+pnd"
-baseline = "stable-diffusion"
-pick_and_draw = true
-"#;
+{DEMO_METHODS}"#
+    )
+}
 
 /// A row like the real ones: ids, prompt, a score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,12 +72,8 @@ impl JobRunner for TwoStepRunner {
 }
 
 fn plan() -> Plan {
-    let exp = Experiment::parse(EXPERIMENT, "engine-test.toml").unwrap();
-    Plan {
-        experiment: exp.name.clone(),
-        config: serde_json::to_value(&exp).unwrap(),
-        jobs: exp.jobs(),
-    }
+    let exp = Experiment::parse(&experiment(), "engine-test.toml").unwrap();
+    plan_of(&exp).unwrap()
 }
 
 fn run_all(dir: &Path, shard: Shard, pause: Duration) {
@@ -267,7 +265,7 @@ fn malformed_toml_is_reported_with_line_and_column() {
         "{err}"
     );
     let err = Experiment::parse(
-        &EXPERIMENT.replace("seeds = [0, 1]", "seeds = [0, 1]\nsedes = 3"),
+        &experiment().replace("seeds = [0, 1]", "seeds = [0, 1]\nsedes = 3"),
         "e.toml",
     )
     .unwrap_err()
@@ -276,7 +274,7 @@ fn malformed_toml_is_reported_with_line_and_column() {
         err.starts_with("e.toml:6:1:") && err.contains("sedes"),
         "{err}"
     );
-    let err = Experiment::parse(&EXPERIMENT.replace("\"cat2\"", "\"cat3\""), "e.toml")
+    let err = Experiment::parse(&experiment().replace("\"cat2\"", "\"cat3\""), "e.toml")
         .unwrap_err()
         .to_string();
     assert!(
@@ -284,7 +282,7 @@ fn malformed_toml_is_reported_with_line_and_column() {
         "{err}"
     );
     let err = Experiment::parse(
-        &EXPERIMENT.replace("\"stable-diffusion\"\npick", "\"stable-diffusio\"\npick"),
+        &experiment().replace("\"stable-diffusion\"\npick", "\"stable-diffusio\"\npick"),
         "e.toml",
     )
     .unwrap_err()
@@ -294,7 +292,7 @@ fn malformed_toml_is_reported_with_line_and_column() {
         "{err}"
     );
     let err = Experiment::parse(
-        &EXPERIMENT.replace("prompts = [0, 5, 24]", "prompts = [0, 5, 25]"),
+        &experiment().replace("prompts = [0, 5, 24]", "prompts = [0, 5, 25]"),
         "e.toml",
     )
     .unwrap_err()
@@ -303,4 +301,165 @@ fn malformed_toml_is_reported_with_line_and_column() {
         err.starts_with("e.toml:4:18:") && err.contains("out of range"),
         "{err}"
     );
+}
+
+const PROGRESS_CHILD_ENV: &str = "PND_SWEEP_PROGRESS_CHILD_DIR";
+
+/// Not a test on its own: the child process of `progress_lines_when_stderr_is_not_a_terminal`.
+#[test]
+#[ignore = "child process of progress_lines_when_stderr_is_not_a_terminal"]
+fn sweep_progress_child_process() {
+    if let Ok(dir) = std::env::var(PROGRESS_CHILD_ENV) {
+        let plan = plan();
+        let store = RunStore::create(Path::new(&dir), &plan).unwrap();
+        let mut runner = TwoStepRunner {
+            pause: Duration::ZERO,
+        };
+        run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, true).unwrap();
+    }
+}
+
+/// Under a batch scheduler stderr is a file: a sweep then prints one plain line per finished job
+/// (id, seconds, done/total, ETA) instead of a progress bar that would never show.
+#[test]
+fn progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sweep_progress_child_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PROGRESS_CHILD_ENV, dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("job ")).collect();
+    assert_eq!(lines.len(), 36, "{log}");
+    let first = lines[0];
+    assert!(
+        first.starts_with("job sd__dog__p00__s0 done in ")
+            && first.contains("s [1/36], ETA ")
+            && first.split("ETA ").nth(1).unwrap().split(':').count() == 3,
+        "{first}"
+    );
+    // In the order the shard runs them: grouped by subject.
+    let plan = plan();
+    for (i, (line, job)) in lines.iter().zip(Shard::ALL.select(&plan.jobs)).enumerate() {
+        let want = format!("job {} done in ", job.id());
+        assert!(line.starts_with(&want), "{line}");
+        assert!(line.contains(&format!("[{}/36]", i + 1)), "{line}");
+    }
+    assert!(
+        lines[35].ends_with("ETA 0:00:00"),
+        "the last job leaves nothing to wait for: {}",
+        lines[35]
+    );
+}
+
+/// A runner whose chosen jobs fail (an unreadable reference, a NaN that aborts, ...).
+struct FailingRunner {
+    inner: TwoStepRunner,
+    fail: Vec<String>,
+}
+
+impl JobRunner for FailingRunner {
+    type Row = Row;
+    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Row> {
+        if self.fail.contains(&job.id().0) {
+            anyhow::bail!("injected failure of {}", job.id());
+        }
+        self.inner.run(job, out)
+    }
+}
+
+#[test]
+fn keep_going_records_failures_and_a_rerun_retries_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = plan();
+    let store = RunStore::create(tmp.path(), &plan).unwrap();
+    let bad = [plan.jobs[3].id().0, plan.jobs[20].id().0];
+    let failing = |fail: &[String]| FailingRunner {
+        inner: TwoStepRunner {
+            pause: Duration::ZERO,
+        },
+        fail: fail.to_vec(),
+    };
+    // Without --keep-going the first failure stops the sweep, as before.
+    let err = run_jobs(&store, &plan.jobs, Shard::ALL, &mut failing(&bad), false).unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&format!("job {} failed", bad[0])),
+        "{err:#}"
+    );
+    assert_eq!(store.rows::<Row>().unwrap().len(), 3);
+    assert!(store.failures().unwrap().is_empty());
+
+    // With it, both failures are recorded and every other job finishes.
+    let keep_going = RunOptions {
+        progress: ProgressMode::Hidden,
+        keep_going: true,
+    };
+    let summary = run_jobs_with(
+        &store,
+        &plan.jobs,
+        Shard::ALL,
+        &mut failing(&bad),
+        keep_going,
+    )
+    .unwrap();
+    let ids: Vec<&str> = summary.failed.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, [bad[0].as_str(), bad[1].as_str()]);
+    assert_eq!((summary.skipped, summary.completed), (3, 31));
+    let failures = store.failures().unwrap();
+    assert_eq!(failures, summary.failed);
+    assert!(
+        failures[1].error.contains("injected failure"),
+        "{failures:?}"
+    );
+    let csv = std::fs::read_to_string(tmp.path().join("failures.csv")).unwrap();
+    assert!(csv.starts_with("id,error\n"), "{csv}");
+    assert_eq!(store.rows::<Row>().unwrap().len(), 34);
+
+    // The report states them.
+    let head = runner::report::header::header(&plan, 34, &failures);
+    assert!(
+        head.contains("- Jobs: 34 of 36 finished, 2 failed"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("| {} | injected failure", bad[1])),
+        "{head}"
+    );
+
+    // A rerun retries exactly the failed jobs; one fails again and stays recorded.
+    let summary = run_jobs_with(
+        &store,
+        &plan.jobs,
+        Shard::ALL,
+        &mut failing(&bad[1..]),
+        keep_going,
+    )
+    .unwrap();
+    assert_eq!(
+        (summary.skipped, summary.completed, summary.failed.len()),
+        (34, 1, 1)
+    );
+    assert_eq!(store.failures().unwrap(), summary.failed);
+    // Fixed: the last one finishes, failures.csv goes, and the results equal an unbroken run.
+    let summary = run_jobs_with(
+        &store,
+        &plan.jobs,
+        Shard::ALL,
+        &mut failing(&[]),
+        keep_going,
+    )
+    .unwrap();
+    assert_eq!((summary.completed, summary.failed.len()), (1, 0));
+    assert!(!tmp.path().join("failures.csv").exists());
+    let reference = tempfile::tempdir().unwrap();
+    run_all(reference.path(), Shard::ALL, Duration::ZERO);
+    assert_eq!(results(tmp.path()), results(reference.path()));
 }

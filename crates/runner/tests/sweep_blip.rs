@@ -1,9 +1,9 @@
 //! A BLIP-Diffusion row through the sweep on tiny models: generated, scored, reported.
 
-use runner::bench::{validate, BenchRunner};
 use runner::commands::sweep::plan_of;
 use runner::demo::subjects::write_mini_benchmark;
 use runner::experiment::Experiment;
+use runner::jobs::{validate, DreamBenchJobs};
 use runner::report::rows::ImageRow;
 use runner::sweep::{run_jobs, RunStore, Shard};
 use std::path::Path;
@@ -36,7 +36,7 @@ fn blip_diffusion_rows_are_generated_and_scored() {
     validate(&exp).unwrap();
     let plan = plan_of(&exp).unwrap();
     let store = RunStore::create(&root.join("run"), &plan).unwrap();
-    let mut runner = BenchRunner::new(exp.clone(), &root.join("cache")).unwrap();
+    let mut runner = DreamBenchJobs::new(exp.clone(), &root.join("cache")).unwrap();
     run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
     let rows: Vec<ImageRow> = store.rows().unwrap();
     assert_eq!(rows.len(), 1);
@@ -65,7 +65,7 @@ fn blip_diffusion_rows_are_generated_and_scored() {
     validate(&guided).unwrap();
     let plan = plan_of(&guided).unwrap();
     let store = RunStore::create(&root.join("run-guided"), &plan).unwrap();
-    let mut runner = BenchRunner::new(guided.clone(), &root.join("cache")).unwrap();
+    let mut runner = DreamBenchJobs::new(guided.clone(), &root.join("cache")).unwrap();
     run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
     let rows: Vec<ImageRow> = store.rows().unwrap();
     assert_eq!((rows.len(), rows[0].guided), (1, true));

@@ -132,3 +132,50 @@ fn bad_experiments_fail_before_any_work_with_one_clear_error() {
         "{out}"
     );
 }
+
+/// Sharded, a subject's jobs stay together: each of 16 shards holds 1,500 consecutive jobs of the
+/// subject-grouped list (800 per subject), so it touches at most 3 subjects, and every subject's
+/// inversions happen in at most two shards (dealing by index modulo 16 put every subject in every
+/// shard: 16 × 120 inversions).
+#[test]
+fn table1_dry_run_prints_each_shards_shared_work() {
+    let (ok, out) = pnd(
+        &[
+            "sweep",
+            "experiments/table1.toml",
+            "--dry-run",
+            "--shard",
+            "3/16",
+        ],
+        &repo(),
+    );
+    assert!(ok, "{out}");
+    let shards: Vec<&str> = out
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.contains(" jobs, ") && l.contains(" inversions, "))
+        .collect();
+    assert_eq!(shards.len(), 16, "{out}");
+    let number = |line: &str, after: &str| -> usize {
+        line.split(after)
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for (i, line) in shards.iter().enumerate() {
+        assert!(line.starts_with(&format!("{i}/16: 1500 jobs, ")), "{line}");
+        assert!(number(line, " subjects") <= 3, "{line}");
+        assert!(number(line, " inversions") <= 3 * 4, "{line}");
+        assert!(number(line, " layout templates") <= 3 * 100, "{line}");
+    }
+    assert!(shards[3].ends_with("<- this shard"), "{out}");
+    let inversions: usize = shards.iter().map(|l| number(l, " inversions")).sum();
+    assert!(
+        inversions < 2 * 120,
+        "{inversions} inversions over all shards"
+    );
+}

@@ -1,9 +1,9 @@
-//! One module per `pnd` subcommand.
+//! One module per `pnd` subcommand, and what several of them share (`common`).
 
+pub mod common;
 pub mod dataset;
 pub mod demo;
 pub mod generate;
-pub mod generate_blip;
 pub mod invert;
 pub mod oracle;
 pub mod report;

@@ -28,6 +28,11 @@ pub fn run(args: OracleArgs) -> anyhow::Result<ExitCode> {
         .map(|s| Ok((s.name.to_string(), data.images(s.name)?.to_vec())))
         .collect::<anyhow::Result<_>>()?;
     let scorer = args.models.load()?;
+    let images: usize = subjects.iter().map(|(_, v)| v.len()).sum();
+    eprintln!(
+        "oracle: embedding {images} real images of {} subjects",
+        subjects.len()
+    );
     let report = scorer.oracle(&subjects)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

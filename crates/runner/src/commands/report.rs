@@ -15,7 +15,7 @@ pub struct ReportArgs {
 
 pub fn run(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let report = crate::report::write_report(&args.run_dir, args.out.as_deref())?;
-    print!("{}", report.table_markdown);
+    print!("{}\n{}", report.header, report.table_markdown);
     println!(
         "\n{} files written to '{}'",
         report.files.len(),

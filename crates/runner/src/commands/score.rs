@@ -76,6 +76,11 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let real = list_images(&args.real)
         .with_context(|| format!("listing --real '{}'", args.real.display()))?;
     let scorer = args.models.load()?;
+    eprintln!(
+        "score: embedding {} generated and {} real images",
+        generated.len(),
+        real.len()
+    );
     let report = scorer.score(&generated, &real, &args.prompt)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,10 +1,13 @@
-//! `pnd sweep EXPERIMENT.toml [--out DIR] [--shard i/n] [--resume] [--dry-run]` and
+//! `pnd sweep EXPERIMENT.toml [--out DIR] [--shard i/n] [--cache DIR] [--resume] [--keep-going]
+//! [--dry-run]` and
 //! `pnd merge SHARD_DIR... --out DIR`.
 
-use crate::bench::{validate, BenchRunner};
 use crate::experiment::Experiment;
+use crate::jobs::{validate, DreamBenchJobs};
+use crate::progress::ProgressMode;
+use crate::provenance::Provenance;
 use crate::report::rows::ImageRow;
-use crate::sweep::{merge, run_jobs, write_file_atomic, Plan, RunStore, Shard};
+use crate::sweep::{merge, run_jobs_with, Plan, RunOptions, RunStore, Shard};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -20,9 +23,13 @@ pub struct SweepArgs {
     /// Run only shard i of n (0-based), e.g. `--shard 0/4`.
     #[arg(long)]
     pub shard: Option<Shard>,
-    /// Continue a run folder that already has results (finished jobs are skipped).
+    /// Continue a run folder that already has results (finished jobs are skipped, failed ones
+    /// retried).
     #[arg(long)]
     pub resume: bool,
+    /// Record a failing job in RUN_DIR/failures.csv and go on (default: stop at the first error).
+    #[arg(long)]
+    pub keep_going: bool,
     /// List the jobs and the per-subject shared work, run nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -48,7 +55,35 @@ pub fn plan_of(exp: &Experiment) -> anyhow::Result<Plan> {
         experiment: exp.name.clone(),
         config: serde_json::to_value(exp)?,
         jobs: exp.jobs(),
+        provenance: None,
     })
+}
+
+/// The plan with its provenance (build, model revisions, dataset checksum, protocol); `cache`
+/// keeps the hashes of local weight files.
+pub fn plan_with_provenance(exp: &Experiment, cache: &Path) -> anyhow::Result<Plan> {
+    Ok(Plan {
+        provenance: Some(Provenance::collect(exp, cache).context("recording the provenance")?),
+        ..plan_of(exp)?
+    })
+}
+
+/// Opens or creates the run folder of `plan`. A resumed run keeps the provenance it was started
+/// with; a different build resuming it is said on stderr.
+pub fn open_run(out: &Path, plan: &Plan) -> anyhow::Result<RunStore> {
+    let store = RunStore::create(out, plan)?;
+    let recorded = store.plan()?.provenance;
+    if let (Some(was), Some(now)) = (&recorded, &plan.provenance) {
+        if was != now {
+            eprintln!(
+                "note: '{}' was started by {} with other models or data than this {}; plan.json keeps the first",
+                out.display(),
+                was.build_line(),
+                now.build_line()
+            );
+        }
+    }
+    Ok(store)
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
@@ -70,34 +105,37 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("run folder '{}' already has results: pass --resume to continue it, or choose another --out", out.display());
     }
-    let store = RunStore::create(&out, &plan)?;
     let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
-    let mut runner = BenchRunner::new(exp.clone(), &cache)?;
-    if !out.join("oracle.json").is_file() {
-        eprintln!(
-            "oracle: embedding the real images of {} subjects",
-            exp.subjects().len()
-        );
-        let oracle = runner.oracle()?;
-        write_file_atomic(
-            &out.join("oracle.json"),
-            serde_json::to_string_pretty(&oracle)?.as_bytes(),
-        )?;
-    }
+    let plan = plan_with_provenance(&exp, &cache)?;
+    let store = open_run(&out, &plan)?;
+    let mut runner = DreamBenchJobs::new(exp.clone(), &cache)?;
+    runner.write_oracle(&out)?;
     eprintln!(
         "sweep '{}': {} jobs, shard {shard}, run folder '{}'",
         exp.name,
         plan.jobs.len(),
         out.display()
     );
-    let summary = run_jobs(&store, &plan.jobs, shard, &mut runner, true)?;
+    let options = RunOptions {
+        progress: ProgressMode::detect(true),
+        keep_going: args.keep_going,
+    };
+    let summary = run_jobs_with(&store, &plan.jobs, shard, &mut runner, options)?;
+    let failed = summary.failed.len();
     println!(
-        "{} jobs in this shard: {} done now, {} already done; rows in '{}'",
+        "{} jobs in this shard: {} done now, {} already done, {failed} failed; rows in '{}'",
         summary.selected,
         summary.completed,
         summary.skipped,
         out.join("results.csv").display()
     );
+    if failed > 0 {
+        println!(
+            "{failed} failed jobs are listed in '{}'; rerun with --resume to retry them",
+            out.join("failures.csv").display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -120,7 +158,43 @@ pub fn merge_run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What a dry run prints: job counts per method, the per-subject shared work, the first job ids.
+/// The per-subject shared work a list of jobs needs.
+struct SharedWork {
+    jobs: usize,
+    subjects: usize,
+    /// Null-text inversions (with their reference palettes): one per subject and guided method.
+    inversions: usize,
+    /// Layout templates: one per subject, prompt and seed of a guided job.
+    templates: usize,
+}
+
+fn shared_work(exp: &Experiment, jobs: &[&dreambench::Job]) -> SharedWork {
+    use std::collections::BTreeSet;
+    let guided = |j: &&&dreambench::Job| exp.method(&j.method).is_some_and(|m| m.pick_and_draw);
+    SharedWork {
+        jobs: jobs.len(),
+        subjects: jobs
+            .iter()
+            .map(|j| &j.subject)
+            .collect::<BTreeSet<_>>()
+            .len(),
+        inversions: jobs
+            .iter()
+            .filter(guided)
+            .map(|j| (&j.subject, &j.method))
+            .collect::<BTreeSet<_>>()
+            .len(),
+        templates: jobs
+            .iter()
+            .filter(guided)
+            .map(|j| (&j.subject, j.prompt_index, j.seed))
+            .collect::<BTreeSet<_>>()
+            .len(),
+    }
+}
+
+/// What a dry run prints: job counts per method, the per-subject shared work, the shared work of
+/// each shard (when sharded), the first job ids.
 pub fn dry_run_listing(exp: &Experiment, plan: &Plan, shard: Shard) -> String {
     use std::fmt::Write;
     let selected = shard.select(&plan.jobs);
@@ -168,9 +242,28 @@ pub fn dry_run_listing(exp: &Experiment, plan: &Plan, shard: Shard) -> String {
         );
         let _ = writeln!(
             s,
-            "  layout templates: {} distinct (subject × prompt × seed; today recomputed inside each guided job)",
+            "  layout templates: {} distinct (subject × prompt × seed, shared by the guided methods)",
             subjects.len() * exp.prompt_indices().len() * exp.seeds.len()
         );
+    }
+    if shard.count > 1 {
+        let _ = writeln!(
+            s,
+            "shards (a subject's jobs stay together, so its shared work is done in one or two shards):"
+        );
+        for index in 0..shard.count {
+            let this = Shard {
+                index,
+                count: shard.count,
+            };
+            let work = shared_work(exp, &this.select(&plan.jobs));
+            let mark = if this == shard { "  <- this shard" } else { "" };
+            let _ = writeln!(
+                s,
+                "  {this}: {} jobs, {} subjects, {} inversions, {} layout templates{mark}",
+                work.jobs, work.subjects, work.inversions, work.templates
+            );
+        }
     }
     let _ = writeln!(s, "first jobs:");
     for j in selected.iter().take(5) {

@@ -5,11 +5,11 @@
 
 pub mod subjects;
 
-use crate::bench::{validate, BenchRunner};
-use crate::commands::sweep::plan_of;
+use crate::commands::sweep::{open_run, plan_with_provenance};
 use crate::experiment::Experiment;
+use crate::jobs::{validate, DreamBenchJobs};
 use crate::report::write_report;
-use crate::sweep::{run_jobs, write_file_atomic, RunStore, Shard};
+use crate::sweep::{run_jobs, write_file_atomic, Shard};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tiny::{write_tiny_metric_models, write_tiny_model, TinySpec};
@@ -54,6 +54,17 @@ pub fn find_tokenizer(explicit: Option<&Path>, builtin_dir: &Path) -> anyhow::Re
     Ok(builtin_dir.into())
 }
 
+/// The demo's methods: Stable Diffusion without and with Pick-and-Draw.
+pub const DEMO_METHODS: &str = r#"[[methods]]
+name = "sd"
+baseline = "stable-diffusion"
+
+[[methods]]
+name = "sd+pnd"
+baseline = "stable-diffusion"
+pick_and_draw = true
+"#;
+
 /// The demo experiment over the mini benchmark and the tiny models under `root`.
 pub fn demo_experiment_toml(root: &Path) -> String {
     let p = |s: &str| root.join(s).display().to_string().replace('\\', "/");
@@ -82,15 +93,7 @@ clip = "{clip}"
 layout_window = [0, 4]
 appearance_window = [4, 8]
 
-[[methods]]
-name = "sd"
-baseline = "stable-diffusion"
-
-[[methods]]
-name = "sd+pnd"
-baseline = "stable-diffusion"
-pick_and_draw = true
-"#,
+{DEMO_METHODS}"#,
         subjects = subjects::DEMO_SUBJECTS,
         sd = p("models/sd"),
         data = p("data"),
@@ -130,17 +133,12 @@ pub fn run_demo(
     write_file_atomic(&exp_path, demo_experiment_toml(&root).as_bytes())?;
     let exp = Experiment::load(&exp_path)?;
     validate(&exp)?;
-    let plan = plan_of(&exp)?;
+    let cache = root.join("cache");
+    let plan = plan_with_provenance(&exp, &cache)?;
     let run_dir = root.join("run");
-    let store = RunStore::create(&run_dir, &plan)?;
-    let mut runner = BenchRunner::new(exp.clone(), &root.join("cache"))?;
-    if !run_dir.join("oracle.json").is_file() {
-        let oracle = runner.oracle()?;
-        write_file_atomic(
-            &run_dir.join("oracle.json"),
-            serde_json::to_string_pretty(&oracle)?.as_bytes(),
-        )?;
-    }
+    let store = open_run(&run_dir, &plan)?;
+    let mut runner = DreamBenchJobs::new(exp.clone(), &cache)?;
+    runner.write_oracle(&run_dir)?;
     run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, progress)?;
     let report = write_report(&run_dir, None)?;
     Ok(DemoOutput {

@@ -48,6 +48,15 @@ fn rect(img: &mut RgbImage, x0: f32, y0: f32, x1: f32, y1: f32, color: [u8; 3]) 
     }
 }
 
+/// A part of a drawing, in units of the subject's size around its center.
+enum Shape {
+    /// Center x, y and radii.
+    Ellipse(f32, f32, f32, f32),
+    /// Corners x0, y0, x1, y1.
+    Rect(f32, f32, f32, f32),
+}
+use Shape::{Ellipse, Rect};
+
 /// One drawing of a subject: the subject's shape in its colors, pose and background varied by `variant`.
 pub fn draw(subject: &str, variant: u64, size: u32) -> RgbImage {
     let mut rng = Rng(variant.wrapping_mul(1_000_003)
@@ -69,138 +78,51 @@ pub fn draw(subject: &str, variant: u64, size: u32) -> RgbImage {
         s * rng.range(0.45, 0.6),
         rng.range(0.8, 1.1),
     );
-    match subject {
-        "dog" => {
-            let fur = [190, 120, 60];
-            ellipse(
-                &mut img,
-                cx,
-                cy + 0.08 * s * k,
-                0.26 * s * k,
-                0.17 * s * k,
-                fur,
-            ); // body
-            ellipse(
-                &mut img,
-                cx + 0.2 * s * k,
-                cy - 0.1 * s * k,
-                0.12 * s * k,
-                0.11 * s * k,
-                fur,
-            ); // head
-            ellipse(
-                &mut img,
-                cx + 0.14 * s * k,
-                cy - 0.2 * s * k,
-                0.04 * s * k,
-                0.07 * s * k,
-                [120, 70, 30],
-            ); // ear
-            ellipse(
-                &mut img,
-                cx + 0.25 * s * k,
-                cy - 0.12 * s * k,
-                0.015 * s * k,
-                0.015 * s * k,
-                [20, 20, 20],
-            ); // eye
-            ellipse(
-                &mut img,
-                cx + 0.31 * s * k,
-                cy - 0.07 * s * k,
-                0.025 * s * k,
-                0.02 * s * k,
-                [30, 20, 20],
-            ); // nose
-            for dx in [-0.16f32, -0.06, 0.08, 0.17] {
-                rect(
-                    &mut img,
-                    cx + dx * s * k,
-                    cy + 0.18 * s * k,
-                    cx + (dx + 0.05) * s * k,
-                    cy + 0.3 * s * k,
-                    fur,
-                );
-            }
+    let fur = [190, 120, 60];
+    let glaze = [60, 110, 190];
+    let canvas = [200, 40, 50];
+    let dark = [60, 40, 40];
+    let mut shapes = match subject {
+        "dog" => vec![
+            (Ellipse(0.0, 0.08, 0.26, 0.17), fur),              // body
+            (Ellipse(0.2, -0.1, 0.12, 0.11), fur),              // head
+            (Ellipse(0.14, -0.2, 0.04, 0.07), [120, 70, 30]),   // ear
+            (Ellipse(0.25, -0.12, 0.015, 0.015), [20, 20, 20]), // eye
+            (Ellipse(0.31, -0.07, 0.025, 0.02), [30, 20, 20]),  // nose
+        ],
+        "teapot" => vec![
+            (Ellipse(0.0, 0.0, 0.22, 0.17), glaze),
+            (Rect(-0.05, -0.24, 0.05, -0.15), glaze),
+            (Ellipse(0.0, -0.25, 0.04, 0.025), [230, 230, 240]),
+            (Rect(0.2, -0.1, 0.33, -0.05), glaze), // spout
+            (Ellipse(-0.25, 0.0, 0.06, 0.09), [40, 80, 150]), // handle
+            (Ellipse(-0.05, -0.05, 0.05, 0.03), [200, 220, 250]), // shine
+        ],
+        _ => vec![
+            (Rect(-0.18, -0.2, 0.18, 0.22), canvas),
+            (Rect(-0.14, 0.02, 0.14, 0.16), [160, 30, 40]), // pocket
+            (Rect(-0.08, -0.28, 0.08, -0.2), dark),         // handle
+            (Rect(-0.13, -0.2, -0.1, 0.22), dark),          // strap
+        ],
+    };
+    if subject == "dog" {
+        for dx in [-0.16f32, -0.06, 0.08, 0.17] {
+            shapes.push((Rect(dx, 0.18, dx + 0.05, 0.3), fur)); // legs
         }
-        "teapot" => {
-            let glaze = [60, 110, 190];
-            ellipse(&mut img, cx, cy, 0.22 * s * k, 0.17 * s * k, glaze);
-            rect(
+    }
+    // Offsets and sizes are in units of the subject's size `s·k`, around its center (cx, cy).
+    let u = |a: f32| a * s * k;
+    for (shape, color) in shapes {
+        match shape {
+            Ellipse(x, y, rx, ry) => ellipse(&mut img, cx + u(x), cy + u(y), u(rx), u(ry), color),
+            Rect(x0, y0, x1, y1) => rect(
                 &mut img,
-                cx - 0.05 * s * k,
-                cy - 0.24 * s * k,
-                cx + 0.05 * s * k,
-                cy - 0.15 * s * k,
-                glaze,
-            );
-            ellipse(
-                &mut img,
-                cx,
-                cy - 0.25 * s * k,
-                0.04 * s * k,
-                0.025 * s * k,
-                [230, 230, 240],
-            );
-            rect(
-                &mut img,
-                cx + 0.2 * s * k,
-                cy - 0.1 * s * k,
-                cx + 0.33 * s * k,
-                cy - 0.05 * s * k,
-                glaze,
-            ); // spout
-            ellipse(
-                &mut img,
-                cx - 0.25 * s * k,
-                cy,
-                0.06 * s * k,
-                0.09 * s * k,
-                [40, 80, 150],
-            ); // handle
-            ellipse(
-                &mut img,
-                cx - 0.05 * s * k,
-                cy - 0.05 * s * k,
-                0.05 * s * k,
-                0.03 * s * k,
-                [200, 220, 250],
-            ); // shine
-        }
-        _ => {
-            let canvas = [200, 40, 50];
-            rect(
-                &mut img,
-                cx - 0.18 * s * k,
-                cy - 0.2 * s * k,
-                cx + 0.18 * s * k,
-                cy + 0.22 * s * k,
-                canvas,
-            );
-            rect(
-                &mut img,
-                cx - 0.14 * s * k,
-                cy + 0.02 * s * k,
-                cx + 0.14 * s * k,
-                cy + 0.16 * s * k,
-                [160, 30, 40],
-            ); // pocket
-            rect(
-                &mut img,
-                cx - 0.08 * s * k,
-                cy - 0.28 * s * k,
-                cx + 0.08 * s * k,
-                cy - 0.2 * s * k,
-                [60, 40, 40],
-            ); // handle
-            rect(
-                &mut img,
-                cx - 0.13 * s * k,
-                cy - 0.2 * s * k,
-                cx - 0.1 * s * k,
-                cy + 0.22 * s * k,
-                [60, 40, 40],
-            ); // strap
+                cx + u(x0),
+                cy + u(y0),
+                cx + u(x1),
+                cy + u(y1),
+                color,
+            ),
         }
     }
     img

@@ -3,6 +3,7 @@
 
 use super::rows::ImageRow;
 use polars::prelude::*;
+use polars_io::parquet::write::ParquetWriter;
 
 /// One method's scores over all its images.
 #[derive(Debug, Clone, PartialEq)]

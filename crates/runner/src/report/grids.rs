@@ -1,5 +1,6 @@
 //! Image grids (the paper's Figs. 4, 6–8): for each subject and each baseline that has a guided
-//! version, one row per prompt: reference | without guidance | with guidance (first seed).
+//! version, one row per prompt: reference | without guidance | with guidance (first seed). The
+//! columns are labelled at the top, each row by its prompt and seed.
 
 use super::rows::ImageRow;
 use super::tables::MethodInfo;
@@ -9,6 +10,31 @@ use std::path::{Path, PathBuf};
 
 const CELL: u32 = 192;
 const GAP: u32 = 4;
+/// Height of the column titles above the first row.
+const HEADER: u32 = 24;
+/// Height of the prompt-and-seed line above each row.
+const LABEL: u32 = 20;
+
+/// Writes `text` into `img` at (x, y) (top left), in the report's bundled font.
+fn draw_text(img: &mut RgbImage, text: &str, (x, y): (u32, u32), size: f64) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    super::plots::register_font();
+    let (w, h) = img.dimensions();
+    let root = BitMapBackend::with_buffer(img.as_mut(), (w, h)).into_drawing_area();
+    let style = (super::plots::FONT, size).into_font().color(&BLACK);
+    root.draw(&Text::new(text.to_string(), (x as i32, y as i32), style))
+        .and_then(|_| root.present())
+        .map_err(|e| anyhow::anyhow!("drawing the label '{text}': {e}"))
+}
+
+/// A label cut to about `max` characters.
+fn fit(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
 
 fn load_cell(path: &Path) -> anyhow::Result<RgbImage> {
     let img = image::open(path)
@@ -67,11 +93,16 @@ pub fn image_grids(
             let n = prompts.len() as u32;
             let mut grid = RgbImage::from_pixel(
                 3 * CELL + 4 * GAP,
-                n * CELL + (n + 1) * GAP,
+                HEADER + n * (LABEL + CELL + GAP) + GAP,
                 Rgb([255, 255, 255]),
             );
+            for (col, title) in ["reference", "without", "with"].iter().enumerate() {
+                let x = GAP + col as u32 * (CELL + GAP);
+                draw_text(&mut grid, title, (x + 2, 4), 16.0)?;
+            }
             for (k, p) in prompts.iter().enumerate() {
-                let y = GAP + k as u32 * (CELL + GAP);
+                let top = HEADER + k as u32 * (LABEL + CELL + GAP);
+                let y = top + LABEL;
                 let a = without
                     .iter()
                     .find(|r| r.prompt_index == *p)
@@ -80,6 +111,8 @@ pub fn image_grids(
                     .iter()
                     .find(|r| r.prompt_index == *p)
                     .expect("prompt listed from `with`");
+                let label = format!("{}, seed {}", a.clip_t_prompt, a.seed);
+                draw_text(&mut grid, &fit(&label, 80), (GAP + 2, top + 3), 13.0)?;
                 imageops::replace(&mut grid, &reference, GAP as i64, y as i64);
                 imageops::replace(
                     &mut grid,

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod grids;
+pub mod header;
 pub mod plots;
 pub mod rows;
 pub mod tables;
@@ -20,45 +21,55 @@ pub const BOOTSTRAP_SEED: u64 = 0x5eed;
 #[derive(Debug, Clone)]
 pub struct ReportOutput {
     pub dir: PathBuf,
+    /// The front page's header: provenance, finished and failed jobs (see [`header`]).
+    pub header: String,
     pub table_markdown: String,
     pub files: Vec<PathBuf>,
 }
 
+/// A method as a plan's resolved config records it (`methods[]` of the experiment).
+#[derive(serde::Deserialize)]
+struct PlannedMethod {
+    name: String,
+    baseline: String,
+    #[serde(default)]
+    pick_and_draw: bool,
+    #[serde(default)]
+    label: Option<String>,
+}
+
 /// Method display information from a plan's resolved config (`methods[].{name,label,baseline,pick_and_draw}`).
-pub fn method_infos(config: &serde_json::Value) -> Vec<MethodInfo> {
-    config["methods"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| {
-                    let name = m["name"].as_str().unwrap_or_default().to_string();
-                    let baseline = m["baseline"].as_str().unwrap_or_default().to_string();
-                    let guided = m["pick_and_draw"].as_bool().unwrap_or(false);
-                    let label = m["label"].as_str().map(str::to_string).unwrap_or_else(|| {
-                        let b = baseline_label(&baseline);
-                        if guided {
-                            format!("{b} + Pick-and-Draw")
-                        } else {
-                            b.to_string()
-                        }
-                    });
-                    MethodInfo {
-                        name,
-                        label,
-                        baseline,
-                        guided,
-                    }
-                })
-                .collect()
+/// A config without a valid `methods` list is an error (a damaged or foreign `plan.json`).
+pub fn method_infos(config: &serde_json::Value) -> anyhow::Result<Vec<MethodInfo>> {
+    let methods: Vec<PlannedMethod> = serde_json::from_value(config["methods"].clone())
+        .context("its config has no valid `methods` list (name and baseline of each)")?;
+    Ok(methods
+        .into_iter()
+        .map(|m| {
+            let label = m.label.unwrap_or_else(|| {
+                let b = baseline_label(&m.baseline);
+                if m.pick_and_draw {
+                    format!("{b} + Pick-and-Draw")
+                } else {
+                    b.to_string()
+                }
+            });
+            MethodInfo {
+                name: m.name,
+                label,
+                baseline: m.baseline,
+                guided: m.pick_and_draw,
+            }
         })
-        .unwrap_or_default()
+        .collect())
 }
 
 /// Writes the report of `run_dir` into `run_dir/report` (or `out`).
 pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<ReportOutput> {
     let store = RunStore::open(run_dir)?;
     let plan = store.plan()?;
-    let infos = method_infos(&plan.config);
+    let infos = method_infos(&plan.config)
+        .with_context(|| format!("reading '{}'", run_dir.join("plan.json").display()))?;
     let rows: Vec<ImageRow> = store
         .rows()
         .with_context(|| format!("reading rows of '{}'", run_dir.display()))?;
@@ -86,7 +97,10 @@ pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<Report
     let table = tables::method_table(&summaries, &infos, oracle.as_ref());
     let mut files = Vec::new();
     let md = tables::markdown(&table);
+    let failures = store.failures()?;
+    let head = header::header(&plan, rows.len(), &failures);
     for (name, text) in [
+        ("report.md", format!("{head}\n## Table\n\n{md}")),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),
@@ -113,6 +127,7 @@ pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<Report
     )?);
     Ok(ReportOutput {
         dir,
+        header: head,
         table_markdown: md,
         files,
     })

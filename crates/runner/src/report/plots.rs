@@ -1,5 +1,6 @@
 //! Figures with plotters, each as PNG and SVG: Pareto plots (DINO vs CLIP-T, CLIP-I vs CLIP-T)
-//! with an arrow from each baseline to its guided version, and per-subject bars (the paper's Fig. 5).
+//! with the 95% bootstrap interval of each mean as error bars and an arrow from each baseline to
+//! its guided version, and per-subject bars (the paper's Fig. 5).
 
 use super::aggregate::{MethodSummary, SubjectSummary};
 use super::tables::MethodInfo;
@@ -8,11 +9,11 @@ use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-const FONT: &str = "sans-serif";
+pub(super) const FONT: &str = "sans-serif";
 static REGISTER: Once = Once::new();
 
 /// The bundled DejaVu Sans, so text renders the same on machines without system fonts.
-fn register_font() {
+pub(super) fn register_font() {
     REGISTER.call_once(|| {
         let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
         if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_err() {
@@ -69,16 +70,19 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let y_of = |s: &MethodSummary| {
-        if y_metric == "dino" {
-            s.dino.mean
-        } else {
-            s.clip_i.mean
-        }
-    };
+    let y_stat = |s: &MethodSummary| if y_metric == "dino" { s.dino } else { s.clip_i };
+    let y_of = |s: &MethodSummary| y_stat(s).mean;
     let y_name = if y_metric == "dino" { "DINO" } else { "CLIP-I" };
-    let xr = padded_range(summaries.iter().map(|s| s.clip_t.mean));
-    let yr = padded_range(summaries.iter().map(y_of));
+    // The axes hold the 95% bootstrap intervals drawn as error bars around each mean.
+    let xr = padded_range(
+        summaries
+            .iter()
+            .flat_map(|s| [s.clip_t.mean, s.clip_t.ci_low, s.clip_t.ci_high]),
+    );
+    let yr = padded_range(summaries.iter().flat_map(|s| {
+        let st = y_stat(s);
+        [st.mean, st.ci_low, st.ci_high]
+    }));
     let (xspan, yspan) = (xr.end - xr.start, yr.end - yr.start);
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{y_name} vs CLIP-T"), (FONT, 22))
@@ -121,6 +125,30 @@ where
             ];
             chart.draw_series(std::iter::once(Polygon::new(head, color.filled())))?;
         }
+    }
+    // Error bars: the 95% bootstrap interval of each mean, both axes, with caps.
+    for s in summaries {
+        let color = baseline_color(&s.baseline, infos);
+        let (x, y, ys) = (s.clip_t.mean, y_of(s), y_stat(s));
+        let (cap_x, cap_y) = (0.008 * xspan, 0.008 * yspan);
+        let mut bars = Vec::new();
+        if ys.ci_low.is_finite() && ys.ci_high.is_finite() {
+            bars.push(vec![(x, ys.ci_low), (x, ys.ci_high)]);
+            for v in [ys.ci_low, ys.ci_high] {
+                bars.push(vec![(x - cap_x, v), (x + cap_x, v)]);
+            }
+        }
+        let xs = s.clip_t;
+        if xs.ci_low.is_finite() && xs.ci_high.is_finite() {
+            bars.push(vec![(xs.ci_low, y), (xs.ci_high, y)]);
+            for v in [xs.ci_low, xs.ci_high] {
+                bars.push(vec![(v, y - cap_y), (v, y + cap_y)]);
+            }
+        }
+        chart.draw_series(
+            bars.into_iter()
+                .map(|line| PathElement::new(line, color.stroke_width(1))),
+        )?;
     }
     for s in summaries {
         let color = baseline_color(&s.baseline, infos);

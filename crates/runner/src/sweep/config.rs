@@ -8,20 +8,59 @@ use std::path::{Path, PathBuf};
 /// malformed TOML all carry the file and the 1-based line and column of the offending text.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}:{line}:{column}: {message}")]
+    #[error("{file}:{line}:{column}: {problem}")]
     Invalid {
         file: String,
         line: usize,
         column: usize,
-        message: String,
+        problem: Problem,
     },
-    #[error("{file}: {message}")]
-    NoLocation { file: String, message: String },
+    #[error("{file}: {problem}")]
+    NoLocation { file: String, problem: Problem },
     #[error("reading '{}': {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl ConfigError {
+    /// What is wrong, without where.
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            ConfigError::Invalid { problem, .. } | ConfigError::NoLocation { problem, .. } => {
+                Some(problem)
+            }
+            ConfigError::Io { .. } => None,
+        }
+    }
+}
+
+/// What is wrong with a config, one variant per case a caller may need to tell apart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// Malformed TOML, an unknown key or a value of the wrong type (the TOML parser's message).
+    #[error("{0}")]
+    Schema(String),
+    #[error("unknown subject '{0}' (see `pnd dataset list`)")]
+    UnknownSubject(String),
+    #[error("prompt index {0} out of range 0..25")]
+    PromptOutOfRange(usize),
+    #[error("method name '{0}' must be lowercase letters, digits, '-', '+', '_' (no '__')")]
+    BadMethodName(String),
+    #[error("method name '{0}' appears twice")]
+    DuplicateMethod(String),
+    #[error("no config block '{0}' (looked for configs/{0}.toml)")]
+    MissingInclude(String),
+    #[error("'{0}' includes itself")]
+    IncludeCycle(String),
+    #[error("includes need a file location: use Experiment::load")]
+    IncludeWithoutFile,
+    #[error("no [[methods]]")]
+    NoMethods,
+    /// Guidance settings that parse but make no sense (e.g. `tau = 2`).
+    #[error("guidance settings: {0}")]
+    Guidance(String),
 }
 
 /// 1-based line and column of a byte offset.
@@ -40,7 +79,7 @@ pub fn parse_toml<T: DeserializeOwned>(
     file: impl fmt::Display,
 ) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_string();
+        let problem = Problem::Schema(e.message().trim().to_string());
         match e.span() {
             Some(span) => {
                 let (line, column) = line_column(text, span.start);
@@ -48,12 +87,12 @@ pub fn parse_toml<T: DeserializeOwned>(
                     file: file.to_string(),
                     line,
                     column,
-                    message,
+                    problem,
                 }
             }
             None => ConfigError::NoLocation {
                 file: file.to_string(),
-                message,
+                problem,
             },
         }
     })

@@ -1,17 +1,21 @@
 //! Running a job list against a store: shard selection, skipping finished jobs, redoing
 //! half-written ones, progress with ETA.
 
-use super::store::{write_file_atomic, RunStore, StoreError};
+use super::store::{write_file_atomic, Failure, RunStore, StoreError};
+use crate::progress::{JobProgress, ProgressMode};
 use dreambench::Job;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Instant;
 
-/// `--shard i/n`: shard `i` (0-based) of `n` takes every job whose position in the canonical
-/// job list is `i` modulo `n`. Deterministic, balanced, and the same on every machine.
+/// `--shard i/n`: shard `i` (0-based) of `n`. The jobs are grouped by subject (subjects in order
+/// of first appearance, each group in canonical order) and cut into `n` contiguous, equal parts
+/// (sizes differ by at most one): a subject's jobs stay together, in one shard or two neighbours,
+/// so its per-subject work (real-image embeddings, inversions, layout templates) is done once or
+/// twice, not in every shard. Deterministic, and the same on every machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub index: usize,
@@ -45,13 +49,19 @@ impl fmt::Display for Shard {
 impl Shard {
     pub const ALL: Shard = Shard { index: 0, count: 1 };
 
-    /// This shard's jobs, in canonical order.
+    /// This shard's jobs, grouped by subject (canonical order within a subject).
     pub fn select<'a>(&self, jobs: &'a [Job]) -> Vec<&'a Job> {
-        jobs.iter()
-            .enumerate()
-            .filter(|(i, _)| i % self.count == self.index)
-            .map(|(_, j)| j)
-            .collect()
+        let mut first_seen: Vec<&str> = Vec::new();
+        for j in jobs {
+            if !first_seen.contains(&j.subject.as_str()) {
+                first_seen.push(&j.subject);
+            }
+        }
+        let mut grouped: Vec<&Job> = jobs.iter().collect();
+        // Stable: canonical order within each subject.
+        grouped.sort_by_key(|j| first_seen.iter().position(|s| *s == j.subject));
+        let n = grouped.len();
+        grouped[self.index * n / self.count..(self.index + 1) * n / self.count].to_vec()
     }
 }
 
@@ -100,17 +110,45 @@ pub struct RunSummary {
     pub skipped: usize,
     /// Jobs run to completion now.
     pub completed: usize,
+    /// Jobs that failed now (only with [`RunOptions::keep_going`]; also in `failures.csv`).
+    pub failed: Vec<Failure>,
 }
 
-/// Runs this shard's unfinished jobs in canonical order, writing each row as soon as its job
+/// How [`run_jobs_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    pub progress: ProgressMode,
+    /// Record a failing job in `failures.csv` and go on, instead of stopping the sweep.
+    pub keep_going: bool,
+}
+
+/// Runs this shard's unfinished jobs (grouped by subject, see [`Shard`]), writing each row as soon as its job
 /// finishes; then rewrites `results.csv`. The first failing job stops the sweep with its error
-/// (finished rows are kept, so a rerun resumes after fixing the cause).
+/// (finished rows are kept, so a rerun resumes after fixing the cause). `show_progress` shows a
+/// bar on a terminal and one line per finished job otherwise.
 pub fn run_jobs<R: JobRunner>(
     store: &RunStore,
     jobs: &[Job],
     shard: Shard,
     runner: &mut R,
     show_progress: bool,
+) -> anyhow::Result<RunSummary> {
+    let options = RunOptions {
+        progress: ProgressMode::detect(show_progress),
+        keep_going: false,
+    };
+    run_jobs_with(store, jobs, shard, runner, options)
+}
+
+/// [`run_jobs`] with options. With `keep_going`, a failing job is recorded in `failures.csv`
+/// (job id, error) and the sweep goes on; a later run retries it, since it has no row. A job that
+/// finishes loses its earlier failure record.
+pub fn run_jobs_with<R: JobRunner>(
+    store: &RunStore,
+    jobs: &[Job],
+    shard: Shard,
+    runner: &mut R,
+    options: RunOptions,
 ) -> anyhow::Result<RunSummary> {
     let selected = shard.select(jobs);
     let todo: Vec<&Job> = selected
@@ -123,20 +161,12 @@ pub fn run_jobs<R: JobRunner>(
         skipped: selected.len() - todo.len(),
         ..Default::default()
     };
-    let bar = if show_progress {
-        ProgressBar::new(todo.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs, ETA {eta} {msg}",
-        )
-        .expect("valid progress template"),
-    );
+    let mut failures = store.failures()?;
+    let mut progress = JobProgress::new(todo.len(), options.progress);
     for job in todo {
         let id = job.id();
-        bar.set_message(id.to_string());
+        progress.start(&id.0);
+        let started = Instant::now();
         let dir = store.files_dir(&id);
         // A half-written attempt (files but no row) is redone from scratch.
         if dir.exists() {
@@ -152,19 +182,38 @@ pub fn run_jobs<R: JobRunner>(
             source,
         })?;
         let out = JobOutput { dir };
+        let before = failures.len();
+        failures.retain(|f| f.id != id.0);
+        let retried = failures.len() != before;
         match runner.run(job, &out) {
             Ok(row) => {
                 store.write_row(&id, &row)?;
                 summary.completed += 1;
-                bar.inc(1);
+                progress.finished(&id.0, started.elapsed().as_secs_f64(), None);
+                if retried {
+                    store.write_failures(&failures)?;
+                }
+            }
+            Err(e) if options.keep_going => {
+                let failure = Failure {
+                    id: id.0.clone(),
+                    error: format!("{e:#}"),
+                };
+                progress.finished(&id.0, started.elapsed().as_secs_f64(), Some(&failure.error));
+                failures.push(failure.clone());
+                store.write_failures(&failures)?;
+                summary.failed.push(failure);
             }
             Err(e) => {
-                bar.abandon();
+                progress.abandon();
+                if retried {
+                    store.write_failures(&failures)?;
+                }
                 return Err(e.context(format!("job {id} failed")));
             }
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     store.write_results_csv::<R::Row>()?;
     Ok(summary)
 }
@@ -200,5 +249,55 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn shards_keep_a_subjects_jobs_together_and_are_balanced() {
+        // Table 1's shape in small: 3 methods × 5 subjects × 4 prompts, canonical order.
+        let mut jobs = Vec::new();
+        for m in ["a", "b", "c"] {
+            for s in ["s0", "s1", "s2", "s3", "s4"] {
+                for p in 0..4 {
+                    jobs.push(Job {
+                        method: m.into(),
+                        subject: s.into(),
+                        prompt_index: p,
+                        seed: 0,
+                    });
+                }
+            }
+        }
+        let shards: Vec<Vec<&Job>> = (0..4)
+            .map(|i| Shard { index: i, count: 4 }.select(&jobs))
+            .collect();
+        let sizes: Vec<usize> = shards.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [15, 15, 15, 15]);
+        for s in ["s0", "s1", "s2", "s3", "s4"] {
+            let holding = shards
+                .iter()
+                .filter(|sh| sh.iter().any(|j| j.subject == s))
+                .count();
+            assert!(holding <= 2, "subject {s} is in {holding} shards");
+        }
+        // Within a shard, a subject's jobs keep the canonical order (methods, prompts).
+        let first: Vec<(&str, usize)> = shards[0]
+            .iter()
+            .map(|j| (j.method.as_str(), j.prompt_index))
+            .collect();
+        assert_eq!(
+            &first[..5],
+            [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("b", 0)]
+        );
+        let subjects: Vec<&str> = shards[0].iter().map(|j| j.subject.as_str()).collect();
+        assert_eq!(subjects, [["s0"; 12].as_slice(), &["s1"; 3]].concat());
+        // Uneven counts differ by at most one job.
+        let sizes: Vec<usize> = (0..7)
+            .map(|i| Shard { index: i, count: 7 }.select(&jobs).len())
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 60);
+        assert!(
+            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+            "{sizes:?}"
+        );
     }
 }

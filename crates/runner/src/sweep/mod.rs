@@ -7,12 +7,15 @@
 //! - `plan.json`: the experiment's resolved job list (the canonical order of rows),
 //! - `rows/<job id>.json`: one finished row each, written last, the job's completion marker,
 //! - `files/<job id>/...`: the job's output files (images, traces),
-//! - `results.csv`: every finished row in plan order, rewritten at the end of each run and merge.
+//! - `results.csv`: every finished row in plan order, rewritten at the end of each run and merge,
+//! - `failures.csv`: jobs that failed under `--keep-going` (job id, error), retried by a rerun.
 
 mod config;
 mod engine;
 mod store;
 
-pub use config::{line_column as config_line_column, load_toml, parse_toml, ConfigError};
-pub use engine::{run_jobs, JobOutput, JobRunner, RunSummary, Shard, ShardError};
-pub use store::{merge, write_csv_atomic, write_file_atomic, Plan, RunStore, StoreError};
+pub use config::{line_column as config_line_column, load_toml, parse_toml, ConfigError, Problem};
+pub use engine::{
+    run_jobs, run_jobs_with, JobOutput, JobRunner, RunOptions, RunSummary, Shard, ShardError,
+};
+pub use store::{merge, write_csv_atomic, write_file_atomic, Failure, Plan, RunStore, StoreError};

@@ -1,5 +1,6 @@
 //! The on-disk result store of one run: plan, rows, job files, and the merged CSV.
 
+use crate::provenance::Provenance;
 use dreambench::{Job, JobId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,11 @@ pub enum StoreError {
     },
     #[error("row file '{}' is not a valid row: {source}", path.display())]
     BadRow {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("'{}' is not a valid plan: {source}", path.display())]
+    BadPlan {
         path: PathBuf,
         source: serde_json::Error,
     },
@@ -90,13 +96,34 @@ pub fn write_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), Sto
     write_file_atomic(path, &bytes)
 }
 
-/// A run's plan: the experiment's name, its resolved config (free-form, for traceability) and
-/// every job in canonical order. Shards of one experiment share one plan.
+/// A run's plan: the experiment's name, its resolved config (free-form, for traceability),
+/// every job in canonical order, and what made the run (build, models, data). Shards of one
+/// experiment share one plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub experiment: String,
     pub config: serde_json::Value,
     pub jobs: Vec<Job>,
+    /// Recorded when the run folder is created; absent in plans written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+impl Plan {
+    /// The same experiment and jobs: what a resumed run or a merged shard must share. The
+    /// provenance may differ (a resumed run built anew); the first one recorded is kept.
+    pub fn same_work(&self, other: &Plan) -> bool {
+        self.experiment == other.experiment
+            && self.config == other.config
+            && self.jobs == other.jobs
+    }
+}
+
+/// A job that failed under `--keep-going`: one line of `failures.csv`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub id: String,
+    pub error: String,
 }
 
 /// One run folder.
@@ -114,7 +141,7 @@ impl RunStore {
         let plan_path = root.join("plan.json");
         if plan_path.exists() {
             let existing = Self::read_plan(root)?;
-            if existing != *plan {
+            if !existing.same_work(plan) {
                 return Err(StoreError::ExistingPlanDiffers {
                     dir: root.into(),
                     name: existing.experiment,
@@ -140,7 +167,7 @@ impl RunStore {
             return Err(StoreError::NoPlan(root.into()));
         }
         let text = fs::read_to_string(&path).map_err(io("reading", &path))?;
-        serde_json::from_str(&text).map_err(|source| StoreError::BadRow { path, source })
+        serde_json::from_str(&text).map_err(|source| StoreError::BadPlan { path, source })
     }
 
     pub fn plan(&self) -> Result<Plan, StoreError> {
@@ -194,6 +221,43 @@ impl RunStore {
             }
         }
         Ok(rows)
+    }
+
+    fn failures_path(&self) -> PathBuf {
+        self.root.join("failures.csv")
+    }
+
+    /// The failures recorded by `--keep-going` runs (none when there is no `failures.csv`).
+    pub fn failures(&self) -> Result<Vec<Failure>, StoreError> {
+        let path = self.failures_path();
+        if !path.is_file() {
+            return Ok(Vec::new());
+        }
+        let csv_err = |source| StoreError::Csv {
+            path: path.clone(),
+            source,
+        };
+        csv::Reader::from_path(&path)
+            .map_err(csv_err)?
+            .deserialize::<Failure>()
+            .collect::<Result<_, _>>()
+            .map_err(csv_err)
+    }
+
+    /// Rewrites `failures.csv`; removes it when there are none.
+    pub fn write_failures(&self, failures: &[Failure]) -> Result<(), StoreError> {
+        let path = self.failures_path();
+        if failures.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                    action: "removing",
+                    path,
+                    source: e,
+                }),
+                _ => Ok(()),
+            };
+        }
+        write_csv_atomic(&path, failures)
     }
 
     /// Rewrites `results.csv` from the finished rows, in plan order.
@@ -259,6 +323,15 @@ pub fn merge<R: Serialize + DeserializeOwned + PartialEq>(
             seen.insert(id, shard_root.clone());
         }
     }
+    let mut failures = Vec::new();
+    for shard_root in shards {
+        for f in RunStore::open(shard_root)?.failures()? {
+            if !merged.is_done(&JobId(f.id.clone())) && !failures.contains(&f) {
+                failures.push(f);
+            }
+        }
+    }
+    merged.write_failures(&failures)?;
     merged.write_results_csv::<R>()?;
     Ok(merged)
 }

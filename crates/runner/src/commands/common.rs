@@ -1,0 +1,135 @@
+//! What several commands share: loading a Stable Diffusion model, reading a guidance file, writing
+//! a PNG, and reporting Pick-and-Draw's timings.
+
+use crate::sweep::parse_toml;
+use anyhow::Context;
+use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use guidance::config::GuidanceConfig;
+use guidance::pipeline::PickAndDraw;
+use std::path::{Path, PathBuf};
+
+/// A Stable Diffusion model with its base and Textual Inversion embeddings.
+pub fn load_model(
+    model: &str,
+    base: Option<String>,
+    embeddings: Option<PathBuf>,
+) -> anyhow::Result<StableDiffusion> {
+    let opts = LoadOptions {
+        base,
+        embeddings,
+        ..Default::default()
+    };
+    StableDiffusion::load(model, &opts).with_context(|| format!("loading model '{model}'"))
+}
+
+/// A guidance file in the shipped block form (`configs/guidance/*.toml`: a `[guidance]` table).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuidanceBlock {
+    guidance: GuidanceConfig,
+}
+
+/// The guidance settings of `--guidance-config FILE` (the paper's defaults without one). The file
+/// holds the settings either at the top level or in a `[guidance]` table, as the experiment
+/// blocks under `configs/guidance/` do; errors point at the file's line and column.
+pub fn load_guidance_config(path: Option<&Path>) -> anyhow::Result<GuidanceConfig> {
+    let Some(path) = path else {
+        return Ok(GuidanceConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading guidance settings '{}'", path.display()))?;
+    let file = path.display();
+    let table: toml::Table = parse_toml(&text, &file)?;
+    let cfg = if table.contains_key("guidance") {
+        parse_toml::<GuidanceBlock>(&text, &file)?.guidance
+    } else {
+        parse_toml::<GuidanceConfig>(&text, &file)?
+    };
+    cfg.validate()
+        .with_context(|| format!("guidance settings '{file}'"))?;
+    Ok(cfg)
+}
+
+/// Writes a PNG through a temporary file and a rename, so a crash never leaves half an image.
+pub fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating '{}'", dir.display()))?;
+    }
+    let tmp = out.with_extension("png.partial");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("writing '{}'", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing '{}'", out.display()))?;
+    Ok(())
+}
+
+/// The updates a Pick-and-Draw generation skipped, and one line with the time of each part.
+pub fn print_outcome(out: &PickAndDraw) {
+    for skipped in &out.skipped_updates {
+        eprintln!("warning: {skipped}");
+    }
+    let t = &out.timings;
+    eprintln!(
+        "pick-and-draw: inversion {:.1}s, palette {:.1}s (cache {}), template {:.1}s, guided sampling {:.1}s",
+        t.inversion_s,
+        t.palette_s,
+        if t.cache_hit { "hit" } else { "miss" },
+        t.template_s,
+        t.sampling_s
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs/guidance")
+            .join(name)
+    }
+
+    #[test]
+    fn the_shipped_guidance_block_and_the_top_level_form_both_load() {
+        // configs/guidance/paper.toml: a `[guidance]` table holding the paper's defaults.
+        let block = load_guidance_config(Some(&shipped("paper.toml"))).unwrap();
+        assert_eq!(block, GuidanceConfig::default());
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("top.toml");
+        std::fs::write(&top, "eta = 5.0\nlayout_window = [0, 4]\n").unwrap();
+        let cfg = load_guidance_config(Some(&top)).unwrap();
+        assert_eq!((cfg.eta, cfg.layout_window.end), (5.0, 4));
+        let nested = tmp.path().join("nested.toml");
+        std::fs::write(&nested, "[guidance]\neta = 5.0\nlayout_window = [0, 4]\n").unwrap();
+        assert_eq!(load_guidance_config(Some(&nested)).unwrap(), cfg);
+        assert_eq!(
+            load_guidance_config(None).unwrap(),
+            GuidanceConfig::default()
+        );
+    }
+
+    #[test]
+    fn guidance_file_errors_point_at_line_and_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "[guidance]\neta = 5.0\netta = 1.0\n").unwrap();
+        let err = format!("{:#}", load_guidance_config(Some(&bad)).unwrap_err());
+        assert!(
+            err.contains("bad.toml:3:1:") && err.contains("etta"),
+            "{err}"
+        );
+        std::fs::write(
+            &bad,
+            "eta = 5.0\n[models]\nbase = \"x\"\n[guidance]\neta = 1.0\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", load_guidance_config(Some(&bad)).unwrap_err());
+        // Both forms at once: the top-level key is refused where it stands.
+        assert!(
+            err.contains("bad.toml:1:1:") && err.contains("expected `guidance`"),
+            "{err}"
+        );
+        std::fs::write(&bad, "tau = 2.0\n").unwrap();
+        let err = format!("{:#}", load_guidance_config(Some(&bad)).unwrap_err());
+        assert!(err.contains("tau") && err.contains("bad.toml"), "{err}");
+    }
+}

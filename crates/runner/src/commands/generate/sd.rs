@@ -1,0 +1,90 @@
+//! `pnd generate` with a Stable Diffusion model (plain, DreamBooth or Textual Inversion),
+//! optionally guided with Pick-and-Draw (SPEC §6, §7).
+
+use super::args::{GenerateArgs, PickAndDrawArgs};
+use super::shared::{step_progress, write_outputs};
+use crate::commands::common::{load_guidance_config, load_model, print_outcome};
+use crate::requests;
+use anyhow::Context;
+use candle_core::Tensor;
+use diffusion::pipeline::{SampleRequest, StableDiffusion};
+use guidance::pipeline::{default_cache_dir, pick_and_draw};
+use std::process::ExitCode;
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    if args.subject_category.is_some() {
+        anyhow::bail!("--subject-category applies to --method blip-diffusion only");
+    }
+    if !args.pnd.pick_and_draw && (args.pnd.reference.is_some() || args.pnd.class.is_some()) {
+        anyhow::bail!(
+            "--reference and --class need --pick-and-draw with a Stable Diffusion model \
+             (or --method blip-diffusion)"
+        );
+    }
+    let sd = load_model(&args.model, args.base.clone(), args.embeddings.clone())?;
+    let req = args.sample_request(&sd)?;
+    let mut progress = step_progress(&args);
+    let mut on_step = |i: usize, n: usize| progress.step(i, n);
+    let latents = if args.pnd.pick_and_draw {
+        let init = match req.init_latents.clone() {
+            Some(l) => l,
+            None => sd.initial_latents(args.height, args.width, args.seed)?,
+        };
+        guided_latents(&sd, &args, req, init, &mut on_step)?
+    } else {
+        sd.sample(&req, &mut on_step)?
+    };
+    progress.finish();
+    write_outputs(&args, &sd, &latents)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pick-and-Draw guided sampling of `sample`'s prompt, schedule and size from `init`; returns
+/// the final latents.
+fn guided_latents(
+    sd: &StableDiffusion,
+    args: &GenerateArgs,
+    sample: SampleRequest,
+    init: Tensor,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Tensor> {
+    let pnd: &PickAndDrawArgs = &args.pnd;
+    let cfg = load_guidance_config(pnd.guidance_config.as_deref())?;
+    let reference = pnd
+        .reference
+        .clone()
+        .context("--pick-and-draw needs --reference IMG")?;
+    let class = pnd
+        .class
+        .clone()
+        .context("--pick-and-draw needs --class NOUN")?;
+    let model = &args.model;
+    // The template comes from vanilla Stable Diffusion: a DreamBooth folder's base, else the
+    // model itself (a Textual Inversion token is not in the identifier-free template prompt).
+    let template_model = pnd.base_model.as_ref().or(args.base.as_ref());
+    let base = match template_model {
+        Some(b) if b != model => Some(load_model(b, None, None)?),
+        _ => None,
+    };
+    eprintln!(
+        "pick-and-draw: layout template from '{}'",
+        template_model.unwrap_or(model)
+    );
+    let model_key = match &args.embeddings {
+        Some(e) => format!("{model}+{}", e.display()),
+        None => model.to_string(),
+    };
+    let guided = requests::Guided {
+        reference,
+        class,
+        identifier: pnd.identifier.clone(),
+        template_prompt: pnd.template_prompt.clone(),
+        model_key,
+        cache_dir: pnd.palette_cache.clone().unwrap_or_else(default_cache_dir),
+        trace: pnd.trace.clone(),
+    };
+    let req = requests::pick_and_draw(sample, init, guided);
+    let out = pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?;
+    print_outcome(&out);
+    Ok(out.latents)
+}

@@ -1,0 +1,26 @@
+//! What both generators do around sampling: progress, and the outputs (latents, PNG).
+
+use super::args::GenerateArgs;
+use crate::commands::common::save_png;
+use crate::progress::{ProgressMode, StepProgress};
+use anyhow::Context;
+use candle_core::Tensor;
+use diffusion::pipeline::{write_latents, StableDiffusion};
+
+/// The denoising progress of one image: a bar on a terminal, a line every few steps in a log.
+pub(super) fn step_progress(args: &GenerateArgs) -> StepProgress {
+    StepProgress::new("denoising", args.steps, ProgressMode::detect(!args.quiet))
+}
+
+/// Writes `--save-latents` (if asked) and the decoded PNG.
+pub(super) fn write_outputs(
+    args: &GenerateArgs,
+    sd: &StableDiffusion,
+    latents: &Tensor,
+) -> anyhow::Result<()> {
+    if let Some(p) = &args.save_latents {
+        write_latents(p, latents).with_context(|| format!("writing latents '{}'", p.display()))?;
+    }
+    let img = sd.decode_images(latents)?.remove(0);
+    save_png(&img, &args.out)
+}

@@ -1,0 +1,146 @@
+//! The DreamBench job runner behind `pnd sweep` (SPEC §8): for each job, render the method's
+//! prompt, generate with the method's model (with or without Pick-and-Draw), write the PNG, score
+//! it (DINO and CLIP-I against the subject's real images, CLIP-T against the class prompt) and
+//! return its row. Everything a job needs is checked before the first job starts.
+//!
+//! - [`models`]: which model serves a method and subject, and the models kept loaded;
+//! - [`validate`](validate()): the checks before any work;
+//! - `generate`: one job's image;
+//! - `score`: its scores and row.
+
+mod generate;
+mod models;
+mod score;
+mod validate;
+
+pub use models::{guidance_config, model_for, must_be_local, ModelChoice};
+pub use validate::{open_dataset, validate};
+
+use crate::experiment::{Experiment, MethodSpec};
+use crate::report::rows::{ImageRow, OracleRow};
+use crate::sweep::{write_file_atomic, JobOutput, JobRunner};
+use anyhow::Context;
+use dreambench::{clip_t_prompt, Dataset, Job, Subject};
+use metrics::{Scorer, ScorerOptions};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything one job is about, resolved from its id.
+pub(crate) struct JobSpec<'a> {
+    job: &'a Job,
+    method: MethodSpec,
+    subject: &'static Subject,
+    /// The prompt the image is generated from (the method's prompt style).
+    prompt: String,
+    /// The prompt CLIP-T scores against.
+    clip_prompt: String,
+    reference: PathBuf,
+    choice: ModelChoice,
+}
+
+/// Runs DreamBench jobs: models are loaded on first use and kept while consecutive jobs share them.
+pub struct DreamBenchJobs {
+    exp: Experiment,
+    dataset: Dataset,
+    scorer: Scorer,
+    models: models::LoadedModels,
+    /// Inversions and reference palettes, computed once per subject and model.
+    palette_cache: PathBuf,
+    /// Show a per-step progress bar inside each job.
+    pub step_progress: bool,
+}
+
+impl DreamBenchJobs {
+    /// `cache_dir` holds real-image embeddings and reference palettes (the per-subject shared work).
+    pub fn new(exp: Experiment, cache_dir: &Path) -> anyhow::Result<Self> {
+        let dataset = open_dataset(&exp)?;
+        let options = ScorerOptions {
+            cache: Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings"))),
+            ..Default::default()
+        };
+        let scorer =
+            Scorer::load(&exp.metrics.dino, &exp.metrics.clip, options).with_context(|| {
+                format!(
+                    "loading metric models '{}' and '{}'",
+                    exp.metrics.dino, exp.metrics.clip
+                )
+            })?;
+        Ok(Self {
+            models: models::LoadedModels::new(exp.models.base.clone()),
+            exp,
+            dataset,
+            scorer,
+            palette_cache: cache_dir.join("palettes"),
+            step_progress: false,
+        })
+    }
+
+    /// The oracle row over the experiment's subjects (each real image against the others).
+    pub fn oracle(&self) -> anyhow::Result<OracleRow> {
+        score::oracle_row(&self.dataset, &self.scorer, &self.exp.subjects())
+    }
+
+    /// Writes `run_dir/oracle.json` unless it is there.
+    pub fn write_oracle(&self, run_dir: &Path) -> anyhow::Result<()> {
+        let path = run_dir.join("oracle.json");
+        if path.is_file() {
+            return Ok(());
+        }
+        eprintln!(
+            "oracle: embedding the real images of {} subjects",
+            self.exp.subjects().len()
+        );
+        let oracle = self.oracle()?;
+        write_file_atomic(&path, serde_json::to_string_pretty(&oracle)?.as_bytes())?;
+        Ok(())
+    }
+
+    fn spec<'a>(&self, job: &'a Job) -> anyhow::Result<JobSpec<'a>> {
+        let method = self
+            .exp
+            .method(&job.method)
+            .with_context(|| format!("unknown method '{}'", job.method))?
+            .clone();
+        let subject = dreambench::subject(&job.subject)
+            .with_context(|| format!("unknown subject '{}'", job.subject))?;
+        let template = subject.prompts()[job.prompt_index];
+        let prompt = method.style(subject).render(template, subject.class)?;
+        let reference = self
+            .dataset
+            .reference_image(subject.name, &self.exp.metrics.reference)?
+            .to_path_buf();
+        let choice = model_for(&self.exp, &method, subject.name)?;
+        Ok(JobSpec {
+            job,
+            method,
+            subject,
+            prompt,
+            clip_prompt: clip_t_prompt(template, subject.class),
+            reference,
+            choice,
+        })
+    }
+}
+
+impl JobRunner for DreamBenchJobs {
+    type Row = ImageRow;
+
+    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
+        let spec = self.spec(job)?;
+        let started = Instant::now();
+        let bar = if self.step_progress {
+            indicatif::ProgressBar::new(self.exp.generation.steps as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut generator = generate::Generator {
+            exp: &self.exp,
+            models: &mut self.models,
+            palette_cache: &self.palette_cache,
+        };
+        let image = generator.image(&spec, out, &mut |i, _| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        score::image_row(&self.dataset, &self.scorer, &spec, out, image, seconds)
+    }
+}

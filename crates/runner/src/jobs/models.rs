@@ -1,0 +1,172 @@
+//! Model choice: which weights generate a method's images for a subject, the method's guidance
+//! settings, and the models a runner keeps loaded between consecutive jobs.
+
+use crate::experiment::{Baseline, Experiment, MethodSpec};
+use anyhow::{bail, Context};
+use diffusion::blip::BlipDiffusionPipeline;
+use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use guidance::GuidanceConfig;
+use std::path::PathBuf;
+
+/// Whether a model string must be a local path: `./x`, `../x`, `/x`, or three or more path parts
+/// (`checkpoints/dreambooth/dog`). Two parts (`owner/name`) that do not exist locally are a
+/// Hugging Face repo id.
+pub fn must_be_local(model: &str) -> bool {
+    model.starts_with("./")
+        || model.starts_with("../")
+        || model.starts_with('/')
+        || model.split('/').count() >= 3
+}
+
+/// What generates a method's images for one subject.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelChoice {
+    pub model: String,
+    /// Components a DreamBooth folder lacks come from here.
+    pub base: Option<String>,
+    /// Textual Inversion embedding file.
+    pub embeddings: Option<PathBuf>,
+}
+
+/// The model of a method for a subject, or why there is none.
+pub fn model_for(
+    exp: &Experiment,
+    method: &MethodSpec,
+    subject: &str,
+) -> anyhow::Result<ModelChoice> {
+    let m = &exp.models;
+    Ok(match method.baseline {
+        Baseline::StableDiffusion => ModelChoice {
+            model: m.base.clone(),
+            base: None,
+            embeddings: None,
+        },
+        Baseline::Dreambooth => {
+            let Some(path) = m.for_subject(Baseline::Dreambooth, subject) else {
+                bail!("method '{}' is DreamBooth but the experiment sets no [models] dreambooth = \"path/{{subject}}\"", method.name)
+            };
+            ModelChoice {
+                model: path,
+                base: Some(m.base.clone()),
+                embeddings: None,
+            }
+        }
+        Baseline::TextualInversion => {
+            let Some(path) = m.for_subject(Baseline::TextualInversion, subject) else {
+                bail!(
+                    "method '{}' is Textual Inversion but the experiment sets no [models] textual_inversion = \"path/{{subject}}/learned_embeds.safetensors\"",
+                    method.name
+                )
+            };
+            ModelChoice {
+                model: m.base.clone(),
+                base: None,
+                embeddings: Some(PathBuf::from(path)),
+            }
+        }
+        Baseline::BlipDiffusion => {
+            let model = m
+                .blip_diffusion
+                .clone()
+                .unwrap_or_else(|| "Salesforce/blipdiffusion".into());
+            ModelChoice {
+                model,
+                base: None,
+                embeddings: None,
+            }
+        }
+    })
+}
+
+/// A method's guidance settings: the experiment's `[guidance]`, then the method's own keys on top.
+pub fn guidance_config(exp: &Experiment, method: &MethodSpec) -> anyhow::Result<GuidanceConfig> {
+    let mut table = exp.guidance.clone();
+    for (k, v) in &method.guidance {
+        table.insert(k.clone(), v.clone());
+    }
+    let text = toml::to_string(&table)?;
+    let cfg =
+        GuidanceConfig::from_toml_str(&text, &format!("[guidance] of method '{}'", method.name))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The models kept loaded while consecutive jobs share them: one Stable Diffusion model, the
+/// vanilla base (the layout template of guided personalized methods) and one BLIP-Diffusion model.
+pub(super) struct LoadedModels {
+    base_model: String,
+    sd: Option<(ModelChoice, StableDiffusion)>,
+    base: Option<StableDiffusion>,
+    blip: Option<(String, BlipDiffusionPipeline)>,
+}
+
+impl LoadedModels {
+    pub(super) fn new(base_model: String) -> Self {
+        Self {
+            base_model,
+            sd: None,
+            base: None,
+            blip: None,
+        }
+    }
+
+    fn ensure_base(&mut self) -> anyhow::Result<()> {
+        if self.base.is_none() {
+            let base = &self.base_model;
+            self.base = Some(
+                StableDiffusion::load(base, &LoadOptions::default())
+                    .with_context(|| format!("loading base model '{base}'"))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The Stable Diffusion model of `choice`, and the base model when `with_base`.
+    pub(super) fn stable_diffusion(
+        &mut self,
+        choice: &ModelChoice,
+        with_base: bool,
+    ) -> anyhow::Result<(&StableDiffusion, Option<&StableDiffusion>)> {
+        if with_base {
+            self.ensure_base()?;
+        }
+        if self.sd.as_ref().map(|(c, _)| c) != Some(choice) {
+            // Drop the previous model first: two SD models at once would double peak memory.
+            self.sd = None;
+            let opts = LoadOptions {
+                base: choice.base.clone(),
+                embeddings: choice.embeddings.clone(),
+                ..Default::default()
+            };
+            let sd = StableDiffusion::load(&choice.model, &opts)
+                .with_context(|| format!("loading model '{}'", choice.model))?;
+            self.sd = Some((choice.clone(), sd));
+        }
+        let sd = &self.sd.as_ref().expect("loaded above").1;
+        Ok((sd, self.base.as_ref().filter(|_| with_base)))
+    }
+
+    /// The BLIP-Diffusion model `model`, and the base model when `with_base`.
+    pub(super) fn blip_diffusion(
+        &mut self,
+        model: &str,
+        with_base: bool,
+    ) -> anyhow::Result<(&BlipDiffusionPipeline, Option<&StableDiffusion>)> {
+        if with_base {
+            self.ensure_base()?;
+        }
+        if self.blip.as_ref().map(|(m, _)| m.as_str()) != Some(model) {
+            self.blip = None;
+            self.sd = None;
+            let pipe = BlipDiffusionPipeline::load(
+                model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .with_context(|| format!("loading BLIP-Diffusion '{model}'"))?;
+            self.blip = Some((model.to_string(), pipe));
+        }
+        let pipe = &self.blip.as_ref().expect("loaded above").1;
+        Ok((pipe, self.base.as_ref().filter(|_| with_base)))
+    }
+}

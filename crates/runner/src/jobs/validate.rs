@@ -1,0 +1,70 @@
+//! Validation: everything the jobs of an experiment need, checked before the first job starts.
+
+use super::models::{guidance_config, model_for, must_be_local};
+use crate::experiment::Experiment;
+use anyhow::{bail, Context};
+use dreambench::Dataset;
+use std::path::Path;
+
+/// Checks everything the jobs will need before any work starts: the dataset and its subjects,
+/// every model location that must be local, every embedding file, and the metric models.
+pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
+    open_dataset(exp)?;
+    let mut problems = Vec::new();
+    for method in &exp.methods {
+        if method.pick_and_draw {
+            if let Err(e) = guidance_config(exp, method) {
+                problems.push(format!("method '{}': {e:#}", method.name));
+            }
+        }
+        for subject in exp.subjects() {
+            match model_for(exp, method, subject.name) {
+                Err(e) => {
+                    problems.push(format!("{e:#}"));
+                    break;
+                }
+                Ok(choice) => {
+                    if must_be_local(&choice.model) && !Path::new(&choice.model).exists() {
+                        problems.push(format!(
+                            "method '{}', subject '{}': model path '{}' does not exist",
+                            method.name, subject.name, choice.model
+                        ));
+                    }
+                    if let Some(e) = &choice.embeddings {
+                        if !e.is_file() {
+                            problems.push(format!(
+                                "method '{}', subject '{}': Textual Inversion embeddings '{}' do not exist",
+                                method.name,
+                                subject.name,
+                                e.display()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (what, model) in [("DINO", &exp.metrics.dino), ("CLIP", &exp.metrics.clip)] {
+        if must_be_local(model) && !Path::new(model).exists() {
+            problems.push(format!(
+                "[metrics] {what} model path '{model}' does not exist"
+            ));
+        }
+    }
+    problems.dedup();
+    if !problems.is_empty() {
+        bail!("the experiment cannot run:\n  {}", problems.join("\n  "));
+    }
+    Ok(())
+}
+
+/// The experiment's dataset: only the subjects it uses need to be there.
+pub fn open_dataset(exp: &Experiment) -> anyhow::Result<Dataset> {
+    let names: Vec<&str> = exp.subjects().iter().map(|s| s.name).collect();
+    Dataset::open_subjects(&exp.metrics.data, &names).with_context(|| {
+        format!(
+            "opening the dataset of [metrics] data = '{}'",
+            exp.metrics.data
+        )
+    })
+}

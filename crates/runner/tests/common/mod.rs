@@ -1,0 +1,63 @@
+//! What the runner's integration tests share: where the repository and the shared data are,
+//! running `pnd`, comparing tensors.
+#![allow(dead_code)] // each test file uses a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared DreamBench copy beside the checkout.
+pub fn shared_dreambench() -> PathBuf {
+    repo().join("../shared/dreambench")
+}
+
+/// The diffusion crate's tiny diffusers pipeline fixture (model, latents, expected outputs).
+pub fn sd_fixtures() -> PathBuf {
+    repo().join("crates/diffusion/tests/fixtures/pipeline")
+}
+
+/// The tiny CLIP tokenizer of that fixture.
+pub fn fixture_tokenizer() -> PathBuf {
+    sd_fixtures().join("model/tokenizer")
+}
+
+/// `pnd ARGS` as a command to adjust (stdio, folder) before running.
+pub fn pnd_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pnd"));
+    c.args(args);
+    c
+}
+
+/// Runs `pnd ARGS` to the end.
+pub fn pnd(args: &[&str]) -> Output {
+    pnd_command(args).output().unwrap()
+}
+
+/// Runs `pnd ARGS` in `cwd`: whether it succeeded, and stdout followed by stderr.
+pub fn pnd_in(args: &[&str], cwd: &Path) -> (bool, String) {
+    let out = pnd_command(args).current_dir(cwd).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
