@@ -131,12 +131,15 @@ impl BlipDiffusion {
             .map_err(missing(model, "model_index.json"))?;
         let config: BlipDiffusionConfig = read_config("pipeline", &index_path)?;
 
-        let proc_cfg: BlipImageProcessorConfig =
-            match model.file(&["image_processor/preprocessor_config.json"]) {
-                Ok(p) => read_config("image_processor", &p)?,
-                // diffusers builds the processor from its defaults when the folder has none.
-                Err(_) => BlipImageProcessorConfig::default(),
-            };
+        let proc_cfg: BlipImageProcessorConfig = match model
+            .file(&["image_processor/preprocessor_config.json"])
+        {
+            Ok(p) => read_config("image_processor", &p)?,
+            // diffusers builds the processor from its defaults when the folder has none; any
+            // other failure (offline cache miss, download error) is an error, not the defaults.
+            Err(weights::WeightsError::MissingFile { .. }) => BlipImageProcessorConfig::default(),
+            Err(e) => return Err(missing(model, "image_processor")(e)),
+        };
         let image_processor =
             BlipImageProcessor::new(&proc_cfg, config.mean.as_deref(), config.std.as_deref())?;
 
