@@ -195,6 +195,9 @@ pub struct Experiment {
     pub generation: Generation,
     #[serde(default)]
     pub metrics: MetricProtocol,
+    /// Device, precision and batch size (`--device`/`--dtype` override them).
+    #[serde(default)]
+    pub runtime: crate::runtime::RuntimeConfig,
     /// Guidance settings for every guided method (validated by the guidance crate's config).
     #[serde(default)]
     pub guidance: toml::Table,
@@ -215,6 +218,7 @@ struct FileParts {
     models: Option<Models>,
     generation: Option<Generation>,
     metrics: Option<MetricProtocol>,
+    runtime: Option<crate::runtime::RuntimeConfig>,
     /// Parsed as guidance settings here, so unknown keys and bad values point into this file.
     guidance: Option<Spanned<GuidanceConfig>>,
 }

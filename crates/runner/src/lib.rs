@@ -9,4 +9,5 @@ pub mod progress;
 pub mod provenance;
 pub mod report;
 pub mod requests;
+pub mod runtime;
 pub mod sweep;
