@@ -22,7 +22,7 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-BIN = os.path.join(ROOT, "target", "release", "examples", "bench_unet")
+BIN = os.environ.get("PND_BENCH_UNET", os.path.join(ROOT, "target", "release", "examples", "bench_unet"))
 
 SD15 = dict(
     act_fn="silu",
@@ -55,20 +55,28 @@ def vm_hwm_kb():
     return 0
 
 
-def worker(mode, iters, warmup, threads):
+def sync(device):
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(mode, iters, warmup, threads, device="cpu", dtype="f32", size=256, batch=1):
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15).eval()
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    unet = UNet2DConditionModel(**SD15).eval().to(device=device, dtype=dt)
     for p in unet.parameters():
         p.requires_grad_(False)
     after_load = vm_hwm_kb()
     g = torch.Generator().manual_seed(1)
-    sample = torch.randn(1, 4, 32, 32, generator=g)
-    context = torch.randn(1, 77, 768, generator=g)
+    lat = size // 8
+    sample = torch.randn(batch, 4, lat, lat, generator=g).to(device=device, dtype=dt)
+    context = torch.randn(batch, 77, 768, generator=g).to(device=device, dtype=dt)
 
     store = {}
     if mode == "fwdbwd":
@@ -96,18 +104,20 @@ def worker(mode, iters, warmup, threads):
 
     times = []
     for i in range(warmup + iters):
+        sync(device)
         start = time.perf_counter()
         if mode == "fwd":
             with torch.no_grad():
                 eps = unet(sample, 500, context).sample
-                eps.sum().item()
+                eps.float().sum().item()
         else:
             z = sample.clone().requires_grad_(True)
             unet(z, 500, context)
-            loss = store["map"][..., 5].sum() + store["block"].mean()
+            loss = store["map"][..., 5].float().sum() + store["block"].float().mean()
             loss.backward()
-            z.grad.square().sum().item()
+            z.grad.float().square().sum().item()
             store.clear()
+        sync(device)
         secs = time.perf_counter() - start
         if i >= warmup:
             times.append(secs)
@@ -118,6 +128,10 @@ def worker(mode, iters, warmup, threads):
             dict(
                 side="torch",
                 mode=mode,
+                device=device,
+                dtype=dtype,
+                size=size,
+                batch=batch,
                 threads=torch.get_num_threads(),
                 times=times,
                 median=median,
@@ -143,10 +157,16 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the summary as JSON to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.iters, args.warmup, args.threads)
+        worker(args.worker, args.iters, args.warmup, args.threads, args.device, args.dtype,
+               args.size, args.batch)
         return
     if not os.path.exists(BIN):
         sys.exit(f"missing {BIN}: cargo build --release -p diffusion --example bench_unet")
@@ -154,9 +174,11 @@ def main():
     results = {m: {"torch": [], "candle": []} for m in args.modes.split(",")}
     for _ in range(args.rounds):
         for mode in results:
+            shape = ["--device", args.device, "--dtype", args.dtype, "--size", str(args.size),
+                     "--batch", str(args.batch)]
             t = run([sys.executable, __file__, "--worker", mode, "--threads", str(args.threads),
-                     "--iters", str(args.iters), "--warmup", str(args.warmup)], args.threads)
-            c = run([BIN, mode, str(args.iters), str(args.warmup)], args.threads)
+                     "--iters", str(args.iters), "--warmup", str(args.warmup)] + shape, args.threads)
+            c = run([BIN, mode, str(args.iters), str(args.warmup)] + shape, args.threads)
             results[mode]["torch"].append(t)
             results[mode]["candle"].append(c)
 
@@ -164,7 +186,19 @@ def main():
         xs = sorted(xs)
         return xs[len(xs) // 2]
 
-    print(f"\nSD 1.5 UNet, 256x256 (latent 32x32), batch 1, f32, CPU, {args.threads} threads, "
+    lat = args.size // 8
+    summary = dict(device=args.device, dtype=args.dtype, size=args.size, batch=args.batch,
+                   threads=args.threads, rounds=args.rounds, iters=args.iters, modes={})
+    for mode, r in results.items():
+        tt = [x for run_ in r["torch"] for x in run_["times"]]
+        ct = [x for run_ in r["candle"] for x in run_["times"]]
+        summary["modes"][mode] = dict(torch_median=median(tt), candle_median=median(ct),
+                                      ratio=median(tt) / median(ct))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"\nSD 1.5 UNet, {args.size}x{args.size} (latent {lat}x{lat}), batch {args.batch}, "
+          f"{args.dtype}, {args.device}, {args.threads} threads, "
           f"{args.rounds} round(s) x {args.iters} timed runs per side (after {args.warmup} warm-up each)")
     print(f"{'mode':8} {'torch med':>9} {'candle med':>10} {'ratio':>6}  {'torch min':>9} {'candle min':>10} "
           f"{'ratio':>6}  {'torch peak MiB':>14} {'candle peak MiB':>15}")

@@ -1,14 +1,15 @@
 //! UNet benchmark, candle side (issue 4, SPEC §10): the real SD 1.5 UNet configuration with the
-//! `tiny` crate's seeded random weights, 256×256 (latent 32×32), batch 1, f32, CPU.
+//! `tiny` crate's seeded random weights; by default 256×256 (latent 32×32), batch 1, f32, CPU.
 //!
-//! `bench_unet fwd|fwdbwd [iters] [warmup]` prints one JSON line with the wall times and the
+//! `bench_unet fwd|fwdbwd [iters] [warmup] [--device cpu|cuda] [--dtype f32|f16|bf16]
+//! [--size PIXELS] [--batch N]` prints one JSON line with the wall times and the
 //! process's peak resident memory (VmHWM). `fwd` is a no-grad forward (fused kernels); `fwdbwd` is
 //! a forward on a latent `Var` (differentiable kernels) capturing one `up_blocks.2` cross-attention
 //! map and one block output, loss = sum(map[..., 5]) + mean(block), backward to the latent.
 //! `tools/bench/unet.py` runs this and the PyTorch + diffusers side with the same thread count and
 //! prints the ratios. Build: `cargo build --release -p diffusion --example bench_unet`.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use diffusion::hooks::Recorder;
 use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use rand::{Rng, SeedableRng};
@@ -62,18 +63,43 @@ fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> candle_core::Result<T
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let mode = args.get(1).map(String::as_str).unwrap_or("fwd").to_string();
-    let iters: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let warmup: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let all: Vec<String> = std::env::args().collect();
+    let mut args = Vec::new();
+    let (mut device, mut dtype, mut size, mut batch) = ("cpu".to_string(), "f32".to_string(), 256, 1);
+    let mut it = all.into_iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        match a.as_str() {
+            "--device" => device = value()?,
+            "--dtype" => dtype = value()?,
+            "--size" => size = value()?.parse()?,
+            "--batch" => batch = value()?.parse()?,
+            _ => args.push(a),
+        }
+    }
+    let mode = args.first().map(String::as_str).unwrap_or("fwd").to_string();
+    let iters: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let warmup: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let dev = match device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => anyhow::bail!("unknown device '{other}' (cpu | cuda)"),
+    };
+    let dt = match dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("unknown dtype '{other}' (f32 | f16 | bf16)"),
+    };
 
     let cfg = UNet2DConditionConfig::from_json(SD15_UNET_CONFIG)?;
-    let unet = tiny::random_model(0, |vb| UNet2DConditionModel::new(&cfg, vb))?;
+    let unet = tiny::random_model_on(0, dt, &dev, |vb| UNet2DConditionModel::new(&cfg, vb))?;
     let after_load_kb = vm_hwm_kb();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let sample = randn(&[1, 4, 32, 32], &mut rng)?;
-    let context = randn(&[1, 77, 768], &mut rng)?;
+    let lat = size / 8;
+    let sample = randn(&[batch, 4, lat, lat], &mut rng)?.to_dtype(dt)?.to_device(&dev)?;
+    let context = randn(&[batch, 77, 768], &mut rng)?.to_dtype(dt)?.to_device(&dev)?;
 
     let mut times = Vec::new();
     for i in 0..warmup + iters {
@@ -81,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         match mode.as_str() {
             "fwd" => {
                 let eps = unet.forward(&sample, 500.0, &context)?;
-                eps.sum_all()?.to_scalar::<f32>()?;
+                eps.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
             }
             "fwdbwd" => {
                 let z = Var::from_tensor(&sample)?;
@@ -89,7 +115,8 @@ fn main() -> anyhow::Result<()> {
                 unet.forward_with(z.as_tensor(), 500.0, &context, &mut rec)?;
                 let map = rec.attention_map(ATTN_SITE).expect("captured map");
                 let block = rec.block_output(BLOCK_SITE).expect("captured block");
-                let loss = (map.narrow(3, 5, 1)?.sum_all()? + block.mean_all()?)?;
+                let loss = (map.narrow(3, 5, 1)?.to_dtype(DType::F32)?.sum_all()?
+                    + block.to_dtype(DType::F32)?.mean_all()?)?;
                 let forward_secs = start.elapsed().as_secs_f64();
                 let grads = loss.backward()?;
                 eprintln!(
@@ -97,7 +124,7 @@ fn main() -> anyhow::Result<()> {
                     start.elapsed().as_secs_f64() - forward_secs
                 );
                 let g = grads.get(z.as_tensor()).expect("latent gradient");
-                g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
             }
             other => anyhow::bail!("unknown mode '{other}' (fwd | fwdbwd)"),
         }
@@ -111,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = sorted[sorted.len() / 2];
     println!(
-        "{{\"side\": \"candle\", \"mode\": \"{mode}\", \"threads\": {}, \"times\": {times:?}, \"median\": {median}, \"vm_hwm_after_load_kb\": {after_load_kb}, \"vm_hwm_kb\": {}}}",
+        "{{\"side\": \"candle\", \"mode\": \"{mode}\", \"device\": \"{device}\", \"dtype\": \"{dtype}\", \"size\": {size}, \"batch\": {batch}, \"threads\": {}, \"times\": {times:?}, \"median\": {median}, \"vm_hwm_after_load_kb\": {after_load_kb}, \"vm_hwm_kb\": {}}}",
         candle_core::utils::get_num_threads(),
         vm_hwm_kb()
     );

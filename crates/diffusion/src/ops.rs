@@ -19,6 +19,12 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// Whether our CPU kernels may run for `xs` (the CPU, and the generic path not forced by
+/// [`layers::kernels::force_generic`] or `PND_GENERIC_OPS=1`).
+fn host(xs: &Tensor) -> bool {
+    layers::kernels::host_kernels(xs.device())
+}
+
 /// Which kernels a forward pass uses.
 ///
 /// - `Differentiable`: only ops with an exact backward (this module's functions); required
@@ -56,7 +62,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return candle_nn::ops::softmax_last_dim(xs);
     }
-    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
         return softmax_last_dim_composite(xs);
     }
     let value = candle_nn::ops::softmax_last_dim(&xs.detach())?;
@@ -139,7 +145,7 @@ fn normalize_last_backward(xs: &Tensor, gh: &Tensor, eps: f64) -> Result<Tensor>
 /// # Shapes
 /// - `xs`: `[..., n]`; `weight`, `bias`: `[n]`; result: like `xs`.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !xs.track_op() || weight.track_op() || bias.track_op() || !xs.device().is_cpu() {
+    if !xs.track_op() || weight.track_op() || bias.track_op() || !host(xs) {
         return layer_norm_composite(xs, weight, bias, eps);
     }
     let x = xs.detach();
@@ -179,7 +185,7 @@ pub fn group_norm(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    if !xs.track_op() || weight.track_op() || bias.track_op() || !xs.device().is_cpu() {
+    if !xs.track_op() || weight.track_op() || bias.track_op() || !host(xs) {
         return group_norm_composite(xs, groups, weight, bias, eps);
     }
     let value = group_norm_composite(&xs.detach(), groups, weight, bias, eps)?;
@@ -230,7 +236,7 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return xs.gelu_erf();
     }
-    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
         return gelu_erf_composite(xs);
     }
     let value = xs.detach().gelu_erf()?;
@@ -249,7 +255,7 @@ pub fn gelu_erf_composite(xs: &Tensor) -> Result<Tensor> {
 
 /// `xs + c` (broadcast) for a constant `c`: the backward passes the gradient to `xs` only.
 pub fn add_constant(xs: &Tensor, c: &Tensor) -> Result<Tensor> {
-    if !xs.track_op() || c.track_op() || !xs.device().is_cpu() {
+    if !xs.track_op() || c.track_op() || !host(xs) {
         return xs.broadcast_add(c);
     }
     let value = xs.detach().broadcast_add(c)?;
@@ -258,7 +264,7 @@ pub fn add_constant(xs: &Tensor, c: &Tensor) -> Result<Tensor> {
 
 /// `xs @ rhs` (batched) for a constant `rhs`: the backward is `g @ rhs^T` to `xs` only.
 pub fn matmul_constant(xs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
-    if !xs.track_op() || rhs.track_op() || !xs.device().is_cpu() {
+    if !xs.track_op() || rhs.track_op() || !host(xs) {
         return xs.matmul(rhs);
     }
     let value = xs.detach().matmul(rhs)?;
@@ -288,7 +294,7 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
         ys.reshape(out_dims.as_slice())
     };
     let constant = !weight.track_op() && !bias.is_some_and(|b| b.track_op());
-    if !xs.track_op() || !constant || !xs.device().is_cpu() {
+    if !xs.track_op() || !constant || !host(xs) {
         return compute(xs);
     }
     let value = compute(&xs.detach())?;
@@ -402,7 +408,27 @@ pub fn conv2d(
         }
     };
     let constant = !kernel.track_op() && !bias.is_some_and(|b| b.track_op());
-    if !xs.track_op() || !constant || !xs.device().is_cpu() {
+    if xs.track_op() && (!constant || !host(xs)) && stride > 1 {
+        let (_, _, h, w) = xs.dims4()?;
+        let k = kernel.dim(2)?;
+        if (h + 2 * padding - k) % stride != (w + 2 * padding - k) % stride {
+            // candle's conv2d backward uses one output padding for both dims and fails here:
+            // convolve with stride 1 and keep every stride-th row and column, whose backward
+            // (an index_add) is exact on every device.
+            let full = xs.conv2d(kernel, padding, 1, 1, 1)?;
+            let (_, _, fh, fw) = full.dims4()?;
+            let every = |n: usize| {
+                let idx: Vec<u32> = (0..n as u32).step_by(stride).collect();
+                Tensor::new(idx.as_slice(), xs.device())
+            };
+            let ys = full.index_select(&every(fh)?, 2)?.index_select(&every(fw)?, 3)?;
+            return match bias {
+                Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                None => Ok(ys),
+            };
+        }
+    }
+    if !xs.track_op() || !constant || !host(xs) {
         return compute(xs);
     }
     let value = compute(&xs.detach())?;
@@ -615,7 +641,7 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result
 
 /// SiLU `x * sigmoid(x)`; backward `g * s * (1 + x (1 - s))` in one pass on the CPU.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
-    if !xs.track_op() || !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !xs.track_op() || !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
         return xs.silu();
     }
     let value = xs.detach().silu()?;
@@ -638,7 +664,7 @@ pub fn geglu(proj: &Tensor) -> Result<Tensor> {
     let split = move |p: &Tensor| -> Result<(Tensor, Tensor)> {
         Ok((p.narrow(D::Minus1, 0, n)?, p.narrow(D::Minus1, n, n)?))
     };
-    if !proj.track_op() || !proj.device().is_cpu() {
+    if !proj.track_op() || !host(proj) {
         let (hidden, gate) = split(proj)?;
         return hidden * gelu_erf(&gate)?;
     }

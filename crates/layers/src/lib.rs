@@ -1,5 +1,6 @@
 //! Candle building blocks shared by the metric and diffusion models.
 
 mod activation;
+pub mod kernels;
 
 pub use activation::{Activation, UnsupportedActivation};

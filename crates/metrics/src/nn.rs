@@ -57,25 +57,52 @@ impl Linear {
     }
 }
 
-/// LayerNorm over the last dimension (`torch.nn.LayerNorm`): mean and variance by two passes in f64.
+/// LayerNorm over the last dimension (`torch.nn.LayerNorm`): mean and variance by two passes, in
+/// f64 on the CPU; elsewhere (or with [`layers::kernels::force_generic`]) two passes of candle ops
+/// in the tensor's own dtype, which never forms `E[x²] − E[x]²` either.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// The same parameters as tensors on the model's device, for the device-generic path.
+    weight_t: Tensor,
+    bias_t: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?.to_vec1()?;
-        let bias = vb.get(dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?;
-        Ok(Self { weight, bias, eps })
+        let weight_t = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
+        let bias_t = vb.get(dim, "bias")?.to_dtype(DType::F32)?;
+        Ok(Self {
+            weight: weight_t.to_vec1()?,
+            bias: bias_t.to_vec1()?,
+            weight_t,
+            bias_t,
+            eps,
+        })
     }
 
     /// # Shapes
     /// `xs`: `[.., dim]` (f32) → same shape.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.contiguous()?.apply_op1_no_bwd(self)
+        if layers::kernels::host_kernels(xs.device()) && xs.dtype() == DType::F32 {
+            return xs.contiguous()?.apply_op1_no_bwd(self);
+        }
+        self.forward_generic(xs)
+    }
+
+    /// The device-generic two-pass LayerNorm.
+    fn forward_generic(&self, xs: &Tensor) -> Result<Tensor> {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let dtype = xs.dtype();
+        centered
+            .broadcast_mul(&inv)?
+            .broadcast_mul(&self.weight_t.to_dtype(dtype)?)?
+            .broadcast_add(&self.bias_t.to_dtype(dtype)?)
     }
 }
 

@@ -78,13 +78,20 @@ pub struct Provenance {
     pub dataset: DatasetChecksum,
     /// The protocol settings: generation, metric protocol, guidance, seeds and prompts.
     pub protocol: serde_json::Value,
+    /// The device and generation precision the run started on (absent in older runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::runtime::RuntimeRecord>,
 }
 
 impl Provenance {
     /// Resolves every model and checksums the dataset of `exp`. `cache_dir` keeps the hashes of
     /// local weight files (keyed by path, size and modification time), so shards and resumed runs
     /// do not hash gigabytes again.
-    pub fn collect(exp: &Experiment, cache_dir: &Path) -> anyhow::Result<Self> {
+    pub fn collect(
+        exp: &Experiment,
+        cache_dir: &Path,
+        runtime: &crate::runtime::RuntimeRecord,
+    ) -> anyhow::Result<Self> {
         let mut hashes = HashCache::open(&cache_dir.join("weight-hashes.json"));
         let mut models: Vec<ModelRevision> = Vec::new();
         let mut add = |role: String, model: &str, hashes: &mut HashCache| -> anyhow::Result<()> {
@@ -136,6 +143,7 @@ impl Provenance {
             models,
             dataset: dataset_checksum(exp)?,
             protocol,
+            runtime: Some(runtime.clone()),
         })
     }
 

@@ -139,6 +139,43 @@ pub struct RuntimeArgs {
     pub dtype: Option<Precision>,
 }
 
+impl RuntimeArgs {
+    /// The file's `[runtime]` table with these flags applied over it.
+    pub fn over(&self, file: &RuntimeConfig) -> RuntimeConfig {
+        RuntimeConfig {
+            device: self.device.unwrap_or(file.device),
+            dtype: self.dtype.or(file.dtype),
+            batch: file.batch,
+        }
+    }
+}
+
+/// `--device` alone, for the commands that only score (metrics always run in f32).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DeviceArgs {
+    /// auto | cpu | cuda | cuda:N (auto: the first CUDA GPU if this binary has the `cuda` feature
+    /// and one answers, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+}
+
+impl DeviceArgs {
+    /// Opens the device and says which on stderr.
+    pub fn open(&self) -> anyhow::Result<candle_core::Device> {
+        let (device, label) = open_device(self.device)?;
+        eprintln!("device: {label} (requested {})", self.device);
+        Ok(device)
+    }
+}
+
+/// What a run recorded of its runtime (`plan.json`'s provenance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeRecord {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub dtype: String,
+}
+
 /// A device and precision chosen for a run.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -163,11 +200,15 @@ impl Runtime {
 
     /// Resolves flags over a file's `[runtime]` table (the flags win).
     pub fn resolve(args: &RuntimeArgs, file: &RuntimeConfig) -> anyhow::Result<Self> {
-        let requested = args.device.unwrap_or(file.device);
+        Self::open(&args.over(file))
+    }
+
+    /// Opens the device of a `[runtime]` table and settles its precision.
+    pub fn open(config: &RuntimeConfig) -> anyhow::Result<Self> {
+        let requested = config.device;
         let (device, label) = open_device(requested)?;
-        let precision = args
+        let precision = config
             .dtype
-            .or(file.dtype)
             .unwrap_or_else(|| Precision::default_for(&device));
         Ok(Self {
             device,
@@ -187,6 +228,22 @@ impl Runtime {
         }
     }
 
+    /// Images per UNet call for a `[runtime] batch` setting: as set, else the seeds of a prompt
+    /// (4) on a GPU and 1 on the CPU.
+    pub fn batch(&self, configured: Option<usize>) -> usize {
+        configured
+            .unwrap_or(if self.device.is_cuda() { 4 } else { 1 })
+            .max(1)
+    }
+
+    /// What `plan.json` and every result row record.
+    pub fn record(&self) -> RuntimeRecord {
+        RuntimeRecord {
+            device: self.label.clone(),
+            dtype: self.dtype_name().into(),
+        }
+    }
+
     /// One line for the start of a command: `device: cuda:0 (requested auto), dtype: f16`.
     pub fn describe(&self) -> String {
         format!(
@@ -195,6 +252,24 @@ impl Runtime {
             self.requested,
             self.dtype_name()
         )
+    }
+}
+
+/// The runtime a loaded model already runs on (to load a second model beside it).
+pub fn runtime_of(sd: &diffusion::pipeline::StableDiffusion) -> Runtime {
+    let device = sd.device().clone();
+    let (requested, label) = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            (DeviceSpec::Cuda(gpu_id), format!("cuda:{gpu_id}"))
+        }
+        candle_core::DeviceLocation::Metal { gpu_id } => (DeviceSpec::Auto, format!("metal:{gpu_id}")),
+        candle_core::DeviceLocation::Cpu => (DeviceSpec::Cpu, "cpu".into()),
+    };
+    Runtime {
+        requested,
+        device,
+        dtype: sd.dtype(),
+        label,
     }
 }
 

@@ -131,7 +131,7 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = tmp.path().join("demo");
     let tokenizer = testdata::clip_tokenizer();
-    let out = run_demo(&demo, Some(&tokenizer), false).unwrap();
+    let out = run_demo(&demo, Some(&tokenizer), false, &Default::default()).unwrap();
     let report = &out.report_dir;
     // 1. Golden scores.
     let mut diffs = Vec::new();

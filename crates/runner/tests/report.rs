@@ -75,6 +75,8 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             clip_i: 0.7 + 0.02 * mi as f64,
             clip_t: 0.30 - 0.01 * mi as f64 + 0.001 * job.prompt_index as f64,
             seconds: 1.0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
         };
         store.write_row(&id, &row).unwrap();
         rows.push(row);

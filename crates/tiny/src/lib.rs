@@ -186,11 +186,21 @@ pub fn random_model<M>(
     seed: u64,
     build: impl Fn(VarBuilder) -> candle_core::Result<M>,
 ) -> candle_core::Result<M> {
+    random_model_on(seed, DType::F32, &Device::Cpu, build)
+}
+
+/// [`random_model`] in `dtype` on `device` (the same weights, drawn on the CPU in f32).
+pub fn random_model_on<M>(
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+) -> candle_core::Result<M> {
     let tensors = make_weights(seed, &build)?;
     build(VarBuilder::from_tensors(
         tensors.into_iter().collect(),
-        DType::F32,
-        &Device::Cpu,
+        dtype,
+        device,
     ))
 }
 

@@ -1,6 +1,7 @@
 //! What several commands share: loading a Stable Diffusion model, reading a guidance file, writing
 //! a PNG, and reporting Pick-and-Draw's timings.
 
+use crate::runtime::Runtime;
 use crate::sweep::parse_toml;
 use anyhow::Context;
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
@@ -8,15 +9,19 @@ use guidance::config::GuidanceConfig;
 use guidance::pipeline::PickAndDraw;
 use std::path::{Path, PathBuf};
 
-/// A Stable Diffusion model with its base and Textual Inversion embeddings.
+/// A Stable Diffusion model with its base and Textual Inversion embeddings, on `runtime`'s device
+/// and in its precision.
 pub fn load_model(
     model: &str,
     base: Option<String>,
     embeddings: Option<PathBuf>,
+    runtime: &Runtime,
 ) -> anyhow::Result<StableDiffusion> {
     let opts = LoadOptions {
         base,
         embeddings,
+        dtype: runtime.dtype,
+        device: runtime.device.clone(),
         ..Default::default()
     };
     StableDiffusion::load(model, &opts).with_context(|| format!("loading model '{model}'"))

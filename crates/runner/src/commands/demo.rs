@@ -13,12 +13,14 @@ pub struct DemoArgs {
     /// openai/clip-vit-base-patch32 from the Hugging Face cache, else the vocabulary built into pnd.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     eprintln!("pnd demo: tiny random models on a procedurally drawn mini benchmark.");
     eprintln!("The numbers below are meaningless: they show that the pipeline runs end to end.\n");
-    let out = crate::demo::run_demo(&args.out, args.tokenizer.as_deref(), true)?;
+    let out = crate::demo::run_demo(&args.out, args.tokenizer.as_deref(), true, &args.runtime)?;
     print!("{}", out.table_markdown);
     println!(
         "\nrun folder: {}\nreport (tables, Pareto plots, per-subject bars, image grids): {}",

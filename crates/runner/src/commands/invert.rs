@@ -1,6 +1,7 @@
 //! `pnd invert`: null-text inversion of a reference image (SPEC §7).
 
 use super::common::{load_guidance_config, load_model};
+use crate::runtime::{DeviceSpec, Precision, Runtime, RuntimeArgs};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,11 +36,31 @@ pub struct InvertArgs {
     /// Output safetensors: `latents` (z_T) and `null_embeddings`; the report goes to FILE.json.
     #[arg(long)]
     pub out: PathBuf,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// The UNet's precision during the inversion (default f32 on every device: the null-text
+    /// optimization's Adam steps are small, and f16 rounds them away).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 pub fn run(args: InvertArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_guidance_config(args.guidance_config.as_deref())?;
-    let sd = load_model(&args.model, args.base.clone(), args.embeddings.clone())?;
+    let runtime = Runtime::resolve(
+        &RuntimeArgs {
+            device: args.device,
+            dtype: Some(args.dtype),
+        },
+        &Default::default(),
+    )?;
+    eprintln!("{}", runtime.describe());
+    let sd = load_model(
+        &args.model,
+        args.base.clone(),
+        args.embeddings.clone(),
+        &runtime,
+    )?;
     let img = guidance::inversion::load_reference_image(&args.image, args.height, args.width)?;
     // The inversion reports no steps; a log still shows what runs, and the end line its result.
     eprintln!(

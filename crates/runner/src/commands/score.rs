@@ -25,6 +25,8 @@ pub struct MetricModels {
     /// Do not read or write the embedding cache.
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub device: crate::runtime::DeviceArgs,
 }
 
 impl MetricModels {
@@ -41,6 +43,7 @@ impl MetricModels {
         let options = ScorerOptions {
             batch_size: self.batch_size,
             cache,
+            device: self.device.open()?,
             ..Default::default()
         };
         Scorer::load(&self.dino, &self.clip, options).with_context(|| {

@@ -7,6 +7,7 @@ use crate::jobs::{validate, DreamBenchJobs};
 use crate::progress::ProgressMode;
 use crate::provenance::Provenance;
 use crate::report::rows::ImageRow;
+use crate::runtime::{Runtime, RuntimeArgs, RuntimeRecord};
 use crate::sweep::{merge, run_jobs_with, Plan, RunOptions, RunStore, Shard};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -37,6 +38,8 @@ pub struct SweepArgs {
     /// (default: RUN_DIR/cache; point shards at one shared folder to compute them once).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -49,11 +52,18 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
-/// The plan of an experiment: its resolved config (saved in the run folder) and its jobs.
+/// The plan of an experiment: its resolved config (saved in the run folder) and its jobs. The
+/// `[runtime]` table is left out: where and in what precision the images are made does not change
+/// the work, so shards on CPUs and GPUs share one plan (the provenance and every row record the
+/// device and dtype).
 pub fn plan_of(exp: &Experiment) -> anyhow::Result<Plan> {
+    let mut config = serde_json::to_value(exp)?;
+    if let Some(table) = config.as_object_mut() {
+        table.remove("runtime");
+    }
     Ok(Plan {
         experiment: exp.name.clone(),
-        config: serde_json::to_value(exp)?,
+        config,
         jobs: exp.jobs(),
         provenance: None,
     })
@@ -61,9 +71,15 @@ pub fn plan_of(exp: &Experiment) -> anyhow::Result<Plan> {
 
 /// The plan with its provenance (build, model revisions, dataset checksum, protocol); `cache`
 /// keeps the hashes of local weight files.
-pub fn plan_with_provenance(exp: &Experiment, cache: &Path) -> anyhow::Result<Plan> {
+pub fn plan_with_provenance(
+    exp: &Experiment,
+    cache: &Path,
+    runtime: &RuntimeRecord,
+) -> anyhow::Result<Plan> {
     Ok(Plan {
-        provenance: Some(Provenance::collect(exp, cache).context("recording the provenance")?),
+        provenance: Some(
+            Provenance::collect(exp, cache, runtime).context("recording the provenance")?,
+        ),
         ..plan_of(exp)?
     })
 }
@@ -87,7 +103,8 @@ pub fn open_run(out: &Path, plan: &Plan) -> anyhow::Result<RunStore> {
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
-    let exp = Experiment::load(&args.experiment)?;
+    let mut exp = Experiment::load(&args.experiment)?;
+    exp.runtime = args.runtime.over(&exp.runtime);
     let plan = plan_of(&exp)?;
     let shard = args.shard.unwrap_or(Shard::ALL);
     if args.dry_run {
@@ -106,9 +123,11 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         bail!("run folder '{}' already has results: pass --resume to continue it, or choose another --out", out.display());
     }
     let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
-    let plan = plan_with_provenance(&exp, &cache)?;
+    let runtime = Runtime::open(&exp.runtime)?;
+    eprintln!("{}", runtime.describe());
+    let plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
     let store = open_run(&out, &plan)?;
-    let mut runner = DreamBenchJobs::new(exp.clone(), &cache)?;
+    let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
     eprintln!(
         "sweep '{}': {} jobs, shard {shard}, run folder '{}'",

@@ -6,6 +6,7 @@
 pub mod subjects;
 
 use crate::commands::sweep::{open_run, plan_with_provenance};
+use crate::runtime::{Runtime, RuntimeArgs};
 use crate::experiment::Experiment;
 use crate::jobs::{validate, DreamBenchJobs};
 use crate::report::write_report;
@@ -114,6 +115,7 @@ pub fn run_demo(
     root: &Path,
     tokenizer: Option<&Path>,
     progress: bool,
+    runtime: &RuntimeArgs,
 ) -> anyhow::Result<DemoOutput> {
     std::fs::create_dir_all(root).with_context(|| format!("creating '{}'", root.display()))?;
     let root = root.canonicalize()?;
@@ -131,13 +133,16 @@ pub fn run_demo(
     }
     let exp_path = root.join("demo.toml");
     write_file_atomic(&exp_path, demo_experiment_toml(&root).as_bytes())?;
-    let exp = Experiment::load(&exp_path)?;
+    let mut exp = Experiment::load(&exp_path)?;
+    exp.runtime = runtime.over(&exp.runtime);
     validate(&exp)?;
+    let runtime = Runtime::open(&exp.runtime)?;
+    eprintln!("demo: {}", runtime.describe());
     let cache = root.join("cache");
-    let plan = plan_with_provenance(&exp, &cache)?;
+    let plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
     let run_dir = root.join("run");
     let store = open_run(&run_dir, &plan)?;
-    let mut runner = DreamBenchJobs::new(exp.clone(), &cache)?;
+    let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&run_dir)?;
     run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, progress)?;
     let report = write_report(&run_dir, None)?;

@@ -18,6 +18,7 @@ pub use validate::{open_dataset, validate};
 
 use crate::experiment::{Experiment, MethodSpec};
 use crate::report::rows::{ImageRow, OracleRow};
+use crate::runtime::Runtime;
 use crate::sweep::{write_file_atomic, JobOutput, JobRunner};
 use anyhow::Context;
 use dreambench::{clip_t_prompt, Dataset, Job, Subject};
@@ -48,14 +49,24 @@ pub struct DreamBenchJobs {
     palette_cache: PathBuf,
     /// Show a per-step progress bar inside each job.
     pub step_progress: bool,
+    /// The device and precision every model runs on.
+    runtime: Runtime,
 }
 
 impl DreamBenchJobs {
     /// `cache_dir` holds real-image embeddings and reference palettes (the per-subject shared work).
+    /// The models run where the experiment's `[runtime]` table says.
     pub fn new(exp: Experiment, cache_dir: &Path) -> anyhow::Result<Self> {
+        let runtime = Runtime::open(&exp.runtime)?;
+        Self::with_runtime(exp, cache_dir, runtime)
+    }
+
+    /// As [`DreamBenchJobs::new`], on an opened device.
+    pub fn with_runtime(exp: Experiment, cache_dir: &Path, runtime: Runtime) -> anyhow::Result<Self> {
         let dataset = open_dataset(&exp)?;
         let options = ScorerOptions {
             cache: Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings"))),
+            device: runtime.device.clone(),
             ..Default::default()
         };
         let scorer =
@@ -66,12 +77,13 @@ impl DreamBenchJobs {
                 )
             })?;
         Ok(Self {
-            models: models::LoadedModels::new(exp.models.base.clone()),
+            models: models::LoadedModels::new(exp.models.base.clone(), runtime.clone()),
             exp,
             dataset,
             scorer,
             palette_cache: cache_dir.join("palettes"),
             step_progress: false,
+            runtime,
         })
     }
 
@@ -141,6 +153,7 @@ impl JobRunner for DreamBenchJobs {
         let image = generator.image(&spec, out, &mut |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        score::image_row(&self.dataset, &self.scorer, &spec, out, image, seconds)
+        let runtime = self.runtime.record();
+        score::image_row(&self.dataset, &self.scorer, &spec, out, image, seconds, &runtime)
     }
 }

@@ -4,6 +4,7 @@
 use crate::experiment::{Baseline, Experiment, MethodSpec};
 use anyhow::{bail, Context};
 use diffusion::blip::BlipDiffusionPipeline;
+use crate::runtime::Runtime;
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
 use guidance::GuidanceConfig;
 use std::path::PathBuf;
@@ -98,15 +99,26 @@ pub(super) struct LoadedModels {
     sd: Option<(ModelChoice, StableDiffusion)>,
     base: Option<StableDiffusion>,
     blip: Option<(String, BlipDiffusionPipeline)>,
+    runtime: Runtime,
 }
 
 impl LoadedModels {
-    pub(super) fn new(base_model: String) -> Self {
+    pub(super) fn new(base_model: String, runtime: Runtime) -> Self {
         Self {
             base_model,
             sd: None,
             base: None,
             blip: None,
+            runtime,
+        }
+    }
+
+    /// Load options on this runtime's device and precision.
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.runtime.dtype,
+            device: self.runtime.device.clone(),
+            ..Default::default()
         }
     }
 
@@ -114,7 +126,7 @@ impl LoadedModels {
         if self.base.is_none() {
             let base = &self.base_model;
             self.base = Some(
-                StableDiffusion::load(base, &LoadOptions::default())
+                StableDiffusion::load(base, &self.options())
                     .with_context(|| format!("loading base model '{base}'"))?,
             );
         }
@@ -136,7 +148,7 @@ impl LoadedModels {
             let opts = LoadOptions {
                 base: choice.base.clone(),
                 embeddings: choice.embeddings.clone(),
-                ..Default::default()
+                ..self.options()
             };
             let sd = StableDiffusion::load(&choice.model, &opts)
                 .with_context(|| format!("loading model '{}'", choice.model))?;
@@ -158,11 +170,7 @@ impl LoadedModels {
         if self.blip.as_ref().map(|(m, _)| m.as_str()) != Some(model) {
             self.blip = None;
             self.sd = None;
-            let pipe = BlipDiffusionPipeline::load(
-                model,
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-            )
+            let pipe = BlipDiffusionPipeline::load(model, self.runtime.dtype, &self.runtime.device)
             .with_context(|| format!("loading BLIP-Diffusion '{model}'"))?;
             self.blip = Some((model.to_string(), pipe));
         }

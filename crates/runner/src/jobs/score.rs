@@ -3,6 +3,7 @@
 
 use super::JobSpec;
 use crate::report::rows::{ImageRow, OracleRow};
+use crate::runtime::RuntimeRecord;
 use crate::sweep::JobOutput;
 use anyhow::Context;
 use dreambench::Dataset;
@@ -17,6 +18,7 @@ pub(super) fn image_row(
     out: &JobOutput,
     image: image::RgbImage,
     seconds: f64,
+    runtime: &RuntimeRecord,
 ) -> anyhow::Result<ImageRow> {
     let (job, method) = (spec.job, &spec.method);
     let tmp = out.temp_path("image.png");
@@ -55,6 +57,8 @@ pub(super) fn image_row(
         clip_i: scores.clip_i,
         clip_t: scores.clip_t,
         seconds,
+        device: runtime.device.clone(),
+        dtype: runtime.dtype.clone(),
     })
 }
 

@@ -29,6 +29,12 @@ pub struct ImageRow {
     pub clip_t: f64,
     /// Wall time of generation (guidance included), seconds. Not part of any table.
     pub seconds: f64,
+    /// The device that generated the image (`cpu`, `cuda:0`); empty in rows of older runs.
+    #[serde(default)]
+    pub device: String,
+    /// The generation precision (`f32`, `f16`, `bf16`); empty in rows of older runs.
+    #[serde(default)]
+    pub dtype: String,
 }
 
 /// The "Real Images (Oracle)" row, written by the sweep's oracle step as `oracle.json`.

@@ -43,6 +43,8 @@ pub struct GenerateArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub pnd: PickAndDrawArgs,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
     /// The baseline: a Stable Diffusion model (plain, DreamBooth, Textual Inversion) or
     /// BLIP-Diffusion (zero-shot from --reference and --subject-category).
     #[arg(long, value_enum, default_value_t = Method::StableDiffusion)]

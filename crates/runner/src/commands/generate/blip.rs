@@ -9,7 +9,7 @@ use crate::commands::common::{load_guidance_config, load_model, print_outcome};
 use crate::experiment::SD15;
 use crate::requests;
 use anyhow::Context;
-use candle_core::{DType, Device};
+use crate::runtime::Runtime;
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
 use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::default_cache_dir;
@@ -52,7 +52,9 @@ pub fn blip_request(
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
-    let pipe = BlipDiffusionPipeline::load(&args.model, DType::F32, &Device::Cpu)
+    let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
+    eprintln!("{}", runtime.describe());
+    let pipe = BlipDiffusionPipeline::load(&args.model, runtime.dtype, &runtime.device)
         .with_context(|| format!("loading BLIP-Diffusion '{}'", args.model))?;
     let req = blip_request(&args, &pipe)?;
     let mut progress = step_progress(&args);
@@ -62,7 +64,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         let cfg = load_guidance_config(pnd.guidance_config.as_deref())?;
         // The template comes from vanilla Stable Diffusion, not from BLIP-Diffusion's UNet.
         let template_model = pnd.base_model.as_deref().unwrap_or(SD15);
-        let base = load_model(template_model, None, None)
+        let base = load_model(template_model, None, None, &runtime)
             .context("loading the layout template's model (--base-model)")?;
         eprintln!("pick-and-draw: layout template from '{template_model}'");
         let greq = BlipPickAndDrawRequest {

@@ -5,6 +5,7 @@ use super::args::{GenerateArgs, PickAndDrawArgs};
 use super::shared::{step_progress, write_outputs};
 use crate::commands::common::{load_guidance_config, load_model, print_outcome};
 use crate::requests;
+use crate::runtime::{runtime_of, Runtime};
 use anyhow::Context;
 use candle_core::Tensor;
 use diffusion::pipeline::{SampleRequest, StableDiffusion};
@@ -21,7 +22,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
              (or --method blip-diffusion)"
         );
     }
-    let sd = load_model(&args.model, args.base.clone(), args.embeddings.clone())?;
+    let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
+    eprintln!("{}", runtime.describe());
+    let sd = load_model(
+        &args.model,
+        args.base.clone(),
+        args.embeddings.clone(),
+        &runtime,
+    )?;
     let req = args.sample_request(&sd)?;
     let mut progress = step_progress(&args);
     let mut on_step = |i: usize, n: usize| progress.step(i, n);
@@ -63,7 +71,7 @@ fn guided_latents(
     // model itself (a Textual Inversion token is not in the identifier-free template prompt).
     let template_model = pnd.base_model.as_ref().or(args.base.as_ref());
     let base = match template_model {
-        Some(b) if b != model => Some(load_model(b, None, None)?),
+        Some(b) if b != model => Some(load_model(b, None, None, &runtime_of(sd))?),
         _ => None,
     };
     eprintln!(

@@ -1,0 +1,259 @@
+//! The device-generic path, which CUDA runs, against our CPU kernels, on the CPU (issue: the GPU
+//! path is proven without a GPU). [`layers::kernels::force_generic`] makes every primitive take the
+//! composition of candle ops it takes off the CPU.
+//!
+//! Measured, op by op and through the whole tiny UNet:
+//! - values in f32: max |generic - host| ≤ 1e-5 per op, and relative to each tensor's largest
+//!   entry through the UNet;
+//! - gradients in f64 of `L = sum(W * f(x))`: max |g_generic - g_host| ≤ 1e-10 relative to the
+//!   largest entry, and the generic gradient against central differences (h = 1e-6 per op,
+//!   h = 1e-4 along random directions through the UNet).
+
+mod pipeline_support;
+
+use candle_core::{DType, Tensor, Var};
+use diffusion::hooks::Recorder;
+use diffusion::ops;
+use layers::kernels::force_generic;
+use pipeline_support::{max_abs_diff_f64, randn, unet_fixture};
+
+type Op<'a> = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + 'a>;
+
+/// Value and input gradient of `sum(W * f(x))` with `x` in a graph (so the ops take their
+/// differentiable paths), on the host kernels or the generic path.
+fn value_and_grad(x: &Tensor, f: &Op<'_>, generic: bool) -> (Tensor, Tensor) {
+    let _guard = generic.then(force_generic);
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor()).unwrap();
+    let w = randn(y.dims(), 77).to_dtype(x.dtype()).unwrap();
+    let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .expect("no gradient reached the input")
+        .clone();
+    (y.detach(), g)
+}
+
+/// Max relative (to the largest central difference) error of the generic gradient.
+fn generic_fd_error(x: &Tensor, f: &Op<'_>) -> f64 {
+    let (_, g) = value_and_grad(x, f, true);
+    let _guard = force_generic();
+    let w = randn(f(x).unwrap().dims(), 77);
+    let loss = |t: &Tensor| -> f64 {
+        // The forward on a tensor outside any graph must agree with the tracked one; evaluate it
+        // through a Var so the same (generic, differentiable) path runs.
+        let v = Var::from_tensor(t).unwrap();
+        let y = f(v.as_tensor()).unwrap();
+        (y * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    let mut worst = 0f64;
+    let mut scale = 0f64;
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += h;
+        let mut m = base.clone();
+        m[i] -= h;
+        let tp = Tensor::from_vec(p, x.dims(), x.device()).unwrap();
+        let tm = Tensor::from_vec(m, x.dims(), x.device()).unwrap();
+        let fd = (loss(&tp) - loss(&tm)) / (2.0 * h);
+        worst = worst.max((g[i] - fd).abs());
+        scale = scale.max(fd.abs());
+    }
+    assert!(scale > 1e-3, "degenerate test: gradient scale {scale}");
+    worst / scale
+}
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-300);
+    max_abs_diff_f64(
+        &a.to_dtype(DType::F64).unwrap(),
+        &b.to_dtype(DType::F64).unwrap(),
+    ) / scale
+}
+
+/// Every primitive of `diffusion::ops` with its constants in `dtype`, and its input shape.
+fn primitives(dtype: DType) -> Vec<(&'static str, Op<'static>, Vec<usize>)> {
+    let t = |shape: &[usize], seed: u64| randn(shape, seed).to_dtype(dtype).unwrap();
+    let (w6, b6) = ((t(&[6], 1) + 1.0).unwrap(), t(&[6], 2));
+    let (wl, bl) = ((t(&[4], 3) + 1.0).unwrap(), t(&[4], 4));
+    let (lin_w, lin_b) = (t(&[5, 4], 5), t(&[5], 6));
+    let (c, r) = (t(&[1, 1, 4], 7), t(&[2, 4, 3], 8));
+    let (k3, kb) = (t(&[5, 6, 3, 3], 9), t(&[5], 10));
+    let (k3b, kbb) = (k3.clone(), kb.clone());
+    let (k3c, kbc) = (k3.clone(), kb.clone());
+    vec![
+        ("softmax", Box::new(ops::softmax_last_dim), vec![2, 3, 4]),
+        (
+            "layer_norm",
+            Box::new(move |x| ops::layer_norm(x, &wl, &bl, 1e-5)),
+            vec![2, 3, 4],
+        ),
+        (
+            "group_norm",
+            Box::new(move |x| ops::group_norm(x, 3, &w6, &b6, 1e-6)),
+            vec![2, 6, 3, 2],
+        ),
+        ("gelu_erf", Box::new(ops::gelu_erf), vec![2, 3, 4]),
+        ("silu", Box::new(ops::silu), vec![2, 3, 4]),
+        ("geglu", Box::new(ops::geglu), vec![2, 3, 4]),
+        (
+            "add_constant",
+            Box::new(move |x| ops::add_constant(x, &c)),
+            vec![2, 3, 4],
+        ),
+        (
+            "matmul_constant",
+            Box::new(move |x| ops::matmul_constant(x, &r)),
+            vec![2, 3, 4],
+        ),
+        (
+            "linear",
+            Box::new(move |x| ops::linear(x, &lin_w, Some(&lin_b))),
+            vec![2, 3, 4],
+        ),
+        (
+            "conv2d s1",
+            Box::new(move |x| ops::conv2d(x, &k3, Some(&kb), 1, 1)),
+            vec![2, 6, 5, 4],
+        ),
+        (
+            "conv2d s2 even",
+            Box::new(move |x| ops::conv2d(x, &k3b, Some(&kbb), 1, 2)),
+            vec![2, 6, 6, 4],
+        ),
+        (
+            "conv2d s2 odd/even",
+            Box::new(move |x| ops::conv2d(x, &k3c, Some(&kbc), 1, 2)),
+            vec![2, 6, 5, 6],
+        ),
+        (
+            "upsample_nearest_to",
+            Box::new(|x| ops::upsample_nearest_to(x, 5, 3)),
+            vec![2, 6, 3, 2],
+        ),
+    ]
+}
+
+#[test]
+fn every_primitive_matches_the_host_kernels_in_value_and_gradient() {
+    let ops32 = primitives(DType::F32);
+    for (i, (name, f, shape)) in primitives(DType::F64).iter().enumerate() {
+        let x = (randn(shape, 100 + i as u64) * 1.5).unwrap();
+        let (host_v, host_g) = value_and_grad(&x, f, false);
+        let (gen_v, gen_g) = value_and_grad(&x, f, true);
+        let value_err = rel_diff(&host_v, &gen_v);
+        let grad_err = rel_diff(&host_g, &gen_g);
+        let fd = generic_fd_error(&x, f);
+        // f32, the precision a GPU runs: absolute value difference.
+        let x32 = x.to_dtype(DType::F32).unwrap();
+        let (h32, _) = value_and_grad(&x32, &ops32[i].1, false);
+        let (g32, _) = value_and_grad(&x32, &ops32[i].1, true);
+        let value32 = max_abs_diff_f64(
+            &h32.to_dtype(DType::F64).unwrap(),
+            &g32.to_dtype(DType::F64).unwrap(),
+        );
+        println!(
+            "{name}: f32 value |diff| {value32:.1e}; f64 value rel {value_err:.1e}, gradient rel \
+             {grad_err:.1e}, generic gradient vs FD {fd:.1e}"
+        );
+        assert!(value32 <= 1e-5, "{name}: f32 values differ by {value32}");
+        assert!(value_err <= 1e-12, "{name}: f64 values differ by {value_err}");
+        assert!(grad_err <= 1e-10, "{name}: gradients differ by {grad_err}");
+        assert!(fd <= 1e-7, "{name}: generic gradient vs finite differences {fd}");
+    }
+}
+
+/// Noise prediction and every captured attention map and block output of one forward pass with
+/// `z` in a graph, and the gradient of `sum(U * eps) + sum over sites of sum(W_s * A_s)` w.r.t. `z`.
+fn unet_pass(dtype: DType, z: &Tensor, ctx: &Tensor, generic: bool) -> (Vec<Tensor>, Tensor) {
+    let _guard = generic.then(force_generic);
+    let unet = unet_fixture("model", dtype);
+    let var = Var::from_tensor(&z.to_dtype(dtype).unwrap()).unwrap();
+    let mut rec = Recorder::all();
+    let eps = unet
+        .forward_with(var.as_tensor(), 601.0, &ctx.to_dtype(dtype).unwrap(), &mut rec)
+        .unwrap();
+    let mut loss = (&eps * randn(eps.dims(), 3000).to_dtype(dtype).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let mut outputs = vec![eps.detach()];
+    for (i, (_, a)) in rec.attention.iter().chain(rec.blocks.iter()).enumerate() {
+        let w = randn(a.dims(), 1000 + i as u64).to_dtype(dtype).unwrap();
+        loss = (loss + (a * w).unwrap().sum_all().unwrap()).unwrap();
+        outputs.push(a.detach());
+    }
+    let g = loss.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+    (outputs, g)
+}
+
+fn check_unet(z: Tensor, ctx: Tensor) {
+    // f32: values of the noise prediction and of all 32 captured tensors.
+    let (host32, _) = unet_pass(DType::F32, &z, &ctx, false);
+    let (gen32, _) = unet_pass(DType::F32, &z, &ctx, true);
+    assert_eq!(host32.len(), 1 + 16 + 16);
+    // Each tensor's max |generic - host| relative to its own max |host| (block outputs reach ~10).
+    let worst32 = host32
+        .iter()
+        .zip(&gen32)
+        .map(|(a, b)| rel_diff(a, b))
+        .fold(0f64, f64::max);
+    // f64: gradients of the two paths, and the generic one against central differences.
+    let (_, host_g) = unet_pass(DType::F64, &z, &ctx, false);
+    let (_, gen_g) = unet_pass(DType::F64, &z, &ctx, true);
+    let grad_err = rel_diff(&host_g, &gen_g);
+    let loss = |zz: &Tensor| -> f64 {
+        let _guard = force_generic();
+        let unet = unet_fixture("model", DType::F64);
+        let mut rec = Recorder::all();
+        let eps = unet.forward_with(zz, 601.0, &ctx, &mut rec).unwrap();
+        let mut l = (&eps * randn(eps.dims(), 3000)).unwrap().sum_all().unwrap();
+        for (i, (_, a)) in rec.attention.iter().chain(rec.blocks.iter()).enumerate() {
+            l = (l + (a * randn(a.dims(), 1000 + i as u64)).unwrap().sum_all().unwrap()).unwrap();
+        }
+        l.to_scalar::<f64>().unwrap()
+    };
+    let h = 1e-4;
+    let mut fd_worst = 0f64;
+    for seed in [7u64, 8] {
+        let u = randn(z.dims(), seed);
+        let norm = u.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+        let u = (u / norm).unwrap();
+        let analytic = (&gen_g * &u).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let fd = (loss(&(&z + (&u * h).unwrap()).unwrap()) - loss(&(&z - (&u * h).unwrap()).unwrap()))
+            / (2.0 * h);
+        assert!(fd.abs() > 1e-8, "directional derivative {fd} too small to test");
+        fd_worst = fd_worst.max((analytic - fd).abs() / fd.abs());
+    }
+    println!(
+        "tiny UNet {:?}: f32 max |generic - host| / max |host| {worst32:.1e} over eps + 32 captures; f64 \
+         gradient rel {grad_err:.1e}; generic gradient vs FD {fd_worst:.1e}",
+        z.dims()
+    );
+    assert!(worst32 <= 1e-5, "f32 values differ by {worst32}");
+    assert!(grad_err <= 1e-10, "gradients differ by {grad_err}");
+    assert!(fd_worst <= 1e-4, "generic gradient vs finite differences {fd_worst}");
+}
+
+#[test]
+fn the_tiny_unet_matches_the_host_kernels_on_the_generic_path() {
+    check_unet((randn(&[1, 4, 16, 16], 11) * 0.8).unwrap(), randn(&[1, 77, 32], 12));
+}
+
+#[test]
+fn the_tiny_unet_matches_on_the_generic_path_at_an_odd_latent_size() {
+    // 12x10: the stride-2 downsamplers see one odd and one even side.
+    check_unet(randn(&[1, 4, 12, 10], 13), randn(&[1, 77, 32], 14));
+}
