@@ -19,10 +19,11 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Whether our CPU kernels may run for `xs` (the CPU, and the generic path not forced by
-/// [`layers::kernels::force_generic`] or `PND_GENERIC_OPS=1`).
+/// Whether our CPU kernels may run for `xs`: f32 or f64 on the CPU, and the generic path not
+/// forced by [`layers::kernels::force_generic`] or `PND_GENERIC_OPS=1`. Half precision takes the
+/// generic path everywhere.
 fn host(xs: &Tensor) -> bool {
-    layers::kernels::host_kernels(xs.device())
+    layers::kernels::host_kernels(xs.device()) && matches!(xs.dtype(), DType::F32 | DType::F64)
 }
 
 /// Which kernels a forward pass uses.
@@ -62,7 +63,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return candle_nn::ops::softmax_last_dim(xs);
     }
-    if !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !host(xs) {
         return softmax_last_dim_composite(xs);
     }
     let value = candle_nn::ops::softmax_last_dim(&xs.detach())?;
@@ -236,7 +237,7 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return xs.gelu_erf();
     }
-    if !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !host(xs) {
         return gelu_erf_composite(xs);
     }
     let value = xs.detach().gelu_erf()?;
@@ -641,7 +642,7 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result
 
 /// SiLU `x * sigmoid(x)`; backward `g * s * (1 + x (1 - s))` in one pass on the CPU.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
-    if !xs.track_op() || !host(xs) || !matches!(xs.dtype(), DType::F32 | DType::F64) {
+    if !xs.track_op() || !host(xs) {
         return xs.silu();
     }
     let value = xs.detach().silu()?;

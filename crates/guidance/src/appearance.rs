@@ -114,6 +114,14 @@ pub struct AppearanceLoss {
     pub skipped: usize,
 }
 
+/// `t` in f32 when it is f16 or bf16, else unchanged: the losses are computed in at least f32.
+pub fn loss_precision(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// ℓ_app = mean over layers of the distance between masked features, skipping layers whose
 /// generated or reference mask is empty (0 when none remain).
 pub fn appearance_loss(layers: &[AppearanceLayer<'_>], kind: Distance) -> Result<AppearanceLoss> {
@@ -121,7 +129,7 @@ pub fn appearance_loss(layers: &[AppearanceLayer<'_>], kind: Distance) -> Result
     let mut masks = Vec::with_capacity(layers.len());
     let (mut dtype, mut device) = (DType::F32, candle_core::Device::Cpu);
     for l in layers {
-        dtype = l.generated.dtype();
+        dtype = loss_precision(l.generated)?.dtype();
         device = l.generated.device().clone();
         let skipped = l.generated_mask.is_empty() || l.reference_mask.is_empty();
         masks.push(MaskSize {
@@ -133,8 +141,10 @@ pub fn appearance_loss(layers: &[AppearanceLayer<'_>], kind: Distance) -> Result
         if skipped {
             continue;
         }
-        let v_ref = masked_features(&l.reference.detach(), l.reference_mask)?;
-        let v_gen = masked_features(l.generated, l.generated_mask)?;
+        // Half-precision features (an f16/bf16 model) enter the loss in f32; the cast passes the
+        // gradient back in the model's dtype.
+        let v_ref = masked_features(&loss_precision(&l.reference.detach())?, l.reference_mask)?;
+        let v_gen = masked_features(&loss_precision(l.generated)?, l.generated_mask)?;
         terms.push(distance(kind, &v_ref, &v_gen)?);
     }
     let skipped = layers.len() - terms.len();

@@ -109,6 +109,19 @@ pub struct InversionConfig {
     pub epsilon_slope: f64,
     /// Classifier-free guidance scale of the DDIM step being fitted.
     pub guidance_scale: f64,
+    /// Precision of the optimized null embedding, its Adam state and the fitted loss: `f32`
+    /// (default; the UNet still runs in the model's dtype) or `model` (all in the model's dtype,
+    /// where f16 rounds small Adam steps away).
+    pub null_text_precision: NullTextPrecision,
+}
+
+/// See [`InversionConfig::null_text_precision`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NullTextPrecision {
+    #[default]
+    F32,
+    Model,
 }
 
 impl Default for InversionConfig {
@@ -119,6 +132,7 @@ impl Default for InversionConfig {
             epsilon: 1e-5,
             epsilon_slope: 2e-5,
             guidance_scale: 7.5,
+            null_text_precision: NullTextPrecision::F32,
         }
     }
 }

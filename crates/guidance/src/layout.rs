@@ -2,6 +2,7 @@
 //! token's map min–max normalized over space and smoothed by a 3×3 Gaussian with reflect padding,
 //! and the prompt/template token matching.
 
+use crate::appearance::loss_precision;
 use crate::config::Kernel;
 use crate::error::{Error, Result};
 use crate::maps::min_max_normalize;
@@ -108,7 +109,10 @@ pub fn layout_loss(layers: &[(Tensor, Tensor)], kernel: Kernel, sigma: f64) -> R
     }
     let terms = layers
         .iter()
-        .map(|(g, t)| layer_distance(g, t, kernel, sigma))
+        .map(|(g, t)| {
+            let (g, t) = (loss_precision(g)?, loss_precision(t)?);
+            layer_distance(&g, &t, kernel, sigma)
+        })
         .collect::<Result<Vec<_>>>()?;
     let l = layers.len() as f64;
     Ok((Tensor::stack(&terms, 0)?.sum_all()? / l)?)

@@ -707,3 +707,62 @@ fn layout_template_cache_hit_is_identical() {
     assert!(!fresh.timings.template_cache_hit);
     assert_eq!(max_abs_diff(&b.latents, &fresh.latents), 0.0);
 }
+
+#[test]
+fn a_guided_f16_pass_stays_finite_and_each_update_lowers_its_loss() {
+    // The gradient pass in the model's half precision; the maps and features enter the losses
+    // in f32 (`appearance::loss_precision`). Each update is a step of length 0.05 along −∇ (the
+    // latent's norm is 16), large enough for f16's resolution.
+    let sd = load(DType::F16);
+    let (p, tpos, _) = tokens(&sd);
+    let cond = sd.encode_prompt(PROMPT).unwrap();
+    let config = GuidanceConfig::default();
+    let (reference, template) = targets(&sd, &config, &p, &tpos);
+    let ddim = sd.ddim(50).unwrap();
+    for (k, &step) in [0usize, 5, 10, 15, 19].iter().enumerate() {
+        let t = ddim.timesteps()[step];
+        let targets = StepTargets {
+            appearance: config.appearance_at(step).then_some(reference.as_slice()),
+            layout: config.layout_at(step).then_some(template.as_slice()),
+        };
+        let mut z = randn(20 + k as u64, &[1, 4, 8, 8], DType::F16);
+        for it in 0..config.iterations {
+            let StepGradient { loss: before, grad } =
+                step_gradient(&sd.unet, &config, &z, t, &cond, &p, &targets).unwrap();
+            assert_eq!(grad.dtype(), DType::F16);
+            assert_eq!(before.total.dtype(), DType::F32, "the loss is computed in f32");
+            let l0 = before.total.to_scalar::<f32>().unwrap() as f64;
+            let g: Vec<f32> = grad.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(l0.is_finite() && g.iter().all(|v| v.is_finite()), "step {step}: non-finite");
+            let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(gn > 0.0, "step {step}: zero gradient");
+            z = (&z - (grad * (0.05 / gn)).unwrap()).unwrap();
+            let l1 = step_loss(&sd.unet, &config, &z, t, &cond, &p, &targets)
+                .unwrap()
+                .total
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            eprintln!("f16 step {step} iteration {it}: loss {l0:.6} → {l1:.6}");
+            assert!(l1.is_finite() && l1 < l0, "step {step}: loss {l0} → {l1}");
+        }
+    }
+}
+
+#[test]
+fn null_text_inversion_of_an_f16_model_optimizes_in_f32_and_beats_plain_ddim() {
+    // The UNet runs in f16; the null embedding, its Adam state and the fitted loss are f32 by
+    // default (`null_text_precision = "f32"`), and the stored embeddings are the model's dtype.
+    // 5 sampling steps of up to 5 Adam updates: f16 runs slowly on the CPU.
+    let sd = load(DType::F16);
+    let settings = InversionConfig {
+        inner_steps: 5,
+        ..Default::default()
+    };
+    let inv = invert(&sd, &reference_image(), "a sks dog", 5, &settings).unwrap();
+    let r = &inv.report;
+    println!("f16: {}", serde_json::to_string(r).unwrap());
+    assert_eq!(inv.null_embeddings.dtype(), DType::F16);
+    assert!(r.updates.iter().all(|&u| (1..=5).contains(&u)));
+    assert!(r.psnr.is_finite() && r.final_mse.is_finite(), "{r:?}");
+    assert!(r.trajectory_mse < r.trajectory_mse_ddim, "{r:?}");
+}

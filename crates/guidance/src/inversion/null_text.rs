@@ -2,7 +2,7 @@
 //! fresh Adam on the unconditional embedding against the MSE between the CFG DDIM step and the
 //! inverted latent.
 
-use crate::config::InversionConfig;
+use crate::config::{InversionConfig, NullTextPrecision};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -30,7 +30,13 @@ pub fn null_text_optimize(
 ) -> Result<NullText> {
     let ts = ddim.timesteps();
     let n = ts.len();
-    let mut uncond = uncond0.detach();
+    let model_dtype = uncond0.dtype();
+    // The optimized embedding, its Adam moments and the loss in f32 unless asked otherwise.
+    let opt_dtype = match settings.null_text_precision {
+        NullTextPrecision::F32 if model_dtype != DType::F64 => DType::F32,
+        _ => model_dtype,
+    };
+    let mut uncond = uncond0.detach().to_dtype(opt_dtype)?;
     let mut z = trajectory[n].clone();
     let mut embeddings = Vec::with_capacity(n);
     let mut updates = Vec::with_capacity(n);
@@ -47,10 +53,13 @@ pub fn null_text_optimize(
         let threshold = settings.epsilon + i as f64 * settings.epsilon_slope;
         let mut k = 0;
         while k < settings.inner_steps {
-            let eps_uncond = sd.unet.forward(&z, t as f64, var.as_tensor())?;
+            let null = var.as_tensor().to_dtype(model_dtype)?;
+            let eps_uncond = sd.unet.forward(&z, t as f64, &null)?;
             let eps = (&eps_uncond + ((&eps_cond - &eps_uncond)? * settings.guidance_scale)?)?;
             let prev = ddim.step(&eps, t, &z)?.prev_sample;
-            let loss = (prev - target)?.sqr()?.mean_all()?;
+            let loss = (prev.to_dtype(opt_dtype)? - target.to_dtype(opt_dtype)?)?
+                .sqr()?
+                .mean_all()?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(Error::NullTextNonFinite {
@@ -68,13 +77,13 @@ pub fn null_text_optimize(
         uncond = var.as_tensor().detach();
         updates.push(k);
         let emb = PromptEmbeddings {
-            uncond: uncond.clone(),
+            uncond: uncond.to_dtype(model_dtype)?,
             cond: cond.clone(),
         };
         z = sd
             .cfg_step(ddim, &z, i, &emb, settings.guidance_scale, &mut NoHook)?
             .latents;
-        embeddings.push(uncond.clone());
+        embeddings.push(emb.uncond);
     }
     Ok(NullText {
         embeddings,
