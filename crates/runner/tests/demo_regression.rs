@@ -171,6 +171,22 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
     }
     assert_eq!(prov["dataset"]["images"], 9);
     assert_eq!(prov["protocol"]["generation"]["steps"], 20);
+    // The device and precision the run used, in the provenance and in every row; the requested
+    // `[runtime]` is not part of the plan's work (shards on CPUs and GPUs share one plan).
+    assert_eq!(prov["runtime"]["device"], "cpu", "{prov}");
+    assert_eq!(prov["runtime"]["dtype"], "f32", "{prov}");
+    assert!(plan["config"].get("runtime").is_none());
+    let mut results = csv::Reader::from_path(out.run_dir.join("results.csv")).unwrap();
+    let header = results.headers().unwrap().clone();
+    let col = |name: &str| header.iter().position(|c| c == name).expect(name);
+    let (dev, dt) = (col("device"), col("dtype"));
+    let mut rows = 0;
+    for rec in results.records() {
+        let rec = rec.unwrap();
+        assert_eq!((&rec[dev], &rec[dt]), ("cpu", "f32"), "{rec:?}");
+        rows += 1;
+    }
+    assert!(rows > 0);
     let front = std::fs::read_to_string(report.join("report.md")).unwrap();
     eprintln!("report header:\n{front}");
     assert!(

@@ -268,3 +268,68 @@ fn version_names_the_commit_and_the_features() {
         "{line}"
     );
 }
+
+#[test]
+fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_errors() {
+    // The diffusers fixture pipeline, 10 steps from its initial latents, on the CPU.
+    let tmp = tempfile::tempdir().unwrap();
+    let f = facts();
+    let model = fixtures().join("model");
+    let init = fixtures().join("init_latents.safetensors");
+    let run = |dtype: &str| {
+        let out = tmp.path().join(format!("{dtype}.png"));
+        let o = generate(
+            &model,
+            f["prompt"].as_str().unwrap(),
+            "10",
+            ("64", "128"),
+            &[
+                "--init-latents",
+                init.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--dtype",
+                dtype,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        (o, out)
+    };
+    let (o32, p32) = run("f32");
+    assert!(o32.status.success(), "{}", String::from_utf8_lossy(&o32.stderr));
+    let stderr = String::from_utf8_lossy(&o32.stderr);
+    assert!(stderr.contains("device: cpu (requested cpu), dtype: f32"), "{stderr}");
+    let (o16, p16) = run("f16");
+    assert!(o16.status.success(), "{}", String::from_utf8_lossy(&o16.stderr));
+    let a = image::open(&p32).unwrap().to_rgb8();
+    let b = image::open(&p16).unwrap().to_rgb8();
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let worst = *diffs.iter().max().unwrap();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    eprintln!("pnd generate f16 vs f32: PNG max {worst}/255, mean {mean:.3}/255");
+    assert!(worst <= 8 && mean <= 1.0, "f16 PNG differs: max {worst}, mean {mean}");
+
+    let (obf, pbf) = run("bf16");
+    assert!(!obf.status.success());
+    let err = String::from_utf8_lossy(&obf.stderr);
+    assert!(err.contains("bf16 runs on CUDA only"), "{err}");
+    assert!(!pbf.exists(), "a failed run must not write an image");
+
+    if !cfg!(feature = "cuda") {
+        let out = tmp.path().join("cuda.png");
+        let o = generate(
+            &model,
+            "a photo",
+            "2",
+            ("64", "64"),
+            &["--device", "cuda", "--out", out.to_str().unwrap()],
+        );
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("built without CUDA") && err.contains("--features cuda"), "{err}");
+        let o = generate(&model, "a photo", "2", ("64", "64"), &["--device", "tpu", "--out", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("unknown device 'tpu'"), "{err}");
+    }
+}
