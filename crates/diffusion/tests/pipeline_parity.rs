@@ -31,17 +31,7 @@ fn save_one(path: &Path, name: &str, t: Tensor) {
 }
 
 fn request() -> SampleRequest {
-    let f = facts();
-    SampleRequest {
-        prompt: f["prompt"].as_str().unwrap().into(),
-        negative_prompt: String::new(),
-        steps: f["steps"].as_u64().unwrap() as usize,
-        cfg_scale: f["cfg"].as_f64().unwrap(),
-        height: f["height"].as_u64().unwrap() as usize,
-        width: f["width"].as_u64().unwrap() as usize,
-        seed: 0,
-        init_latents: Some(expected()["init_latents"].clone()),
-    }
+    pipeline_support::fixture_request()
 }
 
 #[test]

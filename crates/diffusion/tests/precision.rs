@@ -8,8 +8,8 @@
 mod pipeline_support;
 
 use candle_core::DType;
-use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
-use pipeline_support::{expected, facts, max_abs_diff, model_dir};
+use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use pipeline_support::{max_abs_diff, model_dir};
 
 fn sample(dtype: DType) -> (candle_core::Tensor, image::RgbImage) {
     let opts = LoadOptions {
@@ -17,17 +17,7 @@ fn sample(dtype: DType) -> (candle_core::Tensor, image::RgbImage) {
         ..Default::default()
     };
     let sd = StableDiffusion::load(model_dir().to_str().unwrap(), &opts).unwrap();
-    let f = facts();
-    let req = SampleRequest {
-        prompt: f["prompt"].as_str().unwrap().into(),
-        negative_prompt: String::new(),
-        steps: f["steps"].as_u64().unwrap() as usize,
-        cfg_scale: f["cfg"].as_f64().unwrap(),
-        height: f["height"].as_u64().unwrap() as usize,
-        width: f["width"].as_u64().unwrap() as usize,
-        seed: 0,
-        init_latents: Some(expected()["init_latents"].clone()),
-    };
+    let req = pipeline_support::fixture_request();
     let latents = sd.sample(&req, &mut |_, _| {}).unwrap();
     assert_eq!(latents.dtype(), dtype, "sampling left the model's dtype");
     let img = sd.decode_images(&latents).unwrap().remove(0);

@@ -83,3 +83,18 @@ pub fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// The pipeline fixture's request: its prompt, steps, CFG scale and size, from its initial latents.
+pub fn fixture_request() -> diffusion::pipeline::SampleRequest {
+    let f = facts();
+    diffusion::pipeline::SampleRequest {
+        prompt: f["prompt"].as_str().unwrap().into(),
+        negative_prompt: String::new(),
+        steps: f["steps"].as_u64().unwrap() as usize,
+        cfg_scale: f["cfg"].as_f64().unwrap(),
+        height: f["height"].as_u64().unwrap() as usize,
+        width: f["width"].as_u64().unwrap() as usize,
+        seed: 0,
+        init_latents: Some(expected()["init_latents"].clone()),
+    }
+}
