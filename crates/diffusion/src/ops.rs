@@ -110,10 +110,21 @@ fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 /// The max is detached: softmax is invariant to the shift, so its exact derivative through the max
 /// is zero, and detaching keeps the (rounding-only) contribution of `max`'s backward out.
 pub fn softmax_last_dim_composite(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    let num = xs.broadcast_sub(&max)?.exp()?;
-    let den = num.sum_keepdim(D::Minus1)?;
-    num.broadcast_div(&den)
+    in_f32(xs, |xs| {
+        let max = xs.max_keepdim(D::Minus1)?.detach();
+        let num = xs.broadcast_sub(&max)?.exp()?;
+        let den = num.sum_keepdim(D::Minus1)?;
+        num.broadcast_div(&den)
+    })
+}
+
+/// `f(xs)` computed in f32 when `xs` is f16 or bf16 and cast back (as PyTorch's half-precision
+/// softmax and norms accumulate in f32); `f(xs)` otherwise. The casts pass gradients through.
+fn in_f32(xs: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::F16 | DType::BF16 => f(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
+        _ => f(xs),
+    }
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dim of a `[rows, n]`-like tensor, and `1/sqrt(..)`.
@@ -168,7 +179,7 @@ pub fn layer_norm_composite(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let (normed, _) = normalize_last(xs, eps)?;
+    let normed = in_f32(xs, |x| Ok(normalize_last(x, eps)?.0))?;
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
@@ -221,7 +232,7 @@ pub fn group_norm_composite(
         candle_core::bail!("group_norm: {c} channels do not split into {groups} groups");
     }
     let grouped = xs.reshape((b, groups, xs.elem_count() / (b * groups)))?;
-    let (normed, _) = normalize_last(&grouped, eps)?;
+    let normed = in_f32(&grouped, |x| Ok(normalize_last(x, eps)?.0))?;
     let shape = affine_shape(&dims);
     normed
         .reshape(dims.as_slice())?
