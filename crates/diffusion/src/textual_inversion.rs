@@ -67,24 +67,35 @@ pub struct LearnedToken {
     pub file_key: String,
 }
 
-/// Reads a learned-embedding file: exactly one `{token: [dim] or [1, dim]}` entry (diffusers'
-/// training-script format). The nested `{"string_to_param": {"*": ..}, "name": ..}` pickles of the
-/// original textual-inversion code are not supported: they hold no top-level tensor and fail with
-/// an error saying so. Several keys or several vectors are an error each.
-pub fn read_learned_embedding(
-    path: &Path,
-    expected_dim: usize,
-) -> Result<LearnedEmbedding, TextualInversionError> {
-    let path_buf = || path.to_path_buf();
+/// The token a learned-embedding file names (its single key, or `<{file stem}>` for the original
+/// code's `string_to_param`), without checking the vector's size: what a run records before any
+/// model is loaded. A file without a vector, with several keys or with several vectors is an
+/// error, as in [`read_learned_embedding`].
+pub fn learned_embedding_key(path: &Path) -> Result<String, TextualInversionError> {
+    let (key, t) = read_single_entry(path)?;
+    if let [n, _] = t.dims() {
+        if *n != 1 {
+            return Err(TextualInversionError::SeveralVectors {
+                path: path.into(),
+                key,
+                count: *n,
+            });
+        }
+    }
+    Ok(key)
+}
+
+/// The single `{key: tensor}` entry of a learned-embedding file, the key as [`LearnedEmbedding::key`].
+fn read_single_entry(path: &Path) -> Result<(String, Tensor), TextualInversionError> {
     let tensors = weights::load_tensors(&[path.to_path_buf()], &Device::Cpu)?;
     let mut entries: Vec<(String, Tensor)> = tensors.into_iter().collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     if entries.is_empty() {
-        return Err(TextualInversionError::NoVector { path: path_buf() });
+        return Err(TextualInversionError::NoVector { path: path.into() });
     }
     if entries.len() != 1 {
         return Err(TextualInversionError::SeveralKeys {
-            path: path_buf(),
+            path: path.into(),
             keys: entries.into_iter().map(|(k, _)| k).collect(),
         });
     }
@@ -99,6 +110,19 @@ pub fn read_learned_embedding(
     } else {
         key
     };
+    Ok((key, t))
+}
+
+/// Reads a learned-embedding file: exactly one `{token: [dim] or [1, dim]}` entry (diffusers'
+/// training-script format). The nested `{"string_to_param": {"*": ..}, "name": ..}` pickles of the
+/// original textual-inversion code are not supported: they hold no top-level tensor and fail with
+/// an error saying so. Several keys or several vectors are an error each.
+pub fn read_learned_embedding(
+    path: &Path,
+    expected_dim: usize,
+) -> Result<LearnedEmbedding, TextualInversionError> {
+    let path_buf = || path.to_path_buf();
+    let (key, t) = read_single_entry(path)?;
     let tensor_err = |key: &str, e: candle_core::Error| TextualInversionError::Tensor {
         path: path_buf(),
         key: key.to_string(),

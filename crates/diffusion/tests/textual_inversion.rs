@@ -6,7 +6,7 @@ mod pipeline_support;
 
 use candle_core::{DType, Device, Tensor};
 use diffusion::pipeline::{LoadOptions, PipelineError, StableDiffusion};
-use diffusion::textual_inversion::TextualInversionError;
+use diffusion::textual_inversion::{learned_embedding_key, TextualInversionError};
 use pipeline_support::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -127,4 +127,55 @@ fn several_keys_or_vectors_are_a_clear_error() {
         .unwrap()
         .to_string();
     assert!(err.contains("dog</w>") && err.contains("already"), "{err}");
+}
+
+/// The file's key is readable without a model (for the run record written before any model
+/// loads), with the same errors for an empty file or several keys.
+#[test]
+fn the_files_key_is_read_without_a_model() {
+    let file = fixtures().join("learned_embeds.safetensors");
+    assert_eq!(
+        learned_embedding_key(&file).unwrap(),
+        facts()["ti_token"].as_str().unwrap()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap();
+    let two_keys = save(
+        tmp.path(),
+        "two.safetensors",
+        &[("<a>", v.clone()), ("<b>", v.clone())],
+    );
+    let err = learned_embedding_key(&two_keys).unwrap_err();
+    assert!(
+        matches!(&err, TextualInversionError::SeveralKeys { keys, .. } if keys == &["<a>", "<b>"]),
+        "{err}"
+    );
+    let two_vectors = save(
+        tmp.path(),
+        "two_vectors.safetensors",
+        &[(
+            "<a>",
+            Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap(),
+        )],
+    );
+    assert!(matches!(
+        learned_embedding_key(&two_vectors).unwrap_err(),
+        TextualInversionError::SeveralVectors { count: 2, .. }
+    ));
+    let empty = save(tmp.path(), "empty.safetensors", &[]);
+    assert!(matches!(
+        learned_embedding_key(&empty).unwrap_err(),
+        TextualInversionError::NoVector { .. }
+    ));
+    // The original code's nested format names the file stem.
+    let nested = save(
+        tmp.path(),
+        "cat-toy.safetensors",
+        &[("string_to_param.*", v)],
+    );
+    assert_eq!(learned_embedding_key(&nested).unwrap(), "<cat-toy>");
+    // A missing file says which.
+    let missing = tmp.path().join("missing.safetensors");
+    let err = learned_embedding_key(&missing).unwrap_err().to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
 }
