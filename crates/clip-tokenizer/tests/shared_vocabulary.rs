@@ -1,28 +1,14 @@
 //! The built-in vocabulary equals the Hugging Face files derived from the original CLIP release
 //! (`vocab.json`, `merges.txt`, `tokenizer.json` in `$PND_CLIP_TOKENIZER`, default
-//! `../shared/clip-tokenizer` beside the checkout); skipped when that folder is absent.
-
-use std::path::PathBuf;
-
-fn shared() -> Option<PathBuf> {
-    let dir = std::env::var_os("PND_CLIP_TOKENIZER").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/clip-tokenizer"),
-        PathBuf::from,
-    );
-    if dir.join("vocab.json").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: no CLIP tokenizer in '{}' (set PND_CLIP_TOKENIZER)",
-            dir.display()
-        );
-        None
-    }
-}
+//! `../shared/clip-tokenizer` beside the checkout); reported ignored when that folder is absent.
 
 #[test]
+#[cfg_attr(
+    no_clip_tokenizer,
+    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
+)]
 fn builtin_vocabulary_and_merges_equal_the_shared_files() {
-    let Some(dir) = shared() else { return };
+    let dir = testdata::clip_tokenizer();
     let want: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("vocab.json")).unwrap()).unwrap();
     let vocab = clip_tokenizer::builtin_vocab();
@@ -39,8 +25,12 @@ fn builtin_vocabulary_and_merges_equal_the_shared_files() {
 }
 
 #[test]
+#[cfg_attr(
+    no_clip_tokenizer,
+    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
+)]
 fn builtin_tokenizer_equals_tokenizer_json() {
-    let Some(dir) = shared() else { return };
+    let dir = testdata::clip_tokenizer();
     let reference = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let builtin = clip_tokenizer::builtin();
     let from_files =

@@ -8,13 +8,13 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 #[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
 fn dreambench_references_equal_pil_bicubic() {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dreambench = manifest.join("../../../shared/dreambench");
-    if !dreambench.is_dir() {
-        eprintln!("skipped: {} not present", dreambench.display());
-        return;
-    }
+    let dreambench = testdata::dreambench();
     let fixture = manifest.join("../metrics/tests/fixtures/preprocess.json");
     let hashes: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();

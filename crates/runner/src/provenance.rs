@@ -6,6 +6,7 @@
 use crate::experiment::{Baseline, Experiment};
 use crate::jobs::{model_for, open_dataset};
 use anyhow::Context;
+use diffusion::textual_inversion::learned_embedding_key;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -57,6 +58,29 @@ pub struct ModelRevision {
     pub model: String,
     /// `hub:<commit>`, `sha256:<hex>` of the weight files, or why neither is known.
     pub revision: String,
+    /// For a Textual Inversion file: the token its vector is bound to and the file's own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<TokenBinding>,
+}
+
+/// How a Textual Inversion vector enters the prompts: bound to the token the method's prompts use
+/// (diffusers' `load_textual_inversion(path, token=…)`), whatever key the file names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBinding {
+    /// The token the prompts use and the vector is bound to.
+    pub token: String,
+    /// The token the file itself names.
+    pub file_key: String,
+}
+
+impl std::fmt::Display for TokenBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vector of file key '{}' bound to token '{}'",
+            self.file_key, self.token
+        )
+    }
 }
 
 /// The dataset images a run scores against.
@@ -94,8 +118,15 @@ impl Provenance {
     ) -> anyhow::Result<Self> {
         let mut hashes = HashCache::open(&cache_dir.join("weight-hashes.json"));
         let mut models: Vec<ModelRevision> = Vec::new();
-        let mut add = |role: String, model: &str, hashes: &mut HashCache| -> anyhow::Result<()> {
-            if models.iter().any(|m| m.model == model) {
+        let mut add = |role: String,
+                       model: &str,
+                       binding: Option<TokenBinding>,
+                       hashes: &mut HashCache|
+         -> anyhow::Result<()> {
+            if models
+                .iter()
+                .any(|m| m.model == model && m.binding == binding)
+            {
                 return Ok(());
             }
             let revision = revision(model, hashes)?;
@@ -103,6 +134,7 @@ impl Provenance {
                 role,
                 model: model.to_string(),
                 revision,
+                binding,
             });
             Ok(())
         };
@@ -113,21 +145,26 @@ impl Provenance {
             .iter()
             .any(|m| m.pick_and_draw || m.baseline != Baseline::BlipDiffusion);
         if uses_base {
-            add("base".into(), &exp.models.base, &mut hashes)?;
+            add("base".into(), &exp.models.base, None, &mut hashes)?;
         }
         for method in &exp.methods {
             for subject in exp.subjects() {
-                let choice = model_for(exp, method, subject.name)?;
+                let choice = model_for(exp, method, subject)?;
                 let baseline = serde_json::to_value(method.baseline)?;
                 let role = format!("{} ({})", baseline.as_str().unwrap_or("?"), subject.name);
-                add(role.clone(), &choice.model, &mut hashes)?;
+                add(role.clone(), &choice.model, None, &mut hashes)?;
                 if let Some(e) = &choice.embeddings {
-                    add(role, &e.display().to_string(), &mut hashes)?;
+                    let file_key = learned_embedding_key(e)?;
+                    let binding = TokenBinding {
+                        token: choice.embedding_token.clone().unwrap_or(file_key.clone()),
+                        file_key,
+                    };
+                    add(role, &e.display().to_string(), Some(binding), &mut hashes)?;
                 }
             }
         }
-        add("dino".into(), &exp.metrics.dino, &mut hashes)?;
-        add("clip".into(), &exp.metrics.clip, &mut hashes)?;
+        add("dino".into(), &exp.metrics.dino, None, &mut hashes)?;
+        add("clip".into(), &exp.metrics.clip, None, &mut hashes)?;
         hashes.save();
         let protocol = serde_json::json!({
             "generation": exp.generation,

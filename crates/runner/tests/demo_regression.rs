@@ -123,14 +123,12 @@ fn kill_and_resume(demo: &Path, run: &Path) -> String {
 }
 
 #[test]
-#[cfg_attr(
-    no_clip_tokenizer,
-    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
-)]
 fn demo_matches_golden_and_survives_kills_and_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = tmp.path().join("demo");
-    let tokenizer = testdata::clip_tokenizer();
+    // The vocabulary built into pnd, as `pnd demo` uses in a lone clone.
+    let tokenizer = tmp.path().join("clip-tokenizer");
+    clip_tokenizer::write_builtin(&tokenizer).unwrap();
     let out = run_demo(&demo, Some(&tokenizer), false, &Default::default()).unwrap();
     let report = &out.report_dir;
     // 1. Golden scores.

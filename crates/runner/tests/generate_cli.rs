@@ -197,6 +197,92 @@ fn tiny_model_command_then_generate_with_seed() {
     assert_ne!(a, c, "other seed, other image");
 }
 
+/// `--embedding-token` binds the file's vector to the token the prompt uses (issue 11 item 4):
+/// the file's key `<tiny-dog>` bound to `<my-dog>` draws what the key itself draws, and without
+/// the flag `<my-dog>` is not the learned vector.
+#[test]
+fn embedding_token_binds_the_vector_to_the_prompts_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("tiny");
+    let tok = fixtures().join("model/tokenizer");
+    let o = pnd(&[
+        "tiny-model",
+        "--out",
+        m.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--embedding-token",
+        "<tiny-dog>",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let emb = m.join("learned_embeds.safetensors");
+    let run = |name: &str, prompt: &str, token: Option<&str>| {
+        let out = tmp.path().join(name);
+        let mut extra = vec![
+            "--embeddings",
+            emb.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(t) = token {
+            extra.extend(["--embedding-token", t]);
+        }
+        let o = generate(&m, prompt, "2", ("64", "64"), &extra);
+        let log = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{log}");
+        (std::fs::read(out).unwrap(), log)
+    };
+    let (by_key, log) = run("key.png", "a <tiny-dog> dog", None);
+    assert!(
+        log.contains("file key '<tiny-dog>') is bound to token '<tiny-dog>'"),
+        "{log}"
+    );
+    let (bound, log) = run("bound.png", "a <my-dog> dog", Some("<my-dog>"));
+    assert!(
+        log.contains("file key '<tiny-dog>') is bound to token '<my-dog>'"),
+        "{log}"
+    );
+    assert_eq!(bound, by_key, "the same vector under another token");
+    let (unbound, _) = run("unbound.png", "a <my-dog> dog", None);
+    assert_ne!(unbound, by_key, "<my-dog> without the flag is plain text");
+
+    // The flag without a file, and a token the vocabulary has, are clear errors.
+    let out = tmp.path().join("x.png");
+    let o = generate(
+        &m,
+        "a dog",
+        "2",
+        ("64", "64"),
+        &[
+            "--embedding-token",
+            "<my-dog>",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--embeddings"), "{err}");
+    let o = generate(
+        &m,
+        "a dog",
+        "2",
+        ("64", "64"),
+        &[
+            "--embeddings",
+            emb.to_str().unwrap(),
+            "--embedding-token",
+            "dog</w>",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("dog</w>") && err.contains("already"),
+        "{err}"
+    );
+}
+
 /// The shipped guidance block is accepted by `--guidance-config` (issue 16 item 2).
 #[test]
 fn generate_pick_and_draw_with_the_shipped_guidance_file() {

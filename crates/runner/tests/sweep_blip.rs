@@ -11,14 +11,12 @@ use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
 use tiny::write_tiny_metric_models;
 
 #[test]
-#[cfg_attr(
-    no_clip_tokenizer,
-    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
-)]
 fn blip_diffusion_rows_are_generated_and_scored() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let tokenizer = testdata::clip_tokenizer();
+    // The vocabulary built into pnd: no tokenizer files needed.
+    let tokenizer = root.join("clip-tokenizer");
+    clip_tokenizer::write_builtin(&tokenizer).unwrap();
     write_tiny_blip_model(&root.join("blip"), 0, &tokenizer, &TinyBlipSpec::default()).unwrap();
     write_tiny_metric_models(&root.join("models"), &tokenizer, 0).unwrap();
     write_mini_benchmark(&root.join("data"), 2, 64).unwrap();

@@ -9,22 +9,45 @@ use guidance::config::GuidanceConfig;
 use guidance::pipeline::PickAndDraw;
 use std::path::{Path, PathBuf};
 
+/// The Textual Inversion flags of `pnd generate` and `pnd invert`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EmbeddingArgs {
+    /// Textual Inversion embedding (`learned_embeds.safetensors` or `.bin`): one vector.
+    #[arg(long)]
+    pub embeddings: Option<PathBuf>,
+    /// The token the prompt uses for the embedding's vector, as diffusers'
+    /// `load_textual_inversion(path, token=…)` (default: the file's own key).
+    #[arg(long, requires = "embeddings")]
+    pub embedding_token: Option<String>,
+}
+
 /// A Stable Diffusion model with its base and Textual Inversion embeddings, on `runtime`'s device
-/// and in its precision.
+/// and in its precision; says on stderr which token a Textual Inversion vector is bound to.
 pub fn load_model(
     model: &str,
     base: Option<String>,
-    embeddings: Option<PathBuf>,
+    ti: &EmbeddingArgs,
     runtime: &Runtime,
 ) -> anyhow::Result<StableDiffusion> {
     let opts = LoadOptions {
         base,
-        embeddings,
+        embeddings: ti.embeddings.clone(),
+        embedding_token: ti.embedding_token.clone(),
         dtype: runtime.dtype,
         device: runtime.device.clone(),
         ..Default::default()
     };
-    StableDiffusion::load(model, &opts).with_context(|| format!("loading model '{model}'"))
+    let sd =
+        StableDiffusion::load(model, &opts).with_context(|| format!("loading model '{model}'"))?;
+    if let Some(t) = &sd.provenance.learned_token {
+        eprintln!(
+            "textual inversion: the vector of '{}' (file key '{}') is bound to token '{}'",
+            t.file.display(),
+            t.file_key,
+            t.token
+        );
+    }
+    Ok(sd)
 }
 
 /// A guidance file in the shipped block form (`configs/guidance/*.toml`: a `[guidance]` table).

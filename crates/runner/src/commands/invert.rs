@@ -1,6 +1,6 @@
 //! `pnd invert`: null-text inversion of a reference image (SPEC §7).
 
-use super::common::{load_guidance_config, load_model};
+use super::common::{load_guidance_config, load_model, EmbeddingArgs};
 use crate::runtime::{DeviceSpec, Precision, Runtime, RuntimeArgs};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -14,9 +14,8 @@ pub struct InvertArgs {
     /// Where components the model lacks come from.
     #[arg(long)]
     pub base: Option<String>,
-    /// Textual Inversion embedding.
-    #[arg(long)]
-    pub embeddings: Option<PathBuf>,
+    #[command(flatten)]
+    pub ti: EmbeddingArgs,
     /// Reference image (center-cropped and resized to the generation size).
     #[arg(long)]
     pub image: PathBuf,
@@ -55,12 +54,7 @@ pub fn run(args: InvertArgs) -> anyhow::Result<ExitCode> {
         &Default::default(),
     )?;
     eprintln!("{}", runtime.describe());
-    let sd = load_model(
-        &args.model,
-        args.base.clone(),
-        args.embeddings.clone(),
-        &runtime,
-    )?;
+    let sd = load_model(&args.model, args.base.clone(), &args.ti, &runtime)?;
     let img = guidance::inversion::load_reference_image(&args.image, args.height, args.width)?;
     // The inversion reports no steps; a log still shows what runs, and the end line its result.
     eprintln!(

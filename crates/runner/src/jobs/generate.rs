@@ -84,7 +84,7 @@ impl Generator<'_> {
                 class: spec.subject.class.to_string(),
                 identifier,
                 template_prompt: None,
-                model_key: format!("{}|{:?}", choice.model, choice.embeddings),
+                model_key: choice.cache_key(),
                 cache_dir: self.palette_cache.to_path_buf(),
                 trace: Some(out.path("trace.jsonl")),
             };

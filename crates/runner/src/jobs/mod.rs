@@ -121,7 +121,7 @@ impl DreamBenchJobs {
             .dataset
             .reference_image(subject.name, &self.exp.metrics.reference)?
             .to_path_buf();
-        let choice = model_for(&self.exp, &method, subject.name)?;
+        let choice = model_for(&self.exp, &method, subject)?;
         Ok(JobSpec {
             job,
             method,

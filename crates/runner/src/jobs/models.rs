@@ -2,10 +2,11 @@
 //! settings, and the models a runner keeps loaded between consecutive jobs.
 
 use crate::experiment::{Baseline, Experiment, MethodSpec};
+use crate::runtime::Runtime;
 use anyhow::{bail, Context};
 use diffusion::blip::BlipDiffusionPipeline;
-use crate::runtime::Runtime;
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use dreambench::Subject;
 use guidance::GuidanceConfig;
 use std::path::PathBuf;
 
@@ -27,13 +28,28 @@ pub struct ModelChoice {
     pub base: Option<String>,
     /// Textual Inversion embedding file.
     pub embeddings: Option<PathBuf>,
+    /// The token its vector is bound to: the one the method's prompts use (`<dog>` for the
+    /// default `<{subject}>` style), as diffusers' `load_textual_inversion(path, token=…)`;
+    /// `None` keeps the file's own key (a prompt style without a token).
+    pub embedding_token: Option<String>,
+}
+
+impl ModelChoice {
+    /// Names the model in the palette cache's keys: the model, the embedding file and the token
+    /// its vector is bound to (the same prompt under another binding encodes otherwise).
+    pub fn cache_key(&self) -> String {
+        match &self.embedding_token {
+            Some(token) => format!("{}|{:?}|{token}", self.model, self.embeddings),
+            None => format!("{}|{:?}", self.model, self.embeddings),
+        }
+    }
 }
 
 /// The model of a method for a subject, or why there is none.
 pub fn model_for(
     exp: &Experiment,
     method: &MethodSpec,
-    subject: &str,
+    subject: &Subject,
 ) -> anyhow::Result<ModelChoice> {
     let m = &exp.models;
     Ok(match method.baseline {
@@ -41,19 +57,21 @@ pub fn model_for(
             model: m.base.clone(),
             base: None,
             embeddings: None,
+            embedding_token: None,
         },
         Baseline::Dreambooth => {
-            let Some(path) = m.for_subject(Baseline::Dreambooth, subject) else {
+            let Some(path) = m.for_subject(Baseline::Dreambooth, subject.name) else {
                 bail!("method '{}' is DreamBooth but the experiment sets no [models] dreambooth = \"path/{{subject}}\"", method.name)
             };
             ModelChoice {
                 model: path,
                 base: Some(m.base.clone()),
                 embeddings: None,
+                embedding_token: None,
             }
         }
         Baseline::TextualInversion => {
-            let Some(path) = m.for_subject(Baseline::TextualInversion, subject) else {
+            let Some(path) = m.for_subject(Baseline::TextualInversion, subject.name) else {
                 bail!(
                     "method '{}' is Textual Inversion but the experiment sets no [models] textual_inversion = \"path/{{subject}}/learned_embeds.safetensors\"",
                     method.name
@@ -63,6 +81,7 @@ pub fn model_for(
                 model: m.base.clone(),
                 base: None,
                 embeddings: Some(PathBuf::from(path)),
+                embedding_token: method.style(subject).token,
             }
         }
         Baseline::BlipDiffusion => {
@@ -74,6 +93,7 @@ pub fn model_for(
                 model,
                 base: None,
                 embeddings: None,
+                embedding_token: None,
             }
         }
     })
@@ -148,6 +168,7 @@ impl LoadedModels {
             let opts = LoadOptions {
                 base: choice.base.clone(),
                 embeddings: choice.embeddings.clone(),
+                embedding_token: choice.embedding_token.clone(),
                 ..self.options()
             };
             let sd = StableDiffusion::load(&choice.model, &opts)
@@ -171,7 +192,7 @@ impl LoadedModels {
             self.blip = None;
             self.sd = None;
             let pipe = BlipDiffusionPipeline::load(model, self.runtime.dtype, &self.runtime.device)
-            .with_context(|| format!("loading BLIP-Diffusion '{model}'"))?;
+                .with_context(|| format!("loading BLIP-Diffusion '{model}'"))?;
             self.blip = Some((model.to_string(), pipe));
         }
         let pipe = &self.blip.as_ref().expect("loaded above").1;

@@ -3,6 +3,7 @@
 use super::models::{guidance_config, model_for, must_be_local};
 use crate::experiment::Experiment;
 use anyhow::{bail, Context};
+use diffusion::textual_inversion::learned_embedding_key;
 use dreambench::Dataset;
 use std::path::Path;
 
@@ -18,7 +19,7 @@ pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
             }
         }
         for subject in exp.subjects() {
-            match model_for(exp, method, subject.name) {
+            match model_for(exp, method, subject) {
                 Err(e) => {
                     problems.push(format!("{e:#}"));
                     break;
@@ -37,6 +38,12 @@ pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
                                 method.name,
                                 subject.name,
                                 e.display()
+                            ));
+                        } else if let Err(err) = learned_embedding_key(e) {
+                            // Several keys or vectors: which one the prompt means is unknowable.
+                            problems.push(format!(
+                                "method '{}', subject '{}': {err}",
+                                method.name, subject.name
                             ));
                         }
                     }

@@ -19,7 +19,15 @@ pub fn header(plan: &Plan, finished: usize, failures: &[Failure]) -> String {
             let _ = writeln!(s, "- Build: {}", p.build_line());
             let _ = writeln!(s, "- Models:");
             for m in &p.models {
-                let _ = writeln!(s, "  - {}: `{}` {}", m.role, m.model, m.revision);
+                let binding = m.binding.as_ref().map(|b| format!(" ({b})"));
+                let _ = writeln!(
+                    s,
+                    "  - {}: `{}` {}{}",
+                    m.role,
+                    m.model,
+                    m.revision,
+                    binding.unwrap_or_default()
+                );
             }
             let d = &p.dataset;
             let _ = writeln!(

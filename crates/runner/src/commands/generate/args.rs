@@ -1,5 +1,6 @@
 //! The flags of `pnd generate` and `pnd tiny-model`.
 
+use crate::commands::common::EmbeddingArgs;
 use diffusion::pipeline::{SampleRequest, StableDiffusion};
 use std::path::PathBuf;
 
@@ -32,9 +33,8 @@ pub struct GenerateArgs {
     /// Writes the final latents (tensor `latents`) before VAE decoding.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Textual Inversion embedding (`learned_embeds.safetensors` or `.bin`).
-    #[arg(long)]
-    pub embeddings: Option<PathBuf>,
+    #[command(flatten)]
+    pub ti: EmbeddingArgs,
     /// Output PNG.
     #[arg(long)]
     pub out: PathBuf,

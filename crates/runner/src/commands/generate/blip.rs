@@ -5,11 +5,11 @@
 
 use super::args::GenerateArgs;
 use super::shared::{step_progress, write_outputs};
-use crate::commands::common::{load_guidance_config, load_model, print_outcome};
+use crate::commands::common::{load_guidance_config, load_model, print_outcome, EmbeddingArgs};
 use crate::experiment::SD15;
 use crate::requests;
-use anyhow::Context;
 use crate::runtime::Runtime;
+use anyhow::Context;
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
 use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::default_cache_dir;
@@ -21,7 +21,7 @@ pub fn blip_request(
     args: &GenerateArgs,
     pipe: &BlipDiffusionPipeline,
 ) -> anyhow::Result<BlipRequest> {
-    if args.base.is_some() || args.embeddings.is_some() {
+    if args.base.is_some() || args.ti.embeddings.is_some() {
         anyhow::bail!(
             "--base and --embeddings apply to Stable Diffusion models, not --method blip-diffusion"
         );
@@ -64,7 +64,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         let cfg = load_guidance_config(pnd.guidance_config.as_deref())?;
         // The template comes from vanilla Stable Diffusion, not from BLIP-Diffusion's UNet.
         let template_model = pnd.base_model.as_deref().unwrap_or(SD15);
-        let base = load_model(template_model, None, None, &runtime)
+        let base = load_model(template_model, None, &EmbeddingArgs::default(), &runtime)
             .context("loading the layout template's model (--base-model)")?;
         eprintln!("pick-and-draw: layout template from '{template_model}'");
         let greq = BlipPickAndDrawRequest {

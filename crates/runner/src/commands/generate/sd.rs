@@ -3,7 +3,7 @@
 
 use super::args::{GenerateArgs, PickAndDrawArgs};
 use super::shared::{step_progress, write_outputs};
-use crate::commands::common::{load_guidance_config, load_model, print_outcome};
+use crate::commands::common::{load_guidance_config, load_model, print_outcome, EmbeddingArgs};
 use crate::requests;
 use crate::runtime::{runtime_of, Runtime};
 use anyhow::Context;
@@ -24,12 +24,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
     let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
     eprintln!("{}", runtime.describe());
-    let sd = load_model(
-        &args.model,
-        args.base.clone(),
-        args.embeddings.clone(),
-        &runtime,
-    )?;
+    let sd = load_model(&args.model, args.base.clone(), &args.ti, &runtime)?;
     let req = args.sample_request(&sd)?;
     let mut progress = step_progress(&args);
     let mut on_step = |i: usize, n: usize| progress.step(i, n);
@@ -71,16 +66,22 @@ fn guided_latents(
     // model itself (a Textual Inversion token is not in the identifier-free template prompt).
     let template_model = pnd.base_model.as_ref().or(args.base.as_ref());
     let base = match template_model {
-        Some(b) if b != model => Some(load_model(b, None, None, &runtime_of(sd))?),
+        Some(b) if b != model => Some(load_model(
+            b,
+            None,
+            &EmbeddingArgs::default(),
+            &runtime_of(sd),
+        )?),
         _ => None,
     };
     eprintln!(
         "pick-and-draw: layout template from '{}'",
         template_model.unwrap_or(model)
     );
-    let model_key = match &args.embeddings {
-        Some(e) => format!("{model}+{}", e.display()),
-        None => model.to_string(),
+    let model_key = match (&args.ti.embeddings, &args.ti.embedding_token) {
+        (Some(e), Some(token)) => format!("{model}+{}@{token}", e.display()),
+        (Some(e), None) => format!("{model}+{}", e.display()),
+        (None, _) => model.to_string(),
     };
     let guided = requests::Guided {
         reference,

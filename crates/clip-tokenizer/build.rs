@@ -1,0 +1,3 @@
+fn main() {
+    testdata::build_script();
+}
