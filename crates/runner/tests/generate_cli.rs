@@ -155,23 +155,29 @@ fn generate_with_missing_model_weights_fails_clearly() {
     );
 }
 
-#[test]
-fn tiny_model_command_then_generate_with_seed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("tiny");
+/// `pnd tiny-model --seed SEED --embedding-token <tiny-dog>` into `dir/tiny`; returns that folder.
+fn tiny_model_with_embedding(dir: &Path, seed: &str) -> std::path::PathBuf {
+    let m = dir.join("tiny");
     let tok = fixtures().join("model/tokenizer");
     let o = pnd(&[
         "tiny-model",
         "--out",
         m.to_str().unwrap(),
         "--seed",
-        "3",
+        seed,
         "--tokenizer",
         tok.to_str().unwrap(),
         "--embedding-token",
         "<tiny-dog>",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    m
+}
+
+#[test]
+fn tiny_model_command_then_generate_with_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny_model_with_embedding(tmp.path(), "3");
     let run = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let emb = m.join("learned_embeds.safetensors");
@@ -203,18 +209,7 @@ fn tiny_model_command_then_generate_with_seed() {
 #[test]
 fn embedding_token_binds_the_vector_to_the_prompts_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("tiny");
-    let tok = fixtures().join("model/tokenizer");
-    let o = pnd(&[
-        "tiny-model",
-        "--out",
-        m.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--embedding-token",
-        "<tiny-dog>",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = tiny_model_with_embedding(tmp.path(), "0");
     let emb = m.join("learned_embeds.safetensors");
     let run = |name: &str, prompt: &str, token: Option<&str>| {
         let out = tmp.path().join(name);
