@@ -9,6 +9,7 @@ use runner::experiment::Experiment;
 use runner::jobs::{validate, DreamBenchJobs};
 use runner::provenance::TokenBinding;
 use runner::report::rows::ImageRow;
+use runner::runtime::Runtime;
 use runner::sweep::{run_jobs, RunStore, Shard};
 use std::path::Path;
 use tiny::{write_tiny_embedding, write_tiny_metric_models, write_tiny_model, TinySpec};
@@ -74,7 +75,8 @@ fn sweep_binds_the_vector_to_the_prompts_token_and_records_the_files_key() {
     let exp = experiment(root, &template);
     validate(&exp).unwrap();
     let cache = root.join("cache");
-    let plan = plan_with_provenance(&exp, &cache).unwrap();
+    let runtime = Runtime::open(&exp.runtime).unwrap();
+    let plan = plan_with_provenance(&exp, &cache, &runtime.record()).unwrap();
     let store = RunStore::create(&root.join("run"), &plan).unwrap();
     let mut runner = DreamBenchJobs::new(exp.clone(), &cache).unwrap();
     run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
