@@ -7,6 +7,13 @@
 //! `DDIMScheduler.step`. The step-level API ([`StableDiffusion::cfg_step`]) is what guided
 //! samplers build on.
 //!
+//! Batches: every sampling function takes latents `[N, 4, h, w]` of N images that share the
+//! prompt and the settings, with one UNet call per step on `[N uncond, N cond]` (diffusers' order
+//! with `num_images_per_prompt = N`). The images do not interact (every UNet layer acts per batch
+//! entry), so each image of a batch is the image of a batch-1 run from its own initial latents,
+//! up to float reassociation; seeded noise of a batch is each seed's own noise
+//! ([`StableDiffusion::seeded_latents`]).
+//!
 //! Personalized models (SPEC §3, §8):
 //! - DreamBooth: a diffusers folder per subject. Components it lacks (commonly `text_encoder/`,
 //!   `tokenizer/`, `vae/`, `scheduler/` when only the UNet was fine-tuned and saved) are taken from
@@ -161,18 +168,38 @@ pub struct PromptEmbeddings {
 impl PromptEmbeddings {
     /// `[negative, prompt]` batched as diffusers does: `[2, tokens, dim]`.
     pub fn batched(&self) -> candle_core::Result<Tensor> {
-        Tensor::cat(&[&self.uncond, &self.cond], 0)
+        self.cfg_batch(1)
     }
+
+    /// The embeddings of a CFG call on `n` images: `[negative × n, prompt × n]`, `[2n, tokens, dim]`.
+    pub fn cfg_batch(&self, n: usize) -> candle_core::Result<Tensor> {
+        Tensor::cat(&[repeat_batch(&self.uncond, n)?, repeat_batch(&self.cond, n)?], 0)
+    }
+
+    /// The prompt's embedding for `n` images: `[n, tokens, dim]`.
+    pub fn cond_batch(&self, n: usize) -> candle_core::Result<Tensor> {
+        repeat_batch(&self.cond, n)
+    }
+}
+
+/// `t` (`[1, ...]`) repeated `n` times along the batch dimension.
+pub fn repeat_batch(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let mut dims = t.dims().to_vec();
+    dims[0] = n;
+    t.broadcast_as(dims)?.contiguous()
 }
 
 /// One classifier-free-guided DDIM step.
 #[derive(Debug, Clone)]
 pub struct CfgStepOutput {
-    /// Latents after the step, `[1, 4, h, w]`.
+    /// Latents after the step, `[N, 4, h, w]`.
     pub latents: Tensor,
-    /// The guided noise prediction, `[1, 4, h, w]`.
+    /// The guided noise prediction, `[N, 4, h, w]`.
     pub noise_pred: Tensor,
-    /// The predicted x̂_0, `[1, 4, h, w]`.
+    /// The predicted x̂_0, `[N, 4, h, w]`.
     pub pred_original: Tensor,
 }
 
@@ -186,7 +213,7 @@ pub struct SampleRequest {
     pub height: usize,
     pub width: usize,
     pub seed: u64,
-    /// `[1, 4, height/8, width/8]`; replaces the seeded noise.
+    /// `[N, 4, height/8, width/8]`; replaces the seeded noise (N images of the prompt at once).
     pub init_latents: Option<Tensor>,
 }
 
@@ -401,15 +428,41 @@ impl StableDiffusion {
     }
 
     /// Seeded initial latents (see [`crate::noise`]); DDIM's initial noise sigma is 1.
+    ///
+    /// # Shapes
+    /// Output `[1, 4, height/8, width/8]`.
     pub fn initial_latents(&self, height: usize, width: usize, seed: u64) -> Result<Tensor> {
+        self.seeded_latents(height, width, &[seed])
+    }
+
+    /// The initial latents of a batch: each seed's own [`Self::initial_latents`], concatenated,
+    /// so an image of the batch starts from the noise of its seed alone.
+    ///
+    /// # Shapes
+    /// Output `[seeds.len(), 4, height/8, width/8]`.
+    pub fn seeded_latents(&self, height: usize, width: usize, seeds: &[u64]) -> Result<Tensor> {
         let shape = self.latent_shape(height, width)?;
-        Ok(crate::noise::seeded_normal(seed, &shape, &self.device)?.to_dtype(self.dtype)?)
+        let each = seeds
+            .iter()
+            .map(|&s| crate::noise::seeded_normal(s, &shape, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if each.is_empty() {
+            return Err(candle_core::Error::Msg("no seeds for the initial latents".into()).into());
+        }
+        Ok(Tensor::cat(&each, 0)?.to_dtype(self.dtype)?)
     }
 
     /// Reads `--init-latents`: safetensors with tensor `latents` of shape
-    /// `[1, 4, height/8, width/8]`.
-    pub fn read_init_latents(&self, path: &Path, height: usize, width: usize) -> Result<Tensor> {
-        let expected = self.latent_shape(height, width)?;
+    /// `[batch, 4, height/8, width/8]`.
+    pub fn read_init_latents(
+        &self,
+        path: &Path,
+        height: usize,
+        width: usize,
+        batch: usize,
+    ) -> Result<Tensor> {
+        let mut expected = self.latent_shape(height, width)?;
+        expected[0] = batch;
         let tensors = weights::load_tensors(&[path.to_path_buf()], &self.device)?;
         let t = tensors.get("latents").ok_or_else(|| {
             let mut names: Vec<&String> = tensors.keys().collect();
@@ -431,11 +484,13 @@ impl StableDiffusion {
     }
 
     /// The guided noise prediction at `timestep` (diffusers' CFG: one UNet call on
-    /// `[latents, latents]` with `[uncond, cond]`; the plain conditional prediction when
-    /// `cfg_scale ≤ 1`). `hook` sees the batched call's tensors (batch 0 = uncond, 1 = cond).
+    /// `[latents, latents]` with `[uncond × N, cond × N]`; the plain conditional prediction when
+    /// `cfg_scale ≤ 1`). `hook` sees the batched call's tensors: entries `0..N` are the
+    /// unconditional branch of images `0..N`, entries `N..2N` their conditional branch (with
+    /// `cfg_scale ≤ 1`, entries `0..N` are the conditional branch).
     ///
     /// # Shapes
-    /// `latents`: `[1, 4, h, w]`; output `[1, 4, h, w]`.
+    /// `latents`: `[N, 4, h, w]`; output `[N, 4, h, w]`.
     pub fn guided_noise(
         &self,
         latents: &Tensor,
@@ -445,20 +500,23 @@ impl StableDiffusion {
         hook: &mut dyn Hook,
     ) -> Result<Tensor> {
         let t = timestep as f64;
+        let n = latents.dim(0)?;
         if cfg_scale <= 1.0 {
-            return Ok(self.unet.forward_with(latents, t, &emb.cond, hook)?);
+            return Ok(self
+                .unet
+                .forward_with(latents, t, &emb.cond_batch(n)?, hook)?);
         }
         let input = Tensor::cat(&[latents, latents], 0)?;
-        let pred = self.unet.forward_with(&input, t, &emb.batched()?, hook)?;
-        let uncond = pred.narrow(0, 0, 1)?;
-        let cond = pred.narrow(0, 1, 1)?;
+        let pred = self.unet.forward_with(&input, t, &emb.cfg_batch(n)?, hook)?;
+        let uncond = pred.narrow(0, 0, n)?;
+        let cond = pred.narrow(0, n, n)?;
         Ok((&uncond + ((cond - &uncond)? * cfg_scale)?)?)
     }
 
     /// One CFG denoising step at step index `step` of `ddim`.
     ///
     /// # Shapes
-    /// `latents`: `[1, 4, h, w]`; outputs the same.
+    /// `latents`: `[N, 4, h, w]`; outputs the same.
     pub fn cfg_step(
         &self,
         ddim: &Ddim,
@@ -483,8 +541,9 @@ impl StableDiffusion {
         })
     }
 
-    /// Full CFG sampling; returns the final latents (before decoding). `on_step(i, n)` is called
-    /// after each step.
+    /// Full CFG sampling; returns the final latents (before decoding), `[N, 4, h/8, w/8]` for
+    /// `init_latents` of N images (1 from `seed` without them). `on_step(i, n)` is called after
+    /// each step.
     pub fn sample(
         &self,
         req: &SampleRequest,
@@ -493,7 +552,8 @@ impl StableDiffusion {
         let emb = self.encode_prompts(&req.prompt, &req.negative_prompt)?;
         let mut latents = match &req.init_latents {
             Some(l) => {
-                let expected = self.latent_shape(req.height, req.width)?;
+                let mut expected = self.latent_shape(req.height, req.width)?;
+                expected[0] = l.dim(0).unwrap_or(0).max(1);
                 if l.dims() != expected.as_slice() {
                     return Err(PipelineError::LatentsShape {
                         path: PathBuf::from("<init_latents>"),
@@ -524,7 +584,7 @@ impl StableDiffusion {
         Ok(self.vae.decode_latents(latents)?)
     }
 
-    /// Decodes scaled latents to 8-bit RGB images (diffusers' postprocess).
+    /// Decodes scaled latents to 8-bit RGB images (diffusers' postprocess), one per batch entry.
     pub fn decode_images(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
         Ok(crate::vae::tensor_to_images(&self.decode(latents)?)?)
     }

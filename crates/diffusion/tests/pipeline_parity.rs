@@ -257,7 +257,7 @@ fn wrong_shape_init_latents_is_one_clear_error() {
     let t = Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     save_one(&path, "latents", t);
     let err = sd
-        .read_init_latents(&path, 64, 128)
+        .read_init_latents(&path, 64, 128, 1)
         .unwrap_err()
         .to_string();
     assert!(
@@ -266,7 +266,7 @@ fn wrong_shape_init_latents_is_one_clear_error() {
             && err.contains("[1, 4, 8, 8]"),
         "{err}"
     );
-    let ok = sd.read_init_latents(&path, 64, 64).unwrap();
+    let ok = sd.read_init_latents(&path, 64, 64, 1).unwrap();
     assert_eq!(ok.dims(), &[1, 4, 8, 8]);
 }
 
