@@ -233,7 +233,8 @@ pub fn pick_and_draw_blip(
         cfg_scale: r.cfg_scale,
         tokens: tokens.prompt,
         palette: palette.as_ref(),
-        template: tmaps.as_ref(),
+        templates: tmaps.as_deref(),
     };
-    traced_sample(&run, &init, req.trace.as_deref(), timings, on_step)
+    let traces: Vec<PathBuf> = req.trace.iter().cloned().collect();
+    traced_sample(&run, &init, &traces, timings, on_step)
 }

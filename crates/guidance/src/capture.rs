@@ -96,3 +96,49 @@ impl Hook for SiteCapture {
         }
     }
 }
+
+/// One [`SiteCapture`] per batch entry of a batched forward pass (a guided batch: entry `i` of
+/// the pass is image `i`): each sees every tensor and keeps its own entry's slice; the pass ends
+/// when every capture would end it.
+#[derive(Debug, Default)]
+pub struct BatchCapture {
+    pub entries: Vec<SiteCapture>,
+}
+
+impl BatchCapture {
+    pub fn new(entries: Vec<SiteCapture>) -> Self {
+        Self { entries }
+    }
+}
+
+impl Hook for BatchCapture {
+    fn wants_attention(&self, site: &str) -> bool {
+        self.entries.iter().any(|c| c.wants_attention(site))
+    }
+
+    fn attention(&mut self, site: &str, probs: &Tensor) -> candle_core::Result<()> {
+        for c in self.entries.iter_mut().filter(|c| c.wants_attention(site)) {
+            c.attention(site, probs)?;
+        }
+        Ok(())
+    }
+
+    fn wants_block_output(&self, site: &str) -> bool {
+        self.entries.iter().any(|c| c.wants_block_output(site))
+    }
+
+    fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {
+        for c in self.entries.iter_mut().filter(|c| c.wants_block_output(site)) {
+            c.block_output(site, hidden)?;
+        }
+        Ok(())
+    }
+
+    fn flow(&self) -> ControlFlow<()> {
+        if self.entries.iter().all(|c| c.flow().is_break()) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}

@@ -19,8 +19,12 @@ pub enum Error {
     #[error("reference image '{path}': {reason}")]
     Image { path: PathBuf, reason: String },
 
-    #[error("guidance gradient at step {step}, iteration {iteration} is not finite (nonfinite = \"abort\")")]
-    NonFinite { step: usize, iteration: usize },
+    #[error("guidance gradient of image {image} of the batch at step {step}, iteration {iteration} is not finite (nonfinite = \"abort\")")]
+    NonFinite {
+        image: usize,
+        step: usize,
+        iteration: usize,
+    },
 
     /// The null-text optimization met a NaN or infinite loss (diverged, or non-finite inputs).
     #[error(

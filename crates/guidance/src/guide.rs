@@ -1,9 +1,15 @@
 //! The Pick-and-Draw loss at a latent and the guided sampler (SPEC §7): per guided step,
-//! `iterations` updates `z ← z − η ∇_z (α ℓ_app + β ℓ_lay)` from the conditional branch alone
-//! (batch 1), then the normal CFG DDIM step.
+//! `iterations` updates `z ← z − η ∇_z (α ℓ_app + β ℓ_lay)` from the conditional branch alone,
+//! then the normal CFG DDIM step.
+//!
+//! Batches: N images that share the prompt, the reference and the settings are guided together,
+//! one UNet call per gradient pass on the N conditional branches. The batch loss is the sum of the
+//! images' losses; since no UNet layer mixes batch entries, each image's gradient is the gradient
+//! of its own loss (its own masks, normalization and template maps), and each image's update is
+//! applied, skipped or aborted on its own gradient's norm.
 
 use crate::appearance::{appearance_loss, AppearanceLayer, MaskSize};
-use crate::capture::{attn2_site, SiteCapture};
+use crate::capture::{attn2_site, BatchCapture, SiteCapture};
 use crate::config::{GuidanceConfig, NonFinite};
 use crate::error::{Error, Result};
 use crate::layout::{layout_loss, match_tokens, to_square, word_ids};
@@ -11,7 +17,7 @@ use crate::maps::{mask_indices, min_max_normalize};
 use crate::trace::TraceRow;
 use candle_core::{DType, Tensor, Var};
 use diffusion::hooks::NoHook;
-use diffusion::pipeline::{PromptEmbeddings, StableDiffusion};
+use diffusion::pipeline::{repeat_batch, PromptEmbeddings, StableDiffusion};
 use diffusion::unet::UNet2DConditionModel;
 use std::collections::BTreeMap;
 
@@ -103,14 +109,65 @@ pub fn step_loss(
     tokens: &PromptTokens,
     targets: &StepTargets<'_>,
 ) -> Result<StepLoss> {
-    let mut cap = step_capture(tokens, targets);
+    let one = std::slice::from_ref(targets);
+    let mut losses = batch_step_loss(unet, config, z, timestep, cond, tokens, one)?;
+    Ok(losses.remove(0))
+}
+
+/// The losses of a batch of latents, one per image, from one UNet call on the N conditional
+/// branches; image `i` is scored against `targets[i]`.
+///
+/// # Shapes
+/// - `z`: `[N, 4, h, w]`; `cond`: `[1, 77, dim]` (the prompt shared by the batch)
+pub fn batch_step_loss(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    z: &Tensor,
+    timestep: usize,
+    cond: &Tensor,
+    tokens: &PromptTokens,
+    targets: &[StepTargets<'_>],
+) -> Result<Vec<StepLoss>> {
+    let n = z.dim(0)?;
+    if targets.len() != n {
+        return Err(Error::Shape {
+            what: "latents of a guided batch (one per set of targets)",
+            expected: format!("[{}, 4, h, w]", targets.len()),
+            got: z.dims().to_vec(),
+        });
+    }
+    let mut cap = BatchCapture::new(
+        targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| SiteCapture {
+                batch: i,
+                ..step_capture(tokens, t)
+            })
+            .collect(),
+    );
     // The forward ends at the last captured site; its output is not needed.
-    let _ = unet.forward_until(z, timestep as f64, cond, &mut cap)?;
+    let _ = unet.forward_until(z, timestep as f64, &repeat_batch(cond, n)?, &mut cap)?;
+    cap.entries
+        .iter()
+        .zip(targets)
+        .map(|(c, t)| image_loss(unet, config, c, z, tokens, t))
+        .collect()
+}
+
+/// One image's losses from its captures.
+fn image_loss(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    cap: &SiteCapture,
+    z: &Tensor,
+    tokens: &PromptTokens,
+    targets: &StepTargets<'_>,
+) -> Result<StepLoss> {
     let missing = |site: &str| Error::UnknownSite {
         site: site.to_string(),
         available: unet.transformer_block_sites(),
     };
-
     let mut total: Option<Tensor> = None;
     let mut out = StepLoss {
         total: Tensor::zeros((), z.dtype(), z.device())?,
@@ -190,8 +247,35 @@ pub fn step_gradient(
     tokens: &PromptTokens,
     targets: &StepTargets<'_>,
 ) -> Result<StepGradient> {
+    let one = std::slice::from_ref(targets);
+    let mut g = batch_step_gradient(unet, config, z, timestep, cond, tokens, one)?;
+    Ok(StepGradient {
+        loss: g.losses.remove(0),
+        grad: g.grad,
+    })
+}
+
+/// The losses of a batch and their gradient.
+pub struct BatchStepGradient {
+    /// One per image.
+    pub losses: Vec<StepLoss>,
+    /// `∇_z` of the summed losses, like `z`: entry `i` is the gradient of image `i`'s loss.
+    pub grad: Tensor,
+}
+
+/// The gradient of the summed [`batch_step_loss`] with respect to `z` (`[N, 4, h, w]`), zeros
+/// when the loss does not depend on it.
+pub fn batch_step_gradient(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    z: &Tensor,
+    timestep: usize,
+    cond: &Tensor,
+    tokens: &PromptTokens,
+    targets: &[StepTargets<'_>],
+) -> Result<BatchStepGradient> {
     let var = Var::from_tensor(&z.detach())?;
-    let loss = step_loss(
+    let losses = batch_step_loss(
         unet,
         config,
         var.as_tensor(),
@@ -200,11 +284,15 @@ pub fn step_gradient(
         tokens,
         targets,
     )?;
-    let grad = match loss.total.backward()?.remove(var.as_tensor()) {
+    let mut total = losses[0].total.clone();
+    for l in &losses[1..] {
+        total = (total + &l.total)?;
+    }
+    let grad = match total.backward()?.remove(var.as_tensor()) {
         Some(g) => g,
         None => z.zeros_like()?,
     };
-    Ok(StepGradient { loss, grad })
+    Ok(BatchStepGradient { losses, grad })
 }
 
 /// Everything a guided sampling run needs.
@@ -215,21 +303,32 @@ pub struct GuidedRun<'a> {
     pub steps: usize,
     pub cfg_scale: f64,
     pub tokens: PromptTokens,
-    /// Required when the appearance loss is on.
+    /// The reference palette, shared by the batch; required when the appearance loss is on.
     pub palette: Option<&'a Palette>,
-    /// Required when the layout loss is on.
-    pub template: Option<&'a TemplateMaps>,
+    /// One template per image of the batch (a template depends on the image's initial latents);
+    /// required when the layout loss is on.
+    pub templates: Option<&'a [TemplateMaps]>,
 }
 
-/// Guided DDIM sampling from `init` (`[1, 4, h, w]`); `trace` receives one row per update.
+/// Guided DDIM sampling of a batch from `init` (`[N, 4, h, w]`); `trace(image, row)` receives one
+/// row per image and update.
 pub fn guided_sample(
     run: &GuidedRun<'_>,
     init: &Tensor,
-    trace: &mut dyn FnMut(&TraceRow) -> Result<()>,
+    trace: &mut dyn FnMut(usize, &TraceRow) -> Result<()>,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
     let ddim = run.sd.ddim(run.steps)?;
     let n = ddim.timesteps().len();
+    let images = init.dim(0)?;
+    let templates = run.templates.map_or(images, <[_]>::len);
+    if images == 0 || templates != images {
+        return Err(Error::Shape {
+            what: "initial latents of a guided batch (one per template)",
+            expected: format!("[{}, 4, h, w]", templates.max(1)),
+            got: init.dims().to_vec(),
+        });
+    }
     let mut z = init.clone();
     for i in 0..n {
         let t = ddim.timesteps()[i];
@@ -240,17 +339,24 @@ pub fn guided_sample(
             "reference palette",
             i,
         )?;
-        let layout = targets_at(
-            run.config.layout_at(i),
-            run.template.map(|t| &t.steps),
-            Error::MissingTemplate,
-            "template maps",
-            i,
-        )?;
-        if appearance.is_some() || layout.is_some() {
-            let targets = StepTargets { appearance, layout };
+        let layouts = (0..images)
+            .map(|b| {
+                targets_at(
+                    run.config.layout_at(i),
+                    run.templates.map(|t| &t[b].steps),
+                    Error::MissingTemplate,
+                    "template maps",
+                    i,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if appearance.is_some() || layouts.iter().any(Option::is_some) {
+            let targets: Vec<StepTargets> = layouts
+                .into_iter()
+                .map(|layout| StepTargets { appearance, layout })
+                .collect();
             for it in 0..run.config.iterations {
-                let StepGradient { loss, grad } = step_gradient(
+                let BatchStepGradient { losses, grad } = batch_step_gradient(
                     &run.sd.unet,
                     run.config,
                     &z,
@@ -259,31 +365,42 @@ pub fn guided_sample(
                     &run.tokens,
                     &targets,
                 )?;
-                let norm = grad
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .sqrt()?
-                    .to_scalar::<f64>()?;
-                let finite = norm.is_finite();
-                if finite {
-                    z = (z - (grad * run.config.eta)?)?.detach();
-                } else if run.config.nonfinite == NonFinite::Abort {
-                    return Err(Error::NonFinite {
-                        step: i,
-                        iteration: it,
-                    });
+                let mut updated = Vec::with_capacity(images);
+                for (b, loss) in losses.into_iter().enumerate() {
+                    let (zb, gb) = (z.narrow(0, b, 1)?, grad.narrow(0, b, 1)?);
+                    let norm = gb
+                        .to_dtype(DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .sqrt()?
+                        .to_scalar::<f64>()?;
+                    let finite = norm.is_finite();
+                    if finite {
+                        updated.push((zb - (gb * run.config.eta)?)?);
+                    } else if run.config.nonfinite == NonFinite::Abort {
+                        return Err(Error::NonFinite {
+                            image: b,
+                            step: i,
+                            iteration: it,
+                        });
+                    } else {
+                        updated.push(zb);
+                    }
+                    trace(
+                        b,
+                        &TraceRow {
+                            step: i,
+                            iteration: it,
+                            loss_app: loss.loss_app,
+                            loss_lay: loss.loss_lay,
+                            grad_norm: finite.then_some(norm),
+                            masks: loss.masks,
+                            skipped_layers: loss.skipped,
+                            non_finite: !finite,
+                        },
+                    )?;
                 }
-                trace(&TraceRow {
-                    step: i,
-                    iteration: it,
-                    loss_app: loss.loss_app,
-                    loss_lay: loss.loss_lay,
-                    grad_norm: finite.then_some(norm),
-                    masks: loss.masks,
-                    skipped_layers: loss.skipped,
-                    non_finite: !finite,
-                })?;
+                z = Tensor::cat(&updated, 0)?.detach();
             }
         }
         z = run

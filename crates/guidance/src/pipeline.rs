@@ -26,7 +26,8 @@ pub struct PickAndDrawRequest {
     pub cfg_scale: f64,
     pub height: usize,
     pub width: usize,
-    /// Initial latents `[1, 4, h/8, w/8]` (seeded noise or `--init-latents`).
+    /// Initial latents `[N, 4, h/8, w/8]` of the N images of a batch (seeded noise or
+    /// `--init-latents`); the images share everything else.
     pub init: Tensor,
     pub reference: PathBuf,
     /// The subject's class noun; its last token is the subject token.
@@ -39,10 +40,11 @@ pub struct PickAndDrawRequest {
     pub model_key: String,
     /// Holds the inversions, palettes and layout templates.
     pub cache_dir: PathBuf,
-    pub trace: Option<PathBuf>,
+    /// One trace file per image of the batch (one JSON line per guided update), or none.
+    pub trace: Vec<PathBuf>,
 }
 
-/// Seconds spent per part; `inversion` and `palette` are 0 on a cache hit.
+/// Seconds spent per part, for the whole batch; `inversion` and `palette` are 0 on a cache hit.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
     pub inversion_s: f64,
@@ -51,7 +53,7 @@ pub struct Timings {
     pub sampling_s: f64,
     /// The inversion and the palette both came from the cache.
     pub cache_hit: bool,
-    /// The layout template came from the cache.
+    /// The layout template (every image's) came from the cache.
     pub template_cache_hit: bool,
 }
 
@@ -59,6 +61,8 @@ pub struct Timings {
 /// (`nonfinite = "skip"`; the trace has the same row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SkippedUpdate {
+    /// The image of the batch (0 for a single image).
+    pub image: usize,
     pub step: usize,
     pub iteration: usize,
 }
@@ -73,14 +77,21 @@ impl std::fmt::Display for SkippedUpdate {
     }
 }
 
-/// One Pick-and-Draw generation.
+/// One Pick-and-Draw generation (a batch of N images).
 #[derive(Debug, Clone)]
 pub struct PickAndDraw {
-    /// The final latents `[1, 4, h/8, w/8]`.
+    /// The final latents `[N, 4, h/8, w/8]`.
     pub latents: Tensor,
     pub timings: Timings,
     /// Updates skipped for a non-finite gradient, in order (for the caller to report).
     pub skipped_updates: Vec<SkippedUpdate>,
+}
+
+impl PickAndDraw {
+    /// The skipped updates of image `image` of the batch.
+    pub fn skipped_of(&self, image: usize) -> impl Iterator<Item = &SkippedUpdate> {
+        self.skipped_updates.iter().filter(move |s| s.image == image)
+    }
 }
 
 /// The appearance sites of `config` present in `sd`'s UNet (an explicit `layers` list as given).
@@ -259,43 +270,69 @@ pub fn layout_template(
     })
 }
 
-/// The layout template when the layout loss is on, timed into `timings`.
+/// The layout templates of each image of `req.init` (`[N, 4, h, w]`) when the layout loss is on,
+/// timed into `timings`. Each image's template is cached on its own, so a seed's template is
+/// shared by every batch and method that samples that seed.
 pub(crate) fn timed_layout_template(
     base: &StableDiffusion,
     config: &GuidanceConfig,
     req: &TemplateRequest<'_>,
     cache_dir: &Path,
     timings: &mut Timings,
-) -> Result<Option<TemplateMaps>> {
+) -> Result<Option<Vec<TemplateMaps>>> {
     if !config.components.layout() || config.layout_window.range().is_empty() {
         return Ok(None);
     }
     let t0 = Instant::now();
-    let template = layout_template(base, req, cache_dir)?;
+    let mut templates = Vec::new();
+    let mut all_hit = true;
+    for b in 0..req.init.dim(0)? {
+        let init = req.init.narrow(0, b, 1)?;
+        let one = TemplateRequest {
+            init: &init,
+            window: req.window.clone(),
+            ..*req
+        };
+        let template = layout_template(base, &one, cache_dir)?;
+        all_hit &= template.hit();
+        templates.push(template.value);
+    }
     timings.template_s = t0.elapsed().as_secs_f64();
-    timings.template_cache_hit = template.hit();
-    Ok(Some(template.value))
+    timings.template_cache_hit = all_hit;
+    Ok(Some(templates))
 }
 
-/// Guided sampling with one trace row per update written to `trace` (when given), timed into
-/// `timings`; the skipped updates are returned with the latents.
+/// Guided sampling with one trace row per image and update written to that image's file of
+/// `traces` (none when empty), timed into `timings`; the skipped updates are returned with the
+/// latents.
 pub(crate) fn traced_sample(
     run: &GuidedRun<'_>,
     init: &Tensor,
-    trace: Option<&Path>,
+    traces: &[PathBuf],
     mut timings: Timings,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<PickAndDraw> {
-    let mut writer = trace.map(TraceWriter::create).transpose()?;
+    if !traces.is_empty() && traces.len() != init.dim(0)? {
+        return Err(Error::Shape {
+            what: "initial latents of a guided batch (one per trace file)",
+            expected: format!("[{}, 4, h, w]", traces.len()),
+            got: init.dims().to_vec(),
+        });
+    }
+    let mut writers = traces
+        .iter()
+        .map(|p| TraceWriter::create(p))
+        .collect::<Result<Vec<_>>>()?;
     let mut skipped_updates = Vec::new();
-    let mut on_row = |row: &TraceRow| -> Result<()> {
+    let mut on_row = |image: usize, row: &TraceRow| -> Result<()> {
         if row.non_finite {
             skipped_updates.push(SkippedUpdate {
+                image,
                 step: row.step,
                 iteration: row.iteration,
             });
         }
-        match writer.as_mut() {
+        match writers.get_mut(image) {
             Some(w) => w.write(row),
             None => Ok(()),
         }
@@ -310,8 +347,8 @@ pub(crate) fn traced_sample(
     })
 }
 
-/// Generates one image's latents with Pick-and-Draw. `base` is the template model (the
-/// personalized model itself when `None`).
+/// Generates the latents of a batch of images with Pick-and-Draw (one per entry of `req.init`).
+/// `base` is the template model (the personalized model itself when `None`).
 pub fn pick_and_draw(
     sd: &StableDiffusion,
     base: Option<&StableDiffusion>,
@@ -371,9 +408,9 @@ pub fn pick_and_draw(
         cfg_scale: req.cfg_scale,
         tokens: tokens.prompt,
         palette: palette.as_ref(),
-        template: tmaps.as_ref(),
+        templates: tmaps.as_deref(),
     };
-    traced_sample(&run, &req.init, req.trace.as_deref(), timings, on_step)
+    traced_sample(&run, &req.init, &req.trace, timings, on_step)
 }
 
 /// The default cache folder: `$PND_CACHE`, else `~/.cache/pnd/palettes`, else `.pnd-cache`.

@@ -345,11 +345,11 @@ fn full_guided_run_trace_and_palette_cache() {
         cfg_scale: 7.5,
         tokens: p,
         palette: Some(&palette),
-        template: Some(&tmaps),
+        templates: Some(std::slice::from_ref(&tmaps)),
     };
     let trace_path = tmp.path().join("trace.jsonl");
     let mut writer = guidance::trace::TraceWriter::create(&trace_path).unwrap();
-    let z = guided_sample(&run, &init, &mut |row| writer.write(row), &mut |_, _| {}).unwrap();
+    let z = guided_sample(&run, &init, &mut |_, row| writer.write(row), &mut |_, _| {}).unwrap();
     drop(writer);
     assert_eq!(z.dims(), &[1, 4, 8, 8]);
     let rows = guidance::trace::read_trace(&trace_path).unwrap();
@@ -386,7 +386,7 @@ fn pnd_request(
         template_prompt: None,
         model_key: model_key.into(),
         cache_dir,
-        trace: None,
+        trace: vec![],
     }
 }
 
@@ -405,7 +405,7 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
         &model_dir().display().to_string(),
         tmp.path().join("cache"),
     );
-    req.trace = Some(tmp.path().join("t.jsonl"));
+    req.trace = vec![tmp.path().join("t.jsonl")];
     let config = GuidanceConfig {
         inversion: InversionConfig {
             inner_steps: 1,
@@ -418,7 +418,7 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
     assert!(!first.timings.template_cache_hit);
     assert!(first.skipped_updates.is_empty());
     assert_eq!(
-        guidance::trace::read_trace(req.trace.as_ref().unwrap())
+        guidance::trace::read_trace(&req.trace[0])
             .unwrap()
             .len(),
         60
@@ -440,12 +440,12 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
         components: Components::None,
         ..config.clone()
     };
-    req.trace = Some(tmp.path().join("none.jsonl"));
+    req.trace = vec![tmp.path().join("none.jsonl")];
     let z0 = pick_and_draw(&sd, None, &none, &req, &mut |_, _| {})
         .unwrap()
         .latents;
     assert_eq!(max_abs_diff(&z0, &unguided(&sd, &init)), 0.0);
-    assert!(guidance::trace::read_trace(req.trace.as_ref().unwrap())
+    assert!(guidance::trace::read_trace(&req.trace[0])
         .unwrap()
         .is_empty());
 
@@ -765,4 +765,189 @@ fn null_text_inversion_of_an_f16_model_optimizes_in_f32_and_beats_plain_ddim() {
     assert!(r.updates.iter().all(|&u| (1..=5).contains(&u)));
     assert!(r.psnr.is_finite() && r.final_mse.is_finite(), "{r:?}");
     assert!(r.trajectory_mse < r.trajectory_mse_ddim, "{r:?}");
+}
+
+/// Template maps of `PROMPT`'s template tokens at a latent drawn from `seed` (a stand-in for an
+/// image's own layout template).
+fn template_at(sd: &StableDiffusion, tpos: &[usize], seed: u64) -> Vec<(String, Tensor)> {
+    let tcond = sd
+        .encode_prompt(&template_prompt(PROMPT, Some("sks")))
+        .unwrap();
+    let mut tcap = SiteCapture::new(0, tpos.to_vec(), sd.unet.cross_attention_sites(), vec![]);
+    sd.unet
+        .forward_with(&randn(seed, &[1, 4, 8, 8], sd.dtype()), 601.0, &tcond, &mut tcap)
+        .unwrap();
+    tcap.maps
+        .into_iter()
+        .map(|(s, m)| (s, m.detach()))
+        .collect()
+}
+
+#[test]
+fn a_batch_gradient_is_each_images_own_gradient_and_matches_finite_differences() {
+    use guidance::guide::{batch_step_gradient, batch_step_loss, BatchStepGradient};
+    let sd = load(DType::F64);
+    let (p, tpos, _) = tokens(&sd);
+    let cond = sd.encode_prompt(PROMPT).unwrap();
+    let config = GuidanceConfig::default();
+    let (reference, _) = targets(&sd, &config, &p, &tpos);
+    // Three images, each with its own template; the reference is shared.
+    let templates: Vec<_> = (0..3).map(|i| template_at(&sd, &tpos, 60 + i)).collect();
+    let zs: Vec<Tensor> = (0..3).map(|i| randn(40 + i, &[1, 4, 8, 8], DType::F64)).collect();
+    let z = Tensor::cat(&zs, 0).unwrap();
+    for (app, lay) in [(true, true), (true, false), (false, true)] {
+        let targets: Vec<StepTargets> = templates
+            .iter()
+            .map(|t| StepTargets {
+                appearance: app.then_some(reference.as_slice()),
+                layout: lay.then_some(t.as_slice()),
+            })
+            .collect();
+        let BatchStepGradient { losses, grad } =
+            batch_step_gradient(&sd.unet, &config, &z, 601, &cond, &p, &targets).unwrap();
+        assert_eq!(grad.dims(), &[3, 4, 8, 8]);
+        for (i, zi) in zs.iter().enumerate() {
+            let StepGradient { loss, grad: gi } =
+                step_gradient(&sd.unet, &config, zi, 601, &cond, &p, &targets[i]).unwrap();
+            let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let scale = max_abs(&gi);
+            let err = max_abs(&(grad.narrow(0, i, 1).unwrap() - &gi).unwrap());
+            eprintln!("app={app} lay={lay} image {i}: max |∇ batch − ∇ alone| {err:e} (max |∇| {scale:e})");
+            assert!(scale > 0.0 && err <= 1e-9 * scale.max(1.0), "image {i}: {err}");
+            let (a, b) = (
+                losses[i].total.to_scalar::<f64>().unwrap(),
+                loss.total.to_scalar::<f64>().unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-10 * b.abs().max(1.0), "image {i}: loss {a} vs {b}");
+            assert_eq!(losses[i].masks, loss.masks);
+        }
+        // The batch gradient is the gradient of the summed losses.
+        let f = |x: &Tensor| -> f64 {
+            batch_step_loss(&sd.unet, &config, x, 601, &cond, &p, &targets)
+                .unwrap()
+                .iter()
+                .map(|l| l.total.to_scalar::<f64>().unwrap())
+                .sum()
+        };
+        let directions: Vec<Tensor> = (0..3)
+            .map(|k| {
+                let u = randn(200 + k, &[3, 4, 8, 8], DType::F64);
+                let norm = u.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+                u.broadcast_div(&norm).unwrap()
+            })
+            .collect();
+        let label = format!("batch of 3, app={app} lay={lay}");
+        assert_directional_gradient(f, &z, &grad, &directions, 1e-5, &label);
+    }
+    // Targets for another number of images than the latents hold: one clear error.
+    let one = [StepTargets {
+        appearance: Some(reference.as_slice()),
+        layout: None,
+    }];
+    let err = batch_step_loss(&sd.unet, &config, &z, 601, &cond, &p, &one)
+        .err()
+        .expect("3 latents, 1 set of targets")
+        .to_string();
+    assert!(err.contains("[1, 4, h, w]") && err.contains("[3, 4, 8, 8]"), "{err}");
+}
+
+#[test]
+fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
+    use guidance::config::Window;
+    use guidance::pipeline::pick_and_draw;
+    let sd = load(DType::F32);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("ref.png");
+    reference_image().save(&image).unwrap();
+    let config = GuidanceConfig {
+        layout_window: Window { start: 0, end: 4 },
+        appearance_window: Window { start: 4, end: 8 },
+        inversion: InversionConfig {
+            inner_steps: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let seeds = [0u64, 1, 2];
+    let key = model_dir().display().to_string();
+    let request = |init: &Tensor, cache: &str, traces: Vec<PathBuf>| {
+        let mut r = pnd_request(init, &image, &key, tmp.path().join(cache));
+        r.steps = 20;
+        r.trace = traces;
+        r
+    };
+    // The batch first, with its own cache: its templates are computed, not read back.
+    let init = sd.seeded_latents(SIZE, SIZE, &seeds).unwrap();
+    let traces: Vec<PathBuf> = seeds
+        .iter()
+        .map(|s| tmp.path().join(format!("batch-{s}.jsonl")))
+        .collect();
+    let mut steps = 0;
+    let batch = pick_and_draw(
+        &sd,
+        None,
+        &config,
+        &request(&init, "cache-batch", traces.clone()),
+        &mut |_, _| steps += 1,
+    )
+    .unwrap();
+    assert_eq!(steps, 20);
+    assert!(!batch.timings.template_cache_hit);
+    assert_eq!(batch.latents.dims(), &[3, 4, 8, 8]);
+    for (i, &s) in seeds.iter().enumerate() {
+        let init = sd.initial_latents(SIZE, SIZE, s).unwrap();
+        let trace = tmp.path().join(format!("single-{s}.jsonl"));
+        let single = pick_and_draw(
+            &sd,
+            None,
+            &config,
+            &request(&init, "cache-single", vec![trace.clone()]),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let scale = single.latents.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = max_abs_diff(&batch.latents.narrow(0, i, 1).unwrap(), &single.latents);
+        eprintln!("guided seed {s}: max |batch − single| {err:e} (latents' max |z| {scale})");
+        assert!(err <= 1e-4 * scale, "seed {s}: {err} > 1e-4 × {scale}");
+        // Each image's trace is its own run's trace, up to float noise: the batched UNet sums in
+        // another order (≈1e-7 relative), which can move a pixel of a thresholded mask across τ.
+        let (b, o) = (
+            guidance::trace::read_trace(&traces[i]).unwrap(),
+            guidance::trace::read_trace(&trace).unwrap(),
+        );
+        assert_eq!(b.len(), 24, "8 guided steps × 3 iterations");
+        assert_eq!(b.len(), o.len());
+        let (mut worst_loss, mut mask_pixels) = (0.0f64, 0usize);
+        for (rb, ro) in b.iter().zip(&o) {
+            assert_eq!((rb.step, rb.iteration), (ro.step, ro.iteration));
+            for (x, y) in [(rb.loss_app, ro.loss_app), (rb.loss_lay, ro.loss_lay)] {
+                assert_eq!(x.is_some(), y.is_some(), "{rb:?} vs {ro:?}");
+                if let (Some(x), Some(y)) = (x, y) {
+                    worst_loss = worst_loss.max((x - y).abs() / y.abs().max(1e-12));
+                }
+            }
+            assert_eq!(rb.masks.len(), ro.masks.len());
+            for (mb, mo) in rb.masks.iter().zip(&ro.masks) {
+                assert_eq!((&mb.layer, mb.reference), (&mo.layer, mo.reference));
+                mask_pixels += mb.generated.abs_diff(mo.generated);
+            }
+        }
+        eprintln!(
+            "guided seed {s}: trace losses within {worst_loss:e} relative, generated masks differ by {mask_pixels} pixel(s) in all"
+        );
+        assert!(worst_loss <= 1e-2, "seed {s}: trace losses differ by {worst_loss:e}");
+        assert!(mask_pixels <= 3, "seed {s}: masks differ by {mask_pixels} pixels");
+    }
+    // A trace list of another length than the batch: one clear error.
+    let err = pick_and_draw(
+        &sd,
+        None,
+        &config,
+        &request(&init, "cache-batch", traces[..2].to_vec()),
+        &mut |_, _| {},
+    )
+    .err()
+    .expect("3 images, 2 traces")
+    .to_string();
+    assert!(err.contains("[2, 4, h, w]") && err.contains("[3, 4, 8, 8]"), "{err}");
 }

@@ -17,10 +17,12 @@ pub struct Guided {
     pub template_prompt: Option<String>,
     pub model_key: String,
     pub cache_dir: PathBuf,
-    pub trace: Option<PathBuf>,
+    /// One trace file per image, or none.
+    pub trace: Vec<PathBuf>,
 }
 
-/// Pick-and-Draw of `sample`'s prompt, schedule and size, from `init`.
+/// Pick-and-Draw of `sample`'s prompt, schedule and size, from `init` (`[N, 4, h/8, w/8]`, one
+/// entry per image).
 pub fn pick_and_draw(sample: SampleRequest, init: Tensor, guided: Guided) -> PickAndDrawRequest {
     PickAndDrawRequest {
         prompt: sample.prompt,

@@ -248,3 +248,101 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
         table
     );
 }
+
+/// The rows of `results.csv` by job id, as (column, cell) pairs without the wall time.
+fn rows_by_id(run: &Path) -> std::collections::BTreeMap<String, Vec<(String, String)>> {
+    let text = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    lines
+        .map(|l| {
+            let cells: Vec<(String, String)> = header
+                .iter()
+                .zip(l.split(','))
+                .filter(|(h, _)| **h != "seconds")
+                .map(|(h, c)| (h.to_string(), c.to_string()))
+                .collect();
+            (cells[0].1.clone(), cells)
+        })
+        .collect()
+}
+
+/// `pnd sweep` with `[runtime] batch = 4` on the demo experiment gives the golden table, and on a
+/// three-seed variant (where batches hold three images) the same rows as batch 1 (issue 12 item 5).
+#[test]
+#[cfg_attr(
+    no_clip_tokenizer,
+    ignore = "needs the real CLIP tokenizer: set PND_CLIP_TOKENIZER"
+)]
+fn batched_sweeps_give_the_rows_of_unbatched_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = tmp.path().join("demo");
+    let tokenizer = testdata::clip_tokenizer();
+    // The demo's models and data (and its batch-1 run, not used here).
+    run_demo(&demo, Some(&tokenizer), false).unwrap();
+    let toml = std::fs::read_to_string(demo.join("demo.toml")).unwrap();
+    let sweep = |name: &str, body: &str| -> PathBuf {
+        let exp = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&exp, body).unwrap();
+        let run = tmp.path().join(name);
+        let out = pnd(&[
+            "sweep",
+            exp.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--cache",
+            tmp.path().join(format!("cache-{name}")).to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        let batch = body
+            .split("batch = ")
+            .nth(1)
+            .map_or("1", |s| s.lines().next().unwrap());
+        assert!(log.contains(&format!("{batch} image(s) per batch")), "{log}");
+        let st = pnd(&["report", run.to_str().unwrap()]).status().unwrap();
+        assert!(st.success());
+        run
+    };
+
+    // 1. The demo experiment at batch 4: the golden table.
+    let run = sweep("demo-b4", &format!("{toml}\n[runtime]\nbatch = 4\n"));
+    let mut diffs = Vec::new();
+    for f in ["table.csv", "per_subject.csv"] {
+        let got = std::fs::read_to_string(run.join("report").join(f)).unwrap();
+        let want = std::fs::read_to_string(golden().join(f)).unwrap();
+        diffs.extend(compare_csv(f, &got, &want));
+    }
+    assert!(diffs.is_empty(), "batch 4 vs golden:\n  {}", diffs.join("\n  "));
+
+    // 2. Three seeds of one prompt and subject, both methods: batches of 3 against batches of 1.
+    let three = toml
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("subjects = ") => "subjects = [\"dog\"]",
+            l if l.starts_with("prompts = ") => "prompts = [0]",
+            l if l.starts_with("seeds = ") => "seeds = [0, 1, 2]",
+            l => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let b1 = rows_by_id(&sweep("three-b1", &format!("{three}\n[runtime]\nbatch = 1\n")));
+    let b3 = rows_by_id(&sweep("three-b3", &format!("{three}\n[runtime]\nbatch = 3\n")));
+    assert_eq!(b1.len(), 6);
+    assert_eq!(b1.keys().collect::<Vec<_>>(), b3.keys().collect::<Vec<_>>());
+    let mut worst: f64 = 0.0;
+    for (id, r1) in &b1 {
+        for ((h, c1), (_, c3)) in r1.iter().zip(&b3[id]) {
+            match (c1.parse::<f64>(), c3.parse::<f64>()) {
+                (Ok(a), Ok(b)) if h != "seed" && h != "prompt_index" => {
+                    worst = worst.max((a - b).abs());
+                    assert!((a - b).abs() <= TOLERANCE, "{id} {h}: batch 1 {a}, batch 3 {b}");
+                }
+                _ => assert_eq!(c1, c3, "{id} {h}"),
+            }
+        }
+    }
+    eprintln!("three seeds, batch 3 vs batch 1: largest score difference {worst:e}");
+}

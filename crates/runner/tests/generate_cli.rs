@@ -278,18 +278,24 @@ fn embedding_token_binds_the_vector_to_the_prompts_token() {
     );
 }
 
+/// A 64×64 gradient image as a Pick-and-Draw reference, `dir/ref.png`.
+fn write_reference(dir: &Path) -> std::path::PathBuf {
+    let reference = dir.join("ref.png");
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, 90, (y * 4) as u8])
+    })
+    .save(&reference)
+    .unwrap();
+    reference
+}
+
 /// The shipped guidance block is accepted by `--guidance-config` (issue 16 item 2).
 #[test]
 fn generate_pick_and_draw_with_the_shipped_guidance_file() {
     let tmp = tempfile::tempdir().unwrap();
     let paper = repo().join("configs/guidance/paper.toml");
     let model = fixtures().join("model");
-    let reference = tmp.path().join("ref.png");
-    image::RgbImage::from_fn(64, 64, |x, y| {
-        image::Rgb([(x * 4) as u8, 90, (y * 4) as u8])
-    })
-    .save(&reference)
-    .unwrap();
+    let reference = write_reference(tmp.path());
     let out = tmp.path().join("guided.png");
     let o = generate(
         &model,
@@ -413,4 +419,100 @@ fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_erro
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains("unknown device 'tpu'"), "{err}");
     }
+}
+
+/// The largest per-channel difference of two PNG files.
+fn png_diff(a: &Path, b: &Path) -> u8 {
+    let (a, b) = (
+        image::open(a).unwrap().to_rgb8(),
+        image::open(b).unwrap().to_rgb8(),
+    );
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+/// `--seeds 0,1,2` samples one batch and writes `<stem>-s<seed>.png` per seed, each the image of
+/// `--seed` alone (issue 12 item 5), unguided and with Pick-and-Draw.
+#[test]
+fn generate_seeds_batch_gives_each_seeds_own_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("model");
+    let reference = write_reference(tmp.path());
+    let cache = tmp.path().join("cache");
+    let guided = [
+        "--pick-and-draw",
+        "--reference",
+        reference.to_str().unwrap(),
+        "--class",
+        "dog",
+        "--palette-cache",
+        cache.to_str().unwrap(),
+    ];
+    for (name, extra) in [("plain", &[][..]), ("guided", &guided[..])] {
+        let batch = tmp.path().join(format!("{name}.png"));
+        let latents = tmp.path().join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "--seeds",
+            "0,1,2",
+            "--save-latents",
+            latents.to_str().unwrap(),
+            "--out",
+            batch.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = generate(&model, "a dog in the jungle", "3", ("64", "64"), &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!batch.exists(), "--seeds writes one file per seed, not --out itself");
+        let saved = diffusion::pipeline::read_latents(&latents).unwrap();
+        assert_eq!(saved.dims(), &[3, 4, 8, 8]);
+        let alone = tmp.path().join(format!("{name}-alone.png"));
+        let mut args = vec!["--seed", "1", "--out", alone.to_str().unwrap()];
+        args.extend(extra);
+        let o = generate(&model, "a dog in the jungle", "3", ("64", "64"), &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let worst = png_diff(&tmp.path().join(format!("{name}-s1.png")), &alone);
+        eprintln!("{name}: seed 1 of --seeds 0,1,2 vs --seed 1: max diff {worst}/255");
+        assert!(worst <= 1, "{name}: {worst}/255");
+        for s in [0, 2] {
+            assert!(tmp.path().join(format!("{name}-s{s}.png")).is_file());
+        }
+        assert!(png_diff(&tmp.path().join(format!("{name}-s0.png")), &alone) > 1);
+    }
+}
+
+/// Bad combinations of `--seeds` are one clear error each, before any sampling.
+#[test]
+fn generate_seeds_bad_combinations_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("model");
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let init = fixtures().join("init_latents.safetensors");
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["--seed", "1", "--seeds", "0,1"], &["--seed", "--seeds"]),
+        (&["--seeds", "0,1,0"], &["seed 0 twice"]),
+        (
+            &["--seeds", "0,1", "--init-latents", init.to_str().unwrap()],
+            &["init_latents.safetensors", "[2, 4, 8, 16]", "[1, 4, 8, 16]"],
+        ),
+    ];
+    for (flags, wanted) in cases {
+        let mut args = flags.to_vec();
+        args.extend(["--out", out]);
+        let o = generate(&model, "a dog", "2", ("64", "128"), &args);
+        assert!(!o.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(wanted.iter().all(|w| err.contains(w)), "{flags:?}: {err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "{err}"
+        );
+    }
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
 }

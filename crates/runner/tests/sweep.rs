@@ -463,3 +463,103 @@ fn keep_going_records_failures_and_a_rerun_retries_them() {
     run_all(reference.path(), Shard::ALL, Duration::ZERO);
     assert_eq!(results(tmp.path()), results(reference.path()));
 }
+
+/// Batches jobs that differ only by seed, records the batches it ran, and fails a whole batch
+/// (its "generation") when it holds a job of `fail`.
+struct BatchingRunner {
+    inner: TwoStepRunner,
+    size: usize,
+    fail: Vec<String>,
+    batches: Vec<Vec<String>>,
+}
+
+impl JobRunner for BatchingRunner {
+    type Row = Row;
+    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Row> {
+        self.batches.push(vec![job.id().0]);
+        self.inner.run(job, out)
+    }
+    fn batch_size(&self) -> usize {
+        self.size
+    }
+    fn batchable(&self, a: &Job, b: &Job) -> bool {
+        (&a.method, &a.subject, a.prompt_index) == (&b.method, &b.subject, b.prompt_index)
+    }
+    fn run_batch(&mut self, jobs: &[&Job], outs: &[JobOutput]) -> Vec<anyhow::Result<Row>> {
+        let ids: Vec<String> = jobs.iter().map(|j| j.id().0).collect();
+        self.batches.push(ids.clone());
+        if ids.iter().any(|id| self.fail.contains(id)) {
+            return ids
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("injected batch failure")))
+                .collect();
+        }
+        jobs.iter()
+            .zip(outs)
+            .map(|(j, o)| self.inner.run(j, o))
+            .collect()
+    }
+}
+
+#[test]
+fn batches_hold_one_prompts_seeds_and_keep_resume_and_failures_right() {
+    let plan = {
+        let text = experiment().replace("seeds = [0, 1]", "seeds = [0, 1, 2]");
+        plan_of(&Experiment::parse(&text, "engine-test.toml").unwrap()).unwrap()
+    };
+    let batching = |size: usize, fail: &[String]| BatchingRunner {
+        inner: TwoStepRunner {
+            pause: Duration::ZERO,
+        },
+        size,
+        fail: fail.to_vec(),
+        batches: vec![],
+    };
+    let keep_going = RunOptions {
+        progress: ProgressMode::Hidden,
+        keep_going: true,
+    };
+    let unbatched = tempfile::tempdir().unwrap();
+    let store = RunStore::create(unbatched.path(), &plan).unwrap();
+    run_jobs(&store, &plan.jobs, Shard::ALL, &mut batching(1, &[]), false).unwrap();
+
+    // Batches of up to 2 (the 3 seeds of a prompt: 2 + 1), never across prompts; the same rows.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = RunStore::create(tmp.path(), &plan).unwrap();
+    let mut runner = batching(2, &[]);
+    run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap();
+    assert_eq!(runner.batches.len(), 2 * 3 * 3 * 2);
+    for b in &runner.batches {
+        let prompt = |id: &str| id.rsplit_once("__s").unwrap().0.to_string();
+        assert!(b.len() <= 2 && b.iter().all(|id| prompt(id) == prompt(&b[0])), "{b:?}");
+    }
+    assert_eq!(runner.batches[0], ["sd__dog__p00__s0", "sd__dog__p00__s1"]);
+    assert_eq!(runner.batches[1], ["sd__dog__p00__s2"]);
+    assert_eq!(results(tmp.path()), results(unbatched.path()));
+
+    // A failing batch fails each of its jobs; a rerun batches only the unfinished jobs.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = RunStore::create(tmp.path(), &plan).unwrap();
+    // One finished job of the first prompt (as a killed run leaves it).
+    run_jobs(&store, &plan.jobs[1..2], Shard::ALL, &mut batching(1, &[]), false).unwrap();
+    let bad = plan.jobs[4].id().0; // sd__dog__p05__s1
+    let mut runner = batching(4, &[bad.clone()]);
+    let summary =
+        run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    assert_eq!(runner.batches[0], ["sd__dog__p00__s0", "sd__dog__p00__s2"]);
+    let failed: Vec<&str> = summary.failed.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(failed, ["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]);
+    assert_eq!(store.failures().unwrap(), summary.failed);
+    assert!(summary.failed[2].error.contains("injected batch failure"));
+    // Without --keep-going, the failing batch stops the sweep with its first job's error.
+    let err = run_jobs(&store, &plan.jobs, Shard::ALL, &mut batching(4, &[bad]), false)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("job sd__dog__p05__s0 failed"), "{err:#}");
+    let mut runner = batching(4, &[]);
+    let summary =
+        run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    assert_eq!(runner.batches, [["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]]);
+    assert_eq!((summary.completed, summary.failed.len()), (3, 0));
+    assert!(!tmp.path().join("failures.csv").exists());
+    assert_eq!(results(tmp.path()), results(unbatched.path()));
+}

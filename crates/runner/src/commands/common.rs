@@ -90,10 +90,14 @@ pub fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The updates a Pick-and-Draw generation skipped, and one line with the time of each part.
-pub fn print_outcome(out: &PickAndDraw) {
+/// The updates a Pick-and-Draw generation of `seeds` (one image each) skipped, and one line with
+/// the time of each part.
+pub fn print_outcome(out: &PickAndDraw, seeds: &[u64]) {
     for skipped in &out.skipped_updates {
-        eprintln!("warning: {skipped}");
+        match seeds.get(skipped.image).filter(|_| seeds.len() > 1) {
+            Some(seed) => eprintln!("warning: seed {seed}: {skipped}"),
+            None => eprintln!("warning: {skipped}"),
+        }
     }
     let t = &out.timings;
     eprintln!(

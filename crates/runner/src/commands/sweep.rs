@@ -130,9 +130,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
     eprintln!(
-        "sweep '{}': {} jobs, shard {shard}, run folder '{}'",
+        "sweep '{}': {} jobs, shard {shard}, {} image(s) per batch, run folder '{}'",
         exp.name,
         plan.jobs.len(),
+        runner.batch,
         out.display()
     );
     let options = RunOptions {

@@ -1,11 +1,13 @@
-//! Generation: one job's image, from its Stable Diffusion or BLIP-Diffusion model, with or
-//! without Pick-and-Draw.
+//! Generation: the images of a batch of jobs that differ only by seed (one job alone is a batch
+//! of one), from their Stable Diffusion or BLIP-Diffusion model, with or without Pick-and-Draw.
+//! BLIP-Diffusion runs one job at a time.
 
 use super::models::{guidance_config, LoadedModels};
 use super::JobSpec;
 use crate::experiment::{Baseline, Experiment};
 use crate::requests;
 use crate::sweep::JobOutput;
+use anyhow::Context;
 use diffusion::pipeline::SampleRequest;
 use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::{pick_and_draw, PickAndDraw};
@@ -20,9 +22,12 @@ pub(super) struct Generator<'a> {
 }
 
 /// Guided updates skipped for a non-finite gradient are said on stderr, not dropped.
-fn warn_skipped(out: &PickAndDraw) {
+fn warn_skipped(out: &PickAndDraw, specs: &[JobSpec]) {
     for skipped in &out.skipped_updates {
-        eprintln!("warning: {skipped}");
+        match specs.get(skipped.image).filter(|_| specs.len() > 1) {
+            Some(spec) => eprintln!("warning: job {}: {skipped}", spec.job.id()),
+            None => eprintln!("warning: {skipped}"),
+        }
     }
 }
 
@@ -41,36 +46,56 @@ fn sample_request(exp: &Experiment, spec: &JobSpec) -> SampleRequest {
     }
 }
 
+/// Whether two jobs can share a batch: the same method, subject and prompt (so the same model,
+/// prompt, reference and guidance settings), a Stable Diffusion baseline.
+pub(super) fn batchable(a: &JobSpec, b: &JobSpec) -> bool {
+    a.job.method == b.job.method
+        && a.job.subject == b.job.subject
+        && a.job.prompt_index == b.job.prompt_index
+        && a.method.baseline != Baseline::BlipDiffusion
+}
+
 impl Generator<'_> {
-    /// The job's image; `on_step` sees each denoising step.
-    pub fn image(
+    /// The images of a batch of jobs (one per job, in order; see [`batchable`]), each in its own
+    /// output folder `outs`; `on_step` sees each denoising step of the batch.
+    pub fn images(
         &mut self,
-        spec: &JobSpec,
-        out: &JobOutput,
+        specs: &[JobSpec],
+        outs: &[JobOutput],
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> anyhow::Result<image::RgbImage> {
-        if spec.method.baseline == Baseline::BlipDiffusion {
-            self.blip_diffusion(spec, out, on_step)
+    ) -> anyhow::Result<Vec<image::RgbImage>> {
+        let first = specs.first().context("an empty batch of jobs")?;
+        if let Some(other) = specs.iter().find(|s| !batchable(first, s)) {
+            anyhow::bail!(
+                "jobs {} and {} cannot share a batch (another method, subject or prompt, or BLIP-Diffusion)",
+                first.job.id(),
+                other.job.id()
+            );
+        }
+        if first.method.baseline == Baseline::BlipDiffusion {
+            Ok(vec![self.blip_diffusion(first, &outs[0], on_step)?])
         } else {
-            self.stable_diffusion(spec, out, on_step)
+            self.stable_diffusion(specs, outs, on_step)
         }
     }
 
-    /// Stable Diffusion (plain, DreamBooth, Textual Inversion); guided personalized models take
-    /// the layout template from the base model.
+    /// Stable Diffusion (plain, DreamBooth, Textual Inversion) of a batch of seeds; guided
+    /// personalized models take the layout templates from the base model.
     fn stable_diffusion(
         &mut self,
-        spec: &JobSpec,
-        out: &JobOutput,
+        specs: &[JobSpec],
+        outs: &[JobOutput],
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> anyhow::Result<image::RgbImage> {
+    ) -> anyhow::Result<Vec<image::RgbImage>> {
+        let spec = &specs[0];
         let (exp, method, choice) = (self.exp, &spec.method, &spec.choice);
         let g = &exp.generation;
         let personalized = choice.model != exp.models.base || choice.embeddings.is_some();
         let (sd, base) = self
             .models
             .stable_diffusion(choice, method.pick_and_draw && personalized)?;
-        let init = sd.initial_latents(g.height, g.width, spec.job.seed)?;
+        let seeds: Vec<u64> = specs.iter().map(|s| s.job.seed).collect();
+        let init = sd.seeded_latents(g.height, g.width, &seeds)?;
         let latents = if method.pick_and_draw {
             let cfg = guidance_config(exp, method)?;
             let style = method.style(spec.subject);
@@ -86,11 +111,11 @@ impl Generator<'_> {
                 template_prompt: None,
                 model_key: choice.cache_key(),
                 cache_dir: self.palette_cache.to_path_buf(),
-                trace: Some(out.path("trace.jsonl")),
+                trace: outs.iter().map(|o| o.path("trace.jsonl")).collect(),
             };
             let req = requests::pick_and_draw(sample_request(exp, spec), init, guided);
             let out = pick_and_draw(sd, base, &cfg, &req, on_step)?;
-            warn_skipped(&out);
+            warn_skipped(&out, specs);
             out.latents
         } else {
             let req = SampleRequest {
@@ -99,7 +124,7 @@ impl Generator<'_> {
             };
             sd.sample(&req, on_step)?
         };
-        Ok(sd.decode_images(&latents)?.remove(0))
+        Ok(sd.decode_images(&latents)?)
     }
 
     /// BLIP-Diffusion: the reference image and the class condition the prompt; with Pick-and-Draw
@@ -130,7 +155,7 @@ impl Generator<'_> {
                     trace: Some(out.path("trace.jsonl")),
                 };
                 let out = pick_and_draw_blip(pipe, base, &cfg, &preq, on_step)?;
-                warn_skipped(&out);
+                warn_skipped(&out, std::slice::from_ref(spec));
                 Ok(pipe.sd.decode_images(&out.latents)?.remove(0))
             }
             None => Ok(pipe.generate(&req, on_step)?.image),

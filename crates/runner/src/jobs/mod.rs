@@ -1,7 +1,8 @@
 //! The DreamBench job runner behind `pnd sweep` (SPEC §8): for each job, render the method's
 //! prompt, generate with the method's model (with or without Pick-and-Draw), write the PNG, score
 //! it (DINO and CLIP-I against the subject's real images, CLIP-T against the class prompt) and
-//! return its row. Everything a job needs is checked before the first job starts.
+//! return its row. Everything a job needs is checked before the first job starts. Jobs that differ
+//! only by seed are generated together, `[runtime] batch` at a time ([`batch_size`]).
 //!
 //! - [`models`]: which model serves a method and subject, and the models kept loaded;
 //! - [`validate`](validate()): the checks before any work;
@@ -39,6 +40,16 @@ pub(crate) struct JobSpec<'a> {
     choice: ModelChoice,
 }
 
+/// Images per batch of an experiment: `[runtime] batch`, else 4 (the seeds of a prompt) when the
+/// models run on a CUDA device and 1 otherwise (a batch buys little on the CPU).
+pub fn batch_size(exp: &Experiment, on_cuda: bool) -> usize {
+    match exp.runtime.batch {
+        Some(n) => n,
+        None if on_cuda => 4,
+        None => 1,
+    }
+}
+
 /// Runs DreamBench jobs: models are loaded on first use and kept while consecutive jobs share them.
 pub struct DreamBenchJobs {
     exp: Experiment,
@@ -51,6 +62,8 @@ pub struct DreamBenchJobs {
     pub step_progress: bool,
     /// The device and precision every model runs on.
     runtime: Runtime,
+    /// Images per batch (see [`batch_size`]).
+    pub batch: usize,
 }
 
 impl DreamBenchJobs {
@@ -76,7 +89,12 @@ impl DreamBenchJobs {
                     exp.metrics.dino, exp.metrics.clip
                 )
             })?;
+        anyhow::ensure!(
+            exp.runtime.batch != Some(0),
+            "[runtime] batch = 0: a batch holds at least one image"
+        );
         Ok(Self {
+            batch: batch_size(&exp, runtime.device.is_cuda()),
             models: models::LoadedModels::new(exp.models.base.clone(), runtime.clone()),
             exp,
             dataset,
@@ -134,11 +152,14 @@ impl DreamBenchJobs {
     }
 }
 
-impl JobRunner for DreamBenchJobs {
-    type Row = ImageRow;
-
-    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
-        let spec = self.spec(job)?;
+impl DreamBenchJobs {
+    /// The images of a batch of jobs (see [`generate::batchable`]) and each one's share of the
+    /// generation time.
+    fn generate(
+        &mut self,
+        specs: &[JobSpec],
+        outs: &[JobOutput],
+    ) -> anyhow::Result<(Vec<image::RgbImage>, f64)> {
         let started = Instant::now();
         let bar = if self.step_progress {
             indicatif::ProgressBar::new(self.exp.generation.steps as u64)
@@ -150,10 +171,60 @@ impl JobRunner for DreamBenchJobs {
             models: &mut self.models,
             palette_cache: &self.palette_cache,
         };
-        let image = generator.image(&spec, out, &mut |i, _| bar.set_position(i as u64))?;
+        let images = generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
-        let seconds = started.elapsed().as_secs_f64();
+        Ok((images, started.elapsed().as_secs_f64() / specs.len() as f64))
+    }
+}
+
+impl JobRunner for DreamBenchJobs {
+    type Row = ImageRow;
+
+    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
+        let spec = self.spec(job)?;
+        let (mut images, seconds) = self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
         let runtime = self.runtime.record();
+        let image = images.remove(0);
         score::image_row(&self.dataset, &self.scorer, &spec, out, image, seconds, &runtime)
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    fn batchable(&self, first: &Job, job: &Job) -> bool {
+        match (self.spec(first), self.spec(job)) {
+            (Ok(a), Ok(b)) => generate::batchable(&a, &b),
+            _ => false,
+        }
+    }
+
+    /// One generation for the batch, then each image scored on its own: a failed generation fails
+    /// every job of the batch with its error, a failed scoring only its job.
+    fn run_batch(&mut self, jobs: &[&Job], outs: &[JobOutput]) -> Vec<anyhow::Result<ImageRow>> {
+        let specs = match jobs.iter().map(|j| self.spec(j)).collect::<anyhow::Result<Vec<_>>>() {
+            Ok(s) => s,
+            Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+        };
+        match self.generate(&specs, outs) {
+            Ok((images, seconds)) => {
+                let runtime = self.runtime.record();
+                specs
+                    .iter()
+                    .zip(outs)
+                    .zip(images)
+                    .map(|((spec, out), image)| {
+                        let (dataset, scorer) = (&self.dataset, &self.scorer);
+                        score::image_row(dataset, scorer, spec, out, image, seconds, &runtime)
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let ids: Vec<String> = jobs.iter().map(|j| j.id().0).collect();
+                jobs.iter()
+                    .map(|_| Err(anyhow::anyhow!("{e:#} (batch of {})", ids.join(", "))))
+                    .collect()
+            }
+        }
     }
 }

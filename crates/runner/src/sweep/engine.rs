@@ -1,5 +1,5 @@
 //! Running a job list against a store: shard selection, skipping finished jobs, redoing
-//! half-written ones, progress with ETA.
+//! half-written ones, batching jobs that differ only by seed, progress with ETA.
 
 use super::store::{write_file_atomic, Failure, RunStore, StoreError};
 use crate::progress::{JobProgress, ProgressMode};
@@ -94,11 +94,61 @@ impl JobOutput {
     }
 }
 
+/// A job's folder, emptied: a half-written attempt (files but no row) is redone from scratch.
+fn fresh_output(dir: PathBuf) -> Result<JobOutput, StoreError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io {
+            action: "clearing",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+        action: "creating",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(JobOutput { dir })
+}
+
 /// What a sweep runs for each job.
 pub trait JobRunner {
     /// One result row per job: a flat serde struct (it becomes a CSV line).
     type Row: Serialize + DeserializeOwned;
     fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Self::Row>;
+
+    /// How many jobs may run as one batch (at least 1).
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Whether `job` may join a batch that starts with `first`.
+    fn batchable(&self, _first: &Job, _job: &Job) -> bool {
+        false
+    }
+
+    /// Runs a batch of jobs (each with its own folder in `outs`); one result per job, in order, so
+    /// a job of the batch can fail alone (its scoring) or with the others (their generation).
+    fn run_batch(&mut self, jobs: &[&Job], outs: &[JobOutput]) -> Vec<anyhow::Result<Self::Row>> {
+        jobs.iter().zip(outs).map(|(j, o)| self.run(j, o)).collect()
+    }
+}
+
+/// Cuts `jobs` (in order) into batches of consecutive jobs, each at most `size` long and
+/// batchable with its first job.
+pub fn batches<'a>(
+    jobs: &[&'a Job],
+    size: usize,
+    batchable: impl Fn(&Job, &Job) -> bool,
+) -> Vec<Vec<&'a Job>> {
+    let mut out: Vec<Vec<&Job>> = Vec::new();
+    for &job in jobs {
+        match out.last_mut() {
+            Some(b) if b.len() < size.max(1) && batchable(b[0], job) => b.push(job),
+            _ => out.push(vec![job]),
+        }
+    }
+    out
 }
 
 /// What a call of [`run_jobs`] did.
@@ -143,6 +193,11 @@ pub fn run_jobs<R: JobRunner>(
 /// [`run_jobs`] with options. With `keep_going`, a failing job is recorded in `failures.csv`
 /// (job id, error) and the sweep goes on; a later run retries it, since it has no row. A job that
 /// finishes loses its earlier failure record.
+///
+/// The unfinished jobs run in batches of [`JobRunner::batch_size`] (see [`batches`]); a batch
+/// writes the rows of its finished jobs before the first failure of the batch stops the sweep,
+/// and a batch whose generation fails fails each of its jobs. A job's time (its progress line)
+/// is its share of its batch's time.
 pub fn run_jobs_with<R: JobRunner>(
     store: &RunStore,
     jobs: &[Job],
@@ -163,54 +218,61 @@ pub fn run_jobs_with<R: JobRunner>(
     };
     let mut failures = store.failures()?;
     let mut progress = JobProgress::new(todo.len(), options.progress);
-    for job in todo {
-        let id = job.id();
-        progress.start(&id.0);
+    let size = runner.batch_size().max(1);
+    for batch in batches(&todo, size, |a, b| runner.batchable(a, b)) {
+        let ids: Vec<_> = batch.iter().map(|j| j.id()).collect();
+        let names: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
+        progress.start(&names.join(", "));
         let started = Instant::now();
-        let dir = store.files_dir(&id);
-        // A half-written attempt (files but no row) is redone from scratch.
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io {
-                action: "clearing",
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            action: "creating",
-            path: dir.clone(),
-            source,
-        })?;
-        let out = JobOutput { dir };
+        let outs = ids
+            .iter()
+            .map(|id| fresh_output(store.files_dir(id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A job that runs again loses its earlier failure record (kept again if it fails again).
         let before = failures.len();
-        failures.retain(|f| f.id != id.0);
-        let retried = failures.len() != before;
-        match runner.run(job, &out) {
-            Ok(row) => {
-                store.write_row(&id, &row)?;
-                summary.completed += 1;
-                progress.finished(&id.0, started.elapsed().as_secs_f64(), None);
-                if retried {
-                    store.write_failures(&failures)?;
+        failures.retain(|f| !ids.iter().any(|id| id.0 == f.id));
+        let mut failures_changed = failures.len() != before;
+        let results = if batch.len() == 1 {
+            vec![runner.run(batch[0], &outs[0])]
+        } else {
+            runner.run_batch(&batch, &outs)
+        };
+        anyhow::ensure!(
+            results.len() == batch.len(),
+            "a batch of {} jobs gave {} results",
+            batch.len(),
+            results.len()
+        );
+        let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
+        let mut first_error = None;
+        for (id, result) in ids.iter().zip(results) {
+            match result {
+                Ok(row) => {
+                    store.write_row(id, &row)?;
+                    summary.completed += 1;
+                    progress.finished(&id.0, seconds, None);
+                }
+                Err(e) if options.keep_going => {
+                    let failure = Failure {
+                        id: id.0.clone(),
+                        error: format!("{e:#}"),
+                    };
+                    progress.finished(&id.0, seconds, Some(&failure.error));
+                    failures.push(failure.clone());
+                    summary.failed.push(failure);
+                    failures_changed = true;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e.context(format!("job {id} failed")));
                 }
             }
-            Err(e) if options.keep_going => {
-                let failure = Failure {
-                    id: id.0.clone(),
-                    error: format!("{e:#}"),
-                };
-                progress.finished(&id.0, started.elapsed().as_secs_f64(), Some(&failure.error));
-                failures.push(failure.clone());
-                store.write_failures(&failures)?;
-                summary.failed.push(failure);
-            }
-            Err(e) => {
-                progress.abandon();
-                if retried {
-                    store.write_failures(&failures)?;
-                }
-                return Err(e.context(format!("job {id} failed")));
-            }
+        }
+        if failures_changed {
+            store.write_failures(&failures)?;
+        }
+        if let Some(e) = first_error {
+            progress.abandon();
+            return Err(e);
         }
     }
     progress.finish();

@@ -2,7 +2,7 @@
 
 use crate::commands::common::EmbeddingArgs;
 use diffusion::pipeline::{SampleRequest, StableDiffusion};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -19,6 +19,10 @@ pub struct GenerateArgs {
     /// Seed of the initial noise (our generator, see the diffusion crate's `noise` module).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Several seeds sampled as one batch (one UNet call per step); writes `<out stem>-s<seed>.png`
+    /// per seed next to --out. Each image is the one `--seed` alone gives.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "seed")]
+    pub seeds: Option<Vec<u64>>,
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]
@@ -27,10 +31,11 @@ pub struct GenerateArgs {
     pub height: usize,
     #[arg(long, default_value_t = 512)]
     pub width: usize,
-    /// Safetensors file with tensor `latents` [1, 4, H/8, W/8]; replaces the seeded noise.
+    /// Safetensors file with tensor `latents` [N, 4, H/8, W/8] (N: the number of --seeds, else 1);
+    /// replaces the seeded noise.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Writes the final latents (tensor `latents`) before VAE decoding.
+    /// Writes the final latents (tensor `latents`, [N, 4, H/8, W/8]) before VAE decoding.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
     #[command(flatten)]
@@ -55,10 +60,34 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    /// The sampling request of these flags, with `--init-latents` checked against `sd`'s shape.
+    /// The seeds of the batch: `--seeds`, else `--seed` alone.
+    pub fn seeds(&self) -> anyhow::Result<Vec<u64>> {
+        let Some(seeds) = &self.seeds else {
+            return Ok(vec![self.seed]);
+        };
+        for (i, s) in seeds.iter().enumerate() {
+            if let Some(j) = seeds[..i].iter().position(|x| x == s) {
+                anyhow::bail!("--seeds lists seed {s} twice (positions {} and {})", j + 1, i + 1);
+            }
+        }
+        Ok(seeds.clone())
+    }
+
+    /// Where the image of `seed` goes: `--out`, or `<out stem>-s<seed>.png` beside it with
+    /// `--seeds`.
+    pub fn image_path(&self, seed: u64) -> PathBuf {
+        match self.seeds {
+            Some(_) => seed_path(&self.out, seed, "png"),
+            None => self.out.clone(),
+        }
+    }
+
+    /// The sampling request of these flags, with `--init-latents` checked against `sd`'s shape
+    /// (one image per seed).
     pub fn sample_request(&self, sd: &StableDiffusion) -> anyhow::Result<SampleRequest> {
+        let batch = self.seeds()?.len();
         let init_latents = match &self.init_latents {
-            Some(p) => Some(sd.read_init_latents(p, self.height, self.width)?),
+            Some(p) => Some(sd.read_init_latents(p, self.height, self.width, batch)?),
             None => None,
         };
         Ok(SampleRequest {
@@ -72,6 +101,12 @@ impl GenerateArgs {
             init_latents,
         })
     }
+}
+
+/// `<stem>-s<seed>.<ext>` in the folder of `path`.
+pub fn seed_path(path: &Path, seed: u64, ext: &str) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{stem}-s{seed}.{ext}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -104,7 +139,7 @@ pub struct PickAndDrawArgs {
     /// hub for BLIP-Diffusion).
     #[arg(long, requires = "pick_and_draw")]
     pub base_model: Option<String>,
-    /// Writes one JSON line per guided update.
+    /// Writes one JSON line per guided update (`<stem>-s<seed>.jsonl` per seed with --seeds).
     #[arg(long, requires = "pick_and_draw")]
     pub trace: Option<PathBuf>,
     /// TOML with guidance settings, at the top level or in a `[guidance]` table (e.g.

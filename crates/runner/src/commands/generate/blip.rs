@@ -52,6 +52,11 @@ pub fn blip_request(
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    if args.seeds.is_some() {
+        anyhow::bail!(
+            "--seeds applies to Stable Diffusion models; --method blip-diffusion takes one --seed"
+        );
+    }
     let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
     eprintln!("{}", runtime.describe());
     let pipe = BlipDiffusionPipeline::load(&args.model, runtime.dtype, &runtime.device)
@@ -75,7 +80,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             trace: pnd.trace.clone(),
         };
         let out = pick_and_draw_blip(&pipe, &base, &cfg, &greq, &mut on_step)?;
-        print_outcome(&out);
+        print_outcome(&out, &[args.seed]);
         out.latents
     } else {
         let init = pipe.initial_latents(&req)?;

@@ -1,7 +1,7 @@
 //! `pnd generate` with a Stable Diffusion model (plain, DreamBooth or Textual Inversion),
 //! optionally guided with Pick-and-Draw (SPEC §6, §7).
 
-use super::args::{GenerateArgs, PickAndDrawArgs};
+use super::args::{seed_path, GenerateArgs, PickAndDrawArgs};
 use super::shared::{step_progress, write_outputs};
 use crate::commands::common::{load_guidance_config, load_model, print_outcome, EmbeddingArgs};
 use crate::requests;
@@ -25,16 +25,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
     eprintln!("{}", runtime.describe());
     let sd = load_model(&args.model, args.base.clone(), &args.ti, &runtime)?;
-    let req = args.sample_request(&sd)?;
+    let seeds = args.seeds()?;
+    let mut req = args.sample_request(&sd)?;
+    // The seeds of a batch share every UNet call; each image is its seed's image alone.
+    let init = match req.init_latents.take() {
+        Some(l) => l,
+        None => sd.seeded_latents(args.height, args.width, &seeds)?,
+    };
     let mut progress = step_progress(&args);
     let mut on_step = |i: usize, n: usize| progress.step(i, n);
     let latents = if args.pnd.pick_and_draw {
-        let init = match req.init_latents.clone() {
-            Some(l) => l,
-            None => sd.initial_latents(args.height, args.width, args.seed)?,
-        };
-        guided_latents(&sd, &args, req, init, &mut on_step)?
+        guided_latents(&sd, &args, req, init, &seeds, &mut on_step)?
     } else {
+        req.init_latents = Some(init);
         sd.sample(&req, &mut on_step)?
     };
     progress.finish();
@@ -42,13 +45,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Pick-and-Draw guided sampling of `sample`'s prompt, schedule and size from `init`; returns
-/// the final latents.
+/// Pick-and-Draw guided sampling of `sample`'s prompt, schedule and size from `init` (one image
+/// per seed); returns the final latents.
 fn guided_latents(
     sd: &StableDiffusion,
     args: &GenerateArgs,
     sample: SampleRequest,
     init: Tensor,
+    seeds: &[u64],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Tensor> {
     let pnd: &PickAndDrawArgs = &args.pnd;
@@ -90,10 +94,14 @@ fn guided_latents(
         template_prompt: pnd.template_prompt.clone(),
         model_key,
         cache_dir: pnd.palette_cache.clone().unwrap_or_else(default_cache_dir),
-        trace: pnd.trace.clone(),
+        trace: match (&pnd.trace, &args.seeds) {
+            (Some(t), Some(_)) => seeds.iter().map(|&s| seed_path(t, s, "jsonl")).collect(),
+            (t, None) => t.iter().cloned().collect(),
+            (None, _) => vec![],
+        },
     };
     let req = requests::pick_and_draw(sample, init, guided);
     let out = pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?;
-    print_outcome(&out);
+    print_outcome(&out, seeds);
     Ok(out.latents)
 }

@@ -12,7 +12,7 @@ pub(super) fn step_progress(args: &GenerateArgs) -> StepProgress {
     StepProgress::new("denoising", args.steps, ProgressMode::detect(!args.quiet))
 }
 
-/// Writes `--save-latents` (if asked) and the decoded PNG.
+/// Writes `--save-latents` (if asked, all images) and the decoded PNGs, one per seed.
 pub(super) fn write_outputs(
     args: &GenerateArgs,
     sd: &StableDiffusion,
@@ -21,6 +21,9 @@ pub(super) fn write_outputs(
     if let Some(p) = &args.save_latents {
         write_latents(p, latents).with_context(|| format!("writing latents '{}'", p.display()))?;
     }
-    let img = sd.decode_images(latents)?.remove(0);
-    save_png(&img, &args.out)
+    let images = sd.decode_images(latents)?;
+    for (img, seed) in images.iter().zip(args.seeds()?) {
+        save_png(img, &args.image_path(seed))?;
+    }
+    Ok(())
 }
