@@ -279,7 +279,7 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
     let demo = tmp.path().join("demo");
     let tokenizer = testdata::clip_tokenizer();
     // The demo's models and data (and its batch-1 run, not used here).
-    run_demo(&demo, Some(&tokenizer), false).unwrap();
+    run_demo(&demo, Some(&tokenizer), false, &Default::default()).unwrap();
     let toml = std::fs::read_to_string(demo.join("demo.toml")).unwrap();
     let sweep = |name: &str, body: &str| -> PathBuf {
         let exp = tmp.path().join(format!("{name}.toml"));
