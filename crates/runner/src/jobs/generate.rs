@@ -47,12 +47,17 @@ fn sample_request(exp: &Experiment, spec: &JobSpec) -> SampleRequest {
 }
 
 /// Whether two jobs can share a batch: the same method, subject and prompt (so the same model,
-/// prompt, reference and guidance settings), a Stable Diffusion baseline.
+/// prompt and settings), unguided Stable Diffusion. Guided jobs run one at a time in a sweep for
+/// now: on the demo's tiny model a guided batch of 3 seeds moved one image's DINO score by 0.04
+/// against batch 1 (a float-noise mask flip amplified, or a fault not yet found), while the
+/// library's guided batch matches batch-1 runs on its test; until that is understood, the
+/// sweep's guided rows stay those of batch 1.
 pub(super) fn batchable(a: &JobSpec, b: &JobSpec) -> bool {
     a.job.method == b.job.method
         && a.job.subject == b.job.subject
         && a.job.prompt_index == b.job.prompt_index
         && a.method.baseline != Baseline::BlipDiffusion
+        && !a.method.pick_and_draw
 }
 
 impl Generator<'_> {
@@ -65,7 +70,7 @@ impl Generator<'_> {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Vec<image::RgbImage>> {
         let first = specs.first().context("an empty batch of jobs")?;
-        if let Some(other) = specs.iter().find(|s| !batchable(first, s)) {
+        if let Some(other) = specs[1..].iter().find(|s| !batchable(first, s)) {
             anyhow::bail!(
                 "jobs {} and {} cannot share a batch (another method, subject or prompt, or BLIP-Diffusion)",
                 first.job.id(),
