@@ -317,7 +317,8 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
     }
     assert!(diffs.is_empty(), "batch 4 vs golden:\n  {}", diffs.join("\n  "));
 
-    // 2. Three seeds of one prompt and subject, both methods: batches of 3 against batches of 1.
+    // 2. Three seeds of one prompt and subject, both methods: batches of 3 against batches of 1
+    // (the sweep batches the unguided method only; see `jobs::generate::batchable`).
     let three = toml
         .lines()
         .map(|l| match l {
