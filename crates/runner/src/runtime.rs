@@ -228,14 +228,6 @@ impl Runtime {
         }
     }
 
-    /// Images per UNet call for a `[runtime] batch` setting: as set, else the seeds of a prompt
-    /// (4) on a GPU and 1 on the CPU.
-    pub fn batch(&self, configured: Option<usize>) -> usize {
-        configured
-            .unwrap_or(if self.device.is_cuda() { 4 } else { 1 })
-            .max(1)
-    }
-
     /// What `plan.json` and every result row record.
     pub fn record(&self) -> RuntimeRecord {
         RuntimeRecord {
