@@ -63,6 +63,8 @@ fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> candle_core::Result<T
 }
 
 fn main() -> anyhow::Result<()> {
+    // As `pnd` does (`layers::allocator`).
+    layers::allocator::tune_for_tensors();
     let all: Vec<String> = std::env::args().collect();
     let mut args = Vec::new();
     let (mut device, mut dtype, mut size, mut batch) = ("cpu".to_string(), "f32".to_string(), 256, 1);

@@ -1,6 +1,7 @@
 //! Candle building blocks shared by the metric and diffusion models.
 
 mod activation;
+pub mod allocator;
 pub mod kernels;
 
 pub use activation::{Activation, UnsupportedActivation};

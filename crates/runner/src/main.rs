@@ -1,6 +1,9 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Keep freed tensor buffers in the heap instead of unmapping and re-faulting them (see
+    // `layers::allocator`): 25-33% off a UNet pass on the CPU.
+    layers::allocator::tune_for_tensors();
     let args = <runner::cli::Cli as clap::Parser>::parse();
     match runner::cli::run(args) {
         Ok(code) => code,
