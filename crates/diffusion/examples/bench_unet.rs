@@ -67,10 +67,14 @@ fn main() -> anyhow::Result<()> {
     layers::allocator::tune_for_tensors();
     let all: Vec<String> = std::env::args().collect();
     let mut args = Vec::new();
-    let (mut device, mut dtype, mut size, mut batch) = ("cpu".to_string(), "f32".to_string(), 256, 1);
+    let (mut device, mut dtype, mut size, mut batch) =
+        ("cpu".to_string(), "f32".to_string(), 256, 1);
     let mut it = all.into_iter().skip(1);
     while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--device" => device = value()?,
             "--dtype" => dtype = value()?,
@@ -79,7 +83,11 @@ fn main() -> anyhow::Result<()> {
             _ => args.push(a),
         }
     }
-    let mode = args.first().map(String::as_str).unwrap_or("fwd").to_string();
+    let mode = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("fwd")
+        .to_string();
     let iters: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
     let warmup: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     let dev = match device.as_str() {
@@ -100,8 +108,12 @@ fn main() -> anyhow::Result<()> {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let lat = size / 8;
-    let sample = randn(&[batch, 4, lat, lat], &mut rng)?.to_dtype(dt)?.to_device(&dev)?;
-    let context = randn(&[batch, 77, 768], &mut rng)?.to_dtype(dt)?.to_device(&dev)?;
+    let sample = randn(&[batch, 4, lat, lat], &mut rng)?
+        .to_dtype(dt)?
+        .to_device(&dev)?;
+    let context = randn(&[batch, 77, 768], &mut rng)?
+        .to_dtype(dt)?
+        .to_device(&dev)?;
 
     let mut times = Vec::new();
     for i in 0..warmup + iters {
@@ -126,7 +138,10 @@ fn main() -> anyhow::Result<()> {
                     start.elapsed().as_secs_f64() - forward_secs
                 );
                 let g = grads.get(z.as_tensor()).expect("latent gradient");
-                g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
             }
             other => anyhow::bail!("unknown mode '{other}' (fwd | fwdbwd)"),
         }

@@ -433,7 +433,9 @@ pub fn conv2d(
                 let idx: Vec<u32> = (0..n as u32).step_by(stride).collect();
                 Tensor::new(idx.as_slice(), xs.device())
             };
-            let ys = full.index_select(&every(fh)?, 2)?.index_select(&every(fw)?, 3)?;
+            let ys = full
+                .index_select(&every(fh)?, 2)?
+                .index_select(&every(fw)?, 3)?;
             return match bias {
                 Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
                 None => Ok(ys),

@@ -173,7 +173,10 @@ impl PromptEmbeddings {
 
     /// The embeddings of a CFG call on `n` images: `[negative × n, prompt × n]`, `[2n, tokens, dim]`.
     pub fn cfg_batch(&self, n: usize) -> candle_core::Result<Tensor> {
-        Tensor::cat(&[repeat_batch(&self.uncond, n)?, repeat_batch(&self.cond, n)?], 0)
+        Tensor::cat(
+            &[repeat_batch(&self.uncond, n)?, repeat_batch(&self.cond, n)?],
+            0,
+        )
     }
 
     /// The prompt's embedding for `n` images: `[n, tokens, dim]`.
@@ -507,7 +510,9 @@ impl StableDiffusion {
                 .forward_with(latents, t, &emb.cond_batch(n)?, hook)?);
         }
         let input = Tensor::cat(&[latents, latents], 0)?;
-        let pred = self.unet.forward_with(&input, t, &emb.cfg_batch(n)?, hook)?;
+        let pred = self
+            .unet
+            .forward_with(&input, t, &emb.cfg_batch(n)?, hook)?;
         let uncond = pred.narrow(0, 0, n)?;
         let cond = pred.narrow(0, n, n)?;
         Ok((&uncond + ((cond - &uncond)? * cfg_scale)?)?)

@@ -30,7 +30,12 @@ fn request(cfg_scale: f64, init: Tensor) -> SampleRequest {
 
 /// The largest |value| of `t`.
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -66,7 +71,9 @@ fn a_batch_of_three_seeds_equals_three_batch_one_runs() {
             let single = sd.sample(&request(cfg, init), &mut |_, _| {}).unwrap();
             let scale = max_abs(&single);
             let err = max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &single);
-            eprintln!("cfg {cfg}, seed {s}: max |batch − single| {err:e} (latents' max |z| {scale})");
+            eprintln!(
+                "cfg {cfg}, seed {s}: max |batch − single| {err:e} (latents' max |z| {scale})"
+            );
             assert!(err <= 1e-4 * scale, "seed {s}: {err} > 1e-4 × {scale}");
             let img = sd.decode_images(&single).unwrap().remove(0);
             let worst = img
@@ -97,7 +104,9 @@ fn init_latents_of_the_wrong_shape_are_one_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("init.safetensors") && err.contains("[2, 4, 8, 8]") && err.contains("[3, 4, 8, 8]"),
+        err.contains("init.safetensors")
+            && err.contains("[2, 4, 8, 8]")
+            && err.contains("[3, 4, 8, 8]"),
         "{err}"
     );
     let bad = sd.seeded_latents(64, 128, &SEEDS).unwrap();
@@ -105,5 +114,8 @@ fn init_latents_of_the_wrong_shape_are_one_clear_error() {
         .sample(&request(7.5, bad), &mut |_, _| {})
         .unwrap_err()
         .to_string();
-    assert!(err.contains("[3, 4, 8, 8]") && err.contains("[3, 4, 8, 16]"), "{err}");
+    assert!(
+        err.contains("[3, 4, 8, 8]") && err.contains("[3, 4, 8, 16]"),
+        "{err}"
+    );
 }

@@ -44,7 +44,12 @@ fn generic_fd_error(x: &Tensor, f: &Op<'_>) -> f64 {
         // through a Var so the same (generic, differentiable) path runs.
         let v = Var::from_tensor(t).unwrap();
         let y = f(v.as_tensor()).unwrap();
-        (y * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        (y * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
     let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
@@ -169,9 +174,15 @@ fn every_primitive_matches_the_host_kernels_in_value_and_gradient() {
              {grad_err:.1e}, generic gradient vs FD {fd:.1e}"
         );
         assert!(value32 <= 1e-5, "{name}: f32 values differ by {value32}");
-        assert!(value_err <= 1e-12, "{name}: f64 values differ by {value_err}");
+        assert!(
+            value_err <= 1e-12,
+            "{name}: f64 values differ by {value_err}"
+        );
         assert!(grad_err <= 1e-10, "{name}: gradients differ by {grad_err}");
-        assert!(fd <= 1e-7, "{name}: generic gradient vs finite differences {fd}");
+        assert!(
+            fd <= 1e-7,
+            "{name}: generic gradient vs finite differences {fd}"
+        );
     }
 }
 
@@ -183,7 +194,12 @@ fn unet_pass(dtype: DType, z: &Tensor, ctx: &Tensor, generic: bool) -> (Vec<Tens
     let var = Var::from_tensor(&z.to_dtype(dtype).unwrap()).unwrap();
     let mut rec = Recorder::all();
     let eps = unet
-        .forward_with(var.as_tensor(), 601.0, &ctx.to_dtype(dtype).unwrap(), &mut rec)
+        .forward_with(
+            var.as_tensor(),
+            601.0,
+            &ctx.to_dtype(dtype).unwrap(),
+            &mut rec,
+        )
         .unwrap();
     let mut loss = (&eps * randn(eps.dims(), 3000).to_dtype(dtype).unwrap())
         .unwrap()
@@ -195,7 +211,12 @@ fn unet_pass(dtype: DType, z: &Tensor, ctx: &Tensor, generic: bool) -> (Vec<Tens
         loss = (loss + (a * w).unwrap().sum_all().unwrap()).unwrap();
         outputs.push(a.detach());
     }
-    let g = loss.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+    let g = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
     (outputs, g)
 }
 
@@ -221,7 +242,12 @@ fn check_unet(z: Tensor, ctx: Tensor) {
         let eps = unet.forward_with(zz, 601.0, &ctx, &mut rec).unwrap();
         let mut l = (&eps * randn(eps.dims(), 3000)).unwrap().sum_all().unwrap();
         for (i, (_, a)) in rec.attention.iter().chain(rec.blocks.iter()).enumerate() {
-            l = (l + (a * randn(a.dims(), 1000 + i as u64)).unwrap().sum_all().unwrap()).unwrap();
+            l = (l
+                + (a * randn(a.dims(), 1000 + i as u64))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
         }
         l.to_scalar::<f64>().unwrap()
     };
@@ -229,12 +255,28 @@ fn check_unet(z: Tensor, ctx: Tensor) {
     let mut fd_worst = 0f64;
     for seed in [7u64, 8] {
         let u = randn(z.dims(), seed);
-        let norm = u.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+        let norm = u
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt();
         let u = (u / norm).unwrap();
-        let analytic = (&gen_g * &u).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let fd = (loss(&(&z + (&u * h).unwrap()).unwrap()) - loss(&(&z - (&u * h).unwrap()).unwrap()))
+        let analytic = (&gen_g * &u)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let fd = (loss(&(&z + (&u * h).unwrap()).unwrap())
+            - loss(&(&z - (&u * h).unwrap()).unwrap()))
             / (2.0 * h);
-        assert!(fd.abs() > 1e-8, "directional derivative {fd} too small to test");
+        assert!(
+            fd.abs() > 1e-8,
+            "directional derivative {fd} too small to test"
+        );
         fd_worst = fd_worst.max((analytic - fd).abs() / fd.abs());
     }
     println!(
@@ -244,12 +286,18 @@ fn check_unet(z: Tensor, ctx: Tensor) {
     );
     assert!(worst32 <= 1e-5, "f32 values differ by {worst32}");
     assert!(grad_err <= 1e-10, "gradients differ by {grad_err}");
-    assert!(fd_worst <= 1e-4, "generic gradient vs finite differences {fd_worst}");
+    assert!(
+        fd_worst <= 1e-4,
+        "generic gradient vs finite differences {fd_worst}"
+    );
 }
 
 #[test]
 fn the_tiny_unet_matches_the_host_kernels_on_the_generic_path() {
-    check_unet((randn(&[1, 4, 16, 16], 11) * 0.8).unwrap(), randn(&[1, 77, 32], 12));
+    check_unet(
+        (randn(&[1, 4, 16, 16], 11) * 0.8).unwrap(),
+        randn(&[1, 77, 32], 12),
+    );
 }
 
 #[test]

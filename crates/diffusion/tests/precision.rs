@@ -47,10 +47,22 @@ fn check(dtype: DType, latent_bound: f32, max_bound: u8, mean_bound: f64) {
         "{dtype:?} vs f32: final latents max rel {rel:.2e}; PNG max {worst}/255, mean {mean:.3}/255"
     );
     let finite = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(finite.iter().all(|v| v.is_finite()), "{dtype:?}: non-finite latents");
-    assert!(rel <= latent_bound, "{dtype:?}: latents differ by {rel} (bound {latent_bound})");
-    assert!(worst <= max_bound, "{dtype:?}: PNG differs by {worst}/255 (bound {max_bound})");
-    assert!(mean <= mean_bound, "{dtype:?}: PNG mean difference {mean} (bound {mean_bound})");
+    assert!(
+        finite.iter().all(|v| v.is_finite()),
+        "{dtype:?}: non-finite latents"
+    );
+    assert!(
+        rel <= latent_bound,
+        "{dtype:?}: latents differ by {rel} (bound {latent_bound})"
+    );
+    assert!(
+        worst <= max_bound,
+        "{dtype:?}: PNG differs by {worst}/255 (bound {max_bound})"
+    );
+    assert!(
+        mean <= mean_bound,
+        "{dtype:?}: PNG mean difference {mean} (bound {mean_bound})"
+    );
 }
 
 #[test]

@@ -128,7 +128,11 @@ impl Hook for BatchCapture {
     }
 
     fn block_output(&mut self, site: &str, hidden: &Tensor) -> candle_core::Result<()> {
-        for c in self.entries.iter_mut().filter(|c| c.wants_block_output(site)) {
+        for c in self
+            .entries
+            .iter_mut()
+            .filter(|c| c.wants_block_output(site))
+        {
             c.block_output(site, hidden)?;
         }
         Ok(())

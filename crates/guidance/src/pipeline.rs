@@ -90,7 +90,9 @@ pub struct PickAndDraw {
 impl PickAndDraw {
     /// The skipped updates of image `image` of the batch.
     pub fn skipped_of(&self, image: usize) -> impl Iterator<Item = &SkippedUpdate> {
-        self.skipped_updates.iter().filter(move |s| s.image == image)
+        self.skipped_updates
+            .iter()
+            .filter(move |s| s.image == image)
     }
 }
 

@@ -418,9 +418,7 @@ fn pick_and_draw_end_to_end_with_cache_and_components() {
     assert!(!first.timings.template_cache_hit);
     assert!(first.skipped_updates.is_empty());
     assert_eq!(
-        guidance::trace::read_trace(&req.trace[0])
-            .unwrap()
-            .len(),
+        guidance::trace::read_trace(&req.trace[0]).unwrap().len(),
         60
     );
     let second = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
@@ -730,10 +728,23 @@ fn a_guided_f16_pass_stays_finite_and_each_update_lowers_its_loss() {
             let StepGradient { loss: before, grad } =
                 step_gradient(&sd.unet, &config, &z, t, &cond, &p, &targets).unwrap();
             assert_eq!(grad.dtype(), DType::F16);
-            assert_eq!(before.total.dtype(), DType::F32, "the loss is computed in f32");
+            assert_eq!(
+                before.total.dtype(),
+                DType::F32,
+                "the loss is computed in f32"
+            );
             let l0 = before.total.to_scalar::<f32>().unwrap() as f64;
-            let g: Vec<f32> = grad.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert!(l0.is_finite() && g.iter().all(|v| v.is_finite()), "step {step}: non-finite");
+            let g: Vec<f32> = grad
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                l0.is_finite() && g.iter().all(|v| v.is_finite()),
+                "step {step}: non-finite"
+            );
             let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             assert!(gn > 0.0, "step {step}: zero gradient");
             z = (&z - (grad * (0.05 / gn)).unwrap()).unwrap();
@@ -775,7 +786,12 @@ fn template_at(sd: &StableDiffusion, tpos: &[usize], seed: u64) -> Vec<(String, 
         .unwrap();
     let mut tcap = SiteCapture::new(0, tpos.to_vec(), sd.unet.cross_attention_sites(), vec![]);
     sd.unet
-        .forward_with(&randn(seed, &[1, 4, 8, 8], sd.dtype()), 601.0, &tcond, &mut tcap)
+        .forward_with(
+            &randn(seed, &[1, 4, 8, 8], sd.dtype()),
+            601.0,
+            &tcond,
+            &mut tcap,
+        )
         .unwrap();
     tcap.maps
         .into_iter()
@@ -793,7 +809,9 @@ fn a_batch_gradient_is_each_images_own_gradient_and_matches_finite_differences()
     let (reference, _) = targets(&sd, &config, &p, &tpos);
     // Three images, each with its own template; the reference is shared.
     let templates: Vec<_> = (0..3).map(|i| template_at(&sd, &tpos, 60 + i)).collect();
-    let zs: Vec<Tensor> = (0..3).map(|i| randn(40 + i, &[1, 4, 8, 8], DType::F64)).collect();
+    let zs: Vec<Tensor> = (0..3)
+        .map(|i| randn(40 + i, &[1, 4, 8, 8], DType::F64))
+        .collect();
     let z = Tensor::cat(&zs, 0).unwrap();
     for (app, lay) in [(true, true), (true, false), (false, true)] {
         let targets: Vec<StepTargets> = templates
@@ -809,16 +827,29 @@ fn a_batch_gradient_is_each_images_own_gradient_and_matches_finite_differences()
         for (i, zi) in zs.iter().enumerate() {
             let StepGradient { loss, grad: gi } =
                 step_gradient(&sd.unet, &config, zi, 601, &cond, &p, &targets[i]).unwrap();
-            let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let max_abs = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
             let scale = max_abs(&gi);
             let err = max_abs(&(grad.narrow(0, i, 1).unwrap() - &gi).unwrap());
             eprintln!("app={app} lay={lay} image {i}: max |∇ batch − ∇ alone| {err:e} (max |∇| {scale:e})");
-            assert!(scale > 0.0 && err <= 1e-9 * scale.max(1.0), "image {i}: {err}");
+            assert!(
+                scale > 0.0 && err <= 1e-9 * scale.max(1.0),
+                "image {i}: {err}"
+            );
             let (a, b) = (
                 losses[i].total.to_scalar::<f64>().unwrap(),
                 loss.total.to_scalar::<f64>().unwrap(),
             );
-            assert!((a - b).abs() <= 1e-10 * b.abs().max(1.0), "image {i}: loss {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-10 * b.abs().max(1.0),
+                "image {i}: loss {a} vs {b}"
+            );
             assert_eq!(losses[i].masks, loss.masks);
         }
         // The batch gradient is the gradient of the summed losses.
@@ -848,7 +879,10 @@ fn a_batch_gradient_is_each_images_own_gradient_and_matches_finite_differences()
         .err()
         .expect("3 latents, 1 set of targets")
         .to_string();
-    assert!(err.contains("[1, 4, h, w]") && err.contains("[3, 4, 8, 8]"), "{err}");
+    assert!(
+        err.contains("[1, 4, h, w]") && err.contains("[3, 4, 8, 8]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -905,7 +939,14 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
             &mut |_, _| {},
         )
         .unwrap();
-        let scale = single.latents.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = single
+            .latents
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let err = max_abs_diff(&batch.latents.narrow(0, i, 1).unwrap(), &single.latents);
         eprintln!("guided seed {s}: max |batch − single| {err:e} (latents' max |z| {scale})");
         assert!(err <= 1e-4 * scale, "seed {s}: {err} > 1e-4 × {scale}");
@@ -935,8 +976,14 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
         eprintln!(
             "guided seed {s}: trace losses within {worst_loss:e} relative, generated masks differ by {mask_pixels} pixel(s) in all"
         );
-        assert!(worst_loss <= 1e-2, "seed {s}: trace losses differ by {worst_loss:e}");
-        assert!(mask_pixels <= 3, "seed {s}: masks differ by {mask_pixels} pixels");
+        assert!(
+            worst_loss <= 1e-2,
+            "seed {s}: trace losses differ by {worst_loss:e}"
+        );
+        assert!(
+            mask_pixels <= 3,
+            "seed {s}: masks differ by {mask_pixels} pixels"
+        );
     }
     // A trace list of another length than the batch: one clear error.
     let err = pick_and_draw(
@@ -949,5 +996,8 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
     .err()
     .expect("3 images, 2 traces")
     .to_string();
-    assert!(err.contains("[2, 4, h, w]") && err.contains("[3, 4, 8, 8]"), "{err}");
+    assert!(
+        err.contains("[2, 4, h, w]") && err.contains("[3, 4, 8, 8]"),
+        "{err}"
+    );
 }

@@ -42,6 +42,9 @@ mod tests {
         let ok = super::tune_for_tensors();
         assert_eq!(ok, cfg!(all(target_os = "linux", target_env = "gnu")));
         let v = vec![1.5f32; 20 << 20]; // 80 MB: above the threshold, still served
-        assert_eq!(v.iter().map(|&x| x as f64).sum::<f64>(), 1.5 * (20 << 20) as f64);
+        assert_eq!(
+            v.iter().map(|&x| x as f64).sum::<f64>(),
+            1.5 * (20 << 20) as f64
+        );
     }
 }

@@ -19,9 +19,7 @@ thread_local! {
 
 fn forced_by_env() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
-    *ENV.get_or_init(|| {
-        std::env::var("PND_GENERIC_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
-    })
+    *ENV.get_or_init(|| std::env::var("PND_GENERIC_OPS").is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
 /// Whether the generic path is forced on this thread (by [`force_generic`] or `PND_GENERIC_OPS`).
@@ -70,11 +68,16 @@ mod tests {
                 let _inner = force_generic();
                 assert!(generic_forced());
             }
-            assert!(generic_forced(), "an inner guard must not lift an outer one");
+            assert!(
+                generic_forced(),
+                "an inner guard must not lift an outer one"
+            );
         }
         assert!(host_kernels(&Device::Cpu));
         // Other threads are unaffected.
         let _g = force_generic();
-        assert!(std::thread::spawn(|| host_kernels(&Device::Cpu)).join().unwrap());
+        assert!(std::thread::spawn(|| host_kernels(&Device::Cpu))
+            .join()
+            .unwrap());
     }
 }

@@ -86,19 +86,45 @@ fn the_device_generic_path_matches_transformers_and_the_cpu_kernels() {
     let clip = ClipModel::load(&fixture("clip_tiny"), &Device::Cpu).unwrap();
     let embed = |generic: bool| {
         let _guard = generic.then(layers::kernels::force_generic);
-        let d = dino.vit.embed(x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let c = clip.vision.embed(x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = dino
+            .vit
+            .embed(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let c = clip
+            .vision
+            .embed(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         (d, c)
     };
     let (host_d, host_c) = embed(false);
     let (gen_d, gen_c) = embed(true);
     let (dd, dc) = (max_abs_diff(&host_d, &gen_d), max_abs_diff(&host_c, &gen_c));
     let want_d = t["dino"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let want_c = t["clip_image"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want_c = t["clip_image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let (td, tc) = (max_abs_diff(&gen_d, &want_d), max_abs_diff(&gen_c, &want_c));
-    eprintln!("generic vs CPU kernels: DINO {dd:.1e}, CLIP {dc:.1e}; vs transformers: {td:.1e}, {tc:.1e}");
-    assert!(dd <= 1e-5 && dc <= 1e-5, "generic path differs: DINO {dd}, CLIP {dc}");
-    assert!(td <= 1e-4 && tc <= 1e-4, "generic path vs transformers: DINO {td}, CLIP {tc}");
+    eprintln!(
+        "generic vs CPU kernels: DINO {dd:.1e}, CLIP {dc:.1e}; vs transformers: {td:.1e}, {tc:.1e}"
+    );
+    assert!(
+        dd <= 1e-5 && dc <= 1e-5,
+        "generic path differs: DINO {dd}, CLIP {dc}"
+    );
+    assert!(
+        td <= 1e-4 && tc <= 1e-4,
+        "generic path vs transformers: DINO {td}, CLIP {tc}"
+    );
 }
 
 #[test]

@@ -172,7 +172,11 @@ fn main() -> anyhow::Result<()> {
             let z = randn(&[2, 4, 16, 16], 1)?;
             let ctx = randn(&[2, 77, 32], 2)?;
             let a = unet(&cpu, DType::F32)?.forward(&z, 421.0, &ctx)?;
-            let b = unet(&cuda, DType::F32)?.forward(&z.to_device(&cuda)?, 421.0, &ctx.to_device(&cuda)?)?;
+            let b = unet(&cuda, DType::F32)?.forward(
+                &z.to_device(&cuda)?,
+                421.0,
+                &ctx.to_device(&cuda)?,
+            )?;
             max_rel(&b, &a)
         })(),
         1e-4,
@@ -191,7 +195,10 @@ fn main() -> anyhow::Result<()> {
             .and_then(|s| max_abs(s, &diffusers_final_latents()?)),
         1e-3,
     );
-    for (name, dtype, bound) in [("sample_f16", DType::F16, 2e-2), ("sample_bf16", DType::BF16, 1e-1)] {
+    for (name, dtype, bound) in [
+        ("sample_f16", DType::F16, 2e-2),
+        ("sample_bf16", DType::BF16, 1e-1),
+    ] {
         c.record(
             name,
             (|| {

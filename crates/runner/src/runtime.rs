@@ -80,7 +80,9 @@ impl FromStr for Precision {
             "f32" | "float32" => Ok(Self::F32),
             "f16" | "float16" | "fp16" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            other => Err(format!("unknown dtype '{other}': expected f32, f16 or bf16")),
+            other => Err(format!(
+                "unknown dtype '{other}': expected f32, f16 or bf16"
+            )),
         }
     }
 }
@@ -254,7 +256,9 @@ pub fn runtime_of(sd: &diffusion::pipeline::StableDiffusion) -> Runtime {
         candle_core::DeviceLocation::Cuda { gpu_id } => {
             (DeviceSpec::Cuda(gpu_id), format!("cuda:{gpu_id}"))
         }
-        candle_core::DeviceLocation::Metal { gpu_id } => (DeviceSpec::Auto, format!("metal:{gpu_id}")),
+        candle_core::DeviceLocation::Metal { gpu_id } => {
+            (DeviceSpec::Auto, format!("metal:{gpu_id}"))
+        }
         candle_core::DeviceLocation::Cpu => (DeviceSpec::Cpu, "cpu".into()),
     };
     Runtime {
@@ -278,9 +282,8 @@ pub fn open_device(spec: DeviceSpec) -> anyhow::Result<(Device, String)> {
                      `cargo build --release --features cuda` (see the README's GPU section)"
                 );
             }
-            let device = Device::new_cuda(n).map_err(|e| {
-                anyhow::anyhow!("--device cuda:{n}: no CUDA GPU {n} answers: {e}")
-            })?;
+            let device = Device::new_cuda(n)
+                .map_err(|e| anyhow::anyhow!("--device cuda:{n}: no CUDA GPU {n} answers: {e}"))?;
             Ok((device, format!("cuda:{n}")))
         }
         DeviceSpec::Auto => {
@@ -340,7 +343,10 @@ mod tests {
             assert!(rt.device.is_cpu());
         }
         let bad: Result<RuntimeConfig, _> = toml::from_str("device = \"tpu\"");
-        assert!(bad.unwrap_err().to_string().contains("unknown device 'tpu'"));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device 'tpu'"));
     }
 
     #[test]

@@ -301,7 +301,10 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
             .split("batch = ")
             .nth(1)
             .map_or("1", |s| s.lines().next().unwrap());
-        assert!(log.contains(&format!("{batch} image(s) per batch")), "{log}");
+        assert!(
+            log.contains(&format!("{batch} image(s) per batch")),
+            "{log}"
+        );
         let st = pnd(&["report", run.to_str().unwrap()]).status().unwrap();
         assert!(st.success());
         run
@@ -315,7 +318,11 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
         let want = std::fs::read_to_string(golden().join(f)).unwrap();
         diffs.extend(compare_csv(f, &got, &want));
     }
-    assert!(diffs.is_empty(), "batch 4 vs golden:\n  {}", diffs.join("\n  "));
+    assert!(
+        diffs.is_empty(),
+        "batch 4 vs golden:\n  {}",
+        diffs.join("\n  ")
+    );
 
     // 2. Three seeds of one prompt and subject, both methods: batches of 3 against batches of 1
     // (the sweep batches the unguided method only; see `jobs::generate::batchable`).
@@ -329,8 +336,14 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let b1 = rows_by_id(&sweep("three-b1", &format!("{three}\n[runtime]\nbatch = 1\n")));
-    let b3 = rows_by_id(&sweep("three-b3", &format!("{three}\n[runtime]\nbatch = 3\n")));
+    let b1 = rows_by_id(&sweep(
+        "three-b1",
+        &format!("{three}\n[runtime]\nbatch = 1\n"),
+    ));
+    let b3 = rows_by_id(&sweep(
+        "three-b3",
+        &format!("{three}\n[runtime]\nbatch = 3\n"),
+    ));
     assert_eq!(b1.len(), 6);
     assert_eq!(b1.keys().collect::<Vec<_>>(), b3.keys().collect::<Vec<_>>());
     let mut worst: f64 = 0.0;
@@ -339,7 +352,10 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
             match (c1.parse::<f64>(), c3.parse::<f64>()) {
                 (Ok(a), Ok(b)) if h != "seed" && h != "prompt_index" => {
                     worst = worst.max((a - b).abs());
-                    assert!((a - b).abs() <= TOLERANCE, "{id} {h}: batch 1 {a}, batch 3 {b}");
+                    assert!(
+                        (a - b).abs() <= TOLERANCE,
+                        "{id} {h}: batch 1 {a}, batch 3 {b}"
+                    );
                 }
                 _ => assert_eq!(c1, c3, "{id} {h}"),
             }

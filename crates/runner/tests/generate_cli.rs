@@ -388,18 +388,37 @@ fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_erro
         (o, out)
     };
     let (o32, p32) = run("f32");
-    assert!(o32.status.success(), "{}", String::from_utf8_lossy(&o32.stderr));
+    assert!(
+        o32.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o32.stderr)
+    );
     let stderr = String::from_utf8_lossy(&o32.stderr);
-    assert!(stderr.contains("device: cpu (requested cpu), dtype: f32"), "{stderr}");
+    assert!(
+        stderr.contains("device: cpu (requested cpu), dtype: f32"),
+        "{stderr}"
+    );
     let (o16, p16) = run("f16");
-    assert!(o16.status.success(), "{}", String::from_utf8_lossy(&o16.stderr));
+    assert!(
+        o16.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o16.stderr)
+    );
     let a = image::open(&p32).unwrap().to_rgb8();
     let b = image::open(&p16).unwrap().to_rgb8();
-    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let diffs: Vec<u8> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
     let worst = *diffs.iter().max().unwrap();
     let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
     eprintln!("pnd generate f16 vs f32: PNG max {worst}/255, mean {mean:.3}/255");
-    assert!(worst <= 8 && mean <= 1.0, "f16 PNG differs: max {worst}, mean {mean}");
+    assert!(
+        worst <= 8 && mean <= 1.0,
+        "f16 PNG differs: max {worst}, mean {mean}"
+    );
 
     let (obf, pbf) = run("bf16");
     assert!(!obf.status.success());
@@ -418,10 +437,22 @@ fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_erro
         );
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("built without CUDA") && err.contains("--features cuda"), "{err}");
-        let o = generate(&model, "a photo", "2", ("64", "64"), &["--device", "tpu", "--out", out.to_str().unwrap()]);
+        assert!(
+            err.contains("built without CUDA") && err.contains("--features cuda"),
+            "{err}"
+        );
+        let o = generate(
+            &model,
+            "a photo",
+            "2",
+            ("64", "64"),
+            &["--device", "tpu", "--out", out.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("unknown device 'tpu'"), "{err}");
+        assert!(
+            !o.status.success() && err.contains("unknown device 'tpu'"),
+            "{err}"
+        );
     }
 }
 
@@ -451,11 +482,17 @@ fn generate_seeds_batch_gives_each_seeds_own_image() {
     // is not found again (the default appearance window 10..20 with 3 steps; not a batching matter).
     let (cache_batch, cache_alone) = (tmp.path().join("cache-b"), tmp.path().join("cache-a"));
     let guided = |cache: &Path| -> Vec<String> {
-        ["--pick-and-draw", "--reference", reference.to_str().unwrap(), "--class", "dog"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--palette-cache".into(), cache.display().to_string()])
-            .collect()
+        [
+            "--pick-and-draw",
+            "--reference",
+            reference.to_str().unwrap(),
+            "--class",
+            "dog",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--palette-cache".into(), cache.display().to_string()])
+        .collect()
     };
     let (gb, ga) = (guided(&cache_batch), guided(&cache_alone));
     let runs = [
@@ -476,7 +513,10 @@ fn generate_seeds_batch_gives_each_seeds_own_image() {
         args.extend(&extra);
         let o = generate(&model, "a dog in the jungle", "3", ("64", "64"), &args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(!batch.exists(), "--seeds writes one file per seed, not --out itself");
+        assert!(
+            !batch.exists(),
+            "--seeds writes one file per seed, not --out itself"
+        );
         let saved = diffusion::pipeline::read_latents(&latents).unwrap();
         assert_eq!(saved.dims(), &[3, 4, 8, 8]);
         let alone = tmp.path().join(format!("{name}-alone.png"));

@@ -531,7 +531,10 @@ fn batches_hold_one_prompts_seeds_and_keep_resume_and_failures_right() {
     assert_eq!(runner.batches.len(), 2 * 3 * 3 * 2);
     for b in &runner.batches {
         let prompt = |id: &str| id.rsplit_once("__s").unwrap().0.to_string();
-        assert!(b.len() <= 2 && b.iter().all(|id| prompt(id) == prompt(&b[0])), "{b:?}");
+        assert!(
+            b.len() <= 2 && b.iter().all(|id| prompt(id) == prompt(&b[0])),
+            "{b:?}"
+        );
     }
     assert_eq!(runner.batches[0], ["sd__dog__p00__s0", "sd__dog__p00__s1"]);
     assert_eq!(runner.batches[1], ["sd__dog__p00__s2"]);
@@ -541,24 +544,44 @@ fn batches_hold_one_prompts_seeds_and_keep_resume_and_failures_right() {
     let tmp = tempfile::tempdir().unwrap();
     let store = RunStore::create(tmp.path(), &plan).unwrap();
     // One finished job of the first prompt (as a killed run leaves it).
-    run_jobs(&store, &plan.jobs[1..2], Shard::ALL, &mut batching(1, &[]), false).unwrap();
+    run_jobs(
+        &store,
+        &plan.jobs[1..2],
+        Shard::ALL,
+        &mut batching(1, &[]),
+        false,
+    )
+    .unwrap();
     let bad = plan.jobs[4].id().0; // sd__dog__p05__s1
     let mut runner = batching(4, &[bad.clone()]);
-    let summary =
-        run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    let summary = run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
     assert_eq!(runner.batches[0], ["sd__dog__p00__s0", "sd__dog__p00__s2"]);
     let failed: Vec<&str> = summary.failed.iter().map(|f| f.id.as_str()).collect();
-    assert_eq!(failed, ["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]);
+    assert_eq!(
+        failed,
+        ["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]
+    );
     assert_eq!(store.failures().unwrap(), summary.failed);
     assert!(summary.failed[2].error.contains("injected batch failure"));
     // Without --keep-going, the failing batch stops the sweep with its first job's error.
-    let err = run_jobs(&store, &plan.jobs, Shard::ALL, &mut batching(4, &[bad]), false)
-        .unwrap_err();
-    assert!(format!("{err:#}").contains("job sd__dog__p05__s0 failed"), "{err:#}");
+    let err = run_jobs(
+        &store,
+        &plan.jobs,
+        Shard::ALL,
+        &mut batching(4, &[bad]),
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("job sd__dog__p05__s0 failed"),
+        "{err:#}"
+    );
     let mut runner = batching(4, &[]);
-    let summary =
-        run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
-    assert_eq!(runner.batches, [["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]]);
+    let summary = run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    assert_eq!(
+        runner.batches,
+        [["sd__dog__p05__s0", "sd__dog__p05__s1", "sd__dog__p05__s2"]]
+    );
     assert_eq!((summary.completed, summary.failed.len()), (3, 0));
     assert!(!tmp.path().join("failures.csv").exists());
     assert_eq!(results(tmp.path()), results(unbatched.path()));

@@ -6,10 +6,10 @@
 pub mod subjects;
 
 use crate::commands::sweep::{open_run, plan_with_provenance};
-use crate::runtime::{Runtime, RuntimeArgs};
 use crate::experiment::Experiment;
 use crate::jobs::{validate, DreamBenchJobs};
 use crate::report::write_report;
+use crate::runtime::{Runtime, RuntimeArgs};
 use crate::sweep::{run_jobs, write_file_atomic, Shard};
 use anyhow::Context;
 use std::path::{Path, PathBuf};

@@ -75,7 +75,11 @@ impl DreamBenchJobs {
     }
 
     /// As [`DreamBenchJobs::new`], on an opened device.
-    pub fn with_runtime(exp: Experiment, cache_dir: &Path, runtime: Runtime) -> anyhow::Result<Self> {
+    pub fn with_runtime(
+        exp: Experiment,
+        cache_dir: &Path,
+        runtime: Runtime,
+    ) -> anyhow::Result<Self> {
         let dataset = open_dataset(&exp)?;
         let options = ScorerOptions {
             cache: Some(metrics::EmbeddingCache::new(cache_dir.join("embeddings"))),
@@ -182,10 +186,19 @@ impl JobRunner for DreamBenchJobs {
 
     fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
         let spec = self.spec(job)?;
-        let (mut images, seconds) = self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
+        let (mut images, seconds) =
+            self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
         let runtime = self.runtime.record();
         let image = images.remove(0);
-        score::image_row(&self.dataset, &self.scorer, &spec, out, image, seconds, &runtime)
+        score::image_row(
+            &self.dataset,
+            &self.scorer,
+            &spec,
+            out,
+            image,
+            seconds,
+            &runtime,
+        )
     }
 
     fn batch_size(&self) -> usize {
@@ -202,7 +215,11 @@ impl JobRunner for DreamBenchJobs {
     /// One generation for the batch, then each image scored on its own: a failed generation fails
     /// every job of the batch with its error, a failed scoring only its job.
     fn run_batch(&mut self, jobs: &[&Job], outs: &[JobOutput]) -> Vec<anyhow::Result<ImageRow>> {
-        let specs = match jobs.iter().map(|j| self.spec(j)).collect::<anyhow::Result<Vec<_>>>() {
+        let specs = match jobs
+            .iter()
+            .map(|j| self.spec(j))
+            .collect::<anyhow::Result<Vec<_>>>()
+        {
             Ok(s) => s,
             Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
         };

@@ -67,7 +67,11 @@ impl GenerateArgs {
         };
         for (i, s) in seeds.iter().enumerate() {
             if let Some(j) = seeds[..i].iter().position(|x| x == s) {
-                anyhow::bail!("--seeds lists seed {s} twice (positions {} and {})", j + 1, i + 1);
+                anyhow::bail!(
+                    "--seeds lists seed {s} twice (positions {} and {})",
+                    j + 1,
+                    i + 1
+                );
             }
         }
         Ok(seeds.clone())
