@@ -3,9 +3,9 @@
 //! candle allocates a fresh buffer for almost every op. With glibc's defaults, buffers above the
 //! dynamic mmap threshold come from `mmap` and go back with `munmap`, and freed heap tops are
 //! trimmed, so every forward pass pays page faults and kernel zero-filling for memory it just gave
-//! back. Measured on the SD 1.5 UNet at 256×256 (2 cores, quiet machine, `bench_unet`): with these
-//! settings the forward went from 3.77–4.42 s to 2.88–3.23 s and forward+backward from 8.79 s to
-//! 5.90 s, with the same peak RSS (4.41 GB).
+//! back. Measured on the SD 1.5 UNet at 256×256 (`bench_unet`, 2 cores, load 0.70 before and 1.43
+//! after, old and new binaries alternated): the forward went from 4.16 / 3.81 s to 3.14 / 3.05 s
+//! and forward+backward from 8.77 s to 6.07 s, with the same peak RSS (4.41 GB).
 //!
 //! The settings: allocations up to 32 MiB come from the heap (`M_MMAP_THRESHOLD`), and freed
 //! memory is neither trimmed below 2 GiB (`M_TRIM_THRESHOLD`) nor grown in steps under 256 MiB
