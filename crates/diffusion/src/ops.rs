@@ -197,10 +197,13 @@ pub fn group_norm(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    if !xs.track_op() || weight.track_op() || bias.track_op() || !host(xs) {
+    if weight.track_op() || bias.track_op() || !host(xs) {
         return group_norm_composite(xs, groups, weight, bias, eps);
     }
-    let value = group_norm_composite(&xs.detach(), groups, weight, bias, eps)?;
+    if !xs.track_op() {
+        return layers::host::group_norm(xs, groups, weight, bias, eps, false);
+    }
+    let value = layers::host::group_norm(&xs.detach(), groups, weight, bias, eps, false)?;
     let w = weight.clone();
     precomputed(xs, value, "group-norm", move |x, _, g| {
         let dims = x.dims().to_vec();
@@ -210,6 +213,21 @@ pub fn group_norm(
         normalize_last_backward(&x.reshape(grouped)?, &gw.reshape(grouped)?, eps)?
             .reshape(dims.as_slice())
     })
+}
+
+/// `silu(group_norm(xs))`: one fused pass on the CPU when no gradient is taken (ResNet blocks,
+/// the UNet's output norm); otherwise [`group_norm`] then [`silu`].
+pub fn group_norm_silu(
+    xs: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if !xs.track_op() && !weight.track_op() && !bias.track_op() && host(xs) {
+        return layers::host::group_norm(xs, groups, weight, bias, eps, true);
+    }
+    silu(&group_norm(xs, groups, weight, bias, eps)?)
 }
 
 fn affine_shape(dims: &[usize]) -> Vec<usize> {
@@ -397,9 +415,9 @@ pub fn timestep_embedding(
 /// candle 0.11.1's `conv2d` backward applies the height's output padding to the width too (a shape
 /// error when a stride-2 conv sees one odd and one even spatial size), runs a naive
 /// `conv_transpose2d`, and always computes the kernel gradient. Here, when the kernel is a constant
-/// (not in an autograd graph) and the tensors live on the CPU, the forward is candle's `conv2d` and
-/// the backward is the input gradient alone, computed as a stride-1 `conv2d` of the zero-dilated,
-/// padded output gradient with the flipped, transposed kernel. Otherwise this is candle's `conv2d`
+/// (not in an autograd graph) and the tensors live on the CPU, the forward is
+/// [`layers::host::conv2d`] (parallel im2col + GEMM) and the backward is the input gradient alone
+/// ([`layers::host::conv2d_input_grad`]: GEMM + parallel col2im). Otherwise this is candle's `conv2d`
 /// (whose kernel gradient a trainable kernel needs).
 ///
 /// # Shapes
@@ -412,14 +430,18 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    let constant = !kernel.track_op() && !bias.is_some_and(|b| b.track_op());
+    let fast = constant && host(xs);
     let compute = |x: &Tensor| -> Result<Tensor> {
+        if fast {
+            return layers::host::conv2d(x, kernel, bias, padding, stride);
+        }
         let ys = x.conv2d(kernel, padding, stride, 1, 1)?;
         match bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(ys),
         }
     };
-    let constant = !kernel.track_op() && !bias.is_some_and(|b| b.track_op());
     if xs.track_op() && (!constant || !host(xs)) && stride > 1 {
         let (_, _, h, w) = xs.dims4()?;
         let k = kernel.dim(2)?;
@@ -442,13 +464,13 @@ pub fn conv2d(
             };
         }
     }
-    if !xs.track_op() || !constant || !host(xs) {
+    if !xs.track_op() || !fast {
         return compute(xs);
     }
     let value = compute(&xs.detach())?;
     let k = kernel.clone();
     precomputed(xs, value, "conv2d", move |x, _, g| {
-        conv2d_input_grad(g, &k, x.dims4()?, padding, stride)
+        layers::host::conv2d_input_grad(g, &k, x.dims4()?, padding, stride)
     })
 }
 
@@ -522,95 +544,6 @@ impl candle_core::CustomOp1 for Precomputed {
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         (self.grad)(arg, res, grad).map(Some)
     }
-}
-
-/// `[c_out, c_in, kh, kw]` -> `[c_in, c_out, kh, kw]` flipped in both spatial dims, in one pass.
-fn flip_transpose(kernel: &Tensor) -> Result<Tensor> {
-    fn go<T: candle_core::WithDType>(k: &Tensor) -> Result<Tensor> {
-        let k = k.contiguous()?;
-        let (co, ci, kh, kw) = k.dims4()?;
-        let (s, l) = k.storage_and_layout();
-        let candle_core::Storage::Cpu(c) = &*s else {
-            candle_core::bail!("flip_transpose: kernel not on the CPU");
-        };
-        let v = &c.as_slice::<T>()?[l.start_offset()..l.start_offset() + k.elem_count()];
-        let mut out = vec![T::zero(); v.len()];
-        for o in 0..co {
-            for i in 0..ci {
-                let src = &v[(o * ci + i) * kh * kw..][..kh * kw];
-                let dst = &mut out[(i * co + o) * kh * kw..][..kh * kw];
-                for (j, x) in src.iter().enumerate() {
-                    dst[kh * kw - 1 - j] = *x;
-                }
-            }
-        }
-        Tensor::from_vec(out, (ci, co, kh, kw), k.device())
-    }
-    match kernel.dtype() {
-        DType::F32 => go::<f32>(kernel),
-        DType::F64 => go::<f64>(kernel),
-        _ => {
-            let (_, _, kh, kw) = kernel.dims4()?;
-            let rev =
-                |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<_>>(), kernel.device());
-            kernel
-                .index_select(&rev(kh)?, 2)?
-                .index_select(&rev(kw)?, 3)?
-                .transpose(0, 1)?
-                .contiguous()
-        }
-    }
-}
-
-/// The gradient of `conv2d(x, kernel, padding, stride)` with respect to `x` of shape `input_dims`.
-fn conv2d_input_grad(
-    grad: &Tensor,
-    kernel: &Tensor,
-    input_dims: (usize, usize, usize, usize),
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    let (_, _, h, w) = input_dims;
-    let (b, c_out, ho, wo) = grad.dims4()?;
-    let (_, _, kh, kw) = kernel.dims4()?;
-    // Flip spatially and swap in/out channels: [c_in, c_out, kh, kw].
-    let flipped = flip_transpose(kernel)?;
-    // Dilate the gradient with stride-1 zeros between entries: size (n - 1) * s + 1.
-    let (dh, dw) = ((ho - 1) * stride + 1, (wo - 1) * stride + 1);
-    let dilated = if stride == 1 {
-        grad.clone()
-    } else {
-        grad.reshape((b, c_out, ho, 1, wo, 1))?
-            .pad_with_zeros(3, 0, stride - 1)?
-            .pad_with_zeros(5, 0, stride - 1)?
-            .reshape((b, c_out, ho * stride, wo * stride))?
-            .narrow(2, 0, dh)?
-            .narrow(3, 0, dw)?
-    };
-    // Full correlation: pad k-1-p before and (size - dilated + p) after, so the output is h x w.
-    let before_h = kh as isize - 1 - padding as isize;
-    let before_w = kw as isize - 1 - padding as isize;
-    let after_h = h as isize - dh as isize + padding as isize;
-    let after_w = w as isize - dw as isize + padding as isize;
-    if before_h == after_h && before_w == after_w && before_h == before_w && before_h >= 0 {
-        return dilated.conv2d(&flipped, before_h as usize, 1, 1, 1);
-    }
-    let pad = |t: Tensor, dim: usize, before: isize, after: isize| -> Result<Tensor> {
-        let t = if before >= 0 {
-            t.pad_with_zeros(dim, before as usize, 0)?
-        } else {
-            let n = t.dim(dim)?;
-            t.narrow(dim, (-before) as usize, n - (-before) as usize)?
-        };
-        if after >= 0 {
-            t.pad_with_zeros(dim, 0, after as usize)
-        } else {
-            let n = t.dim(dim)?;
-            t.narrow(dim, 0, n - (-after) as usize)
-        }
-    };
-    let padded = pad(pad(dilated, 2, before_h, after_h)?, 3, before_w, after_w)?;
-    padded.conv2d(&flipped, 0, 1, 1, 1)
 }
 
 /// Elementwise `f(a, b)` over two same-shaped CPU tensors in one pass (f32 or f64; computed in

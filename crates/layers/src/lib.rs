@@ -2,6 +2,7 @@
 
 mod activation;
 pub mod allocator;
+pub mod host;
 pub mod kernels;
 
 pub use activation::{Activation, UnsupportedActivation};

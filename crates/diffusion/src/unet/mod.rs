@@ -695,7 +695,7 @@ impl UNet2DConditionModel {
             ));
         }
 
-        let xs = activate(self.conv_act, &self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, self.conv_act)?;
         Ok(ControlFlow::Continue(self.conv_out.forward(&xs)?))
     }
 

@@ -148,6 +148,17 @@ impl GroupNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps)
     }
+
+    /// `act(self.forward(xs))`, with GroupNorm + SiLU fused into one pass where it can be
+    /// ([`ops::group_norm_silu`]).
+    pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Silu => {
+                ops::group_norm_silu(xs, self.groups, &self.weight, &self.bias, self.eps)
+            }
+            _ => activate(act, &self.forward(xs)?),
+        }
+    }
 }
 
 /// `torch.nn.LayerNorm` (affine) over the last dim.

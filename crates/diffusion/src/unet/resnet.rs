@@ -59,7 +59,7 @@ impl ResnetBlock2D {
     /// # Shapes
     /// - `xs`: `[b, in, h, w]`; `temb`: `[b, temb_channels]`; result: `[b, out, h, w]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = activate(self.act, &self.norm1.forward(xs)?)?;
+        let h = self.norm1.forward_act(xs, self.act)?;
         let h = self.conv1.forward(&h)?;
         let temb = if self.skip_time_act {
             temb.clone()
@@ -73,7 +73,7 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         // temb does not depend on the latent: a constant for the backward.
         let h = ops::add_constant(&h, &temb)?;
-        let h = activate(self.act, &self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_act(&h, self.act)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
