@@ -63,8 +63,9 @@ fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> candle_core::Result<T
 }
 
 fn main() -> anyhow::Result<()> {
-    // As `pnd` does (`layers::allocator`).
+    // As `pnd` does (`layers::allocator`, `layers::threads`).
     layers::allocator::tune_for_tensors();
+    layers::threads::single_elementwise_pool();
     let all: Vec<String> = std::env::args().collect();
     let mut args = Vec::new();
     let (mut device, mut dtype, mut size, mut batch) =

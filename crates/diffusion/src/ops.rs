@@ -18,6 +18,7 @@
 //! [`ComputePath`] chooses, per forward call, whether the UNet builds a graph through these at all.
 
 use candle_core::{DType, Result, Tensor, D};
+use rayon::prelude::*;
 
 /// Whether our CPU kernels may run for `xs`: f32 or f64 on the CPU, and the generic path not
 /// forced by [`layers::kernels::force_generic`] or `PND_GENERIC_OPS=1`. Half precision takes the
@@ -83,19 +84,19 @@ fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         };
         let vy = &cy.as_slice::<T>()?[ly.start_offset()..ly.start_offset() + n];
         let vg = &cg.as_slice::<T>()?[lg.start_offset()..lg.start_offset() + n];
-        let mut out = Vec::with_capacity(n);
-        for (ry, rg) in vy.chunks(m).zip(vg.chunks(m)) {
-            let dot: f64 = ry
-                .iter()
-                .zip(rg)
-                .map(|(a, b)| a.to_f64() * b.to_f64())
-                .sum();
-            out.extend(
-                ry.iter()
+        let mut out = vec![T::zero(); n];
+        out.par_chunks_mut(m)
+            .zip(vy.par_chunks(m).zip(vg.par_chunks(m)))
+            .for_each(|(dst, (ry, rg))| {
+                let dot: f64 = ry
+                    .iter()
                     .zip(rg)
-                    .map(|(a, b)| T::from_f64(a.to_f64() * (b.to_f64() - dot))),
-            );
-        }
+                    .map(|(a, b)| a.to_f64() * b.to_f64())
+                    .sum();
+                for (d, (a, b)) in dst.iter_mut().zip(ry.iter().zip(rg)) {
+                    *d = T::from_f64(a.to_f64() * (b.to_f64() - dot));
+                }
+            });
         Tensor::from_vec(out, y.shape(), y.device())
     }
     match y.dtype() {
@@ -137,18 +138,6 @@ fn normalize_last(xs: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     Ok((centered.broadcast_mul(&rstd)?, rstd))
 }
 
-/// The input gradient of `xhat = normalize_last(x)` given `gh = dL/dxhat`:
-/// `rstd * (gh - mean(gh) - xhat * mean(gh * xhat))`.
-fn normalize_last_backward(xs: &Tensor, gh: &Tensor, eps: f64) -> Result<Tensor> {
-    let n = xs.dim(D::Minus1)? as f64;
-    let (xhat, rstd) = normalize_last(xs, eps)?;
-    let m1 = (gh.sum_keepdim(D::Minus1)? / n)?;
-    let m2 = ((gh * &xhat)?.sum_keepdim(D::Minus1)? / n)?;
-    gh.broadcast_sub(&m1)?
-        .sub(&xhat.broadcast_mul(&m2)?)?
-        .broadcast_mul(&rstd)
-}
-
 /// Layer norm over the last dimension with biased variance, as `torch.nn.LayerNorm`.
 ///
 /// On the CPU with constant `weight`/`bias` and `xs` in a graph, one op with the exact analytic
@@ -168,7 +157,7 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     };
     let w = weight.clone();
     precomputed(xs, value, "layer-norm", move |x, _, g| {
-        normalize_last_backward(x, &g.broadcast_mul(&w)?, eps)
+        layers::host::layer_norm_input_grad(x, g, &w, eps)
     })
 }
 
@@ -206,12 +195,7 @@ pub fn group_norm(
     let value = layers::host::group_norm(&xs.detach(), groups, weight, bias, eps, false)?;
     let w = weight.clone();
     precomputed(xs, value, "group-norm", move |x, _, g| {
-        let dims = x.dims().to_vec();
-        let b = dims[0];
-        let gw = g.broadcast_mul(&w.reshape(affine_shape(&dims).as_slice())?)?;
-        let grouped = (b, groups, x.elem_count() / (b * groups));
-        normalize_last_backward(&x.reshape(grouped)?, &gw.reshape(grouped)?, eps)?
-            .reshape(dims.as_slice())
+        layers::host::group_norm_input_grad(x, g, groups, &w, eps)
     })
 }
 
@@ -552,7 +536,7 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result
     fn go<T: candle_core::WithDType>(
         a: &Tensor,
         b: &Tensor,
-        f: impl Fn(f64, f64) -> f64,
+        f: impl Fn(f64, f64) -> f64 + Sync,
     ) -> Result<Tensor> {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let n = a.elem_count();
@@ -564,7 +548,7 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result
         let va = &ca.as_slice::<T>()?[la.start_offset()..la.start_offset() + n];
         let vb = &cb.as_slice::<T>()?[lb.start_offset()..lb.start_offset() + n];
         let out: Vec<T> = va
-            .iter()
+            .par_iter()
             .zip(vb)
             .map(|(x, y)| T::from_f64(f(x.to_f64(), y.to_f64())))
             .collect();
@@ -593,11 +577,10 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
     }
     let value = xs.detach().silu()?;
     precomputed(xs, value, "silu", |x, _, g| {
-        let d = zip_map(x, &x.ones_like()?, |x, _| {
+        zip_map(&g.contiguous()?, &x.contiguous()?, |g, x| {
             let s = 1.0 / (1.0 + (-x).exp());
-            s * (1.0 + x * (1.0 - s))
-        })?;
-        g.mul(&d)
+            g * s * (1.0 + x * (1.0 - s))
+        })
     })
 }
 

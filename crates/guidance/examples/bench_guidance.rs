@@ -105,6 +105,9 @@ fn bench_emd() {
 }
 
 fn main() {
+    // As `pnd` does (`layers::allocator`, `layers::threads`).
+    layers::allocator::tune_for_tensors();
+    layers::threads::single_elementwise_pool();
     if std::env::args().nth(1).as_deref() == Some("emd") {
         return bench_emd();
     }

@@ -441,6 +441,133 @@ fn group_norm_values<T: Real>(
     })
 }
 
+/// The input gradient of an affine normalization `y = x̂·w + b`, `x̂ = (x − mean)·rstd` over each
+/// run of `len` consecutive values (biased variance): `dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))`
+/// with `ĝ = g·w`; `weight(i, run)` is the weight of the run's `i`-th value. One parallel pass
+/// per run, sums in f64.
+fn normalize_backward<T: Real>(
+    x: &[T],
+    g: &[T],
+    len: usize,
+    eps: f64,
+    weight: impl Fn(usize, usize) -> f64 + Sync,
+) -> Vec<T> {
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(len)
+        .zip(x.par_chunks(len).zip(g.par_chunks(len)))
+        .enumerate()
+        .for_each(|(run, (dst, (x, g)))| {
+            let n = len as f64;
+            let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+            let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let (mut m1, mut m2) = (0.0, 0.0);
+            for (i, (xv, gv)) in x.iter().zip(g).enumerate() {
+                let gh = gv.to_f64() * weight(i, run);
+                m1 += gh;
+                m2 += gh * (xv.to_f64() - mean) * rstd;
+            }
+            let (m1, m2) = (m1 / n, m2 / n);
+            for (i, (d, (xv, gv))) in dst.iter_mut().zip(x.iter().zip(g)).enumerate() {
+                let xhat = (xv.to_f64() - mean) * rstd;
+                let gh = gv.to_f64() * weight(i, run);
+                *d = T::from_f64(rstd * (gh - m1 - xhat * m2));
+            }
+        });
+    dx
+}
+
+/// The input gradient of [`group_norm`] (without SiLU) for constant `weight`.
+///
+/// # Shapes
+/// - `xs`, `grad`: `[b, c, ...]`; `weight`: `[c]`; result: like `xs`.
+pub fn group_norm_input_grad(
+    xs: &Tensor,
+    grad: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = check_dtype("group_norm input gradient", &[xs, grad, weight])?;
+    let dims = xs.dims();
+    if grad.dims() != dims || dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        bail!(
+            "group_norm input gradient: {dims:?} / gradient {:?} in {groups} groups",
+            grad.dims()
+        );
+    }
+    let channels = dims[1] / groups;
+    let spatial = xs.elem_count() / (dims[0] * dims[1]);
+    fn go<T: Real>(
+        xs: &Tensor,
+        grad: &Tensor,
+        weight: &Tensor,
+        groups: usize,
+        (channels, spatial): (usize, usize),
+        eps: f64,
+    ) -> Result<Tensor> {
+        let w: Vec<f64> =
+            with_values::<T, _>(weight, |v| Ok(v.iter().map(|w| w.to_f64()).collect()))?;
+        let dx = with_values::<T, _>(xs, |x| {
+            with_values::<T, _>(grad, |g| {
+                Ok(normalize_backward(
+                    x,
+                    g,
+                    channels * spatial,
+                    eps,
+                    |i, run| w[(run % groups) * channels + i / spatial],
+                ))
+            })
+        })?;
+        Tensor::from_vec(dx, xs.dims(), &Device::Cpu)
+    }
+    match dtype {
+        DType::F32 => go::<f32>(xs, grad, weight, groups, (channels, spatial), eps),
+        _ => go::<f64>(xs, grad, weight, groups, (channels, spatial), eps),
+    }
+}
+
+/// The input gradient of a layer norm over the last dim (`torch.nn.LayerNorm`, biased variance)
+/// for constant `weight`.
+///
+/// # Shapes
+/// - `xs`, `grad`: `[..., n]`; `weight`: `[n]`; result: like `xs`.
+pub fn layer_norm_input_grad(
+    xs: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = check_dtype("layer_norm input gradient", &[xs, grad, weight])?;
+    let n = *xs.dims().last().unwrap_or(&0);
+    if grad.dims() != xs.dims() || n == 0 || weight.elem_count() != n {
+        bail!(
+            "layer_norm input gradient: {:?} / gradient {:?} / weight {:?}",
+            xs.dims(),
+            grad.dims(),
+            weight.dims()
+        );
+    }
+    fn go<T: Real>(
+        xs: &Tensor,
+        grad: &Tensor,
+        weight: &Tensor,
+        n: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let w: Vec<f64> =
+            with_values::<T, _>(weight, |v| Ok(v.iter().map(|w| w.to_f64()).collect()))?;
+        let dx = with_values::<T, _>(xs, |x| {
+            with_values::<T, _>(grad, |g| Ok(normalize_backward(x, g, n, eps, |i, _| w[i])))
+        })?;
+        Tensor::from_vec(dx, xs.dims(), &Device::Cpu)
+    }
+    match dtype {
+        DType::F32 => go::<f32>(xs, grad, weight, n, eps),
+        _ => go::<f64>(xs, grad, weight, n, eps),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,6 +686,66 @@ mod tests {
                 assert!(max_diff(&got, &want) < 1e-12, "case {case}");
             }
         }
+    }
+
+    /// Both normalization gradients against candle's autograd through the composition, in f64.
+    #[test]
+    fn normalization_input_gradients_match_autograd() {
+        let (b, c, h, w, groups) = (2, 6, 3, 4, 3);
+        let x = rand(&[b, c, h, w], DType::F64, 11)
+            .affine(2.0, 0.3)
+            .unwrap();
+        let r = rand(&[b, c, h, w], DType::F64, 12);
+        let weight = rand(&[c], DType::F64, 13);
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let grouped = var
+            .as_tensor()
+            .reshape((b, groups, c / groups * h * w))
+            .unwrap();
+        let mean = grouped.mean_keepdim(2).unwrap();
+        let centered = grouped.broadcast_sub(&mean).unwrap();
+        let v = centered.sqr().unwrap().mean_keepdim(2).unwrap();
+        let y = centered
+            .broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((b, c, h, w))
+            .unwrap()
+            .broadcast_mul(&weight.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        let want = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = want.get(var.as_tensor()).unwrap();
+        let got = group_norm_input_grad(&x, &r, groups, &weight, 1e-5).unwrap();
+        assert!(
+            max_diff(&got, want) < 1e-12,
+            "group norm {:e}",
+            max_diff(&got, want)
+        );
+
+        let x = rand(&[3, 5, 8], DType::F64, 14).affine(2.0, -0.4).unwrap();
+        let r = rand(&[3, 5, 8], DType::F64, 15);
+        let weight = rand(&[8], DType::F64, 16);
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let xs = var.as_tensor();
+        let mean = xs.mean_keepdim(2).unwrap();
+        let centered = xs.broadcast_sub(&mean).unwrap();
+        let v = centered.sqr().unwrap().mean_keepdim(2).unwrap();
+        let y = centered
+            .broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&weight)
+            .unwrap();
+        let want = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = want.get(var.as_tensor()).unwrap();
+        let got = layer_norm_input_grad(&x, &r, &weight, 1e-5).unwrap();
+        assert!(
+            max_diff(&got, want) < 1e-12,
+            "layer norm {:e}",
+            max_diff(&got, want)
+        );
+        let err = layer_norm_input_grad(&x, &r.narrow(2, 0, 4).unwrap(), &weight, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gradient"), "{err}");
     }
 
     #[test]

@@ -4,5 +4,6 @@ mod activation;
 pub mod allocator;
 pub mod host;
 pub mod kernels;
+pub mod threads;
 
 pub use activation::{Activation, UnsupportedActivation};

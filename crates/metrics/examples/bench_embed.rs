@@ -44,6 +44,9 @@ fn time(
 }
 
 fn main() {
+    // As `pnd` does (`layers::allocator`, `layers::threads`).
+    layers::allocator::tune_for_tensors();
+    layers::threads::single_elementwise_pool();
     let args: Vec<String> = std::env::args().collect();
     let batch: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(8);
     let iters: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);

@@ -4,6 +4,9 @@ fn main() -> ExitCode {
     // Keep freed tensor buffers in the heap instead of unmapping and re-faulting them (see
     // `layers::allocator`): 25-33% off a UNet pass on the CPU.
     layers::allocator::tune_for_tensors();
+    // candle's spin-waiting elementwise pool fights the GEMM threads for the cores
+    // (`layers::threads`).
+    layers::threads::single_elementwise_pool();
     let args = <runner::cli::Cli as clap::Parser>::parse();
     match runner::cli::run(args) {
         Ok(code) => code,
