@@ -590,25 +590,18 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 /// # Shapes
 /// - `proj`: `[..., 2n]`; result: `[..., n]`.
 pub fn geglu(proj: &Tensor) -> Result<Tensor> {
-    let n = proj.dim(D::Minus1)? / 2;
-    let split = move |p: &Tensor| -> Result<(Tensor, Tensor)> {
-        Ok((p.narrow(D::Minus1, 0, n)?, p.narrow(D::Minus1, n, n)?))
-    };
-    if !proj.track_op() || !host(proj) {
-        let (hidden, gate) = split(proj)?;
-        return hidden * gelu_erf(&gate)?;
+    if host(proj) {
+        if !proj.track_op() {
+            return layers::host::geglu(proj);
+        }
+        let value = layers::host::geglu(&proj.detach())?;
+        return precomputed(proj, value, "geglu", |p, _, g| {
+            layers::host::geglu_input_grad(p, g)
+        });
     }
-    let (hidden, gate) = split(&proj.detach())?;
-    let value = (hidden * gate.gelu_erf()?)?;
-    precomputed(proj, value, "geglu", move |p, _, g| {
-        let (hidden, gate) = split(p)?;
-        let g = g.contiguous()?;
-        // d/dhidden = g * gelu(gate); d/dgate = g * hidden * gelu'(gate).
-        let d_hidden = zip_map(&g, &gate.contiguous()?, |g, x| g * gelu_and_grad(x).0)?;
-        let g_h = (&g * &hidden)?;
-        let d_gate = zip_map(&g_h, &gate.contiguous()?, |gh, x| gh * gelu_and_grad(x).1)?;
-        Tensor::cat(&[&d_hidden, &d_gate], p.rank() - 1)
-    })
+    let n = proj.dim(D::Minus1)? / 2;
+    let (hidden, gate) = (proj.narrow(D::Minus1, 0, n)?, proj.narrow(D::Minus1, n, n)?);
+    hidden * gelu_erf(&gate)?
 }
 
 /// `(gelu_erf(x), d gelu_erf / dx)` in f64: `(x Phi(x), Phi(x) + x phi(x))`.

@@ -386,11 +386,16 @@ struct GroupShape {
 trait Real: WithDType {
     /// `v · σ(v)`, as candle computes it.
     fn silu(self) -> Self;
+    /// Exact GELU `v · Φ(v)`, as candle's `gelu_erf` computes it.
+    fn gelu_erf(self) -> Self;
 }
 
 impl Real for f32 {
     fn silu(self) -> f32 {
         self / (1.0 + (-self).exp())
+    }
+    fn gelu_erf(self) -> f32 {
+        (candle_core::cpu::erf::erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * self
     }
 }
 
@@ -398,6 +403,96 @@ impl Real for f64 {
     fn silu(self) -> f64 {
         self / (1.0 + (-self).exp())
     }
+    fn gelu_erf(self) -> f64 {
+        (candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * self
+    }
+}
+
+/// `(Φ(x), φ(x))` of the standard normal in f64.
+fn normal_cdf_pdf(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf, pdf)
+}
+
+/// GEGLU of a projection `p = [hidden, gate]` (last dim `2n`): `hidden · gelu_erf(gate)` in one
+/// parallel pass, as diffusers' `GEGLU.forward`.
+///
+/// # Shapes
+/// - `proj`: `[..., 2n]`; result: `[..., n]`.
+pub fn geglu(proj: &Tensor) -> Result<Tensor> {
+    let dtype = check_dtype("geglu", &[proj])?;
+    let (rows, n) = halves("geglu", proj)?;
+    let mut dims = proj.dims().to_vec();
+    *dims.last_mut().expect("rank checked") = n;
+    fn go<T: Real>(proj: &Tensor, n: usize) -> Result<Vec<T>> {
+        with_values::<T, _>(proj, |p| {
+            let mut out = vec![T::zero(); p.len() / 2];
+            out.par_chunks_mut(n)
+                .zip(p.par_chunks(2 * n))
+                .for_each(|(dst, row)| {
+                    let (hidden, gate) = row.split_at(n);
+                    for (d, (h, g)) in dst.iter_mut().zip(hidden.iter().zip(gate)) {
+                        *d = *h * g.gelu_erf();
+                    }
+                });
+            Ok(out)
+        })
+    }
+    debug_assert_eq!(rows * n * 2, proj.elem_count());
+    match dtype {
+        DType::F32 => Tensor::from_vec(go::<f32>(proj, n)?, dims, &Device::Cpu),
+        _ => Tensor::from_vec(go::<f64>(proj, n)?, dims, &Device::Cpu),
+    }
+}
+
+/// The gradient of [`geglu`] with respect to the projection, `[g·gelu(gate), g·hidden·gelu′(gate)]`
+/// in one parallel pass (derivatives in f64).
+///
+/// # Shapes
+/// - `proj`: `[..., 2n]`; `grad`: `[..., n]`; result: like `proj`.
+pub fn geglu_input_grad(proj: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let dtype = check_dtype("geglu input gradient", &[proj, grad])?;
+    let (rows, n) = halves("geglu input gradient", proj)?;
+    if grad.elem_count() != rows * n {
+        bail!(
+            "geglu input gradient: gradient {:?} does not match projection {:?}",
+            grad.dims(),
+            proj.dims()
+        );
+    }
+    fn go<T: Real>(proj: &Tensor, grad: &Tensor, n: usize) -> Result<Vec<T>> {
+        with_values::<T, _>(proj, |p| {
+            with_values::<T, _>(grad, |g| {
+                let mut out = vec![T::zero(); p.len()];
+                out.par_chunks_mut(2 * n)
+                    .zip(p.par_chunks(2 * n).zip(g.par_chunks(n)))
+                    .for_each(|(dst, (row, g))| {
+                        let (d_hidden, d_gate) = dst.split_at_mut(n);
+                        for j in 0..n {
+                            let (h, x, gj) = (row[j].to_f64(), row[n + j].to_f64(), g[j].to_f64());
+                            let (cdf, pdf) = normal_cdf_pdf(x);
+                            d_hidden[j] = T::from_f64(gj * x * cdf);
+                            d_gate[j] = T::from_f64(gj * h * (cdf + x * pdf));
+                        }
+                    });
+                Ok(out)
+            })
+        })
+    }
+    match dtype {
+        DType::F32 => Tensor::from_vec(go::<f32>(proj, grad, n)?, proj.dims(), &Device::Cpu),
+        _ => Tensor::from_vec(go::<f64>(proj, grad, n)?, proj.dims(), &Device::Cpu),
+    }
+}
+
+/// `(rows, n)` of a `[..., 2n]` tensor.
+fn halves(op: &str, proj: &Tensor) -> Result<(usize, usize)> {
+    let last = *proj.dims().last().unwrap_or(&0);
+    if last == 0 || last % 2 != 0 {
+        bail!("{op}: last dim of {:?} must be even", proj.dims());
+    }
+    Ok((proj.elem_count() / last, last / 2))
 }
 
 fn group_norm_values<T: Real>(
@@ -746,6 +841,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gradient"), "{err}");
+    }
+
+    #[test]
+    fn geglu_and_its_gradient_match_the_composition() {
+        for dtype in [DType::F32, DType::F64] {
+            let p = rand(&[2, 3, 10], dtype, 21).affine(3.0, 0.0).unwrap();
+            let want = (p.narrow(2, 0, 5).unwrap()
+                * p.narrow(2, 5, 5).unwrap().gelu_erf().unwrap())
+            .unwrap();
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+            assert!(max_diff(&geglu(&p).unwrap(), &want) < tol, "{dtype:?}");
+        }
+        // Gradient: against central finite differences of sum(geglu(p) * r), in f64.
+        let p = rand(&[3, 8], DType::F64, 22).affine(3.0, 0.0).unwrap();
+        let r = rand(&[3, 4], DType::F64, 23);
+        let got: Vec<f64> = geglu_input_grad(&p, &r)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let f = |p: &Tensor| {
+            (geglu(p).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let base: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let h = 1e-6;
+            let mut plus = base.clone();
+            plus[i] += h;
+            let mut minus = base.clone();
+            minus[i] -= h;
+            let t = |v: Vec<f64>| Tensor::from_vec(v, (3, 8), &Device::Cpu).unwrap();
+            let fd = (f(&t(plus)) - f(&t(minus))) / (2.0 * h);
+            assert!((fd - g).abs() < 1e-8, "entry {i}: {g} vs {fd}");
+        }
+        let odd = rand(&[2, 5], DType::F32, 1);
+        assert!(geglu(&odd).unwrap_err().to_string().contains("even"));
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl FeedForward {
 
     pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
         let proj = self.proj.forward(xs)?;
-        let act = if differentiable {
+        let act = if differentiable || layers::kernels::host_kernels(proj.device()) {
             crate::ops::geglu(&proj)?
         } else {
             let (hidden, gate) = chunk2_last(&proj)?;
