@@ -11,8 +11,10 @@
 //! Pixel conventions follow diffusers' `VaeImageProcessor`: encoder input = u8 / 127.5 − 1;
 //! decoded image = round(clamp(x / 2 + 0.5, 0, 1) · 255) (numpy rounds half to even).
 
+use crate::unet::nn::{Conv2d, GroupNorm};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
+use layers::Activation;
 use serde::Deserialize;
 
 fn d_3() -> usize {
@@ -112,16 +114,17 @@ impl AutoencoderKLConfig {
 
 const EPS: f64 = 1e-6;
 
+// The UNet's layers: on the CPU they run our parallel kernels (`layers::host`).
 fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(cin, cout, 3, cfg, vb)
+    Conv2d::new(cin, cout, 3, 1, 1, vb)
 }
 
 fn conv1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb)
+    Conv2d::new(cin, cout, 1, 1, 0, vb)
+}
+
+fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    GroupNorm::new(groups, channels, eps, vb)
 }
 
 /// `ResnetBlock2D` without time embedding.
@@ -150,8 +153,12 @@ impl ResnetBlock2D {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv1
+            .forward(&self.norm1.forward_act(xs, Activation::Silu)?)?;
+        let h = self
+            .conv2
+            .forward(&self.norm2.forward_act(&h, Activation::Silu)?)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(xs)? + h,
             None => xs + h,
@@ -298,11 +305,14 @@ impl Encoder {
             let b = vb.pp(format!("down_blocks.{i}"));
             let resnets = resnet_stack(cin, cout, cfg.layers_per_block, g, &b)?;
             let downsample = if i + 1 < boc.len() {
-                let cfg = Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                };
-                Some(conv2d(cout, cout, 3, cfg, b.pp("downsamplers.0.conv"))?)
+                Some(Conv2d::new(
+                    cout,
+                    cout,
+                    3,
+                    2,
+                    0,
+                    b.pp("downsamplers.0.conv"),
+                )?)
             } else {
                 None
             };
@@ -338,7 +348,7 @@ impl Encoder {
         }
         let xs = self.mid_block.forward(&xs)?;
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_act(&xs, Activation::Silu)?)
     }
 }
 
@@ -399,7 +409,7 @@ impl Decoder {
             }
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_act(&xs, Activation::Silu)?)
     }
 }
 

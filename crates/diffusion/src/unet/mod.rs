@@ -15,7 +15,7 @@
 
 mod attention;
 mod blocks;
-mod nn;
+pub(crate) mod nn;
 mod resnet;
 
 use crate::hooks::{Hook, NoHook};
