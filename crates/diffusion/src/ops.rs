@@ -302,6 +302,10 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
         // One GEMM over all leading dims: [rows, in] x [in, out].
         let ys = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let ys = match bias {
+            // Outside autograd on the CPU: one parallel pass.
+            Some(b) if host(&ys) && !ys.track_op() && !b.track_op() && b.dtype() == ys.dtype() => {
+                layers::host::add(&ys, b)?
+            }
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
         };

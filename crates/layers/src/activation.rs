@@ -65,7 +65,18 @@ impl Activation {
 }
 
 impl Module for Activation {
+    /// On the CPU (f32/f64, outside autograd) one parallel pass ([`crate::host::activation`], the
+    /// same values); elsewhere candle's ops.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if crate::kernels::host_kernels(xs.device())
+            && matches!(
+                xs.dtype(),
+                candle_core::DType::F32 | candle_core::DType::F64
+            )
+            && !xs.track_op()
+        {
+            return crate::host::activation(xs, *self);
+        }
         match self {
             Self::Gelu => xs.gelu_erf(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,

@@ -16,6 +16,7 @@
 
 use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+use std::ops::Add as _;
 
 /// At most this many elements in one im2col (or col2im) buffer: larger images are done in bands
 /// of output rows (the VAE's 512×512 layers would need gigabytes at once).
@@ -388,6 +389,10 @@ trait Real: WithDType {
     fn silu(self) -> Self;
     /// Exact GELU `v · Φ(v)`, as candle's `gelu_erf` computes it.
     fn gelu_erf(self) -> Self;
+    /// tanh-approximated GELU, as candle's `gelu` computes it.
+    fn gelu_tanh(self) -> Self;
+    /// `v · σ(1.702 v)`, as `v * candle_nn::ops::sigmoid(v * 1.702)` computes it.
+    fn quick_gelu(self) -> Self;
 }
 
 impl Real for f32 {
@@ -397,6 +402,13 @@ impl Real for f32 {
     fn gelu_erf(self) -> f32 {
         (candle_core::cpu::erf::erf_f32(self * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * self
     }
+    fn gelu_tanh(self) -> f32 {
+        let c: f32 = 0.797_884_6; // sqrt(2/pi), candle's f32 constant
+        0.5 * self * (1.0 + f32::tanh(c * self * (1.0 + 0.044715 * self * self)))
+    }
+    fn quick_gelu(self) -> f32 {
+        self * (-(self * 1.702)).exp().add(1.0).recip()
+    }
 }
 
 impl Real for f64 {
@@ -405,6 +417,95 @@ impl Real for f64 {
     }
     fn gelu_erf(self) -> f64 {
         (candle_core::cpu::erf::erf_f64(self * std::f64::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * self
+    }
+    fn gelu_tanh(self) -> f64 {
+        let c: f64 = 0.797_884_560_802_865_4; // sqrt(2/pi), candle's f64 constant
+        0.5 * self * (1.0 + f64::tanh(c * self * (1.0 + 0.044715 * self * self)))
+    }
+    fn quick_gelu(self) -> f64 {
+        self * (-(self * 1.702)).exp().add(1.0).recip()
+    }
+}
+
+/// `f` over every value of `xs` in parallel chunks.
+fn map_values<T: Real>(xs: &Tensor, f: impl Fn(T) -> T + Sync) -> Result<Tensor> {
+    let out = with_values::<T, _>(xs, |v| {
+        let mut out = vec![T::zero(); v.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(v.par_chunks(1 << 14))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = f(*s);
+                }
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, xs.dims(), &Device::Cpu)
+}
+
+/// An activation over every value, in parallel; the same values as candle's ops for it.
+pub fn activation(xs: &Tensor, act: crate::Activation) -> Result<Tensor> {
+    use crate::Activation as A;
+    fn go<T: Real>(xs: &Tensor, act: crate::Activation) -> Result<Tensor> {
+        match act {
+            A::Gelu => map_values::<T>(xs, T::gelu_erf),
+            A::GeluTanh => map_values::<T>(xs, T::gelu_tanh),
+            A::QuickGelu => map_values::<T>(xs, T::quick_gelu),
+            A::Silu => map_values::<T>(xs, T::silu),
+            A::Relu => map_values::<T>(xs, |v| if v > T::zero() { v } else { T::zero() }),
+        }
+    }
+    match check_dtype("activation", &[xs])? {
+        DType::F32 => go::<f32>(xs, act),
+        _ => go::<f64>(xs, act),
+    }
+}
+
+/// `a + b` for two tensors of one shape, or `a + bias` with `bias` of `a`'s last dim (broadcast
+/// over the rows), in parallel.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dtype = check_dtype("add", &[a, b])?;
+    let last = *a.dims().last().unwrap_or(&1);
+    let row_bias = b.dims() != a.dims();
+    if row_bias && (b.elem_count() != last || b.dims().iter().rev().skip(1).any(|&d| d != 1)) {
+        bail!(
+            "add: {:?} + {:?} is neither same-shape nor a row bias",
+            a.dims(),
+            b.dims()
+        );
+    }
+    fn go<T: Real>(a: &Tensor, b: &Tensor, row_bias: bool, last: usize) -> Result<Tensor> {
+        let out = with_values::<T, _>(a, |va| {
+            with_values::<T, _>(b, |vb| {
+                let mut out = vec![T::zero(); va.len()];
+                let chunk = if row_bias {
+                    last.max(1) * (1 + (1 << 14) / last.max(1))
+                } else {
+                    1 << 14
+                };
+                out.par_chunks_mut(chunk)
+                    .zip(va.par_chunks(chunk))
+                    .enumerate()
+                    .for_each(|(i, (d, s))| {
+                        if row_bias {
+                            for (d, (s, b)) in d.iter_mut().zip(s.iter().zip(vb.iter().cycle())) {
+                                *d = *s + *b;
+                            }
+                        } else {
+                            let o = &vb[i * chunk..i * chunk + s.len()];
+                            for (d, (s, b)) in d.iter_mut().zip(s.iter().zip(o)) {
+                                *d = *s + *b;
+                            }
+                        }
+                    });
+                Ok(out)
+            })
+        })?;
+        Tensor::from_vec(out, a.dims(), &Device::Cpu)
+    }
+    match dtype {
+        DType::F32 => go::<f32>(a, b, row_bias, last),
+        _ => go::<f64>(a, b, row_bias, last),
     }
 }
 
@@ -883,6 +984,27 @@ mod tests {
         }
         let odd = rand(&[2, 5], DType::F32, 1);
         assert!(geglu(&odd).unwrap_err().to_string().contains("even"));
+    }
+
+    #[test]
+    fn activations_and_adds_match_candles_ops() {
+        use crate::Activation as A;
+        use candle_core::Module;
+        for dtype in [DType::F32, DType::F64] {
+            let x = rand(&[3, 7, 50], dtype, 31).affine(4.0, 0.0).unwrap();
+            for act in [A::Gelu, A::GeluTanh, A::QuickGelu, A::Silu, A::Relu] {
+                let d = max_diff(&activation(&x, act).unwrap(), &act.forward(&x).unwrap());
+                assert!(d == 0.0, "{act:?} {dtype:?}: {d:e}");
+            }
+            let y = rand(&[3, 7, 50], dtype, 32);
+            let bias = rand(&[50], dtype, 33);
+            assert_eq!(max_diff(&add(&x, &y).unwrap(), &(&x + &y).unwrap()), 0.0);
+            let want = x.broadcast_add(&bias).unwrap();
+            assert_eq!(max_diff(&add(&x, &bias).unwrap(), &want), 0.0);
+        }
+        let x = rand(&[4, 6], DType::F32, 1);
+        let err = add(&x, &rand(&[4], DType::F32, 2)).unwrap_err().to_string();
+        assert!(err.contains("row bias"), "{err}");
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Linear {
         let rows = xs.elem_count() / in_dim.max(1);
         let y = xs.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => add(&y, b)?,
             None => y,
         };
         let mut out = dims;
@@ -279,13 +279,13 @@ impl Block {
     /// # Shapes
     /// `xs`: `[batch, seq, hidden]` → same.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+        let h = add(xs, &self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
         let m = self.fc2.forward(
             &self
                 .act
                 .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
         )?;
-        h + m
+        add(&h, &m)
     }
 }
 
@@ -335,6 +335,18 @@ impl PatchEmbed {
 }
 
 /// Row `i` of `[batch, seq, dim]` for every batch element: `[batch, dim]`.
+/// `a + b` (same shape, or `b` a bias over `a`'s last dim): one parallel pass on the CPU for
+/// f32/f64 ([`layers::host::add`]), candle's broadcast add elsewhere.
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if layers::kernels::host_kernels(a.device())
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.dtype() == b.dtype()
+    {
+        return layers::host::add(a, b);
+    }
+    a.broadcast_add(b)
+}
+
 pub fn token(xs: &Tensor, i: usize) -> Result<Tensor> {
     xs.narrow(1, i, 1)?.squeeze(1)
 }
