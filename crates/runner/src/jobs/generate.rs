@@ -57,6 +57,7 @@ pub(super) fn batchable(a: &JobSpec, b: &JobSpec) -> bool {
         && a.job.subject == b.job.subject
         && a.job.prompt_index == b.job.prompt_index
         && a.method.baseline != Baseline::BlipDiffusion
+        && a.method.baseline != Baseline::Images
         && !a.method.pick_and_draw
 }
 
@@ -107,7 +108,7 @@ impl Generator<'_> {
             let identifier = match method.baseline {
                 Baseline::Dreambooth => Some(style.identifier.clone()),
                 Baseline::TextualInversion => style.token.clone(),
-                Baseline::StableDiffusion | Baseline::BlipDiffusion => None,
+                Baseline::StableDiffusion | Baseline::BlipDiffusion | Baseline::Images => None,
             };
             let guided = requests::Guided {
                 reference: spec.reference.clone(),

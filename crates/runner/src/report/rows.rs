@@ -35,6 +35,11 @@ pub struct ImageRow {
     /// The generation precision (`f32`, `f16`, `bf16`); empty in rows of older runs.
     #[serde(default)]
     pub dtype: String,
+    /// The largest DINO similarity of the image to one real image of its subject: above the
+    /// subject's largest real-vs-real similarity ([`OracleRow::dino_max_pair`]) the image is
+    /// counted as a possible copy of the input. Absent in rows of older runs.
+    #[serde(default)]
+    pub dino_max: Option<f64>,
 }
 
 /// The "Real Images (Oracle)" row, written by the sweep's oracle step as `oracle.json`.
@@ -44,4 +49,8 @@ pub struct OracleRow {
     pub clip_i: f64,
     /// Per subject: (subject, dino, clip_i).
     pub per_subject: Vec<(String, f64, f64)>,
+    /// Per subject: the largest DINO similarity between two distinct real images (the copy
+    /// flag's threshold). Empty in oracles of older runs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub dino_max_pair: std::collections::BTreeMap<String, f64>,
 }
