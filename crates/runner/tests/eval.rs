@@ -383,3 +383,62 @@ fn bad_input_is_one_clear_error_and_loses_nothing() {
     let (ok, log) = eval(&images, "bad", &out, &[]);
     assert!(!ok && log.contains("already has results"), "{log}");
 }
+
+/// The same inside a sweep: a method of baseline `images` with a path template scores the
+/// files it names like the sweep's own images; a missing file stops the sweep before any job,
+/// named.
+#[test]
+fn an_images_method_in_a_sweep_scores_files_from_its_template() {
+    let f = fixture();
+    let images = layout("layout-sweep");
+    let p = |s: &str| f.root.join(s).display().to_string();
+    let exp = f.root.join("with-images.toml");
+    let protocol = std::fs::read_to_string(&f.protocol).unwrap();
+    std::fs::write(
+        &exp,
+        format!(
+            "name = \"with-images\"\nsubjects = [\"dog\", \"teapot\"]\nprompts = [0, 20]\nseeds = [0]\n\n[models]\nbase = \"{}\"\n\n{protocol}\n[[methods]]\nname = \"ext\"\nbaseline = \"images\"\nimages = \"{}/{{subject}}/{{prompt}}-s{{seed}}.png\"\n",
+            p("models/sd"),
+            images.display()
+        ),
+    )
+    .unwrap();
+    let run = f.root.join("sweep-images");
+    let (ok, log) = pnd_in(
+        &[
+            "sweep",
+            exp.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(ok, "{log}");
+    let (want, got) = (rows(&f.sweep), rows(&run));
+    assert_eq!(got.len(), 4);
+    for (k, g) in &got {
+        let w = &want[k];
+        assert_eq!(
+            (g.dino, g.clip_i, g.clip_t, g.dino_max),
+            (w.dino, w.clip_i, w.clip_t, w.dino_max),
+            "{k:?}"
+        );
+        assert_eq!((g.method.as_str(), g.baseline.as_str()), ("ext", "images"));
+    }
+    std::fs::remove_file(images.join("dog/20-s0.png")).unwrap();
+    let (ok, log) = pnd_in(
+        &[
+            "sweep",
+            exp.to_str().unwrap(),
+            "--out",
+            f.root.join("sweep-images-2").to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("method 'ext': 1 image(s) missing") && log.contains("ext__dog__p20__s0"),
+        "{log}"
+    );
+    assert!(!f.root.join("sweep-images-2/rows").exists(), "{log}");
+}
