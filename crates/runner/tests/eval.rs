@@ -215,9 +215,17 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
         "subjects_dino.png",
         "table.csv",
         "results.parquet",
+        // reference | Stable Diffusion | external, one row per prompt.
+        "grids/dog__external.png",
+        "grids/teapot__external.png",
     ] {
         assert!(both.join(f).is_file(), "{f}");
     }
+    let grid = image::open(both.join("grids/dog__external.png")).unwrap();
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (3 * 192 + 16, 24 + 2 * (20 + 192 + 4) + 4)
+    );
     // A report of several runs needs --out; the same method twice is refused.
     let e = pnd(&["report", f.sweep.to_str().unwrap(), out.to_str().unwrap()]);
     assert!(!e.status.success());
