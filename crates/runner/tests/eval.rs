@@ -150,6 +150,10 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
         );
         assert_eq!(g.clip_t_prompt, w.clip_t_prompt);
         assert_eq!(g.device, "external");
+        // Phases: the sweep sampled, decoded and scored; the eval only scored.
+        assert!(w.sampling_s.is_some() && w.decode_s.is_some() && w.scoring_s.is_some());
+        assert!(w.inversion_s.is_none(), "unguided: no inversion");
+        assert!(g.sampling_s.is_none() && g.decode_s.is_none() && g.scoring_s.is_some());
         // The run folder holds the image it scored.
         assert_eq!(
             std::fs::read(out.join(&g.image)).unwrap(),

@@ -83,6 +83,14 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             } else {
                 0.5
             }),
+            // Phases: guided methods invert, make a palette and a template; every image samples,
+            // decodes and is scored.
+            inversion_s: guided.then_some(4.0),
+            palette_s: guided.then_some(1.0),
+            template_s: guided.then_some(2.0),
+            sampling_s: Some(if *guided { 8.0 } else { 3.0 + si as f64 }),
+            decode_s: Some(0.5),
+            scoring_s: Some(0.25),
         };
         store.write_row(&id, &row).unwrap();
         rows.push(row);
@@ -155,6 +163,21 @@ fn table_has_means_and_deltas_against_the_unguided_baseline() {
             "DreamBooth + Pick-and-Draw,4,0.805000,0.760000,0.271500,0.100000,0.020000,-0.010000,4,2,4,0.100000,0.100000,0.100000,0.125000,"
         ),
         "{csv}"
+    );
+    // Where the time went: seconds per image by phase, from the rows.
+    let front = std::fs::read_to_string(report.dir.join("report.md")).unwrap();
+    assert!(front.contains("## Where the time went"), "{front}");
+    assert!(
+        front.contains(
+            "| Stable Diffusion | cpu | f32 | 4 | 1.00 | – | – | – | 3.50 | 0.50 | 0.25 |"
+        ),
+        "{front}"
+    );
+    assert!(
+        front.contains(
+            "| DreamBooth + Pick-and-Draw | cpu | f32 | 4 | 1.00 | 4.00 | 1.00 | 2.00 | 8.00 | 0.50 | 0.25 |"
+        ),
+        "{front}"
     );
     // The oracle gate: these hand-made rows name no metric models, so it does not apply.
     assert!(

@@ -179,7 +179,7 @@ impl DreamBenchJobs {
         &mut self,
         specs: &[JobSpec],
         outs: &[JobOutput],
-    ) -> anyhow::Result<(Vec<image::RgbImage>, f64)> {
+    ) -> anyhow::Result<(Vec<image::RgbImage>, f64, crate::report::rows::Phases)> {
         let started = Instant::now();
         let bar = if self.step_progress {
             indicatif::ProgressBar::new(self.exp.generation.steps as u64)
@@ -191,9 +191,15 @@ impl DreamBenchJobs {
             models: &mut self.models,
             palette_cache: &self.palette_cache,
         };
-        let images = generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
+        let (images, phases) =
+            generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
-        Ok((images, started.elapsed().as_secs_f64() / specs.len() as f64))
+        let n = specs.len();
+        Ok((
+            images,
+            started.elapsed().as_secs_f64() / n as f64,
+            phases.share(n),
+        ))
     }
 }
 
@@ -229,7 +235,7 @@ impl JobRunner for DreamBenchJobs {
             return self.read_image(job, out);
         }
         let spec = self.spec(job)?;
-        let (mut images, seconds) =
+        let (mut images, seconds, phases) =
             self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
         let runtime = self.runtime.record();
         let image = images.remove(0);
@@ -240,6 +246,7 @@ impl JobRunner for DreamBenchJobs {
             out,
             image,
             seconds,
+            &phases,
             &runtime,
         )
     }
@@ -267,7 +274,7 @@ impl JobRunner for DreamBenchJobs {
             Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
         };
         match self.generate(&specs, outs) {
-            Ok((images, seconds)) => {
+            Ok((images, seconds, phases)) => {
                 let runtime = self.runtime.record();
                 specs
                     .iter()
@@ -275,7 +282,9 @@ impl JobRunner for DreamBenchJobs {
                     .zip(images)
                     .map(|((spec, out), image)| {
                         let (dataset, scorer) = (&self.dataset, &self.scorer);
-                        score::image_row(dataset, scorer, spec, out, image, seconds, &runtime)
+                        score::image_row(
+                            dataset, scorer, spec, out, image, seconds, &phases, &runtime,
+                        )
                     })
                     .collect()
             }

@@ -2,7 +2,7 @@
 //! class prompt, and made into its result row.
 
 use super::JobSpec;
-use crate::report::rows::{ImageRow, OracleRow};
+use crate::report::rows::{ImageRow, OracleRow, Phases};
 use crate::runtime::RuntimeRecord;
 use crate::sweep::JobOutput;
 use anyhow::Context;
@@ -18,6 +18,7 @@ pub(super) fn image_row(
     out: &JobOutput,
     image: image::RgbImage,
     seconds: f64,
+    phases: &Phases,
     runtime: &RuntimeRecord,
 ) -> anyhow::Result<ImageRow> {
     let tmp = out.temp_path("image.png");
@@ -27,6 +28,7 @@ pub(super) fn image_row(
     let path = out.path("image.png");
     std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
     let mut row = scored_row(dataset, scorer, spec, out, &path)?;
+    phases.apply(&mut row);
     row.seconds = seconds;
     row.device = runtime.device.clone();
     row.dtype = runtime.dtype.clone();
@@ -44,6 +46,7 @@ pub(super) fn scored_row(
     path: &Path,
 ) -> anyhow::Result<ImageRow> {
     let (job, method) = (spec.job, &spec.method);
+    let started = std::time::Instant::now();
     let real = dataset.images(spec.subject.name)?.to_vec();
     let scores = scorer.score(&[path.to_path_buf()], &real, &spec.clip_prompt)?;
     let run_dir = out
@@ -77,6 +80,12 @@ pub(super) fn scored_row(
         device: String::new(),
         dtype: String::new(),
         dino_max: Some(dino_max(scorer, path, &real)?),
+        inversion_s: None,
+        palette_s: None,
+        template_s: None,
+        sampling_s: None,
+        decode_s: None,
+        scoring_s: Some(started.elapsed().as_secs_f64()),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod paired;
 pub mod plots;
 pub mod rows;
 pub mod tables;
+pub mod timing;
 
 use crate::sweep::{write_file_atomic, RunStore};
 use anyhow::Context;
@@ -121,6 +122,7 @@ pub fn write_report_with(
     let mut extras = tables::TableExtras::default();
     let mut oracle: Option<OracleRow> = None;
     let mut heads = Vec::new();
+    let mut builds: Vec<String> = Vec::new();
     let mut models: Option<(String, String, &PathBuf)> = None;
     for run_dir in runs {
         let store = RunStore::open(run_dir)?;
@@ -163,6 +165,12 @@ pub fn write_report_with(
         }
         let failures = store.failures()?;
         heads.push(header::header(&plan, run_rows.len(), &failures));
+        if let Some(p) = &plan.provenance {
+            let line = p.build_line();
+            if !builds.contains(&line) {
+                builds.push(line);
+            }
+        }
         rows.extend(run_rows);
     }
     anyhow::ensure!(
@@ -203,7 +211,13 @@ pub fn write_report_with(
     let md = tables::markdown(&table);
     let head = compose_header(&heads, &gate);
     for (name, text) in [
-        ("report.md", format!("{head}\n## Table\n\n{md}")),
+        (
+            "report.md",
+            format!(
+                "{head}\n## Table\n\n{md}\n{}",
+                timing::markdown(&rows, &infos, &builds)
+            ),
+        ),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),

@@ -247,6 +247,12 @@ mod tests {
             device: String::new(),
             dtype: String::new(),
             dino_max,
+            inversion_s: None,
+            palette_s: None,
+            template_s: None,
+            sampling_s: None,
+            decode_s: None,
+            scoring_s: None,
         }
     }
 

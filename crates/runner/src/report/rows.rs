@@ -40,6 +40,55 @@ pub struct ImageRow {
     /// counted as a possible copy of the input. Absent in rows of older runs.
     #[serde(default)]
     pub dino_max: Option<f64>,
+    /// Seconds of this image by phase (its share of a batch's): null-text inversion, reference
+    /// palette, layout template, sampling (guidance passes included), VAE decoding, scoring.
+    /// Absent where a phase did not run (unguided methods have no inversion; another program's
+    /// images only scoring) and in rows of older runs.
+    #[serde(default)]
+    pub inversion_s: Option<f64>,
+    #[serde(default)]
+    pub palette_s: Option<f64>,
+    #[serde(default)]
+    pub template_s: Option<f64>,
+    #[serde(default)]
+    pub sampling_s: Option<f64>,
+    #[serde(default)]
+    pub decode_s: Option<f64>,
+    #[serde(default)]
+    pub scoring_s: Option<f64>,
+}
+
+/// Seconds by phase of a generation (see [`ImageRow`]'s `*_s` fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    pub inversion_s: Option<f64>,
+    pub palette_s: Option<f64>,
+    pub template_s: Option<f64>,
+    pub sampling_s: Option<f64>,
+    pub decode_s: Option<f64>,
+}
+
+impl Phases {
+    /// Each image's share of a batch of `n`.
+    pub fn share(self, n: usize) -> Self {
+        let d = |v: Option<f64>| v.map(|s| s / n.max(1) as f64);
+        Self {
+            inversion_s: d(self.inversion_s),
+            palette_s: d(self.palette_s),
+            template_s: d(self.template_s),
+            sampling_s: d(self.sampling_s),
+            decode_s: d(self.decode_s),
+        }
+    }
+
+    /// Writes these phases into a row.
+    pub fn apply(&self, row: &mut ImageRow) {
+        row.inversion_s = self.inversion_s;
+        row.palette_s = self.palette_s;
+        row.template_s = self.template_s;
+        row.sampling_s = self.sampling_s;
+        row.decode_s = self.decode_s;
+    }
 }
 
 /// The "Real Images (Oracle)" row, written by the sweep's oracle step as `oracle.json`.
