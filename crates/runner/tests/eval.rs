@@ -454,3 +454,35 @@ fn an_images_method_in_a_sweep_scores_files_from_its_template() {
     );
     assert!(!f.root.join("sweep-images-2/rows").exists(), "{log}");
 }
+
+/// An eval run is a run folder like any other: `pnd merge` copies it whole and the merged folder
+/// reports the same table.
+#[test]
+fn pnd_merge_treats_an_eval_run_like_a_sweeps() {
+    let f = fixture();
+    let images = layout("layout-merge");
+    let out = f.root.join("eval-merge");
+    let (ok, log) = eval(&images, "merged", &out, &[]);
+    assert!(ok, "{log}");
+    let merged = f.root.join("eval-merged");
+    let (ok, log) = pnd_in(
+        &[
+            "merge",
+            out.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(ok && log.contains("4 of 4 jobs done"), "{log}");
+    assert_eq!(
+        std::fs::read(merged.join("results.csv")).unwrap(),
+        std::fs::read(out.join("results.csv")).unwrap()
+    );
+    let (ok, log) = pnd_in(&["report", merged.to_str().unwrap()], &f.root);
+    assert!(ok, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(merged.join("report/table.md")).unwrap(),
+        std::fs::read_to_string(out.join("report/table.md")).unwrap()
+    );
+}
