@@ -179,7 +179,7 @@ impl DreamBenchJobs {
         &mut self,
         specs: &[JobSpec],
         outs: &[JobOutput],
-    ) -> anyhow::Result<(Vec<image::RgbImage>, f64, crate::report::rows::Phases)> {
+    ) -> anyhow::Result<(Vec<image::RgbImage>, crate::report::rows::Phases)> {
         let started = Instant::now();
         let bar = if self.step_progress {
             indicatif::ProgressBar::new(self.exp.generation.steps as u64)
@@ -191,15 +191,11 @@ impl DreamBenchJobs {
             models: &mut self.models,
             palette_cache: &self.palette_cache,
         };
-        let (images, phases) =
+        let (images, mut phases) =
             generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
-        let n = specs.len();
-        Ok((
-            images,
-            started.elapsed().as_secs_f64() / n as f64,
-            phases.share(n),
-        ))
+        phases.seconds = started.elapsed().as_secs_f64();
+        Ok((images, phases.share(specs.len())))
     }
 }
 
@@ -235,7 +231,7 @@ impl JobRunner for DreamBenchJobs {
             return self.read_image(job, out);
         }
         let spec = self.spec(job)?;
-        let (mut images, seconds, phases) =
+        let (mut images, phases) =
             self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
         let runtime = self.runtime.record();
         let image = images.remove(0);
@@ -245,7 +241,6 @@ impl JobRunner for DreamBenchJobs {
             &spec,
             out,
             image,
-            seconds,
             &phases,
             &runtime,
         )
@@ -274,7 +269,7 @@ impl JobRunner for DreamBenchJobs {
             Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
         };
         match self.generate(&specs, outs) {
-            Ok((images, seconds, phases)) => {
+            Ok((images, phases)) => {
                 let runtime = self.runtime.record();
                 specs
                     .iter()
@@ -282,9 +277,7 @@ impl JobRunner for DreamBenchJobs {
                     .zip(images)
                     .map(|((spec, out), image)| {
                         let (dataset, scorer) = (&self.dataset, &self.scorer);
-                        score::image_row(
-                            dataset, scorer, spec, out, image, seconds, &phases, &runtime,
-                        )
+                        score::image_row(dataset, scorer, spec, out, image, &phases, &runtime)
                     })
                     .collect()
             }

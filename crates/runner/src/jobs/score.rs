@@ -17,7 +17,6 @@ pub(super) fn image_row(
     spec: &JobSpec,
     out: &JobOutput,
     image: image::RgbImage,
-    seconds: f64,
     phases: &Phases,
     runtime: &RuntimeRecord,
 ) -> anyhow::Result<ImageRow> {
@@ -29,7 +28,6 @@ pub(super) fn image_row(
     std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
     let mut row = scored_row(dataset, scorer, spec, out, &path)?;
     phases.apply(&mut row);
-    row.seconds = seconds;
     row.device = runtime.device.clone();
     row.dtype = runtime.dtype.clone();
     Ok(row)

@@ -58,9 +58,11 @@ pub struct ImageRow {
     pub scoring_s: Option<f64>,
 }
 
-/// Seconds by phase of a generation (see [`ImageRow`]'s `*_s` fields).
+/// Seconds of a generation, whole ([`ImageRow::seconds`]) and by phase (see [`ImageRow`]'s `*_s`
+/// fields).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
+    pub seconds: f64,
     pub inversion_s: Option<f64>,
     pub palette_s: Option<f64>,
     pub template_s: Option<f64>,
@@ -73,6 +75,7 @@ impl Phases {
     pub fn share(self, n: usize) -> Self {
         let d = |v: Option<f64>| v.map(|s| s / n.max(1) as f64);
         Self {
+            seconds: self.seconds / n.max(1) as f64,
             inversion_s: d(self.inversion_s),
             palette_s: d(self.palette_s),
             template_s: d(self.template_s),
@@ -83,6 +86,7 @@ impl Phases {
 
     /// Writes these phases into a row.
     pub fn apply(&self, row: &mut ImageRow) {
+        row.seconds = self.seconds;
         row.inversion_s = self.inversion_s;
         row.palette_s = self.palette_s;
         row.template_s = self.template_s;
