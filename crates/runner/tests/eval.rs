@@ -104,16 +104,13 @@ fn eval(images: &Path, name: &str, out: &Path, extra: &[&str]) -> (bool, String)
     if !extra.contains(&"--protocol") {
         args.extend(["--protocol", f.protocol.to_str().unwrap()]);
     }
-    args.extend([
-        "--out",
-        out.to_str().unwrap(),
-        "--subjects",
-        "dog,teapot",
-        "--prompts",
-        "0,20",
-        "--device",
-        "cpu",
-    ]);
+    args.extend(["--out", out.to_str().unwrap(), "--device", "cpu"]);
+    if !extra.contains(&"--subjects") {
+        args.extend(["--subjects", "dog,teapot"]);
+    }
+    if !extra.contains(&"--prompts") {
+        args.extend(["--prompts", "0,20"]);
+    }
     args.extend_from_slice(extra);
     pnd_in(&args, &f.root)
 }
@@ -485,4 +482,61 @@ fn pnd_merge_treats_an_eval_run_like_a_sweeps() {
         std::fs::read_to_string(merged.join("report/table.md")).unwrap(),
         std::fs::read_to_string(out.join("report/table.md")).unwrap()
     );
+}
+
+/// A JPEG is scored through the protocol's decoder, as `pnd score` scores it: the same three
+/// numbers to the bit.
+#[test]
+fn a_jpeg_scores_as_pnd_score_scores_it() {
+    let f = fixture();
+    let want = rows(&f.sweep);
+    let dog = &want[&("dog".to_string(), 0, 0)];
+    let dir = f.root.join("layout-jpeg");
+    std::fs::create_dir_all(dir.join("dog")).unwrap();
+    let jpeg = dir.join("dog/0-s0.jpg");
+    image::open(f.sweep.join(&dog.image))
+        .unwrap()
+        .to_rgb8()
+        .save(&jpeg)
+        .unwrap();
+    let out = f.root.join("eval-jpeg");
+    let (ok, log) = eval(&dir, "jpeg", &out, &["--subjects", "dog", "--prompts", "0"]);
+    assert!(ok, "{log}");
+    let got = rows(&out);
+    let g = &got[&("dog".to_string(), 0, 0)];
+    assert!(g.image.ends_with("image.jpg"), "{}", g.image);
+    let p = |s: &str| f.root.join(s).display().to_string();
+    let score = pnd(&[
+        "score",
+        "--generated",
+        jpeg.to_str().unwrap(),
+        "--real",
+        &p("data/dog"),
+        "--prompt",
+        &dog.clip_t_prompt,
+        "--dino",
+        &p("models/dino"),
+        "--clip",
+        &p("models/clip"),
+        "--no-cache",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(
+        score.status.success(),
+        "{}",
+        String::from_utf8_lossy(&score.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&score.stdout).unwrap();
+    assert_eq!(
+        (g.dino, g.clip_i, g.clip_t),
+        (
+            s["dino"].as_f64().unwrap(),
+            s["clip_i"].as_f64().unwrap(),
+            s["clip_t"].as_f64().unwrap()
+        )
+    );
+    // JPEG loses detail: not the PNG's scores.
+    assert_ne!(g.dino, dog.dino);
 }
