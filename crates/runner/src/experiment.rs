@@ -62,6 +62,12 @@ pub struct MethodSpec {
     /// `subject,prompt_index,seed,path[,prompt]` (paths relative to the manifest's folder).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<String>,
+    /// The method this one is compared with in reports (delta, paired statistics, arrow, grid),
+    /// when it is not the usual one (a guided method's first unguided method of the same
+    /// baseline); it may live in another run of the same report (e.g. `pnd eval
+    /// --compare-to dreambooth` for another program's guided images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_to: Option<String>,
 }
 
 impl MethodSpec {
@@ -245,6 +251,7 @@ struct MethodParts {
     prompt_style: Option<PromptStyle>,
     guidance: Option<Spanned<GuidanceConfig>>,
     images: Option<Spanned<String>>,
+    compare_to: Option<String>,
 }
 
 fn located(text: &str, file: &str, span: std::ops::Range<usize>, problem: Problem) -> ConfigError {

@@ -120,7 +120,7 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
     let f = fixture();
     let images = layout("layout-full");
     let out = f.root.join("eval-full");
-    let (ok, log) = eval(&images, "external", &out, &[]);
+    let (ok, log) = eval(&images, "external", &out, &["--compare-to", "sd"]);
     assert!(ok, "{log}");
     assert!(
         log.contains("4 image(s) of 4 expected (100.0% coverage), 0 missing, 0 extra"),
@@ -198,10 +198,21 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
         .lines()
         .find(|l| l.starts_with("| external |"))
         .expect(&table);
-    // Equal scores, so equal cells apart from the label.
+    // Equal scores, so equal cells apart from the label and the (zero) change against the
+    // method it is compared with (`--compare-to sd`).
     assert_eq!(
         sd.trim_start_matches("| Stable Diffusion |"),
-        ext.trim_start_matches("| external |"),
+        ext.trim_start_matches("| external |")
+            .replace(" (+0.000)", ""),
+        "{table}"
+    );
+    assert_eq!(ext.matches("(+0.000)").count(), 3, "{table}");
+    // Identical pairs: delta 0, a collapsed interval, p = 1.
+    let zero = "+0.000 [+0.000, +0.000], p 1.000";
+    assert!(
+        table.contains(&format!(
+            "| external | Stable Diffusion | 4 | {zero} | {zero} | {zero} |"
+        )),
         "{table}"
     );
     assert!(table.contains("| Real Images (Oracle) |"), "{table}");
@@ -216,7 +227,8 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
         "subjects_dino.png",
         "table.csv",
         "results.parquet",
-        // reference | Stable Diffusion | external, one row per prompt.
+        // reference | Stable Diffusion | external (the method it is compared with), one row per
+        // prompt.
         "grids/dog__external.png",
         "grids/teapot__external.png",
     ] {

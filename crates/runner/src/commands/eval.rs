@@ -34,6 +34,11 @@ pub struct EvalArgs {
     /// How tables and plots name the method (default: the name).
     #[arg(long)]
     pub label: Option<String>,
+    /// The method the report compares this one with, pair by pair (delta, bootstrap interval,
+    /// permutation p, arrow, grid), e.g. the harness' `dreambooth` when these images are another
+    /// program's guided DreamBooth; it may be in another run of the same `pnd report`.
+    #[arg(long)]
+    pub compare_to: Option<String>,
     /// The metric protocol: a name (configs/protocol/NAME.toml, looked up from the current
     /// folder upward) or a protocol file.
     #[arg(long, default_value = "dreambooth")]
@@ -341,6 +346,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
             prompt_style: None,
             guidance: toml::Table::new(),
             images: Some(manifest.display().to_string()),
+            compare_to: args.compare_to.clone(),
         }],
         models: Models::default(),
         generation: Generation::default(),

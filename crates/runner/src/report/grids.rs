@@ -53,10 +53,22 @@ fn load_cell(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// The pairs of methods a grid shows side by side, with their column titles: each guided method
 /// after its unguided baseline ("without" | "with"), and each method of baseline `images` (another
-/// program's images) after the first of the harness' unguided methods (titled by their labels).
+/// program's images) after the first of the harness' unguided methods, or any method after the one
+/// its `compare_to` names (both titled by their labels).
 fn grid_pairs(infos: &[MethodInfo]) -> Vec<(&MethodInfo, &MethodInfo, [String; 2])> {
     let mut pairs = Vec::new();
-    for guided in infos.iter().filter(|i| i.guided) {
+    // A method that names the one it is compared with: that one, titled by their labels.
+    let named = |i: &MethodInfo| {
+        i.compare_to
+            .as_ref()
+            .and_then(|t| infos.iter().find(|b| &b.name == t && b.name != i.name))
+    };
+    for info in infos {
+        if let Some(base) = named(info) {
+            pairs.push((base, info, [fit(&base.label, 22), fit(&info.label, 22)]));
+        }
+    }
+    for guided in infos.iter().filter(|i| i.guided && named(i).is_none()) {
         if let Some(base) = infos
             .iter()
             .find(|b| !b.guided && b.baseline == guided.baseline)
@@ -65,7 +77,10 @@ fn grid_pairs(infos: &[MethodInfo]) -> Vec<(&MethodInfo, &MethodInfo, [String; 2
         }
     }
     let harness = infos.iter().find(|i| !i.guided && i.baseline != "images");
-    for external in infos.iter().filter(|i| i.baseline == "images") {
+    for external in infos
+        .iter()
+        .filter(|i| i.baseline == "images" && named(i).is_none())
+    {
         if let Some(base) = harness {
             pairs.push((
                 base,

@@ -39,6 +39,8 @@ struct PlannedMethod {
     pick_and_draw: bool,
     #[serde(default)]
     label: Option<String>,
+    #[serde(default)]
+    compare_to: Option<String>,
 }
 
 /// Method display information from a plan's resolved config (`methods[].{name,label,baseline,pick_and_draw}`).
@@ -66,6 +68,7 @@ pub fn method_infos(config: &serde_json::Value) -> anyhow::Result<Vec<MethodInfo
                 label,
                 baseline: m.baseline,
                 guided: m.pick_and_draw,
+                compare_to: m.compare_to,
             }
         })
         .collect())
@@ -194,7 +197,7 @@ pub fn write_report_with(
     let summaries = aggregate::by_method(&rows, &names, BOOTSTRAP_SEED)?;
     let subjects = aggregate::by_subject(&rows, &names)?;
     for s in &summaries {
-        if let Some(b) = tables::baseline_of(&summaries, s) {
+        if let Some(b) = tables::baseline_of(&summaries, &infos, s) {
             extras
                 .paired
                 .extend(paired::compare(&rows, &s.method, &b.method, BOOTSTRAP_SEED));

@@ -99,12 +99,9 @@ where
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 15))
         .draw()?;
-    // Arrows: baseline -> guided.
-    for g in summaries.iter().filter(|s| s.guided) {
-        let Some(b) = summaries
-            .iter()
-            .find(|b| !b.guided && b.baseline == g.baseline)
-        else {
+    // Arrows: baseline -> guided (or the method a `compare_to` names -> the method).
+    for g in summaries {
+        let Some(b) = super::tables::baseline_of(summaries, infos, g) else {
             continue;
         };
         let color = baseline_color(&g.baseline, infos);

@@ -14,6 +14,9 @@ pub struct MethodInfo {
     pub label: String,
     pub baseline: String,
     pub guided: bool,
+    /// The method it is compared with, when not the usual one (see
+    /// [`crate::experiment::MethodSpec::compare_to`]).
+    pub compare_to: Option<String>,
 }
 
 /// The label of a baseline as the paper writes it.
@@ -54,11 +57,22 @@ pub struct TableExtras {
     pub paired: Vec<Comparison>,
 }
 
-/// The unguided method a guided one is compared with: the first of the same baseline.
+/// The method a method is compared with: the one its `compare_to` names (when it has rows),
+/// else for a guided method the first unguided method of the same baseline.
 pub fn baseline_of<'a>(
     summaries: &'a [MethodSummary],
+    infos: &[MethodInfo],
     guided: &MethodSummary,
 ) -> Option<&'a MethodSummary> {
+    let named = infos
+        .iter()
+        .find(|i| i.name == guided.method)
+        .and_then(|i| i.compare_to.as_ref());
+    if let Some(target) = named {
+        return summaries
+            .iter()
+            .find(|b| &b.method == target && b.method != guided.method);
+    }
     if !guided.guided {
         return None;
     }
@@ -98,7 +112,7 @@ pub fn method_table(
     for s in summaries {
         let label = label_of(&s.method);
         let scores = [s.dino.mean, s.clip_i.mean, s.clip_t.mean];
-        let base = baseline_of(summaries, s);
+        let base = baseline_of(summaries, infos, s);
         let paired = base.and_then(|b| {
             extras
                 .paired
