@@ -371,6 +371,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     let store = open_run(&out, &plan)?;
     let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
+    crate::report::gate::check_run(&out, &exp.metrics.dino, &exp.metrics.clip, args.strict)?;
     let present: BTreeSet<(String, usize, u64)> = cov
         .present
         .iter()

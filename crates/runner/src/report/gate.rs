@@ -59,9 +59,59 @@ pub fn oracle_gate(dino: &str, clip: &str, oracle: Option<&OracleRow>) -> Gate {
     }
 }
 
+/// The gate of a run folder's `oracle.json` (written by a sweep or `pnd eval` before its first
+/// job), so a long run learns at its start that its scores will not be comparable: a failing
+/// gate is said on stderr, or is an error with `strict`.
+pub fn check_run(
+    run_dir: &std::path::Path,
+    dino: &str,
+    clip: &str,
+    strict: bool,
+) -> anyhow::Result<Gate> {
+    let path = run_dir.join("oracle.json");
+    let oracle: Option<OracleRow> = if path.is_file() {
+        Some(
+            serde_json::from_str(&std::fs::read_to_string(&path)?)
+                .map_err(|e| anyhow::anyhow!("parsing '{}': {e}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let gate = oracle_gate(dino, clip, oracle.as_ref());
+    if let Gate::Fail(message) = &gate {
+        if strict {
+            anyhow::bail!("oracle gate (--strict): {message}");
+        }
+        eprintln!("warning: oracle gate: {message}");
+    }
+    Ok(gate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_folder_is_checked_at_its_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let check = |strict| check_run(dir, PUBLISHED_DINO, PUBLISHED_CLIP, strict);
+        assert!(matches!(check(true).unwrap(), Gate::NotApplicable(_)));
+        let write = |o: &OracleRow| {
+            std::fs::write(dir.join("oracle.json"), serde_json::to_string(o).unwrap()).unwrap()
+        };
+        write(&oracle(0.70, 0.885, 30));
+        assert!(matches!(check(false).unwrap(), Gate::Fail(_)));
+        let e = format!("{:#}", check(true).unwrap_err());
+        assert!(
+            e.contains("oracle gate (--strict)") && e.contains("DINO 0.7000"),
+            "{e}"
+        );
+        write(&oracle(0.775, 0.884, 30));
+        assert_eq!(check(true).unwrap(), Gate::Pass);
+        std::fs::write(dir.join("oracle.json"), "{").unwrap();
+        assert!(format!("{:#}", check(false).unwrap_err()).contains("oracle.json"));
+    }
 
     fn oracle(dino: f64, clip_i: f64, subjects: usize) -> OracleRow {
         OracleRow {
