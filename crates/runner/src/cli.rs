@@ -27,8 +27,10 @@ pub enum Command {
     Sweep(commands::sweep::SweepArgs),
     /// Join the run folders of an experiment's shards.
     Merge(commands::sweep::MergeArgs),
-    /// Tables, Pareto plots, per-subject bars and image grids of a run.
+    /// Tables, Pareto plots, per-subject bars and image grids of a run (or of several in one table).
     Report(commands::report::ReportArgs),
+    /// Score a folder of images made by any method into a run folder, under a metric protocol.
+    Eval(Box<commands::eval::EvalArgs>),
     /// Generate one image: Stable Diffusion (plain, DreamBooth, Textual Inversion) or BLIP-Diffusion.
     Generate(Box<commands::generate::GenerateArgs>),
     /// Write the built-in tiny Stable Diffusion model (tests, demo).
@@ -48,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => commands::sweep::run(args),
         Command::Merge(args) => commands::sweep::merge_run(args),
         Command::Report(args) => commands::report::run(args),
+        Command::Eval(args) => commands::eval::run(*args),
         Command::Generate(args) => commands::generate::run(*args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),
         Command::Invert(args) => commands::invert::run(args),

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-/// The four baselines of the paper's Table 1.
+/// The four baselines of the paper's Table 1, and `images`: images another program made, read
+/// from files (see [`MethodSpec::images`]) and scored like the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Baseline {
@@ -33,6 +34,7 @@ pub enum Baseline {
     TextualInversion,
     Dreambooth,
     BlipDiffusion,
+    Images,
 }
 
 /// One row of a results table: a baseline, with or without Pick-and-Draw.
@@ -54,6 +56,18 @@ pub struct MethodSpec {
     /// resolution of a Table 2 row).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub guidance: toml::Table,
+    /// Baseline `images` only: where each job's image is. Either a path template with
+    /// `{subject}`, `{prompt}` (the prompt index; `{prompt:02}` zero-padded) and `{seed}`, e.g.
+    /// `out/mymethod/{subject}/{prompt}-s{seed}.png`, or a manifest `.csv` with the columns
+    /// `subject,prompt_index,seed,path[,prompt]` (paths relative to the manifest's folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
+    /// The method this one is compared with in reports (delta, paired statistics, arrow, grid),
+    /// when it is not the usual one (a guided method's first unguided method of the same
+    /// baseline); it may live in another run of the same report (e.g. `pnd eval
+    /// --compare-to dreambooth` for another program's guided images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_to: Option<String>,
 }
 
 impl MethodSpec {
@@ -64,7 +78,9 @@ impl MethodSpec {
             .prompt_style
             .clone()
             .unwrap_or_else(|| match self.baseline {
-                Baseline::StableDiffusion | Baseline::BlipDiffusion => PromptStyle::class_only(),
+                Baseline::StableDiffusion | Baseline::BlipDiffusion | Baseline::Images => {
+                    PromptStyle::class_only()
+                }
                 Baseline::Dreambooth => PromptStyle::dreambooth("sks"),
                 Baseline::TextualInversion => PromptStyle::textual_inversion("<{subject}>", true),
             });
@@ -118,6 +134,7 @@ impl Models {
             Baseline::Dreambooth => self.dreambooth.as_ref(),
             Baseline::TextualInversion => self.textual_inversion.as_ref(),
             Baseline::BlipDiffusion => self.blip_diffusion.as_ref(),
+            Baseline::Images => None,
         }?;
         Some(template.replace("{subject}", subject))
     }
@@ -233,6 +250,8 @@ struct MethodParts {
     pick_and_draw: Option<bool>,
     prompt_style: Option<PromptStyle>,
     guidance: Option<Spanned<GuidanceConfig>>,
+    images: Option<Spanned<String>>,
+    compare_to: Option<String>,
 }
 
 fn located(text: &str, file: &str, span: std::ops::Range<usize>, problem: Problem) -> ConfigError {
@@ -285,6 +304,35 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 m.name.span(),
                 Problem::DuplicateMethod(m.name.get_ref().clone()),
             ));
+        }
+    }
+    for m in parts.methods.iter().flatten() {
+        let problem = match (&m.baseline, &m.images) {
+            (Baseline::Images, None) => Some(Problem::Images(format!(
+                "method '{}' has baseline \"images\" but no `images` = \"path/{{subject}}/{{prompt}}-s{{seed}}.png\" (or a manifest .csv)",
+                m.name.get_ref()
+            ))),
+            (Baseline::Images, Some(t)) => crate::jobs::images::check_template(t.get_ref())
+                .err()
+                .map(Problem::Images),
+            (_, Some(_)) => Some(Problem::Images(format!(
+                "method '{}': `images` belongs to baseline \"images\" only",
+                m.name.get_ref()
+            ))),
+            (_, None) => None,
+        };
+        let guided_images = m.baseline == Baseline::Images && m.pick_and_draw == Some(true);
+        let problem = problem.or_else(|| {
+            guided_images.then(|| {
+                Problem::Images(format!(
+                    "method '{}': images read from files cannot be generated with Pick-and-Draw",
+                    m.name.get_ref()
+                ))
+            })
+        });
+        if let Some(problem) = problem {
+            let span = m.images.as_ref().map_or(m.name.span(), |t| t.span());
+            return Err(located(text, file, span, problem));
         }
     }
     let guidance_tables = parts.guidance.iter().chain(

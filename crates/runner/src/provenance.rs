@@ -140,14 +140,24 @@ impl Provenance {
         };
         // Every method but unguided BLIP-Diffusion uses the base model (as the model, the source of
         // a DreamBooth folder's other parts, the Textual Inversion base or the layout template).
-        let uses_base = exp
-            .methods
-            .iter()
-            .any(|m| m.pick_and_draw || m.baseline != Baseline::BlipDiffusion);
+        let uses_base = exp.methods.iter().any(|m| {
+            m.pick_and_draw || !matches!(m.baseline, Baseline::BlipDiffusion | Baseline::Images)
+        });
         if uses_base {
             add("base".into(), &exp.models.base, None, &mut hashes)?;
         }
+        let mut external = Vec::new();
         for method in &exp.methods {
+            if method.baseline == Baseline::Images {
+                // Made by another program: what the run knows is where they were read from.
+                external.push(ModelRevision {
+                    role: format!("images ({})", method.name),
+                    model: method.images.clone().unwrap_or_default(),
+                    revision: "external images, copied into the run folder".into(),
+                    binding: None,
+                });
+                continue;
+            }
             for subject in exp.subjects() {
                 let choice = model_for(exp, method, subject)?;
                 let baseline = serde_json::to_value(method.baseline)?;
@@ -165,6 +175,7 @@ impl Provenance {
         }
         add("dino".into(), &exp.metrics.dino, None, &mut hashes)?;
         add("clip".into(), &exp.metrics.clip, None, &mut hashes)?;
+        models.extend(external);
         hashes.save();
         let protocol = serde_json::json!({
             "generation": exp.generation,

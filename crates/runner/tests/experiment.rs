@@ -231,3 +231,41 @@ fn guidance_override_errors_point_into_the_users_file() {
         "{msg}"
     );
 }
+
+/// Baseline `images`: a path template (or a manifest) is required, checked, and belongs to that
+/// baseline only; errors point at the line.
+#[test]
+fn images_methods_need_a_valid_template() {
+    let head = "name = \"x\"\nsubjects = [\"dog\"]\n\n[[methods]]\nname = \"ext\"\nbaseline = \"images\"\n";
+    let ok = Experiment::parse(
+        &format!("{head}images = \"out/{{subject}}/{{prompt}}-s{{seed}}.png\"\n"),
+        "x.toml",
+    )
+    .unwrap();
+    assert_eq!(ok.methods[0].baseline, Baseline::Images);
+    assert_eq!(
+        ok.methods[0].images.as_deref(),
+        Some("out/{subject}/{prompt}-s{seed}.png")
+    );
+    let err = |text: &str| Experiment::parse(text, "x.toml").unwrap_err().to_string();
+    let e = err(head);
+    assert!(
+        e.starts_with("x.toml:5:8:") && e.contains("no `images`"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{head}images = \"out/{{subject}}/{{prompt}}.png\"\n"
+    ));
+    assert!(e.starts_with("x.toml:7:10:") && e.contains("{seed}"), "{e}");
+    let e = err(&format!(
+        "{head}images = \"out/{{who}}/{{prompt}}-s{{seed}}.png\"\n"
+    ));
+    assert!(e.contains("unknown placeholder {who}"), "{e}");
+    let e = err(&format!("{head}images = \"l.csv\"\npick_and_draw = true\n"));
+    assert!(e.contains("cannot be generated with Pick-and-Draw"), "{e}");
+    let e = err("name = \"x\"\n[[methods]]\nname = \"sd\"\nbaseline = \"stable-diffusion\"\nimages = \"a.csv\"\n");
+    assert!(
+        e.starts_with("x.toml:5:10:") && e.contains("belongs to baseline \"images\" only"),
+        "{e}"
+    );
+}

@@ -77,6 +77,20 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             seconds: 1.0,
             device: "cpu".into(),
             dtype: "f32".into(),
+            // DreamBooth + Pick-and-Draw on the dog copies the input (0.95 > the dog's 0.9).
+            dino_max: Some(if job.method == "db+pnd" && si == 0 {
+                0.95
+            } else {
+                0.5
+            }),
+            // Phases: guided methods invert, make a palette and a template; every image samples,
+            // decodes and is scored.
+            inversion_s: guided.then_some(4.0),
+            palette_s: guided.then_some(1.0),
+            template_s: guided.then_some(2.0),
+            sampling_s: Some(if *guided { 8.0 } else { 3.0 + si as f64 }),
+            decode_s: Some(0.5),
+            scoring_s: Some(0.25),
         };
         store.write_row(&id, &row).unwrap();
         rows.push(row);
@@ -85,6 +99,7 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
         dino: 0.774,
         clip_i: 0.885,
         per_subject: vec![("dog".into(), 0.8, 0.9)],
+        dino_max_pair: [("dog".to_string(), 0.9), ("vase".to_string(), 0.97)].into(),
     };
     std::fs::write(
         dir.join("oracle.json"),
@@ -118,6 +133,25 @@ fn table_has_means_and_deltas_against_the_unguided_baseline() {
         md.contains("| DreamBooth + Pick-and-Draw | 0.805 (+0.100) |"),
         "{md}"
     );
+    // Possible copies: the two dog images of db+pnd; none elsewhere.
+    assert!(
+        md.contains("| Stable Diffusion | 0.505 | 0.700 | 0.301 | 4 | 0 |"),
+        "{md}"
+    );
+    assert!(md.contains("(-0.010) | 4 | 2 |"), "{md}");
+    // Paired on the 4 matched jobs: DINO and CLIP-I move by a constant (the interval collapses
+    // on it; of the 16 sign flips only all-plus and all-minus reach it: p = 2/16), CLIP-T by
+    // -0.010 each.
+    assert!(
+        md.contains("| Stable Diffusion + Pick-and-Draw | Stable Diffusion | 4 | +0.100 [+0.100, +0.100], p 0.125 | +0.020 [+0.020, +0.020], p 0.125 | -0.010 [-0.010, -0.010], p 0.125 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| DreamBooth + Pick-and-Draw | DreamBooth | 4 | +0.100 [+0.100, +0.100], p 0.125 |"
+        ),
+        "{md}"
+    );
     let tex = std::fs::read_to_string(report.dir.join("table.tex")).unwrap();
     assert!(
         tex.contains("Stable Diffusion + Pick-and-Draw & 0.605 ({\\scriptsize $+0.100$})"),
@@ -126,9 +160,30 @@ fn table_has_means_and_deltas_against_the_unguided_baseline() {
     let csv = std::fs::read_to_string(report.dir.join("table.csv")).unwrap();
     assert!(
         csv.contains(
-            "DreamBooth + Pick-and-Draw,4,0.805000,0.760000,0.271500,0.100000,0.020000,-0.010000"
+            "DreamBooth + Pick-and-Draw,4,0.805000,0.760000,0.271500,0.100000,0.020000,-0.010000,4,2,4,0.100000,0.100000,0.100000,0.125000,"
         ),
         "{csv}"
+    );
+    // Where the time went: seconds per image by phase, from the rows.
+    let front = std::fs::read_to_string(report.dir.join("report.md")).unwrap();
+    assert!(front.contains("## Where the time went"), "{front}");
+    assert!(
+        front.contains(
+            "| Stable Diffusion | cpu | f32 | 4 | 1.00 | – | – | – | 3.50 | 0.50 | 0.25 |"
+        ),
+        "{front}"
+    );
+    assert!(
+        front.contains(
+            "| DreamBooth + Pick-and-Draw | cpu | f32 | 4 | 1.00 | 4.00 | 1.00 | 2.00 | 8.00 | 0.50 | 0.25 |"
+        ),
+        "{front}"
+    );
+    // The oracle gate: these hand-made rows name no metric models, so it does not apply.
+    assert!(
+        report.header.contains("- Oracle gate: not applied"),
+        "{}",
+        report.header
     );
     let per_subject = std::fs::read_to_string(report.dir.join("per_subject.csv")).unwrap();
     assert!(
@@ -260,5 +315,78 @@ fn a_plan_without_methods_is_one_clear_error() {
     assert!(
         err.contains("plan.json") && err.contains("methods") && err.contains("baseline"),
         "{err}"
+    );
+}
+
+/// The oracle gate in a report: a plan scored with the published models whose oracle is off
+/// warns at the top of the report, and `--strict` makes it an error that writes nothing.
+#[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
+fn an_oracle_off_the_paper_warns_and_fails_under_strict() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let path = tmp.path().join("plan.json");
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    plan["config"]["metrics"] = serde_json::json!({
+        "dino": "facebook/dino-vits16",
+        "clip": "openai/clip-vit-base-patch32",
+    });
+    std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
+    let all: Vec<(String, f64, f64)> = dreambench::SUBJECTS
+        .iter()
+        .map(|s| (s.name.to_string(), 0.75, 0.88))
+        .collect();
+    let write_oracle = |dino: f64| {
+        let o = OracleRow {
+            dino,
+            clip_i: 0.885,
+            per_subject: all.clone(),
+            dino_max_pair: Default::default(),
+        };
+        std::fs::write(
+            tmp.path().join("oracle.json"),
+            serde_json::to_string(&o).unwrap(),
+        )
+        .unwrap();
+    };
+    write_oracle(0.75);
+    let report = write_report(tmp.path(), None).unwrap();
+    let lines: Vec<&str> = report.header.lines().collect();
+    assert!(
+        lines[0].starts_with("# Report of experiment"),
+        "{}",
+        report.header
+    );
+    assert!(
+        lines[2].starts_with("> **Warning (oracle gate):**")
+            && lines[2].contains("DINO 0.7500 (paper 0.774, -0.0240)"),
+        "{}",
+        report.header
+    );
+    let strict = runner::report::ReportOptions { strict: true };
+    let out = tmp.path().join("strict");
+    let err = format!(
+        "{:#}",
+        runner::report::write_report_with(&[tmp.path().to_path_buf()], Some(&out), &strict)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("oracle gate (--strict)") && err.contains("DINO 0.7500"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Within 0.01: passed, no warning, and --strict writes the report.
+    write_oracle(0.78);
+    let report =
+        runner::report::write_report_with(&[tmp.path().to_path_buf()], Some(&out), &strict)
+            .unwrap();
+    assert!(
+        !report.header.contains("Warning") && report.header.contains("- Oracle gate: passed"),
+        "{}",
+        report.header
     );
 }

@@ -34,6 +34,10 @@ pub struct SweepArgs {
     /// List the jobs and the per-subject shared work, run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Stop before the first job when the oracle gate fails (under the published metric models,
+    /// a real-image oracle more than 0.01 from the paper's); a warning otherwise.
+    #[arg(long)]
+    pub strict: bool,
     /// Cache of per-subject shared work: real-image embeddings, inversions, reference palettes
     /// (default: RUN_DIR/cache; point shards at one shared folder to compute them once).
     #[arg(long)]
@@ -129,6 +133,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let store = open_run(&out, &plan)?;
     let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
+    crate::report::gate::check_run(&out, &exp.metrics.dino, &exp.metrics.clip, args.strict)?;
     eprintln!(
         "sweep '{}': {} jobs, shard {shard}, {} image(s) per batch, run folder '{}'",
         exp.name,

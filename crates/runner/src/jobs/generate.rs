@@ -5,6 +5,7 @@
 use super::models::{guidance_config, LoadedModels};
 use super::JobSpec;
 use crate::experiment::{Baseline, Experiment};
+use crate::report::rows::Phases;
 use crate::requests;
 use crate::sweep::JobOutput;
 use anyhow::Context;
@@ -12,6 +13,7 @@ use diffusion::pipeline::SampleRequest;
 use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::{pick_and_draw, PickAndDraw};
 use std::path::Path;
+use std::time::Instant;
 
 /// What a job generates with: the experiment's settings, its loaded models and its palette cache.
 pub(super) struct Generator<'a> {
@@ -29,6 +31,15 @@ fn warn_skipped(out: &PickAndDraw, specs: &[JobSpec]) {
             None => eprintln!("warning: {skipped}"),
         }
     }
+}
+
+/// The phases Pick-and-Draw timed (its sampling includes the guidance passes).
+fn guided_phases(phases: &mut Phases, out: &PickAndDraw) {
+    let t = &out.timings;
+    phases.inversion_s = Some(t.inversion_s);
+    phases.palette_s = Some(t.palette_s);
+    phases.template_s = Some(t.template_s);
+    phases.sampling_s = Some(t.sampling_s);
 }
 
 /// The experiment's sampling settings for the job's prompt and seed.
@@ -57,6 +68,7 @@ pub(super) fn batchable(a: &JobSpec, b: &JobSpec) -> bool {
         && a.job.subject == b.job.subject
         && a.job.prompt_index == b.job.prompt_index
         && a.method.baseline != Baseline::BlipDiffusion
+        && a.method.baseline != Baseline::Images
         && !a.method.pick_and_draw
 }
 
@@ -68,7 +80,7 @@ impl Generator<'_> {
         specs: &[JobSpec],
         outs: &[JobOutput],
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> anyhow::Result<Vec<image::RgbImage>> {
+    ) -> anyhow::Result<(Vec<image::RgbImage>, Phases)> {
         let first = specs.first().context("an empty batch of jobs")?;
         if let Some(other) = specs[1..].iter().find(|s| !batchable(first, s)) {
             anyhow::bail!(
@@ -78,7 +90,8 @@ impl Generator<'_> {
             );
         }
         if first.method.baseline == Baseline::BlipDiffusion {
-            Ok(vec![self.blip_diffusion(first, &outs[0], on_step)?])
+            let (image, phases) = self.blip_diffusion(first, &outs[0], on_step)?;
+            Ok((vec![image], phases))
         } else {
             self.stable_diffusion(specs, outs, on_step)
         }
@@ -91,8 +104,9 @@ impl Generator<'_> {
         specs: &[JobSpec],
         outs: &[JobOutput],
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> anyhow::Result<Vec<image::RgbImage>> {
+    ) -> anyhow::Result<(Vec<image::RgbImage>, Phases)> {
         let spec = &specs[0];
+        let mut phases = Phases::default();
         let (exp, method, choice) = (self.exp, &spec.method, &spec.choice);
         let g = &exp.generation;
         let personalized = choice.model != exp.models.base || choice.embeddings.is_some();
@@ -107,7 +121,7 @@ impl Generator<'_> {
             let identifier = match method.baseline {
                 Baseline::Dreambooth => Some(style.identifier.clone()),
                 Baseline::TextualInversion => style.token.clone(),
-                Baseline::StableDiffusion | Baseline::BlipDiffusion => None,
+                Baseline::StableDiffusion | Baseline::BlipDiffusion | Baseline::Images => None,
             };
             let guided = requests::Guided {
                 reference: spec.reference.clone(),
@@ -121,15 +135,22 @@ impl Generator<'_> {
             let req = requests::pick_and_draw(sample_request(exp, spec), init, guided);
             let out = pick_and_draw(sd, base, &cfg, &req, on_step)?;
             warn_skipped(&out, specs);
+            guided_phases(&mut phases, &out);
             out.latents
         } else {
             let req = SampleRequest {
                 init_latents: Some(init),
                 ..sample_request(exp, spec)
             };
-            sd.sample(&req, on_step)?
+            let started = Instant::now();
+            let latents = sd.sample(&req, on_step)?;
+            phases.sampling_s = Some(started.elapsed().as_secs_f64());
+            latents
         };
-        Ok(sd.decode_images(&latents)?)
+        let started = Instant::now();
+        let images = sd.decode_images(&latents)?;
+        phases.decode_s = Some(started.elapsed().as_secs_f64());
+        Ok((images, phases))
     }
 
     /// BLIP-Diffusion: the reference image and the class condition the prompt; with Pick-and-Draw
@@ -139,8 +160,9 @@ impl Generator<'_> {
         spec: &JobSpec,
         out: &JobOutput,
         on_step: &mut dyn FnMut(usize, usize),
-    ) -> anyhow::Result<image::RgbImage> {
+    ) -> anyhow::Result<(image::RgbImage, Phases)> {
         let (exp, method) = (self.exp, &spec.method);
+        let mut phases = Phases::default();
         let (pipe, base) = self
             .models
             .blip_diffusion(&spec.choice.model, method.pick_and_draw)?;
@@ -161,9 +183,19 @@ impl Generator<'_> {
                 };
                 let out = pick_and_draw_blip(pipe, base, &cfg, &preq, on_step)?;
                 warn_skipped(&out, std::slice::from_ref(spec));
-                Ok(pipe.sd.decode_images(&out.latents)?.remove(0))
+                guided_phases(&mut phases, &out);
+                let started = Instant::now();
+                let image = pipe.sd.decode_images(&out.latents)?.remove(0);
+                phases.decode_s = Some(started.elapsed().as_secs_f64());
+                Ok((image, phases))
             }
-            None => Ok(pipe.generate(&req, on_step)?.image),
+            None => {
+                // BLIP-Diffusion decodes inside its generation: one sampling figure.
+                let started = Instant::now();
+                let image = pipe.generate(&req, on_step)?.image;
+                phases.sampling_s = Some(started.elapsed().as_secs_f64());
+                Ok((image, phases))
+            }
         }
     }
 }

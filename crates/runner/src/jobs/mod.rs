@@ -7,15 +7,18 @@
 //! - [`models`]: which model serves a method and subject, and the models kept loaded;
 //! - [`validate`](validate()): the checks before any work;
 //! - `generate`: one job's image;
+//! - [`images`]: or an image another program made (baseline `images`, `pnd eval`);
 //! - `score`: its scores and row.
 
 mod generate;
+pub mod images;
 mod models;
 mod score;
 mod validate;
 
 pub use models::{guidance_config, model_for, must_be_local, ModelChoice};
-pub use validate::{open_dataset, validate};
+pub use score::{dino_max, max_pair};
+pub use validate::{open_dataset, validate, validate_with};
 
 use crate::experiment::{Experiment, MethodSpec};
 use crate::report::rows::{ImageRow, OracleRow};
@@ -64,6 +67,8 @@ pub struct DreamBenchJobs {
     runtime: Runtime,
     /// Images per batch (see [`batch_size`]).
     pub batch: usize,
+    /// Where the images of each method of baseline `images` are, by method name.
+    image_sources: std::collections::BTreeMap<String, images::ImageSources>,
 }
 
 impl DreamBenchJobs {
@@ -97,7 +102,18 @@ impl DreamBenchJobs {
             exp.runtime.batch != Some(0),
             "[runtime] batch = 0: a batch holds at least one image"
         );
+        let mut image_sources = std::collections::BTreeMap::new();
+        for m in exp
+            .methods
+            .iter()
+            .filter(|m| m.baseline == crate::experiment::Baseline::Images)
+        {
+            let sources =
+                images::ImageSources::open(m).with_context(|| format!("method '{}'", m.name))?;
+            image_sources.insert(m.name.clone(), sources);
+        }
         Ok(Self {
+            image_sources,
             batch: batch_size(&exp, runtime.device.is_cuda()),
             models: models::LoadedModels::new(exp.models.base.clone(), runtime.clone()),
             exp,
@@ -163,7 +179,7 @@ impl DreamBenchJobs {
         &mut self,
         specs: &[JobSpec],
         outs: &[JobOutput],
-    ) -> anyhow::Result<(Vec<image::RgbImage>, f64)> {
+    ) -> anyhow::Result<(Vec<image::RgbImage>, crate::report::rows::Phases)> {
         let started = Instant::now();
         let bar = if self.step_progress {
             indicatif::ProgressBar::new(self.exp.generation.steps as u64)
@@ -175,9 +191,35 @@ impl DreamBenchJobs {
             models: &mut self.models,
             palette_cache: &self.palette_cache,
         };
-        let images = generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
+        let (images, mut phases) =
+            generator.images(specs, outs, &mut |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
-        Ok((images, started.elapsed().as_secs_f64() / specs.len() as f64))
+        phases.seconds = started.elapsed().as_secs_f64();
+        Ok((images, phases.share(specs.len())))
+    }
+}
+
+impl DreamBenchJobs {
+    /// A job of baseline `images`: the image's bytes are copied into the job's folder (so the
+    /// run folder holds what it scored, and a JPEG is decoded exactly as the sweep's own images
+    /// are) and scored there.
+    fn read_image(&self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
+        let spec = self.spec(job)?;
+        let (source, prompt) = self.image_sources[&job.method].source(job)?;
+        let ext = source
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_else(|| "png".into());
+        let bytes = std::fs::read(&source)
+            .with_context(|| format!("reading image '{}'", source.display()))?;
+        let copy = out.write(&format!("image.{ext}"), &bytes)?;
+        let mut row = score::scored_row(&self.dataset, &self.scorer, &spec, out, &copy)
+            .with_context(|| format!("scoring image '{}'", source.display()))?;
+        row.prompt = prompt.unwrap_or_default();
+        // Made elsewhere: the device and precision of its generation are unknown.
+        row.device = "external".into();
+        Ok(row)
     }
 }
 
@@ -185,8 +227,11 @@ impl JobRunner for DreamBenchJobs {
     type Row = ImageRow;
 
     fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<ImageRow> {
+        if self.image_sources.contains_key(&job.method) {
+            return self.read_image(job, out);
+        }
         let spec = self.spec(job)?;
-        let (mut images, seconds) =
+        let (mut images, phases) =
             self.generate(std::slice::from_ref(&spec), std::slice::from_ref(out))?;
         let runtime = self.runtime.record();
         let image = images.remove(0);
@@ -196,7 +241,7 @@ impl JobRunner for DreamBenchJobs {
             &spec,
             out,
             image,
-            seconds,
+            &phases,
             &runtime,
         )
     }
@@ -224,7 +269,7 @@ impl JobRunner for DreamBenchJobs {
             Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
         };
         match self.generate(&specs, outs) {
-            Ok((images, seconds)) => {
+            Ok((images, phases)) => {
                 let runtime = self.runtime.record();
                 specs
                     .iter()
@@ -232,7 +277,7 @@ impl JobRunner for DreamBenchJobs {
                     .zip(images)
                     .map(|((spec, out), image)| {
                         let (dataset, scorer) = (&self.dataset, &self.scorer);
-                        score::image_row(dataset, scorer, spec, out, image, seconds, &runtime)
+                        score::image_row(dataset, scorer, spec, out, image, &phases, &runtime)
                     })
                     .collect()
             }

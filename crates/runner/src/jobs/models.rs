@@ -84,6 +84,13 @@ pub fn model_for(
                 embedding_token: method.style(subject).token,
             }
         }
+        // Images are read from files (`jobs::images`): no model makes them.
+        Baseline::Images => ModelChoice {
+            model: String::new(),
+            base: None,
+            embeddings: None,
+            embedding_token: None,
+        },
         Baseline::BlipDiffusion => {
             let model = m
                 .blip_diffusion

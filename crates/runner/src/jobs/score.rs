@@ -2,7 +2,7 @@
 //! class prompt, and made into its result row.
 
 use super::JobSpec;
-use crate::report::rows::{ImageRow, OracleRow};
+use crate::report::rows::{ImageRow, OracleRow, Phases};
 use crate::runtime::RuntimeRecord;
 use crate::sweep::JobOutput;
 use anyhow::Context;
@@ -17,18 +17,36 @@ pub(super) fn image_row(
     spec: &JobSpec,
     out: &JobOutput,
     image: image::RgbImage,
-    seconds: f64,
+    phases: &Phases,
     runtime: &RuntimeRecord,
 ) -> anyhow::Result<ImageRow> {
-    let (job, method) = (spec.job, &spec.method);
     let tmp = out.temp_path("image.png");
     image
         .save(&tmp)
         .with_context(|| format!("writing '{}'", tmp.display()))?;
     let path = out.path("image.png");
     std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
+    let mut row = scored_row(dataset, scorer, spec, out, &path)?;
+    phases.apply(&mut row);
+    row.device = runtime.device.clone();
+    row.dtype = runtime.dtype.clone();
+    Ok(row)
+}
+
+/// The row of an image in the job's folder: its scores against the subject's real images and
+/// class prompt, and the largest DINO similarity to one real image (the copy flag's measure).
+/// Wall time, device and precision are left for the caller (zero and empty).
+pub(super) fn scored_row(
+    dataset: &Dataset,
+    scorer: &Scorer,
+    spec: &JobSpec,
+    out: &JobOutput,
+    path: &Path,
+) -> anyhow::Result<ImageRow> {
+    let (job, method) = (spec.job, &spec.method);
+    let started = std::time::Instant::now();
     let real = dataset.images(spec.subject.name)?.to_vec();
-    let scores = scorer.score(std::slice::from_ref(&path), &real, &spec.clip_prompt)?;
+    let scores = scorer.score(&[path.to_path_buf()], &real, &spec.clip_prompt)?;
     let run_dir = out
         .dir()
         .parent()
@@ -49,17 +67,47 @@ pub(super) fn image_row(
         clip_t_prompt: spec.clip_prompt.clone(),
         image: path
             .strip_prefix(run_dir)
-            .unwrap_or(&path)
+            .unwrap_or(path)
             .display()
             .to_string(),
         reference: spec.reference.display().to_string(),
         dino: scores.dino,
         clip_i: scores.clip_i,
         clip_t: scores.clip_t,
-        seconds,
-        device: runtime.device.clone(),
-        dtype: runtime.dtype.clone(),
+        seconds: 0.0,
+        device: String::new(),
+        dtype: String::new(),
+        dino_max: Some(dino_max(scorer, path, &real)?),
+        inversion_s: None,
+        palette_s: None,
+        template_s: None,
+        sampling_s: None,
+        decode_s: None,
+        scoring_s: Some(started.elapsed().as_secs_f64()),
     })
+}
+
+/// The largest DINO similarity of `image` to one of `real` (the scorer caches the embeddings, so
+/// in a run this costs no second pass of the model).
+pub fn dino_max(scorer: &Scorer, image: &Path, real: &[PathBuf]) -> anyhow::Result<f64> {
+    let g = scorer.embed_images(&[image.to_path_buf()])?;
+    let r = scorer.embed_images(real)?;
+    Ok(r.dino
+        .iter()
+        .map(|e| metrics::scores::cosine(&g.dino[0], e))
+        .fold(f64::NEG_INFINITY, f64::max))
+}
+
+/// The largest cosine similarity between two distinct embeddings of a set (`None` below two).
+pub fn max_pair(embeddings: &[Vec<f32>]) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    for (i, a) in embeddings.iter().enumerate() {
+        for b in &embeddings[i + 1..] {
+            let c = metrics::scores::cosine(a, b);
+            best = Some(best.map_or(c, |m: f64| m.max(c)));
+        }
+    }
+    best
 }
 
 /// The oracle row over the subjects (each real image against the others).
@@ -73,6 +121,12 @@ pub(super) fn oracle_row(
         .map(|s| Ok((s.name.to_string(), dataset.images(s.name)?.to_vec())))
         .collect::<anyhow::Result<_>>()?;
     let report = scorer.oracle(&subjects)?;
+    let mut dino_max_pair = std::collections::BTreeMap::new();
+    for (name, paths) in &subjects {
+        if let Some(m) = max_pair(&scorer.embed_images(paths)?.dino) {
+            dino_max_pair.insert(name.clone(), m);
+        }
+    }
     Ok(OracleRow {
         dino: report.dino,
         clip_i: report.clip_i,
@@ -81,5 +135,6 @@ pub(super) fn oracle_row(
             .iter()
             .map(|(k, v)| (k.clone(), v.dino, v.clip_i))
             .collect(),
+        dino_max_pair,
     })
 }

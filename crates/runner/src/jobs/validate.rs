@@ -8,11 +8,26 @@ use dreambench::Dataset;
 use std::path::Path;
 
 /// Checks everything the jobs will need before any work starts: the dataset and its subjects,
-/// every model location that must be local, every embedding file, and the metric models.
+/// every model location that must be local, every embedding file, every image a method of
+/// baseline `images` reads, and the metric models.
 pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
+    validate_with(exp, false)
+}
+
+/// [`validate`]; with `partial_images`, jobs of baseline `images` without an image are allowed
+/// (`pnd eval` lists them and scores the rest).
+pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<()> {
     open_dataset(exp)?;
     let mut problems = Vec::new();
     for method in &exp.methods {
+        if method.baseline == crate::experiment::Baseline::Images {
+            if let Err(e) = super::images::ImageSources::open(method)
+                .and_then(|sources| sources.check(method, &exp.jobs(), partial_images))
+            {
+                problems.push(format!("method '{}': {e:#}", method.name));
+            }
+            continue;
+        }
         if method.pick_and_draw {
             if let Err(e) = guidance_config(exp, method) {
                 problems.push(format!("method '{}': {e:#}", method.name));

@@ -51,6 +51,47 @@ fn load_cell(path: &Path) -> anyhow::Result<RgbImage> {
     ))
 }
 
+/// The pairs of methods a grid shows side by side, with their column titles: each guided method
+/// after its unguided baseline ("without" | "with"), and each method of baseline `images` (another
+/// program's images) after the first of the harness' unguided methods, or any method after the one
+/// its `compare_to` names (both titled by their labels).
+fn grid_pairs(infos: &[MethodInfo]) -> Vec<(&MethodInfo, &MethodInfo, [String; 2])> {
+    let mut pairs = Vec::new();
+    // A method that names the one it is compared with: that one, titled by their labels.
+    let named = |i: &MethodInfo| {
+        i.compare_to
+            .as_ref()
+            .and_then(|t| infos.iter().find(|b| &b.name == t && b.name != i.name))
+    };
+    for info in infos {
+        if let Some(base) = named(info) {
+            pairs.push((base, info, [fit(&base.label, 22), fit(&info.label, 22)]));
+        }
+    }
+    for guided in infos.iter().filter(|i| i.guided && named(i).is_none()) {
+        if let Some(base) = infos
+            .iter()
+            .find(|b| !b.guided && b.baseline == guided.baseline)
+        {
+            pairs.push((base, guided, ["without".into(), "with".into()]));
+        }
+    }
+    let harness = infos.iter().find(|i| !i.guided && i.baseline != "images");
+    for external in infos
+        .iter()
+        .filter(|i| i.baseline == "images" && named(i).is_none())
+    {
+        if let Some(base) = harness {
+            pairs.push((
+                base,
+                external,
+                [fit(&base.label, 22), fit(&external.label, 22)],
+            ));
+        }
+    }
+    pairs
+}
+
 /// Writes the grids under `dir` and returns their paths. Image paths in rows are relative to `run_dir`
 /// (generated) or as given (reference).
 pub fn image_grids(
@@ -63,13 +104,7 @@ pub fn image_grids(
     let mut subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
     subjects.sort();
     subjects.dedup();
-    for guided in infos.iter().filter(|i| i.guided) {
-        let Some(base) = infos
-            .iter()
-            .find(|b| !b.guided && b.baseline == guided.baseline)
-        else {
-            continue;
-        };
+    for (base, guided, titles) in grid_pairs(infos) {
         for subject in &subjects {
             let pick = |method: &str| -> Vec<&ImageRow> {
                 let mut v: Vec<&ImageRow> = rows
@@ -96,7 +131,10 @@ pub fn image_grids(
                 HEADER + n * (LABEL + CELL + GAP) + GAP,
                 Rgb([255, 255, 255]),
             );
-            for (col, title) in ["reference", "without", "with"].iter().enumerate() {
+            for (col, title) in ["reference", titles[0].as_str(), titles[1].as_str()]
+                .iter()
+                .enumerate()
+            {
                 let x = GAP + col as u32 * (CELL + GAP);
                 draw_text(&mut grid, title, (x + 2, 4), 16.0)?;
             }

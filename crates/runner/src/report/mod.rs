@@ -2,11 +2,14 @@
 //! grids from a run folder's rows (SPEC §8). Aggregation uses polars; figures use plotters.
 
 pub mod aggregate;
+pub mod gate;
 pub mod grids;
 pub mod header;
+pub mod paired;
 pub mod plots;
 pub mod rows;
 pub mod tables;
+pub mod timing;
 
 use crate::sweep::{write_file_atomic, RunStore};
 use anyhow::Context;
@@ -36,6 +39,8 @@ struct PlannedMethod {
     pick_and_draw: bool,
     #[serde(default)]
     label: Option<String>,
+    #[serde(default)]
+    compare_to: Option<String>,
 }
 
 /// Method display information from a plan's resolved config (`methods[].{name,label,baseline,pick_and_draw}`).
@@ -47,6 +52,10 @@ pub fn method_infos(config: &serde_json::Value) -> anyhow::Result<Vec<MethodInfo
         .into_iter()
         .map(|m| {
             let label = m.label.unwrap_or_else(|| {
+                // Another program's images: the method's own name says what they are.
+                if m.baseline == "images" {
+                    return m.name.clone();
+                }
                 let b = baseline_label(&m.baseline);
                 if m.pick_and_draw {
                     format!("{b} + Pick-and-Draw")
@@ -59,48 +68,159 @@ pub fn method_infos(config: &serde_json::Value) -> anyhow::Result<Vec<MethodInfo
                 label,
                 baseline: m.baseline,
                 guided: m.pick_and_draw,
+                compare_to: m.compare_to,
             }
         })
         .collect())
 }
 
+/// How a report is written.
+#[derive(Debug, Clone, Default)]
+pub struct ReportOptions {
+    /// A failing oracle gate ([`gate::oracle_gate`]) is an error instead of a warning.
+    pub strict: bool,
+}
+
 /// Writes the report of `run_dir` into `run_dir/report` (or `out`).
 pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<ReportOutput> {
-    let store = RunStore::open(run_dir)?;
-    let plan = store.plan()?;
-    let infos = method_infos(&plan.config)
-        .with_context(|| format!("reading '{}'", run_dir.join("plan.json").display()))?;
-    let rows: Vec<ImageRow> = store
-        .rows()
-        .with_context(|| format!("reading rows of '{}'", run_dir.display()))?;
+    write_report_with(&[run_dir.to_path_buf()], out, &ReportOptions::default())
+}
+
+/// The metric models of a plan (`[metrics] dino` and `clip` of its config; empty when absent).
+fn metric_models(plan: &crate::sweep::Plan) -> (String, String) {
+    let m = &plan.config["metrics"];
+    let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+    (s("dino"), s("clip"))
+}
+
+fn read_oracle(run_dir: &Path) -> anyhow::Result<Option<OracleRow>> {
+    let path = run_dir.join("oracle.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing '{}'", path.display()))?,
+    ))
+}
+
+/// Writes the report of one run, or of several runs in one table (a sweep's and a `pnd eval`'s:
+/// `out` is then required). The runs must be scored with the same metric models and have
+/// different method names; the first run's oracle is the table's.
+pub fn write_report_with(
+    runs: &[PathBuf],
+    out: Option<&Path>,
+    options: &ReportOptions,
+) -> anyhow::Result<ReportOutput> {
+    let Some(first_run) = runs.first() else {
+        anyhow::bail!("no run folder to report");
+    };
+    anyhow::ensure!(
+        runs.len() == 1 || out.is_some(),
+        "a report of {} runs needs --out (it belongs to none of them)",
+        runs.len()
+    );
+    let mut infos: Vec<MethodInfo> = Vec::new();
+    let mut rows: Vec<ImageRow> = Vec::new();
+    let mut extras = tables::TableExtras::default();
+    let mut oracle: Option<OracleRow> = None;
+    let mut heads = Vec::new();
+    let mut builds: Vec<String> = Vec::new();
+    let mut models: Option<(String, String, &PathBuf)> = None;
+    for run_dir in runs {
+        let store = RunStore::open(run_dir)?;
+        let plan = store.plan()?;
+        let run_infos = method_infos(&plan.config)
+            .with_context(|| format!("reading '{}'", run_dir.join("plan.json").display()))?;
+        for info in run_infos {
+            anyhow::ensure!(
+                !infos.iter().any(|i| i.name == info.name),
+                "method '{}' is in more than one of the runs (the second: '{}'); score it under another name (`pnd eval --name`)",
+                info.name,
+                run_dir.display()
+            );
+            infos.push(info);
+        }
+        let (dino, clip) = metric_models(&plan);
+        match &models {
+            None => models = Some((dino, clip, run_dir)),
+            Some((d, c, first)) if (d, c) != (&dino, &clip) => anyhow::bail!(
+                "runs '{}' and '{}' were scored with different metric models ('{d}', '{c}' vs '{dino}', '{clip}'): their scores do not share a table",
+                first.display(),
+                run_dir.display()
+            ),
+            Some(_) => {}
+        }
+        let mut run_rows: Vec<ImageRow> = store
+            .rows()
+            .with_context(|| format!("reading rows of '{}'", run_dir.display()))?;
+        if runs.len() > 1 {
+            // Image paths are relative to their own run folder.
+            for r in &mut run_rows {
+                r.image = run_dir.join(&r.image).display().to_string();
+            }
+        }
+        for j in &plan.jobs {
+            *extras.expected.entry(j.method.clone()).or_default() += 1;
+        }
+        if oracle.is_none() {
+            oracle = read_oracle(run_dir)?;
+        }
+        let failures = store.failures()?;
+        heads.push(header::header(&plan, run_rows.len(), &failures));
+        if let Some(p) = &plan.provenance {
+            let line = p.build_line();
+            if !builds.contains(&line) {
+                builds.push(line);
+            }
+        }
+        rows.extend(run_rows);
+    }
     anyhow::ensure!(
         !rows.is_empty(),
         "run '{}' has no finished rows yet",
-        run_dir.display()
+        runs.iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join("', '")
     );
-    let oracle_path = run_dir.join("oracle.json");
-    let oracle: Option<OracleRow> = if oracle_path.is_file() {
-        Some(
-            serde_json::from_str(&std::fs::read_to_string(&oracle_path)?)
-                .with_context(|| format!("parsing '{}'", oracle_path.display()))?,
-        )
-    } else {
-        None
-    };
+    let (dino, clip, _) = models.expect("one run at least");
+    let gate = gate::oracle_gate(&dino, &clip, oracle.as_ref());
+    if let (gate::Gate::Fail(message), true) = (&gate, options.strict) {
+        anyhow::bail!("oracle gate (--strict): {message}");
+    }
     let dir = out
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| run_dir.join("report"));
+        .unwrap_or_else(|| first_run.join("report"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating '{}'", dir.display()))?;
     let names: Vec<String> = infos.iter().map(|i| i.name.clone()).collect();
     let summaries = aggregate::by_method(&rows, &names, BOOTSTRAP_SEED)?;
     let subjects = aggregate::by_subject(&rows, &names)?;
-    let table = tables::method_table(&summaries, &infos, oracle.as_ref());
+    for s in &summaries {
+        if let Some(b) = tables::baseline_of(&summaries, &infos, s) {
+            extras
+                .paired
+                .extend(paired::compare(&rows, &s.method, &b.method, BOOTSTRAP_SEED));
+        }
+        if let Some(n) = oracle
+            .as_ref()
+            .and_then(|o| paired::possible_copies(&rows, &s.method, o))
+        {
+            extras.copies.insert(s.method.clone(), n);
+        }
+    }
+    let table = tables::method_table(&summaries, &infos, oracle.as_ref(), &extras);
     let mut files = Vec::new();
     let md = tables::markdown(&table);
-    let failures = store.failures()?;
-    let head = header::header(&plan, rows.len(), &failures);
+    let head = compose_header(&heads, &gate);
     for (name, text) in [
-        ("report.md", format!("{head}\n## Table\n\n{md}")),
+        (
+            "report.md",
+            format!(
+                "{head}\n## Table\n\n{md}\n{}",
+                timing::markdown(&rows, &infos, &builds)
+            ),
+        ),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),
@@ -117,10 +237,15 @@ pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<Report
     files.push(dir.join("per_subject.csv"));
     aggregate::write_parquet(&rows, &dir.join("results.parquet"))?;
     files.push(dir.join("results.parquet"));
-    files.extend(plots::pareto_plots(&dir, &summaries, &infos)?);
+    files.extend(plots::pareto_plots(
+        &dir,
+        &summaries,
+        &infos,
+        &extras.paired,
+    )?);
     files.extend(plots::subject_bars(&dir, &subjects, &infos)?);
     files.extend(grids::image_grids(
-        run_dir,
+        first_run,
         &dir.join("grids"),
         &rows,
         &infos,
@@ -131,6 +256,41 @@ pub fn write_report(run_dir: &Path, out: Option<&Path>) -> anyhow::Result<Report
         table_markdown: md,
         files,
     })
+}
+
+/// The front page's header: the oracle gate's warning right under the title, the first run's
+/// provenance and jobs, then each further run's (title demoted), then the gate's line.
+fn compose_header(heads: &[String], gate: &gate::Gate) -> String {
+    let mut out = String::new();
+    for (k, h) in heads.iter().enumerate() {
+        let (title, rest) = h.split_once('\n').unwrap_or((h.as_str(), ""));
+        if k == 0 {
+            out.push_str(title);
+            out.push('\n');
+            if let gate::Gate::Fail(message) = gate {
+                out.push_str(&format!("\n> **Warning (oracle gate):** {message}\n"));
+            }
+        } else {
+            out.push_str(&format!(
+                "\n## Also in this table: {}\n",
+                title.trim_start_matches("# Report of ")
+            ));
+        }
+        out.push_str(rest);
+    }
+    let line = match gate {
+        gate::Gate::Pass => format!(
+            "- Oracle gate: passed (DINO and CLIP-I within {} of the paper's {} and {})",
+            gate::TOLERANCE,
+            gate::PAPER_ORACLE.0,
+            gate::PAPER_ORACLE.1
+        ),
+        gate::Gate::NotApplicable(why) => format!("- Oracle gate: not applied ({why})"),
+        gate::Gate::Fail(_) => "- Oracle gate: FAILED (see the warning above)".into(),
+    };
+    out.push_str(&line);
+    out.push('\n');
+    out
 }
 
 /// Mean, standard deviation and bootstrap CI per method and metric.

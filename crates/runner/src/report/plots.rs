@@ -3,6 +3,7 @@
 //! its guided version, and per-subject bars (the paper's Fig. 5).
 
 use super::aggregate::{MethodSummary, SubjectSummary};
+use super::paired::Comparison;
 use super::tables::MethodInfo;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -64,6 +65,7 @@ fn draw_pareto<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     summaries: &[MethodSummary],
     infos: &[MethodInfo],
+    paired: &[Comparison],
     y_metric: &str,
 ) -> DrawResult
 where
@@ -97,12 +99,9 @@ where
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 15))
         .draw()?;
-    // Arrows: baseline -> guided.
-    for g in summaries.iter().filter(|s| s.guided) {
-        let Some(b) = summaries
-            .iter()
-            .find(|b| !b.guided && b.baseline == g.baseline)
-        else {
+    // Arrows: baseline -> guided (or the method a `compare_to` names -> the method).
+    for g in summaries {
+        let Some(b) = super::tables::baseline_of(summaries, infos, g) else {
             continue;
         };
         let color = baseline_color(&g.baseline, infos);
@@ -169,6 +168,23 @@ where
             point,
             (FONT, 13).into_font().color(&BLACK),
         )))?;
+        // A guided method's paired difference from its baseline on matched jobs, under its label.
+        if let Some(c) = paired.iter().find(|c| c.guided == s.method) {
+            let d = &c.metrics[if y_metric == "dino" { 0 } else { 1 }];
+            let p = if d.p_value < 0.001 {
+                "< 0.001".to_string()
+            } else {
+                format!("{:.3}", d.p_value)
+            };
+            let text = format!(
+                "Δ{y_name} {:+.3} [{:+.3}, {:+.3}], p {p}, {} pairs",
+                d.delta, d.ci_low, d.ci_high, d.pairs
+            );
+            chart.draw_series(std::iter::once(
+                EmptyElement::at(point)
+                    + Text::new(text, (0, 15), (FONT, 12).into_font().color(&color)),
+            ))?;
+        }
     }
     root.present()?;
     Ok(())
@@ -277,19 +293,22 @@ fn both_formats(
     Ok(vec![png, svg])
 }
 
-/// `pareto_dino.{png,svg}` and `pareto_clip_i.{png,svg}` in `dir`.
+/// `pareto_dino.{png,svg}` and `pareto_clip_i.{png,svg}` in `dir`: each method's mean with its
+/// 95% bootstrap intervals as error bars, and each guided method's paired difference (interval
+/// and p-value) from its baseline written under it.
 pub fn pareto_plots(
     dir: &Path,
     summaries: &[MethodSummary],
     infos: &[MethodInfo],
+    paired: &[Comparison],
 ) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for metric in ["dino", "clip_i"] {
         out.extend(both_formats(
             &dir.join(format!("pareto_{metric}")),
             (800, 600),
-            |a| draw_pareto(a, summaries, infos, metric),
-            |a| draw_pareto(a, summaries, infos, metric),
+            |a| draw_pareto(a, summaries, infos, paired, metric),
+            |a| draw_pareto(a, summaries, infos, paired, metric),
         )?);
     }
     Ok(out)

@@ -35,6 +35,64 @@ pub struct ImageRow {
     /// The generation precision (`f32`, `f16`, `bf16`); empty in rows of older runs.
     #[serde(default)]
     pub dtype: String,
+    /// The largest DINO similarity of the image to one real image of its subject: above the
+    /// subject's largest real-vs-real similarity ([`OracleRow::dino_max_pair`]) the image is
+    /// counted as a possible copy of the input. Absent in rows of older runs.
+    #[serde(default)]
+    pub dino_max: Option<f64>,
+    /// Seconds of this image by phase (its share of a batch's): null-text inversion, reference
+    /// palette, layout template, sampling (guidance passes included), VAE decoding, scoring.
+    /// Absent where a phase did not run (unguided methods have no inversion; another program's
+    /// images only scoring) and in rows of older runs.
+    #[serde(default)]
+    pub inversion_s: Option<f64>,
+    #[serde(default)]
+    pub palette_s: Option<f64>,
+    #[serde(default)]
+    pub template_s: Option<f64>,
+    #[serde(default)]
+    pub sampling_s: Option<f64>,
+    #[serde(default)]
+    pub decode_s: Option<f64>,
+    #[serde(default)]
+    pub scoring_s: Option<f64>,
+}
+
+/// Seconds of a generation, whole ([`ImageRow::seconds`]) and by phase (see [`ImageRow`]'s `*_s`
+/// fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    pub seconds: f64,
+    pub inversion_s: Option<f64>,
+    pub palette_s: Option<f64>,
+    pub template_s: Option<f64>,
+    pub sampling_s: Option<f64>,
+    pub decode_s: Option<f64>,
+}
+
+impl Phases {
+    /// Each image's share of a batch of `n`.
+    pub fn share(self, n: usize) -> Self {
+        let d = |v: Option<f64>| v.map(|s| s / n.max(1) as f64);
+        Self {
+            seconds: self.seconds / n.max(1) as f64,
+            inversion_s: d(self.inversion_s),
+            palette_s: d(self.palette_s),
+            template_s: d(self.template_s),
+            sampling_s: d(self.sampling_s),
+            decode_s: d(self.decode_s),
+        }
+    }
+
+    /// Writes these phases into a row.
+    pub fn apply(&self, row: &mut ImageRow) {
+        row.seconds = self.seconds;
+        row.inversion_s = self.inversion_s;
+        row.palette_s = self.palette_s;
+        row.template_s = self.template_s;
+        row.sampling_s = self.sampling_s;
+        row.decode_s = self.decode_s;
+    }
 }
 
 /// The "Real Images (Oracle)" row, written by the sweep's oracle step as `oracle.json`.
@@ -44,4 +102,8 @@ pub struct OracleRow {
     pub clip_i: f64,
     /// Per subject: (subject, dino, clip_i).
     pub per_subject: Vec<(String, f64, f64)>,
+    /// Per subject: the largest DINO similarity between two distinct real images (the copy
+    /// flag's threshold). Empty in oracles of older runs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub dino_max_pair: std::collections::BTreeMap<String, f64>,
 }

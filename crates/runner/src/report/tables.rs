@@ -2,7 +2,9 @@
 //! against the unguided baseline they build on; Markdown, LaTeX and CSV.
 
 use super::aggregate::MethodSummary;
+use super::paired::{Comparison, PairedDelta};
 use super::rows::OracleRow;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// How a method is shown in tables and plots.
@@ -12,6 +14,9 @@ pub struct MethodInfo {
     pub label: String,
     pub baseline: String,
     pub guided: bool,
+    /// The method it is compared with, when not the usual one (see
+    /// [`crate::experiment::MethodSpec::compare_to`]).
+    pub compare_to: Option<String>,
 }
 
 /// The label of a baseline as the paper writes it.
@@ -34,6 +39,46 @@ pub struct TableRow {
     pub delta: Option<[f64; 3]>,
     /// The CLIP-T cell is empty for the oracle (real images have no prompt).
     pub has_clip_t: bool,
+    /// The jobs the method's run planned, when it scored fewer (a partial `pnd eval`).
+    pub expected: Option<usize>,
+    /// Images that may copy the input (see [`super::paired::possible_copies`]); `None` unknown.
+    pub copies: Option<usize>,
+    /// For a guided method: its baseline's label and the paired differences (DINO, CLIP-I,
+    /// CLIP-T) on their matched jobs.
+    pub paired: Option<(String, [PairedDelta; 3])>,
+}
+
+/// What the table adds to the means, by method name: planned jobs, possible copies, paired
+/// comparisons.
+#[derive(Debug, Clone, Default)]
+pub struct TableExtras {
+    pub expected: BTreeMap<String, usize>,
+    pub copies: BTreeMap<String, usize>,
+    pub paired: Vec<Comparison>,
+}
+
+/// The method a method is compared with: the one its `compare_to` names (when it has rows),
+/// else for a guided method the first unguided method of the same baseline.
+pub fn baseline_of<'a>(
+    summaries: &'a [MethodSummary],
+    infos: &[MethodInfo],
+    guided: &MethodSummary,
+) -> Option<&'a MethodSummary> {
+    let named = infos
+        .iter()
+        .find(|i| i.name == guided.method)
+        .and_then(|i| i.compare_to.as_ref());
+    if let Some(target) = named {
+        return summaries
+            .iter()
+            .find(|b| &b.method == target && b.method != guided.method);
+    }
+    if !guided.guided {
+        return None;
+    }
+    summaries
+        .iter()
+        .find(|b| !b.guided && b.baseline == guided.baseline)
 }
 
 /// Builds the table: the oracle first (if given), then methods in the experiment's order.
@@ -42,7 +87,15 @@ pub fn method_table(
     summaries: &[MethodSummary],
     infos: &[MethodInfo],
     oracle: Option<&OracleRow>,
+    extras: &TableExtras,
 ) -> Vec<TableRow> {
+    let label_of = |name: &str| {
+        infos
+            .iter()
+            .find(|i| i.name == name)
+            .map(|i| i.label.clone())
+            .unwrap_or_else(|| name.to_string())
+    };
     let mut rows = Vec::new();
     if let Some(o) = oracle {
         rows.push(TableRow {
@@ -51,39 +104,73 @@ pub fn method_table(
             scores: [o.dino, o.clip_i, f64::NAN],
             delta: None,
             has_clip_t: false,
+            expected: None,
+            copies: None,
+            paired: None,
         });
     }
     for s in summaries {
-        let label = infos
-            .iter()
-            .find(|i| i.name == s.method)
-            .map(|i| i.label.clone())
-            .unwrap_or_else(|| s.method.clone());
+        let label = label_of(&s.method);
         let scores = [s.dino.mean, s.clip_i.mean, s.clip_t.mean];
-        let delta = s
-            .guided
-            .then(|| {
-                summaries
-                    .iter()
-                    .find(|b| !b.guided && b.baseline == s.baseline)
-            })
-            .flatten()
-            .map(|b| {
-                [
-                    scores[0] - b.dino.mean,
-                    scores[1] - b.clip_i.mean,
-                    scores[2] - b.clip_t.mean,
-                ]
-            });
+        let base = baseline_of(summaries, infos, s);
+        let paired = base.and_then(|b| {
+            extras
+                .paired
+                .iter()
+                .find(|c| c.guided == s.method && c.baseline == b.method)
+                .map(|c| (label_of(&b.method), c.metrics))
+        });
+        let delta = base.map(|b| {
+            [
+                scores[0] - b.dino.mean,
+                scores[1] - b.clip_i.mean,
+                scores[2] - b.clip_t.mean,
+            ]
+        });
         rows.push(TableRow {
             label,
             images: Some(s.images),
             scores,
             delta,
             has_clip_t: true,
+            expected: extras
+                .expected
+                .get(&s.method)
+                .copied()
+                .filter(|&n| n > s.images),
+            copies: extras.copies.get(&s.method).copied(),
+            paired,
         });
     }
     rows
+}
+
+/// The images cell: the count, and the coverage when the run planned more.
+fn images_cell(r: &TableRow) -> String {
+    match (r.images, r.expected) {
+        (Some(n), Some(e)) => format!("{n} of {e} ({:.0}%)", 100.0 * n as f64 / e as f64),
+        (Some(n), None) => n.to_string(),
+        (None, _) => "–".into(),
+    }
+}
+
+fn paired_cell(p: &PairedDelta) -> String {
+    format!(
+        "{:+.3} [{:+.3}, {:+.3}], p {}",
+        p.delta,
+        p.ci_low,
+        p.ci_high,
+        p_text(p.p_value)
+    )
+}
+
+/// A p-value to three decimals; below 0.001 as "< 0.001".
+fn p_text(p: f64) -> String {
+    if p < 0.001 {
+        "< 0.001".into()
+    } else {
+        format!("{p:.3}")
+    }
 }
 
 fn cell(v: f64, delta: Option<f64>, signed: impl Fn(f64) -> String) -> String {
@@ -93,10 +180,10 @@ fn cell(v: f64, delta: Option<f64>, signed: impl Fn(f64) -> String) -> String {
     }
 }
 
-/// GitHub Markdown.
+/// GitHub Markdown: the table, then the paired differences of the guided methods.
 pub fn markdown(rows: &[TableRow]) -> String {
     let mut s = String::from(
-        "| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | images |\n|---|---:|---:|---:|---:|\n",
+        "| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | images | possible copies |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let c = |k: usize| {
@@ -106,19 +193,39 @@ pub fn markdown(rows: &[TableRow]) -> String {
                 cell(r.scores[k], r.delta.map(|d| d[k]), |d| format!("{d:+.3}"))
             }
         };
-        let n = r
-            .images
+        let copies = r
+            .copies
             .map(|n| n.to_string())
             .unwrap_or_else(|| "–".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {copies} |",
             r.label,
             c(0),
             c(1),
             c(2),
-            n
+            images_cell(r)
         );
+    }
+    let paired: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r.paired.as_ref().map(|p| (r, p)))
+        .collect();
+    if !paired.is_empty() {
+        s.push_str(
+            "\nPaired differences against the baseline on matched (subject, prompt, seed): mean [95% bootstrap interval], permutation p.\n\n| Method | vs | pairs | ΔDINO | ΔCLIP-I | ΔCLIP-T |\n|---|---|---:|---:|---:|---:|\n",
+        );
+        for (r, (base, m)) in paired {
+            let _ = writeln!(
+                s,
+                "| {} | {base} | {} | {} | {} | {} |",
+                r.label,
+                m[0].pairs,
+                paired_cell(&m[0]),
+                paired_cell(&m[1]),
+                paired_cell(&m[2])
+            );
+        }
     }
     s
 }
@@ -157,10 +264,11 @@ pub fn latex(rows: &[TableRow]) -> String {
     s
 }
 
-/// CSV with full precision: method, scores, deltas (empty where not applicable).
+/// CSV with full precision: method, scores, deltas, then the planned jobs, the possible copies
+/// and the paired statistics (empty where not applicable).
 pub fn csv(rows: &[TableRow]) -> anyhow::Result<String> {
     let mut w = ::csv::Writer::from_writer(Vec::new());
-    w.write_record([
+    let mut header: Vec<String> = [
         "method",
         "images",
         "dino",
@@ -169,7 +277,23 @@ pub fn csv(rows: &[TableRow]) -> anyhow::Result<String> {
         "delta_dino",
         "delta_clip_i",
         "delta_clip_t",
-    ])?;
+        "expected",
+        "possible_copies",
+        "pairs",
+    ]
+    .map(String::from)
+    .to_vec();
+    for m in super::aggregate::METRICS {
+        for k in [
+            "paired_delta",
+            "paired_ci95_low",
+            "paired_ci95_high",
+            "paired_p",
+        ] {
+            header.push(format!("{k}_{m}"));
+        }
+    }
+    w.write_record(&header)?;
     for r in rows {
         let f = |v: f64| {
             if v.is_nan() {
@@ -179,16 +303,30 @@ pub fn csv(rows: &[TableRow]) -> anyhow::Result<String> {
             }
         };
         let d = |k: usize| r.delta.map(|d| format!("{:.6}", d[k])).unwrap_or_default();
-        w.write_record([
+        let n = |v: Option<usize>| v.map(|n| n.to_string()).unwrap_or_default();
+        let mut record = vec![
             r.label.clone(),
-            r.images.map(|n| n.to_string()).unwrap_or_default(),
+            n(r.images),
             f(r.scores[0]),
             f(r.scores[1]),
             f(r.scores[2]),
             d(0),
             d(1),
             d(2),
-        ])?;
+            n(r.expected.or(r.images)),
+            n(r.copies),
+            n(r.paired.as_ref().map(|(_, m)| m[0].pairs)),
+        ];
+        for k in 0..3 {
+            match &r.paired {
+                Some((_, m)) => record.extend(
+                    [m[k].delta, m[k].ci_low, m[k].ci_high, m[k].p_value]
+                        .map(|v| format!("{v:.6}")),
+                ),
+                None => record.extend(std::iter::repeat_n(String::new(), 4)),
+            }
+        }
+        w.write_record(&record)?;
     }
     Ok(String::from_utf8(w.into_inner()?)?)
 }

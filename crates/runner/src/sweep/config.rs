@@ -58,6 +58,9 @@ pub enum Problem {
     IncludeWithoutFile,
     #[error("no [[methods]]")]
     NoMethods,
+    /// A method of baseline `images` without a usable `images` template, or `images` elsewhere.
+    #[error("{0}")]
+    Images(String),
     /// Guidance settings that parse but make no sense (e.g. `tau = 2`).
     #[error("guidance settings: {0}")]
     Guidance(String),

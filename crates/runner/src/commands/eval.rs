@@ -1,0 +1,494 @@
+//! `pnd eval IMAGES --name METHOD [--protocol NAME|FILE] [--out RUN_DIR] [--data DIR]`: scores the
+//! images another program made, under one of the harness' protocols, into a run folder that
+//! `pnd report` and `pnd merge` treat like a sweep's.
+//!
+//! IMAGES is a folder laid out as `<subject>/<prompt index>-s<seed>.<png|jpg>`, or a manifest CSV
+//! (`subject,prompt_index,seed,path[,prompt]`). The expected set is `--subjects` × `--prompts` ×
+//! `--seeds` (default: every subject, every prompt, the seeds found); missing and extra images are
+//! listed (and written to `missing.csv` and `extra.csv` in the run folder), the rest is scored,
+//! and the report states the coverage. The run is an experiment with one method of baseline
+//! `images` whose manifest (`images.csv` in the run folder) names the file of each job.
+
+use crate::commands::sweep::{open_run, plan_with_provenance};
+use crate::experiment::{Baseline, Experiment, Generation, MethodSpec, MetricProtocol, Models};
+use crate::jobs::images::{check_readable, read_manifest, scan_folder, ImageEntry};
+use crate::jobs::{validate_with, DreamBenchJobs};
+use crate::progress::ProgressMode;
+use crate::runtime::{DeviceArgs, Runtime, RuntimeConfig};
+use crate::sweep::{parse_toml, run_jobs_with, write_file_atomic, RunOptions, Shard};
+use anyhow::{bail, Context};
+use clap::Args;
+use dreambench::Job;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A folder laid out as <subject>/<prompt index>-s<seed>.<png|jpg>, or a manifest CSV with
+    /// the columns subject,prompt_index,seed,path[,prompt] (paths relative to the manifest).
+    pub images: PathBuf,
+    /// The method's name in tables and job ids (lowercase letters, digits, '-', '+', '_').
+    #[arg(long)]
+    pub name: String,
+    /// How tables and plots name the method (default: the name).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// The method the report compares this one with, pair by pair (delta, bootstrap interval,
+    /// permutation p, arrow, grid), e.g. the harness' `dreambooth` when these images are another
+    /// program's guided DreamBooth; it may be in another run of the same `pnd report`.
+    #[arg(long)]
+    pub compare_to: Option<String>,
+    /// The metric protocol: a name (configs/protocol/NAME.toml, looked up from the current
+    /// folder upward) or a protocol file.
+    #[arg(long, default_value = "dreambooth")]
+    pub protocol: String,
+    /// Run folder (default: results/runs/eval-<name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The DreamBench folder (default: the protocol's `[metrics] data`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Expected subjects, comma-separated (default: all 30).
+    #[arg(long, value_delimiter = ',')]
+    pub subjects: Option<Vec<String>>,
+    /// Expected prompt indices, comma-separated (default: all 25).
+    #[arg(long, value_delimiter = ',')]
+    pub prompts: Option<Vec<usize>>,
+    /// Expected seeds, comma-separated (default: the seeds of the images found).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<u64>>,
+    /// Embedding cache (default: RUN_DIR/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Continue a run folder that already has results.
+    #[arg(long)]
+    pub resume: bool,
+    /// Fail when the oracle gate fails (see `pnd report --strict`).
+    #[arg(long)]
+    pub strict: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The DreamBooth profile, for a binary run outside a checkout (no `configs/` to find).
+const BUILTIN_DREAMBOOTH: &str = include_str!("../../../../configs/protocol/dreambooth.toml");
+
+/// A protocol file: its `[metrics]` table is what scoring uses; its other tables (the generation
+/// settings a profile pins for sweeps) do not concern images made elsewhere, and are skipped.
+#[derive(serde::Deserialize)]
+struct ProtocolFile {
+    metrics: Option<MetricProtocol>,
+}
+
+/// The metric protocol of `--protocol`: a file path, or a name looked up as
+/// `configs/protocol/NAME.toml` in `from` and its parents (the built-in DreamBooth profile when
+/// none is found). Returns where it came from and the protocol.
+pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricProtocol)> {
+    let as_path = Path::new(spec);
+    let (source, text) = if as_path.is_file() {
+        let text = std::fs::read_to_string(as_path)
+            .with_context(|| format!("reading protocol '{spec}'"))?;
+        (spec.to_string(), text)
+    } else if spec.contains('/') || spec.contains('\\') || spec.ends_with(".toml") {
+        bail!("protocol file '{spec}' does not exist");
+    } else {
+        let rel = Path::new("configs/protocol").join(format!("{spec}.toml"));
+        let found = from.ancestors().map(|d| d.join(&rel)).find(|p| p.is_file());
+        match found {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading protocol '{}'", p.display()))?;
+                (p.display().to_string(), text)
+            }
+            None if spec == "dreambooth" => ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into()),
+            None => bail!(
+                "no protocol '{spec}': looked for {} in '{}' and its parents (give a name from configs/protocol/ or a file)",
+                rel.display(),
+                from.display()
+            ),
+        }
+    };
+    let file: ProtocolFile = parse_toml(&text, &source)?;
+    let metrics = file
+        .metrics
+        .with_context(|| format!("protocol '{source}' has no [metrics] table"))?;
+    Ok((source, metrics))
+}
+
+/// The images found, split against the expected set.
+#[derive(Debug, Clone, Default)]
+pub struct Coverage {
+    /// Images of expected jobs: these are scored.
+    pub present: Vec<ImageEntry>,
+    /// Expected jobs without an image.
+    pub missing: Vec<Job>,
+    /// Images outside the expected set: listed, not scored.
+    pub extra: Vec<ImageEntry>,
+    pub expected: usize,
+}
+
+/// Splits `entries` against the expected jobs of `method` (`subjects` × `prompts` × `seeds`).
+pub fn coverage(
+    method: &str,
+    entries: Vec<ImageEntry>,
+    subjects: &[String],
+    prompts: &[usize],
+    seeds: &[u64],
+) -> Coverage {
+    let mut cov = Coverage {
+        expected: subjects.len() * prompts.len() * seeds.len(),
+        ..Default::default()
+    };
+    let mut have = BTreeSet::new();
+    for e in entries {
+        if subjects.contains(&e.subject)
+            && prompts.contains(&e.prompt_index)
+            && seeds.contains(&e.seed)
+        {
+            have.insert((e.subject.clone(), e.prompt_index, e.seed));
+            cov.present.push(e);
+        } else {
+            cov.extra.push(e);
+        }
+    }
+    for s in subjects {
+        for &p in prompts {
+            for &seed in seeds {
+                if !have.contains(&(s.clone(), p, seed)) {
+                    cov.missing.push(Job {
+                        method: method.into(),
+                        subject: s.clone(),
+                        prompt_index: p,
+                        seed,
+                    });
+                }
+            }
+        }
+    }
+    cov
+}
+
+fn list<T>(items: &[T], show: impl Fn(&T) -> String) -> String {
+    let mut v: Vec<String> = items.iter().take(10).map(show).collect();
+    if items.len() > 10 {
+        v.push(format!("... ({} more)", items.len() - 10));
+    }
+    v.join(", ")
+}
+
+/// The expected subjects and prompts of the arguments, checked.
+fn expected_sets(
+    args: &EvalArgs,
+    found: &[ImageEntry],
+) -> anyhow::Result<(Vec<String>, Vec<usize>, Vec<u64>)> {
+    let subjects = match &args.subjects {
+        Some(list) => {
+            for s in list {
+                if dreambench::subject(s).is_none() {
+                    bail!("--subjects: unknown subject '{s}' (see `pnd dataset list`)");
+                }
+            }
+            list.clone()
+        }
+        None => dreambench::SUBJECTS
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect(),
+    };
+    let prompts = match &args.prompts {
+        Some(list) => {
+            if let Some(p) = list.iter().find(|p| **p >= 25) {
+                bail!("--prompts: prompt index {p} out of range 0..25");
+            }
+            list.clone()
+        }
+        None => (0..25).collect(),
+    };
+    let seeds = match &args.seeds {
+        Some(list) => list.clone(),
+        None => found
+            .iter()
+            .map(|e| e.seed)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    Ok((subjects, prompts, seeds))
+}
+
+fn write_manifest(path: &Path, entries: &[ImageEntry]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["subject", "prompt_index", "seed", "path", "prompt"])?;
+    for e in entries {
+        let abs = std::path::absolute(&e.path)
+            .with_context(|| format!("resolving '{}'", e.path.display()))?;
+        w.write_record([
+            e.subject.clone(),
+            e.prompt_index.to_string(),
+            e.seed.to_string(),
+            abs.display().to_string(),
+            e.prompt.clone().unwrap_or_default(),
+        ])?;
+    }
+    write_file_atomic(path, &w.into_inner()?)?;
+    Ok(())
+}
+
+/// What `pnd eval` did.
+pub struct EvalOutput {
+    pub run_dir: PathBuf,
+    pub coverage: Coverage,
+    pub report: crate::report::ReportOutput,
+}
+
+/// Runs `pnd eval`: finds the images, scores those of the expected set into the run folder,
+/// writes the report.
+pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
+    if !dreambench::jobs::valid_name(&args.name) {
+        bail!(
+            "--name '{}': lowercase letters, digits, '-', '+', '_' (no '__')",
+            args.name
+        );
+    }
+    let cwd = std::env::current_dir()?;
+    let (protocol_source, mut metrics) = load_protocol(&args.protocol, &cwd)?;
+    if let Some(data) = &args.data {
+        metrics.data = data.display().to_string();
+    }
+    let found = if args.images.is_file() {
+        read_manifest(&args.images)?
+    } else if args.images.is_dir() {
+        scan_folder(&args.images)?.entries
+    } else {
+        bail!(
+            "'{}' is neither a folder of images nor a manifest CSV",
+            args.images.display()
+        );
+    };
+    let (subjects, prompts, seeds) = expected_sets(args, &found)?;
+    let cov = coverage(&args.name, found, &subjects, &prompts, &seeds);
+    eprintln!(
+        "eval '{}': {} image(s) of {} expected ({:.1}% coverage), {} missing, {} extra (not scored)",
+        args.name,
+        cov.present.len(),
+        cov.expected,
+        100.0 * cov.present.len() as f64 / cov.expected.max(1) as f64,
+        cov.missing.len(),
+        cov.extra.len()
+    );
+    if !cov.missing.is_empty() {
+        eprintln!("missing: {}", list(&cov.missing, |j| j.id().0));
+    }
+    if !cov.extra.is_empty() {
+        eprintln!(
+            "extra (outside --subjects/--prompts/--seeds): {}",
+            list(&cov.extra, |e| e.path.display().to_string())
+        );
+    }
+    if cov.present.is_empty() {
+        bail!(
+            "none of the {} image(s) of '{}' is in the expected set (subjects {}, prompts {}, seeds {:?})",
+            cov.extra.len(),
+            args.images.display(),
+            list(&subjects, String::clone),
+            list(&prompts, usize::to_string),
+            seeds
+        );
+    }
+    // Every image must be readable before the run folder is touched.
+    for e in &cov.present {
+        check_readable(&e.path)?;
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("results/runs").join(format!("eval-{}", args.name)));
+    if out.join("rows").is_dir()
+        && std::fs::read_dir(out.join("rows"))?.next().is_some()
+        && !args.resume
+    {
+        bail!(
+            "run folder '{}' already has results: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating '{}'", out.display()))?;
+    let out = out.canonicalize()?;
+    let manifest = out.join("images.csv");
+    write_manifest(&manifest, &cov.present)?;
+    let mut missing = csv::Writer::from_writer(Vec::new());
+    missing.write_record(["subject", "prompt_index", "seed"])?;
+    for j in &cov.missing {
+        missing.write_record([
+            j.subject.clone(),
+            j.prompt_index.to_string(),
+            j.seed.to_string(),
+        ])?;
+    }
+    write_file_atomic(&out.join("missing.csv"), &missing.into_inner()?)?;
+    write_manifest(&out.join("extra.csv"), &cov.extra)?;
+
+    let exp = Experiment {
+        name: format!("eval-{}", args.name),
+        description: Some(format!(
+            "pnd eval of '{}' under protocol {protocol_source}",
+            args.images.display()
+        )),
+        subjects: Some(subjects),
+        prompts: Some(prompts),
+        seeds,
+        methods: vec![MethodSpec {
+            name: args.name.clone(),
+            baseline: Baseline::Images,
+            label: args.label.clone(),
+            pick_and_draw: false,
+            prompt_style: None,
+            guidance: toml::Table::new(),
+            images: Some(manifest.display().to_string()),
+            compare_to: args.compare_to.clone(),
+        }],
+        models: Models::default(),
+        generation: Generation::default(),
+        metrics,
+        runtime: RuntimeConfig {
+            device: args.device.device,
+            dtype: None,
+            batch: None,
+        },
+        guidance: toml::Table::new(),
+    };
+    validate_with(&exp, true)?;
+    let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
+    let runtime = Runtime::open(&exp.runtime)?;
+    eprintln!("{}", runtime.describe());
+    let mut plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
+    if let Some(p) = plan.provenance.as_mut() {
+        // The images were made elsewhere: no generation settings of this run made them.
+        p.protocol["generation"] = serde_json::Value::Null;
+        p.protocol["source"] = protocol_source.clone().into();
+    }
+    let store = open_run(&out, &plan)?;
+    let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
+    runner.write_oracle(&out)?;
+    crate::report::gate::check_run(&out, &exp.metrics.dino, &exp.metrics.clip, args.strict)?;
+    let present: BTreeSet<(String, usize, u64)> = cov
+        .present
+        .iter()
+        .map(|e| (e.subject.clone(), e.prompt_index, e.seed))
+        .collect();
+    let jobs: Vec<Job> = plan
+        .jobs
+        .iter()
+        .filter(|j| present.contains(&(j.subject.clone(), j.prompt_index, j.seed)))
+        .cloned()
+        .collect();
+    let options = RunOptions {
+        progress: ProgressMode::detect(true),
+        keep_going: false,
+    };
+    run_jobs_with(&store, &jobs, Shard::ALL, &mut runner, options)?;
+    let report = crate::report::write_report_with(
+        std::slice::from_ref(&out),
+        None,
+        &crate::report::ReportOptions {
+            strict: args.strict,
+        },
+    )?;
+    Ok(EvalOutput {
+        run_dir: out,
+        coverage: cov,
+        report,
+    })
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let out = eval(&args)?;
+    print!("{}\n{}", out.report.header, out.report.table_markdown);
+    println!(
+        "\nrows in '{}', report in '{}'",
+        out.run_dir.join("results.csv").display(),
+        out.report.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(subject: &str, p: usize, seed: u64) -> ImageEntry {
+        ImageEntry {
+            subject: subject.into(),
+            prompt_index: p,
+            seed,
+            path: format!("{subject}/{p}-s{seed}.png").into(),
+            prompt: None,
+        }
+    }
+
+    #[test]
+    fn coverage_lists_missing_and_extra_images() {
+        let found = vec![
+            entry("dog", 0, 0),
+            entry("dog", 1, 0),
+            entry("cat", 0, 0),
+            entry("dog", 0, 7),
+        ];
+        let cov = coverage("m", found, &["dog".into(), "cat".into()], &[0, 1], &[0]);
+        assert_eq!(cov.expected, 4);
+        assert_eq!(cov.present.len(), 3);
+        let missing: Vec<String> = cov.missing.iter().map(|j| j.id().0).collect();
+        assert_eq!(missing, ["m__cat__p01__s0"]);
+        assert_eq!(cov.extra, vec![entry("dog", 0, 7)]);
+    }
+
+    #[test]
+    fn protocols_are_found_by_name_or_file_and_bad_ones_are_one_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let nested = tmp.path().join("a/b");
+        std::fs::create_dir_all(&nested).unwrap();
+        // Outside a checkout, `dreambooth` is the built-in profile.
+        let (src, m) = load_protocol("dreambooth", &nested).unwrap();
+        assert_eq!(src, "built-in dreambooth");
+        assert_eq!(
+            (m.dino.as_str(), m.clip.as_str()),
+            ("facebook/dino-vits16", "openai/clip-vit-base-patch32")
+        );
+        // The repository's profile, found from a folder below it.
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let (src, shipped) = load_protocol("dreambooth", repo).unwrap();
+        assert!(src.ends_with("configs/protocol/dreambooth.toml"), "{src}");
+        assert_eq!(shipped, m);
+        // A name in configs/protocol/ of a parent folder, and a file.
+        std::fs::create_dir_all(tmp.path().join("configs/protocol")).unwrap();
+        let file = tmp.path().join("configs/protocol/mine.toml");
+        std::fs::write(
+            &file,
+            "[generation]\nsteps = 5\n[metrics]\ndino = \"d\"\nclip = \"c\"\n",
+        )
+        .unwrap();
+        let (_, mine) = load_protocol("mine", &nested).unwrap();
+        assert_eq!((mine.dino.as_str(), mine.clip.as_str()), ("d", "c"));
+        assert_eq!(
+            load_protocol(file.to_str().unwrap(), &nested).unwrap().1,
+            mine
+        );
+        let e = format!("{:#}", load_protocol("nope", &nested).unwrap_err());
+        assert!(
+            e.contains("no protocol 'nope'") && e.contains("nope.toml"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load_protocol("x/missing.toml", &nested).unwrap_err()
+        );
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::write(&file, "[metrics]\ndinoo = \"d\"\n").unwrap();
+        let e = format!("{:#}", load_protocol("mine", &nested).unwrap_err());
+        assert!(e.contains("mine.toml:2:1") && e.contains("dinoo"), "{e}");
+        std::fs::write(&file, "[generation]\nsteps = 5\n").unwrap();
+        let e = format!("{:#}", load_protocol("mine", &nested).unwrap_err());
+        assert!(e.contains("no [metrics] table"), "{e}");
+    }
+}

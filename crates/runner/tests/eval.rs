@@ -1,0 +1,554 @@
+//! `pnd eval` (issue 15): the images of a sweep, scored again as another program's images, give
+//! exactly the sweep's scores; a manifest and a partial folder work; bad input is one clear error
+//! that loses nothing; `pnd report` puts an eval run and a sweep run in one table.
+//!
+//! The fixture is a small sweep on the demo's tiny models and mini benchmark: unguided Stable
+//! Diffusion, 2 subjects × 2 prompts × 1 seed, 4 denoising steps.
+
+mod common;
+
+use common::{pnd, pnd_in};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+struct Fixture {
+    root: PathBuf,
+    /// The sweep's run folder.
+    sweep: PathBuf,
+    /// A protocol file naming the tiny metric models and the mini benchmark.
+    protocol: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        // One folder per test binary, rebuilt at each run (a static is never dropped, so a
+        // temporary folder would be left behind).
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval-fixture");
+        if root.exists() {
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+        std::fs::create_dir_all(&root).unwrap();
+        let tokenizer = root.join("clip-tokenizer");
+        clip_tokenizer::write_builtin(&tokenizer).unwrap();
+        let models = root.join("models");
+        tiny::write_tiny_model(&models.join("sd"), 0, &tokenizer, &Default::default()).unwrap();
+        tiny::write_tiny_metric_models(&models, &tokenizer, 0).unwrap();
+        runner::demo::subjects::write_mini_benchmark(&root.join("data"), 3, 96).unwrap();
+        let p = |s: &str| root.join(s).display().to_string();
+        let metrics = format!(
+            "[metrics]\ndata = \"{}\"\ndino = \"{}\"\nclip = \"{}\"\n",
+            p("data"),
+            p("models/dino"),
+            p("models/clip")
+        );
+        let exp = root.join("small.toml");
+        std::fs::write(
+            &exp,
+            format!(
+                "name = \"small\"\nsubjects = [\"dog\", \"teapot\"]\nprompts = [0, 20]\nseeds = [0]\n\n[models]\nbase = \"{}\"\n\n[generation]\nsteps = 4\nheight = 64\nwidth = 64\n\n{metrics}\n[[methods]]\nname = \"sd\"\nbaseline = \"stable-diffusion\"\n",
+                p("models/sd")
+            ),
+        )
+        .unwrap();
+        let protocol = root.join("tiny-protocol.toml");
+        std::fs::write(&protocol, format!("[generation]\nsteps = 4\n\n{metrics}")).unwrap();
+        let sweep = root.join("sweep");
+        let (ok, log) = pnd_in(
+            &[
+                "sweep",
+                exp.to_str().unwrap(),
+                "--out",
+                sweep.to_str().unwrap(),
+            ],
+            &root,
+        );
+        assert!(ok, "{log}");
+        Fixture {
+            root,
+            sweep,
+            protocol,
+        }
+    })
+}
+
+/// The rows of a run's `results.csv`, keyed by (subject, prompt index, seed).
+fn rows(run: &Path) -> BTreeMap<(String, usize, u64), runner::report::rows::ImageRow> {
+    let mut r = csv::Reader::from_path(run.join("results.csv")).unwrap();
+    r.deserialize::<runner::report::rows::ImageRow>()
+        .map(|row| {
+            let row = row.unwrap();
+            ((row.subject.clone(), row.prompt_index, row.seed), row)
+        })
+        .collect()
+}
+
+/// The sweep's images laid out as `<subject>/<prompt index>-s<seed>.png` in a new folder.
+fn layout(name: &str) -> PathBuf {
+    let f = fixture();
+    let dir = f.root.join(name);
+    for ((subject, p, seed), row) in rows(&f.sweep) {
+        let to = dir.join(&subject).join(format!("{p}-s{seed}.png"));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(f.sweep.join(&row.image), &to).unwrap();
+    }
+    dir
+}
+
+/// `pnd eval IMAGES --name NAME` under the tiny protocol, over the sweep's subjects, prompts
+/// and seeds, plus `extra` arguments: success and the log.
+fn eval(images: &Path, name: &str, out: &Path, extra: &[&str]) -> (bool, String) {
+    let f = fixture();
+    let mut args = vec!["eval", images.to_str().unwrap(), "--name", name];
+    if !extra.contains(&"--protocol") {
+        args.extend(["--protocol", f.protocol.to_str().unwrap()]);
+    }
+    args.extend(["--out", out.to_str().unwrap(), "--device", "cpu"]);
+    if !extra.contains(&"--subjects") {
+        args.extend(["--subjects", "dog,teapot"]);
+    }
+    if !extra.contains(&"--prompts") {
+        args.extend(["--prompts", "0,20"]);
+    }
+    args.extend_from_slice(extra);
+    pnd_in(&args, &f.root)
+}
+
+#[test]
+fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it() {
+    let f = fixture();
+    let images = layout("layout-full");
+    let out = f.root.join("eval-full");
+    let (ok, log) = eval(&images, "external", &out, &["--compare-to", "sd"]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("4 image(s) of 4 expected (100.0% coverage), 0 missing, 0 extra"),
+        "{log}"
+    );
+    let (want, got) = (rows(&f.sweep), rows(&out));
+    assert_eq!(got.len(), 4);
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        let g = &got[k];
+        // The same bytes through the same scorer (with a fresh embedding cache): equal bits.
+        assert_eq!(
+            (g.dino, g.clip_i, g.clip_t, g.dino_max),
+            (w.dino, w.clip_i, w.clip_t, w.dino_max),
+            "{k:?}"
+        );
+        assert!(w.dino_max.is_some());
+        assert_eq!(
+            (g.method.as_str(), g.baseline.as_str()),
+            ("external", "images")
+        );
+        assert_eq!(g.clip_t_prompt, w.clip_t_prompt);
+        assert_eq!(g.device, "external");
+        // Phases: the sweep sampled, decoded and scored; the eval only scored.
+        assert!(w.sampling_s.is_some() && w.decode_s.is_some() && w.scoring_s.is_some());
+        assert!(w.inversion_s.is_none(), "unguided: no inversion");
+        assert!(g.sampling_s.is_none() && g.decode_s.is_none() && g.scoring_s.is_some());
+        // The run folder holds the image it scored.
+        assert_eq!(
+            std::fs::read(out.join(&g.image)).unwrap(),
+            std::fs::read(f.sweep.join(&w.image)).unwrap()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("oracle.json")).unwrap(),
+        std::fs::read_to_string(f.sweep.join("oracle.json")).unwrap()
+    );
+    let oracle: runner::report::rows::OracleRow =
+        serde_json::from_str(&std::fs::read_to_string(out.join("oracle.json")).unwrap()).unwrap();
+    assert_eq!(oracle.dino_max_pair.len(), 2, "{oracle:?}");
+    // Its own report: every image, the oracle gate not applied to tiny models.
+    let table = std::fs::read_to_string(out.join("report/table.md")).unwrap();
+    assert!(table.contains("| external | "), "{table}");
+    let front = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(
+        front.contains("- Oracle gate: not applied (the metric models")
+            && !front.contains("Warning"),
+        "{front}"
+    );
+
+    // One table over the sweep and the eval run.
+    let both = f.root.join("report-both");
+    let out_note = pnd(&[
+        "report",
+        f.sweep.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--out",
+        both.to_str().unwrap(),
+    ]);
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out_note.stdout),
+        String::from_utf8_lossy(&out_note.stderr)
+    );
+    assert!(out_note.status.success(), "{log}");
+    let table = std::fs::read_to_string(both.join("table.md")).unwrap();
+    let sd = table
+        .lines()
+        .find(|l| l.starts_with("| Stable Diffusion |"))
+        .expect(&table);
+    let ext = table
+        .lines()
+        .find(|l| l.starts_with("| external |"))
+        .expect(&table);
+    // Equal scores, so equal cells apart from the label and the (zero) change against the
+    // method it is compared with (`--compare-to sd`).
+    assert_eq!(
+        sd.trim_start_matches("| Stable Diffusion |"),
+        ext.trim_start_matches("| external |")
+            .replace(" (+0.000)", ""),
+        "{table}"
+    );
+    assert_eq!(ext.matches("(+0.000)").count(), 3, "{table}");
+    // Identical pairs: delta 0, a collapsed interval, p = 1.
+    let zero = "+0.000 [+0.000, +0.000], p 1.000";
+    assert!(
+        table.contains(&format!(
+            "| external | Stable Diffusion | 4 | {zero} | {zero} | {zero} |"
+        )),
+        "{table}"
+    );
+    assert!(table.contains("| Real Images (Oracle) |"), "{table}");
+    let front = std::fs::read_to_string(both.join("report.md")).unwrap();
+    assert!(
+        front.contains("# Report of experiment 'small'")
+            && front.contains("## Also in this table: experiment 'eval-external'"),
+        "{front}"
+    );
+    for f in [
+        "pareto_dino.png",
+        "subjects_dino.png",
+        "table.csv",
+        "results.parquet",
+        // reference | Stable Diffusion | external (the method it is compared with), one row per
+        // prompt.
+        "grids/dog__external.png",
+        "grids/teapot__external.png",
+    ] {
+        assert!(both.join(f).is_file(), "{f}");
+    }
+    let grid = image::open(both.join("grids/dog__external.png")).unwrap();
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (3 * 192 + 16, 24 + 2 * (20 + 192 + 4) + 4)
+    );
+    // A report of several runs needs --out; the same method twice is refused.
+    let e = pnd(&["report", f.sweep.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("needs --out"));
+    let e = pnd(&[
+        "report",
+        out.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--out",
+        f.root.join("dup").to_str().unwrap(),
+    ]);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("method 'external' is in more than one"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+}
+
+#[test]
+fn a_partial_folder_is_scored_with_its_coverage_and_extras_listed() {
+    let f = fixture();
+    let images = layout("layout-partial");
+    std::fs::remove_file(images.join("teapot/20-s0.png")).unwrap();
+    // Outside the expected seeds (0): listed, not scored.
+    std::fs::copy(images.join("dog/0-s0.png"), images.join("dog/0-s9.png")).unwrap();
+    let out = f.root.join("eval-partial");
+    let (ok, log) = eval(&images, "partial", &out, &["--seeds", "0"]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("3 image(s) of 4 expected (75.0% coverage), 1 missing, 1 extra"),
+        "{log}"
+    );
+    assert!(log.contains("missing: partial__teapot__p20__s0"), "{log}");
+    assert!(log.contains("0-s9.png"), "{log}");
+    let got = rows(&out);
+    let want = rows(&f.sweep);
+    assert_eq!(got.len(), 3);
+    for (k, g) in &got {
+        assert_eq!(
+            (g.dino, g.clip_i, g.clip_t),
+            (want[k].dino, want[k].clip_i, want[k].clip_t)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("missing.csv")).unwrap(),
+        "subject,prompt_index,seed\nteapot,20,0\n"
+    );
+    assert!(std::fs::read_to_string(out.join("extra.csv"))
+        .unwrap()
+        .contains("0-s9.png"));
+    let table = std::fs::read_to_string(out.join("report/table.md")).unwrap();
+    assert!(table.contains("| 3 of 4 (75%) |"), "{table}");
+    let csv = std::fs::read_to_string(out.join("report/table.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("partial,3,") && l.contains(",4,")),
+        "{csv}"
+    );
+    let front = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(
+        front.contains("- Jobs: 3 of 4 finished, 0 failed"),
+        "{front}"
+    );
+}
+
+#[test]
+fn a_manifest_names_any_files() {
+    let f = fixture();
+    let dir = f.root.join("manifest-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = String::from("subject,prompt_index,seed,path,prompt\n");
+    for ((subject, p, seed), row) in rows(&f.sweep) {
+        let name = format!("img-{subject}-{p}.png");
+        std::fs::copy(f.sweep.join(&row.image), dir.join(&name)).unwrap();
+        text.push_str(&format!(
+            "{subject},{p},{seed},{name},a photo of {subject} number {p}\n"
+        ));
+    }
+    let manifest = dir.join("list.csv");
+    std::fs::write(&manifest, text).unwrap();
+    let out = f.root.join("eval-manifest");
+    let (ok, log) = eval(&manifest, "listed", &out, &[]);
+    assert!(ok, "{log}");
+    let (want, got) = (rows(&f.sweep), rows(&out));
+    assert_eq!(got.len(), 4);
+    for (k, g) in &got {
+        assert_eq!(
+            (g.dino, g.clip_i, g.clip_t),
+            (want[k].dino, want[k].clip_i, want[k].clip_t)
+        );
+        assert_eq!(g.prompt, format!("a photo of {} number {}", k.0, k.1));
+    }
+}
+
+#[test]
+fn bad_input_is_one_clear_error_and_loses_nothing() {
+    let f = fixture();
+    let images = layout("layout-bad");
+    let out = f.root.join("eval-bad");
+    let (ok, log) = eval(&images, "bad", &out, &[]);
+    assert!(ok, "{log}");
+    let results = std::fs::read(out.join("results.csv")).unwrap();
+    let check = |make: &dyn Fn(&Path), undo: &dyn Fn(&Path), want: &[&str]| {
+        make(&images);
+        let (ok, log) = eval(&images, "bad", &out, &["--resume"]);
+        undo(&images);
+        assert!(!ok, "{log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{log}");
+        for w in want {
+            assert!(errors[0].contains(w), "want '{w}' in: {log}");
+        }
+        // The run folder's results are untouched.
+        assert_eq!(std::fs::read(out.join("results.csv")).unwrap(), results);
+    };
+    let png = |p: &Path| {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        image::RgbImage::new(8, 8).save(p).unwrap();
+    };
+    check(
+        &|r| png(&r.join("dogg/0-s0.png")),
+        &|r| std::fs::remove_dir_all(r.join("dogg")).unwrap(),
+        &["unknown subject 'dogg'"],
+    );
+    check(
+        &|r| png(&r.join("dog/31-s0.png")),
+        &|r| std::fs::remove_file(r.join("dog/31-s0.png")).unwrap(),
+        &["31-s0.png", "prompt index 31 out of range"],
+    );
+    let saved = std::fs::read(images.join("dog/0-s0.png")).unwrap();
+    check(
+        &|r| std::fs::write(r.join("dog/0-s0.png"), b"truncated").unwrap(),
+        &|r| std::fs::write(r.join("dog/0-s0.png"), &saved).unwrap(),
+        &["dog/0-s0.png", "not a readable image"],
+    );
+    let manifest = f.root.join("bad-manifest.csv");
+    std::fs::write(
+        &manifest,
+        "subject,prompt_index,seed,path\ndog,0,zero,a.png\n",
+    )
+    .unwrap();
+    let (ok, log) = eval(&manifest, "bad2", &f.root.join("eval-bad2"), &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("bad-manifest.csv' line 2: seed 'zero' is not a number"),
+        "{log}"
+    );
+    assert!(
+        !f.root.join("eval-bad2").exists(),
+        "a failed eval left a run folder"
+    );
+    let (ok, log) = eval(&images, "Bad Name", &f.root.join("eval-bad3"), &[]);
+    assert!(!ok && log.contains("--name 'Bad Name'"), "{log}");
+    let (ok, log) = eval(
+        &images,
+        "x",
+        &f.root.join("eval-bad4"),
+        &["--protocol", "nonesuch"],
+    );
+    assert!(!ok && log.contains("no protocol 'nonesuch'"), "{log}");
+    // A rerun without --resume refuses a folder with results.
+    let (ok, log) = eval(&images, "bad", &out, &[]);
+    assert!(!ok && log.contains("already has results"), "{log}");
+}
+
+/// The same inside a sweep: a method of baseline `images` with a path template scores the
+/// files it names like the sweep's own images; a missing file stops the sweep before any job,
+/// named.
+#[test]
+fn an_images_method_in_a_sweep_scores_files_from_its_template() {
+    let f = fixture();
+    let images = layout("layout-sweep");
+    let p = |s: &str| f.root.join(s).display().to_string();
+    let exp = f.root.join("with-images.toml");
+    let protocol = std::fs::read_to_string(&f.protocol).unwrap();
+    std::fs::write(
+        &exp,
+        format!(
+            "name = \"with-images\"\nsubjects = [\"dog\", \"teapot\"]\nprompts = [0, 20]\nseeds = [0]\n\n[models]\nbase = \"{}\"\n\n{protocol}\n[[methods]]\nname = \"ext\"\nbaseline = \"images\"\nimages = \"{}/{{subject}}/{{prompt}}-s{{seed}}.png\"\n",
+            p("models/sd"),
+            images.display()
+        ),
+    )
+    .unwrap();
+    let run = f.root.join("sweep-images");
+    let (ok, log) = pnd_in(
+        &[
+            "sweep",
+            exp.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(ok, "{log}");
+    let (want, got) = (rows(&f.sweep), rows(&run));
+    assert_eq!(got.len(), 4);
+    for (k, g) in &got {
+        let w = &want[k];
+        assert_eq!(
+            (g.dino, g.clip_i, g.clip_t, g.dino_max),
+            (w.dino, w.clip_i, w.clip_t, w.dino_max),
+            "{k:?}"
+        );
+        assert_eq!((g.method.as_str(), g.baseline.as_str()), ("ext", "images"));
+    }
+    std::fs::remove_file(images.join("dog/20-s0.png")).unwrap();
+    let (ok, log) = pnd_in(
+        &[
+            "sweep",
+            exp.to_str().unwrap(),
+            "--out",
+            f.root.join("sweep-images-2").to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("method 'ext': 1 image(s) missing") && log.contains("ext__dog__p20__s0"),
+        "{log}"
+    );
+    assert!(!f.root.join("sweep-images-2/rows").exists(), "{log}");
+}
+
+/// An eval run is a run folder like any other: `pnd merge` copies it whole and the merged folder
+/// reports the same table.
+#[test]
+fn pnd_merge_treats_an_eval_run_like_a_sweeps() {
+    let f = fixture();
+    let images = layout("layout-merge");
+    let out = f.root.join("eval-merge");
+    let (ok, log) = eval(&images, "merged", &out, &[]);
+    assert!(ok, "{log}");
+    let merged = f.root.join("eval-merged");
+    let (ok, log) = pnd_in(
+        &[
+            "merge",
+            out.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        &f.root,
+    );
+    assert!(ok && log.contains("4 of 4 jobs done"), "{log}");
+    assert_eq!(
+        std::fs::read(merged.join("results.csv")).unwrap(),
+        std::fs::read(out.join("results.csv")).unwrap()
+    );
+    let (ok, log) = pnd_in(&["report", merged.to_str().unwrap()], &f.root);
+    assert!(ok, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(merged.join("report/table.md")).unwrap(),
+        std::fs::read_to_string(out.join("report/table.md")).unwrap()
+    );
+}
+
+/// A JPEG is scored through the protocol's decoder, as `pnd score` scores it: the same three
+/// numbers to the bit.
+#[test]
+fn a_jpeg_scores_as_pnd_score_scores_it() {
+    let f = fixture();
+    let want = rows(&f.sweep);
+    let dog = &want[&("dog".to_string(), 0, 0)];
+    let dir = f.root.join("layout-jpeg");
+    std::fs::create_dir_all(dir.join("dog")).unwrap();
+    let jpeg = dir.join("dog/0-s0.jpg");
+    image::open(f.sweep.join(&dog.image))
+        .unwrap()
+        .to_rgb8()
+        .save(&jpeg)
+        .unwrap();
+    let out = f.root.join("eval-jpeg");
+    let (ok, log) = eval(&dir, "jpeg", &out, &["--subjects", "dog", "--prompts", "0"]);
+    assert!(ok, "{log}");
+    let got = rows(&out);
+    let g = &got[&("dog".to_string(), 0, 0)];
+    assert!(g.image.ends_with("image.jpg"), "{}", g.image);
+    let p = |s: &str| f.root.join(s).display().to_string();
+    let score = pnd(&[
+        "score",
+        "--generated",
+        jpeg.to_str().unwrap(),
+        "--real",
+        &p("data/dog"),
+        "--prompt",
+        &dog.clip_t_prompt,
+        "--dino",
+        &p("models/dino"),
+        "--clip",
+        &p("models/clip"),
+        "--no-cache",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(
+        score.status.success(),
+        "{}",
+        String::from_utf8_lossy(&score.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&score.stdout).unwrap();
+    assert_eq!(
+        (g.dino, g.clip_i, g.clip_t),
+        (
+            s["dino"].as_f64().unwrap(),
+            s["clip_i"].as_f64().unwrap(),
+            s["clip_t"].as_f64().unwrap()
+        )
+    );
+    // JPEG loses detail: not the PNG's scores.
+    assert_ne!(g.dino, dog.dino);
+}
