@@ -11,8 +11,10 @@
 
 pub mod cache;
 pub mod clip;
+pub mod dinov2;
 pub mod nn;
 pub mod preprocess;
+pub mod protocol;
 pub mod scorer;
 pub mod scores;
 pub mod tokenizer;
@@ -20,9 +22,10 @@ pub mod vit;
 
 pub use cache::EmbeddingCache;
 pub use preprocess::Preprocess;
+pub use protocol::Scoring;
 pub use scorer::{
-    list_images, ClipModel, DinoModel, ImageEmbeddings, ImageScores, OracleReport, ScoreReport,
-    Scorer, ScorerOptions, SubjectOracle, DEFAULT_CLIP, DEFAULT_DINO,
+    list_images, ClipModel, DinoModel, ExtraModel, ImageEmbeddings, ImageScores, OracleReport,
+    ScoreReport, Scorer, ScorerOptions, SubjectOracle, DEFAULT_CLIP, DEFAULT_DINO,
 };
 pub use scores::{Bootstrap, Summary};
 
@@ -46,6 +49,12 @@ pub enum MetricsError {
     Tokenizer { path: PathBuf, reason: String },
     #[error(transparent)]
     ClipTokenizer(#[from] clip_tokenizer::Error),
+    /// A protocol profile's scoring table is inconsistent.
+    #[error("metric protocol: {0}")]
+    Protocol(String),
+    /// Generated and real images cannot be paired as the protocol says.
+    #[error("pairing: {0}")]
+    Pairing(String),
     #[error("no images (jpg, jpeg, png) in '{0}'")]
     NoImages(PathBuf),
     #[error("'{path}': {source}")]
