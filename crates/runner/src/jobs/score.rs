@@ -28,7 +28,13 @@ pub(super) fn image_row(
     let path = out.path("image.png");
     std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
     let real = dataset.images(spec.subject.name)?.to_vec();
-    let scores = scorer.score(std::slice::from_ref(&path), &real, &spec.clip_prompt)?;
+    // The one-to-one pairing of a profile compares with the reference image (`[metrics] reference`).
+    let scores = scorer.score_with_reference(
+        std::slice::from_ref(&path),
+        &real,
+        std::slice::from_ref(&spec.reference),
+        &spec.clip_prompt,
+    )?;
     let run_dir = out
         .dir()
         .parent()
