@@ -62,7 +62,7 @@ impl Dinov2Config {
     pub fn ffn_width(&self) -> usize {
         let w = (self.hidden_size as f64 * self.mlp_ratio) as usize;
         if self.use_swiglu_ffn {
-            (w * 2 / 3 + 7) / 8 * 8
+            (w * 2 / 3).div_ceil(8) * 8
         } else {
             w
         }
@@ -100,10 +100,12 @@ impl Ffn {
 struct Layer {
     norm1: LayerNorm,
     attention: SelfAttention,
-    lambda1: Tensor,
+    /// `layer_scale1.lambda1`.
+    layer_scale1: Tensor,
     norm2: LayerNorm,
-    ffn: Ffn,
-    lambda2: Tensor,
+    mlp: Ffn,
+    /// `layer_scale2.lambda1`.
+    layer_scale2: Tensor,
 }
 
 const LEGACY_ATTENTION: AttentionNames = AttentionNames {
@@ -168,18 +170,18 @@ impl Layer {
         Ok(Self {
             norm1: LayerNorm::load(vb.pp("norm1"), d, eps)?,
             attention,
-            lambda1: vb.pp("layer_scale1").get(d, "lambda1")?,
+            layer_scale1: vb.pp("layer_scale1").get(d, "lambda1")?,
             norm2: LayerNorm::load(vb.pp("norm2"), d, eps)?,
-            ffn,
-            lambda2: vb.pp("layer_scale2").get(d, "lambda1")?,
+            mlp: ffn,
+            layer_scale2: vb.pp("layer_scale2").get(d, "lambda1")?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let a = self.attention.forward(&self.norm1.forward(xs)?, None)?;
-        let h = (xs + a.broadcast_mul(&self.lambda1)?)?;
-        let m = self.ffn.forward(&self.norm2.forward(&h)?)?;
-        h + m.broadcast_mul(&self.lambda2)?
+        let h = (xs + a.broadcast_mul(&self.layer_scale1)?)?;
+        let m = self.mlp.forward(&self.norm2.forward(&h)?)?;
+        h + m.broadcast_mul(&self.layer_scale2)?
     }
 }
 
@@ -375,9 +377,9 @@ mod tests {
         let ramp: Vec<Vec<f32>> = (0..64).map(|i| vec![(i % 8) as f32]).collect();
         let g: Vec<&[f32]> = ramp.iter().map(Vec::as_slice).collect();
         let out = bicubic_grid(&g, 8, 8, 16, 16, 1);
-        assert_eq!(out[5 * 16 + 8], 3.703125);
-        assert_eq!(out[5 * 16], -0.10546875);
-        assert_eq!(out[5 * 16 + 15], 7.10546875);
+        assert_eq!(out[5 * 16 + 8] as f64, 3.703125);
+        assert_eq!(out[5 * 16] as f64, -0.10546875);
+        assert_eq!(out[5 * 16 + 15] as f64, 7.10546875);
     }
 
     #[test]

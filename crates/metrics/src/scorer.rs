@@ -357,13 +357,16 @@ struct Prepared {
     inputs: Vec<Result<Vec<f32>, Vec<f32>>>,
 }
 
+/// A model's image embedding function: `[batch, 3, h, w]` → `[batch, dim]`.
+type EmbedFn<'a> = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Sync + 'a>;
+
 /// One image encoder of the scorer: DINO, CLIP's vision tower or an extra model.
 struct Encoder<'a> {
     what: &'a str,
     key: &'a str,
     dim: usize,
     pre: Preprocess,
-    embed: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Sync + 'a>,
+    embed: EmbedFn<'a>,
 }
 
 impl Scorer {

@@ -212,3 +212,27 @@ fn clip_of_vit_l14_kind_is_built_from_its_config() {
         1e-4,
     );
 }
+
+#[test]
+fn dinov2_device_generic_path_matches_transformers() {
+    // What CUDA runs (`layers::kernels::force_generic`: LayerNorm as candle ops), on the CPU.
+    let t = expected();
+    let m = dinov2("dinov2_tiny");
+    let x = lcg((2, 3, 224, 224), 12345);
+    let host = m.embed(&x).unwrap();
+    let generic = {
+        let _guard = layers::kernels::force_generic();
+        m.embed(&x).unwrap()
+    };
+    let d = max_abs_diff(&flat(&host), &flat(&generic));
+    assert!(
+        d <= 1e-5,
+        "generic path differs from the CPU kernels by {d}"
+    );
+    check(
+        "DINOv2 embedding, device-generic path",
+        &generic,
+        &t["dinov2_224"],
+        1e-4,
+    );
+}
