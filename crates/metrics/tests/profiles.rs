@@ -264,3 +264,78 @@ fn torchmetrics_profile_matches_clip_score() {
         r.per_image.iter().any(|p| p.clip_t > 0.0) && r.per_image.iter().any(|p| p.clip_t < 0.0)
     );
 }
+
+#[test]
+fn profiles_share_cached_embeddings_where_model_and_preprocessing_agree() {
+    // `--protocol all` embeds each distinct (model, preprocessing) once: the cache key is exactly
+    // that, so profiles that agree reuse each other's entries, and a cached run reproduces a fresh one.
+    let want = expected();
+    let cache = tempfile::tempdir().unwrap();
+    let with_cache = |s: Scoring, dino: &str| {
+        let options = ScorerOptions {
+            cache: Some(metrics::EmbeddingCache::new(cache.path())),
+            ..Default::default()
+        };
+        Scorer::load_scoring(&fixture(dino), &fixture("clip_tiny"), s, options).unwrap()
+    };
+    let folders = || std::fs::read_dir(cache.path()).unwrap().count();
+    let (gen, real) = (images(&want["generated"]), images(&want["real"]));
+    let prompt = want["prompts"]["mixed"].as_str().unwrap();
+
+    let db = with_cache(profile("dreambooth").0, "dino_tiny");
+    let a = db.score(&gen, &real, prompt).unwrap();
+    assert_eq!(folders(), 2);
+    let b = db.score(&gen, &real, prompt).unwrap();
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        serde_json::to_string(&b).unwrap()
+    );
+    // Custom Diffusion: same models, same preprocessing → no new entries.
+    let cd = with_cache(profile("custom-diffusion").0, "dino_tiny");
+    cd.score(&gen, &real, prompt).unwrap();
+    assert_eq!(folders(), 2);
+    // torchmetrics: CLIP preprocessed by CLIPImageProcessor (floor crop, f64 rescale) → one more.
+    let tm = with_cache(profile("torchmetrics").0, "dino_tiny");
+    tm.score(&gen, &real, prompt).unwrap();
+    assert_eq!(folders(), 3);
+    // DreamBench++: ViT-S/8 and DINOv2 are new; its CLIP entry is torchmetrics' (same model and
+    // processor).
+    let (mut s, _, _) = profile("dreambench-plus");
+    s.extra.get_mut("dinov2").unwrap().model = fixture("dinov2_tiny");
+    let dbp = with_cache(s, "dino_s8_tiny");
+    let reference = vec![fixtures().join("profile_images/real/0.png")];
+    let first = dbp
+        .score_with_reference(&gen, &real, &reference, prompt)
+        .unwrap();
+    assert_eq!(folders(), 5);
+    let again = dbp
+        .score_with_reference(&gen, &real, &reference, prompt)
+        .unwrap();
+    assert_eq!(
+        serde_json::to_string(&first).unwrap(),
+        serde_json::to_string(&again).unwrap()
+    );
+    assert!(
+        (first.extra["dinov2"] - want["dreambench-plus"]["extra"]["dinov2"].as_f64().unwrap())
+            .abs()
+            < 1e-3
+    );
+}
+
+#[test]
+fn an_inconsistent_scoring_is_one_clear_error() {
+    let (mut s, _, _) = profile("dreambench-plus");
+    s.extra.get_mut("dinov2").unwrap().preprocess.crop = 512;
+    let options = ScorerOptions {
+        cache: None,
+        ..Default::default()
+    };
+    let err = Scorer::load_scoring(&fixture("dino_s8_tiny"), &fixture("clip_tiny"), s, options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("metric protocol") && err.contains("dinov2") && err.contains("512"),
+        "{err}"
+    );
+}
