@@ -1,9 +1,12 @@
-//! DreamBench metrics natively in candle (SPEC §5): DINO ViT-S/16, CLIP-I and CLIP-T with
-//! CLIP ViT-B/32, preprocessing bit-exact to PIL + torchvision, scores with aggregates and
-//! bootstrap intervals, the real-image oracle, and an on-disk embedding cache.
+//! DreamBench metrics natively in candle (SPEC §5): DINO (ViT-S/16, ViT-S/8, DINOv2), CLIP-I and
+//! CLIP-T (CLIP ViT-B/32, ViT-L/14), preprocessing bit-exact to PIL + torchvision or transformers'
+//! image processors, the published protocols' formulas and pairings ([`protocol`]), scores with
+//! aggregates and bootstrap intervals, the real-image oracle, and an on-disk embedding cache.
 //!
-//! Entry point for other crates: [`Scorer`] (`Scorer::load(dino, clip, options)`, then
-//! [`Scorer::score`] / [`Scorer::oracle`] / [`Scorer::embed_images`]).
+//! Entry point for other crates: [`Scorer`] (`Scorer::load(dino, clip, options)` for the DreamBooth
+//! protocol, `Scorer::load_scoring(dino, clip, scoring, options)` for a profile's, then
+//! [`Scorer::score`] / [`Scorer::score_with_reference`] / [`Scorer::oracle`] /
+//! [`Scorer::embed_images`]).
 
 // Errors carry the offending file and candle's message; they sit on cold paths, so their size
 // (candle's error type is large) does not matter.
