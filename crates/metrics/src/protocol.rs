@@ -43,32 +43,51 @@ pub enum Rescale {
 pub struct PreprocessSpec {
     pub resize: u32,
     pub crop: u32,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    /// As written in the source (f64 here, so that a run's recorded plan reads back equal; the
+    /// model input uses them as f32, as torchvision and transformers do).
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
     pub crop_offset: CropOffset,
     pub rescale: Rescale,
 }
 
+/// ImageNet statistics (torchvision, DINO).
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+/// OpenAI CLIP statistics.
+#[allow(clippy::excessive_precision)]
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 impl PreprocessSpec {
+    /// The DreamBooth protocol's DINO preprocessing ([`Preprocess::DINO`]).
+    pub const DINO: PreprocessSpec = PreprocessSpec {
+        resize: 256,
+        crop: 224,
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+        crop_offset: CropOffset::Round,
+        rescale: Rescale::DivideF32,
+    };
+    /// The DreamBooth protocol's CLIP preprocessing ([`Preprocess::CLIP`]).
+    pub const CLIP: PreprocessSpec = PreprocessSpec {
+        resize: 224,
+        crop: 224,
+        mean: CLIP_MEAN,
+        std: CLIP_STD,
+        crop_offset: CropOffset::Round,
+        rescale: Rescale::DivideF32,
+    };
+
     pub fn recipe(&self) -> Preprocess {
         Preprocess {
             resize: self.resize,
             crop: self.crop,
-            mean: self.mean,
-            std: self.std,
+            mean: self.mean.map(|v| v as f32),
+            std: self.std.map(|v| v as f32),
             crop_offset: self.crop_offset,
             rescale: self.rescale,
-        }
-    }
-
-    fn of(p: &Preprocess) -> Self {
-        Self {
-            resize: p.resize,
-            crop: p.crop,
-            mean: p.mean,
-            std: p.std,
-            crop_offset: p.crop_offset,
-            rescale: p.rescale,
         }
     }
 }
@@ -247,13 +266,13 @@ impl Scoring {
             profile: "dreambooth".into(),
             source: "DreamBooth (Ruiz et al. 2023) §4.1; SPEC §5".into(),
             dino: ImageScoring {
-                preprocess: PreprocessSpec::of(&Preprocess::DINO),
+                preprocess: PreprocessSpec::DINO,
                 pairing: Pairing::AllReal,
                 scale: 1.0,
                 clamp: Clamp::None,
             },
             clip_i: ImageScoring {
-                preprocess: PreprocessSpec::of(&Preprocess::CLIP),
+                preprocess: PreprocessSpec::CLIP,
                 pairing: Pairing::AllReal,
                 scale: 1.0,
                 clamp: Clamp::None,
@@ -362,5 +381,19 @@ mod tests {
         let mut s = Scoring::dreambooth();
         s.clip_t.scale = 0.0;
         assert!(s.validate().unwrap_err().contains("clip_t"));
+    }
+
+    #[test]
+    fn the_default_specs_are_the_torchvision_recipes_and_read_back_equal_through_json() {
+        // The f32 model inputs are exactly the crate's constants (no double rounding).
+        assert_eq!(PreprocessSpec::DINO.recipe(), Preprocess::DINO);
+        assert_eq!(PreprocessSpec::CLIP.recipe(), Preprocess::CLIP);
+        // A run folder compares its plan as JSON written then read back: the values must survive
+        // the round trip exactly (an f32 widened to f64 prints 17 digits that need not).
+        let v = serde_json::to_value(Scoring::dreambooth()).unwrap();
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(text.contains("0.48145466"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
     }
 }
