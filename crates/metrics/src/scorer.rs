@@ -564,7 +564,15 @@ impl Scorer {
     ) -> Result<ScoreReport, MetricsError> {
         let g = self.embed_images(generated)?;
         let r = self.embed_images(real)?;
-        let refs = if reference == real {
+        let one_to_one = self.scoring.dino.pairing == Pairing::OneToOne
+            || self.scoring.clip_i.pairing == Pairing::OneToOne
+            || self
+                .scoring
+                .extra
+                .values()
+                .any(|e| e.pairing == Pairing::OneToOne);
+        // The reference set is embedded only when a score pairs with it.
+        let refs = if reference == real || !one_to_one {
             r.clone()
         } else {
             self.embed_images(reference)?
