@@ -24,6 +24,7 @@ fixtures: fixtures-metrics fixtures-sd fixtures-blip
 
 fixtures-metrics:
     ~/.venvs/ref/bin/python tools/fixtures/metrics.py
+    ~/.venvs/ref/bin/python tools/fixtures/metric_profiles.py
 
 fixtures-sd:
     ~/.venvs/ref/bin/python tools/fixtures/sd_unet.py

@@ -949,7 +949,10 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
             .unwrap();
         let err = max_abs_diff(&batch.latents.narrow(0, i, 1).unwrap(), &single.latents);
         eprintln!("guided seed {s}: max |batch − single| {err:e} (latents' max |z| {scale})");
-        assert!(err <= 1e-4 * scale, "seed {s}: {err} > 1e-4 × {scale}");
+        // 2e-4: the tiny guided model drives latents to |z| ≈ 600, where the batched GEMMs'
+        // other summation order moves them by up to 1.15e-4 × |z| since the CPU host kernels of
+        // issue 13 (measured on seed 2; 1e-4 held before them).
+        assert!(err <= 2e-4 * scale, "seed {s}: {err} > 2e-4 × {scale}");
         // Each image's trace is its own run's trace, up to float noise: the batched UNet sums in
         // another order (≈1e-7 relative), which can move a pixel of a thresholded mask across τ.
         let (b, o) = (

@@ -1,9 +1,12 @@
-//! DreamBench metrics natively in candle (SPEC §5): DINO ViT-S/16, CLIP-I and CLIP-T with
-//! CLIP ViT-B/32, preprocessing bit-exact to PIL + torchvision, scores with aggregates and
-//! bootstrap intervals, the real-image oracle, and an on-disk embedding cache.
+//! DreamBench metrics natively in candle (SPEC §5): DINO (ViT-S/16, ViT-S/8, DINOv2), CLIP-I and
+//! CLIP-T (CLIP ViT-B/32, ViT-L/14), preprocessing bit-exact to PIL + torchvision or transformers'
+//! image processors, the published protocols' formulas and pairings ([`protocol`]), scores with
+//! aggregates and bootstrap intervals, the real-image oracle, and an on-disk embedding cache.
 //!
-//! Entry point for other crates: [`Scorer`] (`Scorer::load(dino, clip, options)`, then
-//! [`Scorer::score`] / [`Scorer::oracle`] / [`Scorer::embed_images`]).
+//! Entry point for other crates: [`Scorer`] (`Scorer::load(dino, clip, options)` for the DreamBooth
+//! protocol, `Scorer::load_scoring(dino, clip, scoring, options)` for a profile's, then
+//! [`Scorer::score`] / [`Scorer::score_with_reference`] / [`Scorer::oracle`] /
+//! [`Scorer::embed_images`]).
 
 // Errors carry the offending file and candle's message; they sit on cold paths, so their size
 // (candle's error type is large) does not matter.
@@ -11,8 +14,10 @@
 
 pub mod cache;
 pub mod clip;
+pub mod dinov2;
 pub mod nn;
 pub mod preprocess;
+pub mod protocol;
 pub mod scorer;
 pub mod scores;
 pub mod tokenizer;
@@ -20,9 +25,10 @@ pub mod vit;
 
 pub use cache::EmbeddingCache;
 pub use preprocess::Preprocess;
+pub use protocol::Scoring;
 pub use scorer::{
-    list_images, ClipModel, DinoModel, ImageEmbeddings, ImageScores, OracleReport, ScoreReport,
-    Scorer, ScorerOptions, SubjectOracle, DEFAULT_CLIP, DEFAULT_DINO,
+    list_images, ClipModel, DinoModel, ExtraModel, ImageEmbeddings, ImageScores, OracleReport,
+    ScoreReport, Scorer, ScorerOptions, SubjectOracle, DEFAULT_CLIP, DEFAULT_DINO,
 };
 pub use scores::{Bootstrap, Summary};
 
@@ -46,6 +52,12 @@ pub enum MetricsError {
     Tokenizer { path: PathBuf, reason: String },
     #[error(transparent)]
     ClipTokenizer(#[from] clip_tokenizer::Error),
+    /// A protocol profile's scoring table is inconsistent.
+    #[error("metric protocol: {0}")]
+    Protocol(String),
+    /// Generated and real images cannot be paired as the protocol says.
+    #[error("pairing: {0}")]
+    Pairing(String),
     #[error("no images (jpg, jpeg, png) in '{0}'")]
     NoImages(PathBuf),
     #[error("'{path}': {source}")]

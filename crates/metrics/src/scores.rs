@@ -132,12 +132,17 @@ pub struct PairMean {
 
 impl PairMean {
     pub fn of(embeddings: &[Vec<f32>]) -> Self {
+        Self::of_with(embeddings, |c| c)
+    }
+
+    /// As [`PairMean::of`], with `f` applied to each pair's cosine (a profile's formula).
+    pub fn of_with(embeddings: &[Vec<f32>], f: impl Fn(f64) -> f64) -> Self {
         let mut sum = 0.0;
         let mut pairs = 0;
         for (i, a) in embeddings.iter().enumerate() {
             for (j, b) in embeddings.iter().enumerate() {
                 if i != j {
-                    sum += cosine(a, b);
+                    sum += f(cosine(a, b));
                     pairs += 1;
                 }
             }
@@ -156,10 +161,18 @@ impl PairMean {
 
 /// The oracle over subjects: per-subject pair means and the mean over all pairs pooled.
 pub fn oracle<'a>(subjects: impl IntoIterator<Item = (&'a str, &'a [Vec<f32>])>) -> OracleScore {
+    oracle_with(subjects, |c| c)
+}
+
+/// As [`oracle`], with `f` applied to each pair's cosine.
+pub fn oracle_with<'a>(
+    subjects: impl IntoIterator<Item = (&'a str, &'a [Vec<f32>])>,
+    f: impl Fn(f64) -> f64 + Copy,
+) -> OracleScore {
     let mut per_subject = BTreeMap::new();
     let (mut sum, mut pairs) = (0.0, 0);
     for (name, emb) in subjects {
-        let pm = PairMean::of(emb);
+        let pm = PairMean::of_with(emb, f);
         sum += pm.sum;
         pairs += pm.pairs;
         per_subject.insert(name.to_string(), pm.mean());

@@ -3,6 +3,7 @@
 //! metrics' rule: sequences are truncated to the model's `max_position_embeddings` (77), end token
 //! kept; no padding.
 
+use crate::protocol::Truncation;
 use crate::MetricsError;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
@@ -12,6 +13,9 @@ pub use clip_tokenizer::{BOS, EOS};
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation (the profiles that cut or refuse long prompts).
+    untruncated: Tokenizer,
+    max_len: usize,
     /// The file(s) it was read from, for error messages.
     pub source: String,
 }
@@ -46,6 +50,7 @@ impl ClipTokenizer {
         max_len: usize,
         path: &Path,
     ) -> Result<Self, MetricsError> {
+        let untruncated = inner.clone();
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -55,7 +60,12 @@ impl ClipTokenizer {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        Ok(Self { inner, source })
+        Ok(Self {
+            inner,
+            untruncated,
+            max_len,
+            source,
+        })
     }
 
     /// Ids with start and end tokens, truncated to the maximum length.
@@ -68,5 +78,36 @@ impl ClipTokenizer {
                 reason: format!("encoding '{text}': {e}"),
             })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids with start and end tokens, a prompt longer than the context handled as `rule` says:
+    /// [`Truncation::KeepEnd`] is [`ClipTokenizer::encode`]; [`Truncation::Cut`] keeps the first
+    /// `max_len` ids (the end token is lost); [`Truncation::Error`] refuses it.
+    pub fn encode_with(&self, text: &str, rule: Truncation) -> Result<Vec<u32>, MetricsError> {
+        if rule == Truncation::KeepEnd {
+            return self.encode(text);
+        }
+        let enc = self
+            .untruncated
+            .encode(text, true)
+            .map_err(|e| MetricsError::Tokenizer {
+                path: PathBuf::from(&self.source),
+                reason: format!("encoding '{text}': {e}"),
+            })?;
+        let mut ids = enc.get_ids().to_vec();
+        if ids.len() > self.max_len {
+            if rule == Truncation::Error {
+                return Err(MetricsError::Tokenizer {
+                    path: PathBuf::from(&self.source),
+                    reason: format!(
+                        "prompt '{text}' is {} tokens, more than the model's {}, and the protocol does not truncate",
+                        ids.len(),
+                        self.max_len
+                    ),
+                });
+            }
+            ids.truncate(self.max_len);
+        }
+        Ok(ids)
     }
 }

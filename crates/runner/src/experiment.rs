@@ -171,8 +171,12 @@ pub struct MetricProtocol {
     pub data: String,
     pub dino: String,
     pub clip: String,
-    /// Reference image of single-image methods (inversion, BLIP-Diffusion).
+    /// Reference image of single-image methods (inversion, BLIP-Diffusion), and the real image of
+    /// the one-to-one pairing.
     pub reference: ReferenceRule,
+    /// How the profile turns embeddings into scores (`[metrics.scoring]`, complete when given; the
+    /// DreamBooth protocol's when absent).
+    pub scoring: metrics::Scoring,
 }
 
 impl Default for MetricProtocol {
@@ -182,6 +186,7 @@ impl Default for MetricProtocol {
             dino: "facebook/dino-vits16".into(),
             clip: "openai/clip-vit-base-patch32".into(),
             reference: ReferenceRule::First,
+            scoring: metrics::Scoring::dreambooth(),
         }
     }
 }

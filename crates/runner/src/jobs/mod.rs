@@ -91,13 +91,18 @@ impl DreamBenchJobs {
             device: runtime.device.clone(),
             ..Default::default()
         };
-        let scorer =
-            Scorer::load(&exp.metrics.dino, &exp.metrics.clip, options).with_context(|| {
-                format!(
-                    "loading metric models '{}' and '{}'",
-                    exp.metrics.dino, exp.metrics.clip
-                )
-            })?;
+        let scorer = Scorer::load_scoring(
+            &exp.metrics.dino,
+            &exp.metrics.clip,
+            exp.metrics.scoring.clone(),
+            options,
+        )
+        .with_context(|| {
+            format!(
+                "loading metric models '{}' and '{}'",
+                exp.metrics.dino, exp.metrics.clip
+            )
+        })?;
         anyhow::ensure!(
             exp.runtime.batch != Some(0),
             "[runtime] batch = 0: a batch holds at least one image"

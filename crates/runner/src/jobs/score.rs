@@ -46,7 +46,13 @@ pub(super) fn scored_row(
     let (job, method) = (spec.job, &spec.method);
     let started = std::time::Instant::now();
     let real = dataset.images(spec.subject.name)?.to_vec();
-    let scores = scorer.score(&[path.to_path_buf()], &real, &spec.clip_prompt)?;
+    // The one-to-one pairing of a profile compares with the reference image (`[metrics] reference`).
+    let scores = scorer.score_with_reference(
+        &[path.to_path_buf()],
+        &real,
+        std::slice::from_ref(&spec.reference),
+        &spec.clip_prompt,
+    )?;
     let run_dir = out
         .dir()
         .parent()
