@@ -52,7 +52,12 @@ ablation name:
 report run:
     cargo run --release -p runner --bin pnd -- report {{run}}
 
-# Side-by-side benchmarks against the Python reference (needs ~/.venvs/ref, see README).
+# Side-by-side benchmarks against the Python reference (needs ~/.venvs/ref, see README); run them
+# on a quiet machine (`uptime` below 1.5, nothing building beside).
 bench:
-    RAYON_NUM_THREADS=2 cargo run --release -p metrics --example bench_embed -- 8 5
-    cargo run --release -p diffusion --example bench_unet
+    cargo build --release --bin pnd
+    cargo build --release -p diffusion --example bench_unet -p metrics --example bench_embed -p guidance --example bench_guidance
+    ~/.venvs/ref/bin/python tools/bench/unet.py --threads 2 --iters 3 --warmup 1 --rounds 2
+    RAYON_NUM_THREADS=2 target/release/examples/bench_embed 8 5
+    RAYON_NUM_THREADS=2 target/release/examples/bench_guidance 3
+    ~/.venvs/ref/bin/python tools/bench/pipeline.py --rounds 2
