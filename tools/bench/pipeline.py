@@ -29,25 +29,10 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 PND = os.environ.get("PND_BIN", os.path.join(ROOT, "target", "release", "pnd"))
 PROMPT = "a photo of a dog on the beach"
 
-SD15_UNET = dict(
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    out_channels=4,
-    sample_size=64,
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+# The real SD 1.5 UNet configuration, as the UNet benchmark pins it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unet import SD15 as SD15_UNET  # noqa: E402
+
 SD15_VAE = dict(
     in_channels=3,
     out_channels=3,

@@ -803,7 +803,8 @@ mod tests {
     }
 
     /// (batch, c_in, h, w, c_out, k, padding, stride): odd and even sizes, 1×1, stride 2, no padding.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 7] = [
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const CASES: [Case; 7] = [
         (1, 3, 8, 8, 5, 3, 1, 1),
         (2, 4, 7, 6, 3, 3, 1, 2),
         (1, 4, 9, 8, 2, 3, 0, 2),

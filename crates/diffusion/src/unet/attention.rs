@@ -8,9 +8,7 @@
 //!   (`scale = dim_head^-0.5`, softmax over keys). `upcast_attention` / `upcast_softmax` only change
 //!   f16 computations and are no-ops here in f32/f64.
 
-use super::nn::{
-    chunk2_last, gelu, proceed, softmax_last_dim, Conv2d, Ctx, Flow, GroupNorm, LayerNorm, Linear,
-};
+use super::nn::{proceed, softmax_last_dim, Conv2d, Ctx, Flow, GroupNorm, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use std::ops::ControlFlow;
@@ -98,15 +96,10 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+    /// `ops::geglu` picks its kernel itself (host pass, exact backward in a graph, or candle's ops).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let proj = self.proj.forward(xs)?;
-        let act = if differentiable || layers::kernels::host_kernels(proj.device()) {
-            crate::ops::geglu(&proj)?
-        } else {
-            let (hidden, gate) = chunk2_last(&proj)?;
-            (hidden * gelu(&gate, false)?)?
-        };
-        self.out.forward(&act)
+        self.out.forward(&crate::ops::geglu(&proj)?)
     }
 }
 
@@ -184,7 +177,7 @@ impl BasicTransformerBlock {
         let h = self.norm2.forward(&xs, d)?;
         let xs = (proceed!(self.attn2.forward(&h, Some(context), ctx)) + xs)?;
         let h = self.norm3.forward(&xs, d)?;
-        let xs = (self.ff.forward(&h, d)? + xs)?;
+        let xs = (self.ff.forward(&h)? + xs)?;
         Ok(ctx.block_output(&self.site, &xs)?.map_continue(|()| xs))
     }
 }

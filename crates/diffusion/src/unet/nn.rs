@@ -3,7 +3,7 @@
 
 use crate::hooks::Hook;
 use crate::ops;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 pub(crate) use layers::Activation;
 use std::ops::ControlFlow;
@@ -198,14 +198,6 @@ pub(crate) fn softmax_last_dim(xs: &Tensor, differentiable: bool) -> Result<Tens
     }
 }
 
-pub(crate) fn gelu(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
-    if differentiable {
-        ops::gelu_erf(xs)
-    } else {
-        xs.gelu_erf()
-    }
-}
-
 /// The activation a diffusers UNet config names (`act_fn`, `time_embedding_act_fn`,
 /// `timestep_post_act`): SiLU (`"silu"`, `"swish"`) is the one SD uses and the one supported.
 pub(crate) fn parse_activation(
@@ -227,10 +219,4 @@ pub(crate) fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
         Activation::Silu => ops::silu(xs),
         other => candle_core::Module::forward(&other, xs),
     }
-}
-
-/// Splits `xs` in two halves along the last dim (torch `chunk(2, dim=-1)`).
-pub(crate) fn chunk2_last(xs: &Tensor) -> Result<(Tensor, Tensor)> {
-    let n = xs.dim(D::Minus1)? / 2;
-    Ok((xs.narrow(D::Minus1, 0, n)?, xs.narrow(D::Minus1, n, n)?))
 }
