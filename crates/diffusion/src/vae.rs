@@ -453,12 +453,34 @@ impl AutoencoderKL {
     /// # Shapes
     /// `image`: `[b, in_channels, H, W]` in [-1, 1]; output `[b, latent_channels, H/8, W/8]`.
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_moments(image)?.0)
+    }
+
+    /// The posterior's mean and its log-variance clamped to [-30, 20], unscaled, as diffusers'
+    /// `DiagonalGaussianDistribution` holds them.
+    ///
+    /// # Shapes
+    /// `image`: `[b, in_channels, H, W]` in [-1, 1]; each output `[b, latent_channels, H/8, W/8]`.
+    pub fn encode_moments(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
         let moments = self.encoder.forward(image)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&moments)?,
             None => moments,
         };
-        moments.narrow(1, 0, self.cfg.latent_channels)
+        let c = self.cfg.latent_channels;
+        let logvar = moments.narrow(1, c, c)?.clamp(-30f32, 20f32)?;
+        Ok((moments.narrow(1, 0, c)?, logvar))
+    }
+
+    /// A sample of the posterior, `mean + exp(logvar / 2) * noise` (diffusers'
+    /// `latent_dist.sample()` with `noise` as its `randn`), unscaled.
+    ///
+    /// # Shapes
+    /// `image`: `[b, in_channels, H, W]`; `noise`, output: `[b, latent_channels, H/8, W/8]`.
+    pub fn encode_sample(&self, image: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (mean, logvar) = self.encode_moments(image)?;
+        let std = (logvar * 0.5)?.exp()?;
+        mean + std.mul(&noise.to_dtype(std.dtype())?)?
     }
 
     /// Decodes unscaled latents (`decode(z).sample`).

@@ -3,7 +3,8 @@
 //!
 //! - [`load_rgb`] / [`decode_rgb`]: a file to 8-bit RGB as PIL's `Image.open(p).convert("RGB")`
 //!   (baseline JPEGs bit-exactly as libjpeg-turbo, [`jpeg`]; other files with the `image` crate);
-//! - [`resize_bicubic`]: Pillow's `Image.resize(size, Image.BICUBIC)`, bit-exact ([`resample`]);
+//! - [`resize_bicubic`] / [`resize_bilinear`]: Pillow's `Image.resize(size, Image.BICUBIC / BILINEAR)`,
+//!   bit-exact ([`resample`]);
 //! - [`resize_shortest`] / [`center_crop`]: torchvision's `Resize(int)` and `CenterCrop` geometry
 //!   ([`transforms`]).
 
@@ -11,8 +12,8 @@ pub mod jpeg;
 pub mod resample;
 pub mod transforms;
 
-pub use resample::resize_bicubic;
-pub use transforms::{center_crop, resize_shortest, shortest_side_size};
+pub use resample::{resize, resize_bicubic, resize_bilinear, Filter};
+pub use transforms::{center_crop, resize_shortest, resize_shortest_with, shortest_side_size};
 
 use image::RgbImage;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Pillow's bicubic resample of 8-bit RGB images, bit-exact: a port of `ImagingResample`
+//! Pillow's bicubic and bilinear resamples of 8-bit RGB images, bit-exact: a port of `ImagingResample`
 //! (<https://github.com/python-pillow/Pillow/blob/01f132fb086af790cbd67cfb0ad9aaac607ef567/src/libImaging/Resample.c>:
 //! `precompute_coeffs`, `normalize_coeffs_8bpc`, `ImagingResampleHorizontal_8bpc`,
 //! `ImagingResampleVertical_8bpc`, `ImagingResampleInner`): separable passes (horizontal first),
@@ -10,6 +10,38 @@
 use image::RgbImage;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// A Pillow resampling filter: its kernel and support (in input pixels at scale 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BICUBIC` (a = −0.5, support 2).
+    Bicubic,
+    /// `Image.BILINEAR` (the triangle, support 1).
+    Bilinear,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic(x),
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
 
 fn bicubic(x: f64) -> f64 {
     const A: f64 = -0.5;
@@ -33,12 +65,11 @@ struct Taps {
 }
 
 /// Pillow's `precompute_coeffs` (box `0..in_size`) followed by `normalize_coeffs_8bpc`.
-fn taps(in_size: usize, out_size: usize) -> Taps {
-    const SUPPORT: f64 = 2.0;
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
     let (in0, in1) = (0f32, in_size as f32);
     let scale = (in1 - in0) as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut start = Vec::with_capacity(out_size);
     let mut len = Vec::with_capacity(out_size);
@@ -52,7 +83,7 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
         for (x, wx) in w.iter_mut().enumerate().take(xmax) {
-            *wx = bicubic(((x + xmin) as f64 - center + 0.5) * ss);
+            *wx = filter.weight(((x + xmin) as f64 - center + 0.5) * ss);
             ww += *wx;
         }
         for x in 0..xmax {
@@ -82,6 +113,16 @@ fn clip8(v: i32) -> u8 {
 
 /// PIL's `Image.resize((w, h), Image.BICUBIC)` for an RGB image (no `reducing_gap`), bit-exact.
 pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    resize(img, out_w, out_h, Filter::Bicubic)
+}
+
+/// PIL's `Image.resize((w, h), Image.BILINEAR)` for an RGB image (no `reducing_gap`), bit-exact.
+pub fn resize_bilinear(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    resize(img, out_w, out_h, Filter::Bilinear)
+}
+
+/// PIL's `Image.resize((w, h), filter)` for an RGB image (no `reducing_gap`), bit-exact.
+pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Filter) -> RgbImage {
     use rayon::prelude::*;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (out_w as usize, out_h as usize);
@@ -89,7 +130,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
         return img.clone();
     }
     let src = img.as_raw();
-    let vt = taps(h, oh);
+    let vt = taps(h, oh, filter);
     // Horizontal pass over only the rows the vertical pass reads, as `ImagingResampleInner` does.
     let (first, last) = if oh != h {
         (vt.start[0], vt.start[oh - 1] + vt.len[oh - 1])
@@ -98,7 +139,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     };
     let round = 1i32 << (PRECISION_BITS - 1);
     let (tmp, tmp_w): (Vec<u8>, usize) = if ow != w {
-        let ht = taps(w, ow);
+        let ht = taps(w, ow, filter);
         let mut tmp = vec![0u8; (last - first) * ow * 3];
         tmp.par_chunks_mut(ow * 3).enumerate().for_each(|(r, out)| {
             let row = &src[(first + r) * w * 3..(first + r + 1) * w * 3];
@@ -146,7 +187,7 @@ mod tests {
 
     #[test]
     fn taps_sum_to_one_in_fixed_point_and_identity_when_not_resizing() {
-        let t = taps(2048, 256);
+        let t = taps(2048, 256, Filter::Bicubic);
         assert_eq!(t.ksize, 33);
         for i in 0..256 {
             let s: i32 = t.k[i * t.ksize..i * t.ksize + t.len[i]].iter().sum();

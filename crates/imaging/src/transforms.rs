@@ -3,7 +3,7 @@
 //! short)`), then Pillow's bicubic resample; `CenterCrop(size)` (`center_crop`: offsets
 //! `int(round((h − crop) / 2))` with Python's round-half-to-even).
 
-use crate::resize_bicubic;
+use crate::{resize, Filter};
 use image::RgbImage;
 
 /// Output size of torchvision's `Resize(size)` (an int): shortest side to `size`, the long side
@@ -20,9 +20,15 @@ pub fn shortest_side_size(w: u32, h: u32, size: u32) -> (u32, u32) {
 
 /// torchvision `Resize(size)` on a PIL image: PIL bicubic to [`shortest_side_size`].
 pub fn resize_shortest(img: &RgbImage, size: u32) -> RgbImage {
+    resize_shortest_with(img, size, Filter::Bicubic)
+}
+
+/// torchvision `Resize(size, interpolation)` on a PIL image: PIL's `filter` to
+/// [`shortest_side_size`].
+pub fn resize_shortest_with(img: &RgbImage, size: u32, filter: Filter) -> RgbImage {
     let (w, h) = img.dimensions();
     let (nw, nh) = shortest_side_size(w, h, size);
-    resize_bicubic(img, nw, nh)
+    resize(img, nw, nh, filter)
 }
 
 /// torchvision `center_crop` of an image at least `size` on both sides.

@@ -336,6 +336,13 @@ struct TimestepEmbedding {
     post_act: Option<Activation>,
 }
 
+/// The timestep of a forward pass: one for the whole batch (sampling) or one per entry (training).
+#[derive(Debug, Clone, Copy)]
+enum Timesteps<'a> {
+    Shared(f64),
+    PerSample(&'a [f64]),
+}
+
 /// The SD UNet with capture hooks.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
@@ -616,6 +623,48 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         hook: &mut dyn Hook,
     ) -> Result<ControlFlow<(), Tensor>> {
+        self.run(
+            sample,
+            Timesteps::Shared(timestep),
+            encoder_hidden_states,
+            hook,
+        )
+    }
+
+    /// The noise prediction with one timestep per batch entry (training: diffusers'
+    /// `unet(noisy, timesteps, encoder_hidden_states)` with a `[b]` timestep tensor).
+    ///
+    /// # Shapes
+    /// - `sample`: `[b, in_channels, h, w]`; `timesteps`: `b` values;
+    ///   `encoder_hidden_states`: `[b, tokens, cross_dim]`; result: `[b, out_channels, h, w]`.
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        if timesteps.len() != b {
+            candle_core::bail!("{} timesteps for a UNet batch of {b}", timesteps.len());
+        }
+        match self.run(
+            sample,
+            Timesteps::PerSample(timesteps),
+            encoder_hidden_states,
+            &mut NoHook,
+        )? {
+            ControlFlow::Continue(eps) => Ok(eps),
+            ControlFlow::Break(()) => candle_core::bail!("the UNet forward pass ended early"),
+        }
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: Timesteps,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn Hook,
+    ) -> Result<ControlFlow<(), Tensor>> {
         let cfg = &self.config;
         let (b, c, h, w) = sample.dims4()?;
         if c != cfg.in_channels {
@@ -645,15 +694,26 @@ impl UNet2DConditionModel {
             sample.clone()
         };
 
-        let t_emb = crate::ops::timestep_embedding(
-            timestep,
-            b,
-            self.conv_in_channels(),
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-            sample.dtype(),
-            sample.device(),
-        )?;
+        let embed = |t: f64, n: usize| {
+            crate::ops::timestep_embedding(
+                t,
+                n,
+                self.conv_in_channels(),
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+                sample.dtype(),
+                sample.device(),
+            )
+        };
+        let t_emb = match timesteps {
+            Timesteps::Shared(t) => embed(t, b)?,
+            Timesteps::PerSample(ts) => Tensor::cat(
+                &ts.iter()
+                    .map(|&t| embed(t, 1))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?,
+        };
         let te = &self.time_embedding;
         let mut emb = te.linear_1.forward(&t_emb)?;
         emb = te.linear_2.forward(&activate(te.act, &emb)?)?;

@@ -1,0 +1,64 @@
+//! Training the baselines of Table 1 (issue 14): Textual Inversion and DreamBooth for Stable
+//! Diffusion, following diffusers' `examples/textual_inversion/textual_inversion.py` and
+//! `examples/dreambooth/train_dreambooth.py` step for step (see each module), with resumable
+//! checkpoints.
+//!
+//! - [`schedule`]: the forward process (`DDPMScheduler.add_noise`, `get_velocity`) and the loss.
+//! - [`adamw`]: `torch.optim.AdamW` and `clip_grad_norm_`.
+//! - [`data`]: image folders, transforms and prompt templates.
+//! - [`rng`]: randomness drawn from `(seed, stream, index)`, so a resumed run draws what the
+//!   uninterrupted one drew.
+//! - [`train_loop`]: micro-batches, gradient accumulation, optimizer steps, checkpoints, trace.
+//! - [`textual_inversion`], [`dreambooth`]: the two trainers.
+
+pub mod adamw;
+pub mod data;
+pub mod rng;
+pub mod schedule;
+pub mod textual_inversion;
+pub mod train_loop;
+
+use std::path::PathBuf;
+
+/// Everything that stops a training run, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("training images '{dir}': {reason}")]
+    Images { dir: PathBuf, reason: String },
+    #[error("token '{token}' is already in the tokenizer's vocabulary (id {id}); pick a new placeholder such as '<{token}-ti>'")]
+    TokenExists { token: String, id: u32 },
+    #[error("--init-token '{token}' is {count} tokens ({pieces}); it must be a single token of the vocabulary")]
+    InitToken {
+        token: String,
+        count: usize,
+        pieces: String,
+    },
+    #[error("--resolution {0} is not a positive multiple of 8 (the VAE's downsampling)")]
+    Resolution(u32),
+    #[error("output '{0}' exists; pass --overwrite to replace it (and its checkpoints)")]
+    OutputExists(PathBuf),
+    #[error("checkpoints in '{dir}' were made with other settings ({reason}); remove them or pass --overwrite")]
+    CheckpointMismatch { dir: PathBuf, reason: String },
+    #[error("{what} must be at least 1")]
+    Zero { what: &'static str },
+    #[error("model: {0}")]
+    Model(#[from] diffusion::pipeline::PipelineError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] diffusion::ddim::DdimError),
+    #[error("writing '{path}': {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// A positive multiple of 8, or [`TrainError::Resolution`].
+pub fn check_resolution(r: u32) -> Result<u32> {
+    if r == 0 || r % 8 != 0 {
+        return Err(TrainError::Resolution(r));
+    }
+    Ok(r)
+}

@@ -1,0 +1,313 @@
+//! The loop both trainers share, as the scripts run it under `accelerate`:
+//!
+//! - the dataset (images × repeats) is visited in a fresh random order every epoch, in
+//!   micro-batches of `batch` (the last one of an epoch may be smaller, `drop_last=False`);
+//! - each micro-batch's loss is divided by `grad_accum` before its backward (as
+//!   `accelerator.backward` does) and the gradients add up;
+//! - the optimizer steps after every `grad_accum` micro-batches, counted from the start of each
+//!   epoch, and at the end of an epoch (accelerate syncs at the end of the dataloader);
+//! - before the step, gradients are clipped to `max_grad_norm` when set (DreamBooth);
+//! - every `checkpoint_every` steps the parameters, the optimizer state and the position in the
+//!   data are written to `checkpoint_dir/checkpoint-<step>/`; a new run with the same settings
+//!   resumes from the latest one and reaches the same weights as an uninterrupted run.
+
+use crate::adamw::{clip_grad_norm, AdamW};
+use crate::rng::permutation;
+use crate::{Result, TrainError};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    /// Optimizer steps (`--max_train_steps`).
+    pub steps: usize,
+    pub grad_accum: usize,
+    pub batch: usize,
+    /// Samples per epoch (images × repeats, or DreamBooth's dataset length).
+    pub dataset_len: usize,
+    pub seed: u64,
+    pub max_grad_norm: Option<f64>,
+    pub checkpoint_every: Option<usize>,
+    pub checkpoint_dir: PathBuf,
+    /// A JSONL file, one line per optimizer step.
+    pub trace: Option<PathBuf>,
+    /// Everything that decides the result (JSON); a checkpoint resumes only under the same.
+    pub fingerprint: String,
+    /// Stops after this optimizer step as if the process were killed there (tests of resume).
+    pub stop_after: Option<usize>,
+}
+
+/// One micro-batch: dataset indices (into images × repeats) and their positions in the whole
+/// sample stream (which seed the per-sample augmentations).
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// Micro-batches before this one in the run (seeds its noise and timesteps).
+    pub micro: u64,
+    pub indices: Vec<usize>,
+    pub positions: Vec<u64>,
+}
+
+/// What a trainer computes for a micro-batch.
+pub trait Objective {
+    /// The loss of one micro-batch, in the graph of the optimizer's parameters.
+    fn loss(&mut self, mb: &MicroBatch) -> candle_core::Result<Tensor>;
+}
+
+/// One optimizer step, as the progress display and the trace see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    /// The mean loss of the step's micro-batches (before the division by `grad_accum`).
+    pub loss: f64,
+    pub lr: f64,
+    /// The gradient norm before clipping (when clipping).
+    pub grad_norm: Option<f64>,
+    pub seconds: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub resumed_from: Option<usize>,
+    pub steps_done: usize,
+    /// All `steps` done (false when `stop_after` cut the run short).
+    pub finished: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckpointInfo {
+    step: usize,
+    micro: u64,
+    fingerprint: String,
+}
+
+fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Write {
+        path: path.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// The checkpoints of `dir`, by step.
+fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn save_checkpoint(opt: &AdamW, s: &LoopSettings, step: usize, micro: u64) -> Result<()> {
+    let dir = &s.checkpoint_dir;
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
+    let tmp = dir.join(format!(".tmp-checkpoint-{step}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| write_err(&tmp, e))?;
+    let mut tensors: HashMap<String, Tensor> = opt.state();
+    for (name, p) in opt.params() {
+        tensors.insert(format!("param.{name}"), p.as_tensor().clone());
+    }
+    let state = tmp.join("state.safetensors");
+    candle_core::safetensors::save(&tensors, &state).map_err(|e| write_err(&state, e))?;
+    let info = CheckpointInfo {
+        step,
+        micro,
+        fingerprint: s.fingerprint.clone(),
+    };
+    let json = tmp.join("state.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&info).expect("json"))
+        .map_err(|e| write_err(&json, e))?;
+    let final_dir = dir.join(format!("checkpoint-{step}"));
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| write_err(&final_dir, e))?;
+    // Keep the two latest.
+    let all = checkpoints(dir);
+    for (_, old) in all.iter().take(all.len().saturating_sub(2)) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
+
+/// Loads the latest checkpoint of `s.checkpoint_dir` into `opt`; `(step, micro)` or `None`.
+fn resume(opt: &mut AdamW, s: &LoopSettings) -> Result<Option<(usize, u64)>> {
+    let Some((_, path)) = checkpoints(&s.checkpoint_dir).pop() else {
+        return Ok(None);
+    };
+    let mismatch = |reason: String| TrainError::CheckpointMismatch {
+        dir: s.checkpoint_dir.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path.join("state.json"))
+        .map_err(|e| mismatch(format!("unreadable state.json: {e}")))?;
+    let info: CheckpointInfo =
+        serde_json::from_str(&text).map_err(|e| mismatch(format!("bad state.json: {e}")))?;
+    if info.fingerprint != s.fingerprint {
+        return Err(mismatch(format!(
+            "saved {}, now {}",
+            info.fingerprint, s.fingerprint
+        )));
+    }
+    let device = opt.params()[0].1.device().clone();
+    let tensors = candle_core::safetensors::load(path.join("state.safetensors"), &device)?;
+    for (name, p) in opt.params() {
+        let t = tensors
+            .get(&format!("param.{name}"))
+            .ok_or_else(|| mismatch(format!("no parameter '{name}'")))?;
+        p.set(&t.to_dtype(p.dtype())?)?;
+    }
+    opt.load_state(&tensors, info.step)?;
+    Ok(Some((info.step, info.micro)))
+}
+
+/// Keeps the trace's lines up to `step` (a resumed run rewrites what the killed one wrote past
+/// its last checkpoint).
+fn truncate_trace(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).map_err(|e| write_err(path, e))
+}
+
+/// Runs (or resumes) the loop; `on_step` sees every optimizer step.
+pub fn run(
+    opt: &mut AdamW,
+    objective: &mut dyn Objective,
+    s: &LoopSettings,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<Outcome> {
+    for (what, v) in [
+        ("steps", s.steps),
+        ("grad_accum", s.grad_accum),
+        ("batch", s.batch),
+        ("the dataset", s.dataset_len),
+    ] {
+        if v == 0 {
+            return Err(TrainError::Zero { what });
+        }
+    }
+    let resumed = resume(opt, s)?;
+    let (mut step, mut micro) = resumed.unwrap_or((0, 0));
+    if let Some(t) = &s.trace {
+        if resumed.is_some() {
+            truncate_trace(t, step)?;
+        } else {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+    let n = s.dataset_len;
+    let per_epoch = n.div_ceil(s.batch) as u64;
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    let params: Vec<Tensor> = opt
+        .params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut losses = Vec::new();
+    let mut started = Instant::now();
+    while step < s.steps {
+        let (epoch, bi) = (micro / per_epoch, micro % per_epoch);
+        if order.as_ref().map(|o| o.0) != Some(epoch) {
+            order = Some((epoch, permutation(s.seed, epoch, n)));
+        }
+        let perm = &order.as_ref().expect("order").1;
+        let lo = bi as usize * s.batch;
+        let hi = (lo + s.batch).min(n);
+        let mb = MicroBatch {
+            micro,
+            indices: perm[lo..hi].to_vec(),
+            positions: (lo..hi).map(|i| epoch * n as u64 + i as u64).collect(),
+        };
+        let loss = objective.loss(&mb)?;
+        losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+        let grads = (loss / s.grad_accum as f64)?.backward()?;
+        for (a, p) in acc.iter_mut().zip(&params) {
+            if let Some(g) = grads.get(p) {
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        micro += 1;
+        let sync = (bi + 1) % s.grad_accum as u64 == 0 || bi + 1 == per_epoch;
+        if !sync {
+            continue;
+        }
+        let grad_norm = match s.max_grad_norm {
+            Some(max) => Some(clip_grad_norm(&mut acc, max)?),
+            None => None,
+        };
+        opt.step(&acc)?;
+        acc.iter_mut().for_each(|a| *a = None);
+        step += 1;
+        let report = StepReport {
+            step,
+            steps: s.steps,
+            loss: losses.iter().sum::<f64>() / losses.len() as f64,
+            lr: opt.config().lr,
+            grad_norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        losses.clear();
+        started = Instant::now();
+        if let Some(t) = &s.trace {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(t)
+                .map_err(|e| write_err(t, e))?;
+            writeln!(f, "{}", serde_json::to_string(&report).expect("json"))
+                .map_err(|e| write_err(t, e))?;
+        }
+        on_step(&report);
+        if s.checkpoint_every.is_some_and(|k| step % k == 0) && step < s.steps {
+            save_checkpoint(opt, s, step, micro)?;
+        }
+        if s.stop_after == Some(step) && step < s.steps {
+            return Ok(Outcome {
+                resumed_from: resumed.map(|r| r.0),
+                steps_done: step,
+                finished: false,
+            });
+        }
+    }
+    Ok(Outcome {
+        resumed_from: resumed.map(|r| r.0),
+        steps_done: step,
+        finished: true,
+    })
+}
+
+/// Removes the checkpoints of a finished run.
+pub fn clear_checkpoints(dir: &Path) {
+    for (_, p) in checkpoints(dir) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
