@@ -10,5 +10,6 @@ pub mod pipeline;
 pub mod text;
 pub mod textual_inversion;
 pub mod tokenizer;
+pub mod trainable;
 pub mod unet;
 pub mod vae;

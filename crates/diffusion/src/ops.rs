@@ -33,8 +33,12 @@ fn host(xs: &Tensor) -> bool {
 ///   whenever a gradient is taken.
 /// - `Fused`: candle's fused softmax, layer norm, erf-GELU and nearest upsampling, which record no
 ///   (or a wrong) backward; for no-grad sampling only.
-/// - `Auto` (the default): `Differentiable` when an input of the forward call is in an autograd graph
-///   (a `Var`, or computed from one: [`Tensor::track_op`]), else `Fused`.
+/// - `Auto` (the default): `Differentiable` for the whole pass when an input of the forward call is
+///   in an autograd graph (a `Var`, or computed from one: [`Tensor::track_op`]); otherwise each
+///   kernel takes the differentiable path when one of its own operands is in a graph (trainable
+///   weights, [`crate::trainable`], or a value computed from them) and the fused one when not. So
+///   training needs no setting: a model built from `Var`s gets weight gradients under `Auto`,
+///   and sampling with constant weights keeps the fused kernels.
 ///
 /// Both paths compute the same function; `tests/unet_paths.rs` checks they agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,7 +50,9 @@ pub enum ComputePath {
 }
 
 impl ComputePath {
-    /// Resolves `Auto` against the inputs of a forward call: `true` means the differentiable path.
+    /// Resolves `Auto` against the inputs of a forward call: `true` means the differentiable path
+    /// for the whole pass (under `Auto`, `false` still leaves kernels fed by trainable weights on
+    /// the differentiable path).
     pub fn differentiable(self, inputs: &[&Tensor]) -> bool {
         match self {
             ComputePath::Differentiable => true,

@@ -220,6 +220,39 @@ impl ClipTextModel {
         self.token_embedding.embeddings()
     }
 
+    /// Replaces the token-embedding table `[vocab, hidden]` (any number of rows). Textual
+    /// Inversion training swaps in a table computed from a trainable row, e.g.
+    /// `Tensor::cat(&[&frozen_table, row_var.as_tensor()], 0)`: the gradient then reaches the row
+    /// through the rows the prompt uses, and everything else in the encoder stays constant.
+    /// candle computes eagerly, so the table is a snapshot of the row: set it again after every
+    /// optimizer step (on a clone of the encoder, which shares all other weights).
+    ///
+    /// # Shapes
+    /// `table`: `[vocab, hidden]`.
+    pub fn set_token_embedding(&mut self, table: Tensor) -> Result<()> {
+        let (rows, hidden) = table.dims2()?;
+        let old = self.token_embedding.embeddings();
+        if rows == 0 || hidden != self.cfg.hidden_size {
+            candle_core::bail!(
+                "token-embedding table {:?} does not fit hidden size {} (expected [vocab, {}])",
+                table.dims(),
+                self.cfg.hidden_size,
+                self.cfg.hidden_size
+            );
+        }
+        if table.dtype() != old.dtype() || !table.device().same_device(old.device()) {
+            candle_core::bail!(
+                "token-embedding table is {:?} on {:?}, the encoder is {:?} on {:?}",
+                table.dtype(),
+                table.device(),
+                old.dtype(),
+                old.device()
+            );
+        }
+        self.token_embedding = Embedding::new(table, hidden);
+        Ok(())
+    }
+
     /// Appends a row to the token-embedding table (Textual Inversion) and returns its id.
     ///
     /// # Shapes

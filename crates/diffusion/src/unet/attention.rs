@@ -68,7 +68,7 @@ impl Attention {
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         // With a constant context (the usual case) k and v get no gradient buffers.
         let scores = crate::ops::matmul_constant(&q, &k.t()?)?;
-        let probs = softmax_last_dim(&scores, ctx.differentiable)?;
+        let probs = softmax_last_dim(&scores, ctx)?;
         if let Some(site) = &self.site {
             if ctx.attention(site, &probs)?.is_break() {
                 return Ok(ControlFlow::Break(()));
@@ -170,13 +170,12 @@ impl BasicTransformerBlock {
     /// # Shapes
     /// - `xs`: `[b, hw, dim]`; `context`: `[b, tokens, cross_attention_dim]`; result: like `xs`.
     pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: &mut Ctx) -> Flow<Tensor> {
-        let d = ctx.differentiable;
-        let h = self.norm1.forward(xs, d)?;
+        let h = self.norm1.forward(xs, ctx)?;
         let ctx1 = self.only_cross_attention.then_some(context);
         let xs = (proceed!(self.attn1.forward(&h, ctx1, ctx)) + xs)?;
-        let h = self.norm2.forward(&xs, d)?;
+        let h = self.norm2.forward(&xs, ctx)?;
         let xs = (proceed!(self.attn2.forward(&h, Some(context), ctx)) + xs)?;
-        let h = self.norm3.forward(&xs, d)?;
+        let h = self.norm3.forward(&xs, ctx)?;
         let xs = (self.ff.forward(&h)? + xs)?;
         Ok(ctx.block_output(&self.site, &xs)?.map_continue(|()| xs))
     }

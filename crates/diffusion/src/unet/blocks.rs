@@ -292,7 +292,8 @@ impl UpBlock {
             }
         }
         if let Some(up) = &self.upsampler {
-            xs = up.forward(&xs, upsample_size, ctx.differentiable)?;
+            let differentiable = ctx.differentiable(&[&xs]);
+            xs = up.forward(&xs, upsample_size, differentiable)?;
         }
         Ok(ControlFlow::Continue(xs))
     }

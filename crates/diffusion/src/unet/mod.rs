@@ -10,8 +10,9 @@
 //! `attention_head_dim` is the number of heads of each level (SD 1.x: 8 heads everywhere; SD 2.x:
 //! `[5, 10, 20, 20]`), and the head dim is `channels / heads`.
 //!
-//! Kernels: [`ComputePath`] (default `Auto`: the differentiable path exactly when the sample or the
-//! encoder hidden states are in an autograd graph, the fused kernels otherwise).
+//! Kernels: [`ComputePath`] (default `Auto`: the differentiable path for the whole pass when the
+//! sample or the encoder hidden states are in an autograd graph, and for every kernel fed by a
+//! trainable weight (`Var`, [`crate::trainable`]) when they are not; the fused kernels otherwise).
 
 mod attention;
 mod blocks;
@@ -680,6 +681,7 @@ impl UNet2DConditionModel {
         let differentiable = self.path.differentiable(&[sample, encoder_hidden_states]);
         let mut ctx = Ctx {
             differentiable,
+            auto: self.path == ComputePath::Auto,
             hook,
         };
 

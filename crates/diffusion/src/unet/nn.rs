@@ -8,9 +8,14 @@ use candle_nn::VarBuilder;
 pub(crate) use layers::Activation;
 use std::ops::ControlFlow;
 
-/// What a forward pass carries down the module tree: the resolved kernel path and the hook.
+/// What a forward pass carries down the module tree: the kernel path and the hook.
 pub(crate) struct Ctx<'a> {
+    /// The whole pass takes the differentiable kernels: [`ops::ComputePath::Differentiable`], or
+    /// `Auto` with an input of the forward call in an autograd graph.
     pub differentiable: bool,
+    /// The path is `Auto`: a kernel also takes the differentiable path when one of its own
+    /// operands is in a graph (a trainable weight, or a value computed from one).
+    pub auto: bool,
     pub hook: &'a mut dyn Hook,
 }
 
@@ -31,6 +36,11 @@ macro_rules! proceed {
 pub(crate) use proceed;
 
 impl Ctx<'_> {
+    /// Whether a kernel with these operands takes the differentiable path (see the fields).
+    pub fn differentiable(&self, operands: &[&Tensor]) -> bool {
+        self.differentiable || (self.auto && operands.iter().any(|t| t.track_op()))
+    }
+
     /// Hands a cross-attention site's probabilities to the hook when it wants them, then asks it
     /// whether to go on.
     pub fn attention(&mut self, site: &str, probs: &Tensor) -> Result<ControlFlow<()>> {
@@ -180,7 +190,8 @@ impl LayerNorm {
 
     /// # Shapes
     /// - `xs`: `[..., dim]`; result: like `xs`.
-    pub fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let differentiable = ctx.differentiable(&[xs, &self.weight, &self.bias]);
         // candle's fused layer norm has no f64 kernel; f64 takes the composition either way.
         if differentiable || xs.dtype() == candle_core::DType::F64 {
             ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
@@ -190,8 +201,8 @@ impl LayerNorm {
     }
 }
 
-pub(crate) fn softmax_last_dim(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
-    if differentiable {
+pub(crate) fn softmax_last_dim(xs: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    if ctx.differentiable(&[xs]) {
         ops::softmax_last_dim(xs)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
