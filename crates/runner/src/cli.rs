@@ -41,6 +41,9 @@ pub enum Command {
     Score(commands::score::ScoreArgs),
     /// The real-image oracle row (each real image against the others of its subject).
     Oracle(commands::oracle::OracleArgs),
+    /// Train a baseline for one subject: Textual Inversion or DreamBooth.
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Invert(args) => commands::invert::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Oracle(args) => commands::oracle::run(args),
+        Command::Train(cmd) => commands::train::run(cmd),
     }
 }

@@ -162,3 +162,83 @@ impl JobProgress {
         self.bar.finish_and_clear();
     }
 }
+
+/// Progress of a training run: optimizer steps with the running loss (the mean of the last 20
+/// steps' losses).
+pub struct TrainProgress {
+    mode: ProgressMode,
+    bar: ProgressBar,
+    what: String,
+    started: Instant,
+    first: usize,
+    recent: std::collections::VecDeque<f64>,
+    printed: Option<usize>,
+}
+
+impl TrainProgress {
+    /// A run of `steps` optimizer steps that starts after `done` (a resumed run).
+    pub fn new(what: &str, done: usize, steps: usize, mode: ProgressMode) -> Self {
+        let bar = if mode == ProgressMode::Bar {
+            let b = ProgressBar::new(steps as u64);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps, {msg}, ETA {eta}",
+                )
+                .expect("static template"),
+            );
+            b.set_prefix(what.to_string());
+            b.set_position(done as u64);
+            b.reset_eta();
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        Self {
+            mode,
+            bar,
+            what: what.to_string(),
+            started: Instant::now(),
+            first: done,
+            recent: Default::default(),
+            printed: None,
+        }
+    }
+
+    /// Running mean of the recent losses.
+    pub fn running_loss(&self) -> f64 {
+        self.recent.iter().sum::<f64>() / self.recent.len().max(1) as f64
+    }
+
+    /// Step `step` of `steps` is done with mean micro-batch loss `loss`.
+    pub fn step(&mut self, step: usize, steps: usize, loss: f64) {
+        self.recent.push_back(loss);
+        if self.recent.len() > 20 {
+            self.recent.pop_front();
+        }
+        let msg = format!("loss {:.4}", self.running_loss());
+        self.bar.set_position(step as u64);
+        self.bar.set_message(msg.clone());
+        if self.mode != ProgressMode::Lines {
+            return;
+        }
+        let every = steps.div_ceil(20).max(1);
+        if step == steps || self.printed.is_none_or(|p| step >= p + every) {
+            self.printed = Some(step);
+            let elapsed = self.started.elapsed();
+            eprintln!(
+                "{}: step {step}/{steps}, {msg}, {:.1}s, ETA {}",
+                self.what,
+                elapsed.as_secs_f64(),
+                clock(eta(
+                    elapsed,
+                    (step - self.first) as u64,
+                    (steps - self.first) as u64
+                ))
+            );
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod adamw;
 pub mod data;
+pub mod dreambooth;
 pub mod rng;
 pub mod schedule;
 pub mod textual_inversion;

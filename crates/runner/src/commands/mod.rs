@@ -10,3 +10,4 @@ pub mod oracle;
 pub mod report;
 pub mod score;
 pub mod sweep;
+pub mod train;

@@ -1,0 +1,447 @@
+//! `pnd train textual-inversion` and `pnd train dreambooth` (issue 14): one subject's baseline,
+//! trained as diffusers' example scripts train it (see the `training` crate), with progress,
+//! a JSONL trace, checkpoints every N steps and automatic resume.
+//!
+//! Checkpoints live beside the output, in `<out>.checkpoints/`: a run whose output does not exist
+//! yet resumes from the latest checkpoint there when it was made with the same settings, and
+//! removes them when it finishes. An output that exists is an error without `--overwrite` (which
+//! also drops the checkpoints).
+
+use crate::progress::{ProgressMode, TrainProgress};
+use crate::runtime::{open_device, DeviceSpec, Precision};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use training::train_loop::{self, LoopSettings, Objective, Outcome};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TrainCommand {
+    /// Textual Inversion of one subject (diffusers' textual_inversion.py): a new token's embedding.
+    TextualInversion(Box<TiArgs>),
+    /// DreamBooth of one subject (diffusers' train_dreambooth.py): a fine-tuned UNet (and text encoder).
+    Dreambooth(Box<DbArgs>),
+}
+
+/// What both trainers take.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// Base model: a diffusers folder or Hugging Face repo id (needs its scheduler config).
+    #[arg(long)]
+    pub model: String,
+    /// Folder of the subject's images.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Micro-batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Training resolution (a multiple of 8).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a resumable checkpoint every N optimizer steps (0: never).
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: usize,
+    /// Write one JSON line per optimizer step (step, loss, lr, grad_norm, seconds).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Replace an existing output (and drop its checkpoints).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Training precision; only f32 is implemented (f32 master weights and compute).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
+    /// Stop after this optimizer step as if killed (tests of resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TiArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The new placeholder token, e.g. `<dog>` (must not be in the vocabulary).
+    #[arg(long)]
+    pub token: String,
+    /// A single-token word whose embedding starts the new one, e.g. `dog`.
+    #[arg(long)]
+    pub init_token: String,
+    /// Do not multiply the learning rate by grad_accum × batch (the script's --scale_lr, on in its README).
+    #[arg(long)]
+    pub no_scale_lr: bool,
+    /// Times each image occurs per epoch.
+    #[arg(long, default_value_t = 100)]
+    pub repeats: usize,
+    /// Output `learned_embeds.safetensors` ({token: [1, dim]}).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Prompt of the subject's images, e.g. "a photo of sks dog".
+    #[arg(long)]
+    pub instance_prompt: String,
+    /// Prompt of the class images, e.g. "a photo of dog" (needed with --prior-preservation).
+    #[arg(long)]
+    pub class_prompt: Option<String>,
+    /// Add the prior-preservation loss on class images made by the base model.
+    #[arg(long)]
+    pub prior_preservation: bool,
+    /// Number of class images.
+    #[arg(long, default_value_t = 200)]
+    pub class_images: usize,
+    /// Where the class images are cached (default: checkpoints/class-images/<model>/<class prompt>-<resolution>).
+    #[arg(long)]
+    pub class_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_loss_weight: f64,
+    /// Train the text encoder too.
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Output diffusers folder (unet/, text_encoder/ when trained, model_index.json).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(cmd: TrainCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TrainCommand::TextualInversion(a) => run_ti(*a),
+        TrainCommand::Dreambooth(a) => run_db(*a),
+    }
+}
+
+/// `<out>.checkpoints` beside the output.
+pub fn checkpoint_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".checkpoints");
+    out.with_file_name(name)
+}
+
+/// Refuses an existing output without `--overwrite`; with it, removes the output and its
+/// checkpoints.
+fn prepare_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
+    if out.exists() {
+        if !overwrite {
+            return Err(training::TrainError::OutputExists(out.into()).into());
+        }
+        if out.is_dir() {
+            std::fs::remove_dir_all(out)
+        } else {
+            std::fs::remove_file(out)
+        }
+        .with_context(|| format!("removing '{}'", out.display()))?;
+        train_loop::clear_checkpoints(&checkpoint_dir(out));
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating '{}'", parent.display()))?;
+    }
+    Ok(())
+}
+
+fn open(common: &CommonArgs) -> anyhow::Result<candle_core::Device> {
+    if common.dtype != Precision::F32 {
+        anyhow::bail!(
+            "--dtype {}: training runs in f32 only (mixed precision is not implemented yet)",
+            common.dtype
+        );
+    }
+    let (device, label) = open_device(common.device)?;
+    eprintln!("device: {label} (requested {}), dtype f32", common.device);
+    Ok(device)
+}
+
+/// The image file names of a folder (part of the fingerprint: other images, other run).
+fn image_names(dir: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(training::data::list_images(dir)?
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect())
+}
+
+/// Runs the loop with a progress bar; says how it went.
+fn drive(
+    what: &str,
+    objective: &mut dyn Objective,
+    opt: &mut training::adamw::AdamW,
+    settings: &LoopSettings,
+) -> anyhow::Result<Outcome> {
+    let mode = ProgressMode::detect(true);
+    let mut progress: Option<TrainProgress> = None;
+    let started = std::time::Instant::now();
+    let outcome = train_loop::run(opt, objective, settings, &mut |r| {
+        let p = progress.get_or_insert_with(|| TrainProgress::new(what, r.step - 1, r.steps, mode));
+        p.step(r.step, r.steps, r.loss);
+    })?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    if let Some(from) = outcome.resumed_from {
+        eprintln!("{what}: resumed from the checkpoint of step {from}");
+    }
+    eprintln!(
+        "{what}: {} of {} steps in {:.1}s{}",
+        outcome.steps_done,
+        settings.steps,
+        started.elapsed().as_secs_f64(),
+        progress
+            .as_ref()
+            .map(|p| format!(", running loss {:.4}", p.running_loss()))
+            .unwrap_or_default()
+    );
+    Ok(outcome)
+}
+
+fn loop_settings(
+    common: &CommonArgs,
+    out: &Path,
+    steps: usize,
+    batch: usize,
+    grad_accum: usize,
+    dataset_len: usize,
+    max_grad_norm: Option<f64>,
+    fingerprint: serde_json::Value,
+) -> LoopSettings {
+    LoopSettings {
+        steps,
+        grad_accum,
+        batch,
+        dataset_len,
+        seed: common.seed,
+        max_grad_norm,
+        checkpoint_every: (common.checkpoint_every > 0).then_some(common.checkpoint_every),
+        checkpoint_dir: checkpoint_dir(out),
+        trace: common.trace.clone(),
+        fingerprint: fingerprint.to_string(),
+        stop_after: common.stop_after,
+    }
+}
+
+fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
+    let c = &a.common;
+    prepare_output(&a.out, c.overwrite)?;
+    let device = open(c)?;
+    let mut s = training::textual_inversion::TiSettings::new(&a.token, &a.init_token);
+    s.steps = c.steps.unwrap_or(s.steps);
+    s.lr = c.lr.unwrap_or(s.lr);
+    s.scale_lr = !a.no_scale_lr;
+    s.batch = c.batch.unwrap_or(s.batch);
+    s.grad_accum = c.grad_accum.unwrap_or(s.grad_accum);
+    s.resolution = c.resolution;
+    s.seed = c.seed;
+    s.repeats = a.repeats;
+    let mut ti = training::textual_inversion::TextualInversion::new(
+        &c.model,
+        &c.images,
+        s.clone(),
+        &device,
+    )?;
+    eprintln!(
+        "textual inversion: token '{}' (id {}) from '{}', {} images x {} repeats, {} steps of {} x {} at lr {}",
+        s.token,
+        ti.token_id(),
+        s.init_token,
+        ti.dataset_len() / s.repeats,
+        s.repeats,
+        s.steps,
+        s.batch,
+        s.grad_accum,
+        s.effective_lr()
+    );
+    let fingerprint = serde_json::json!({
+        "trainer": "textual-inversion",
+        "model": c.model,
+        "images": image_names(&c.images)?,
+        "settings": s,
+    });
+    let ls = loop_settings(
+        c,
+        &a.out,
+        s.steps,
+        s.batch,
+        s.grad_accum,
+        ti.dataset_len(),
+        None,
+        fingerprint,
+    );
+    let mut opt = ti.optimizer()?;
+    let outcome = drive("textual inversion", &mut ti, &mut opt, &ls)?;
+    if !outcome.finished {
+        eprintln!(
+            "stopped after step {} as asked; the checkpoints in '{}' resume it",
+            outcome.steps_done,
+            ls.checkpoint_dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tmp = a.out.with_extension("safetensors.tmp");
+    ti.save(&tmp)?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing '{}'", a.out.display()))?;
+    train_loop::clear_checkpoints(&ls.checkpoint_dir);
+    eprintln!(
+        "wrote '{}' ({{\"{}\": [1, {}]}})",
+        a.out.display(),
+        s.token,
+        ti.learned()?.dim(1)?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A file-name-safe slug: lowercase alphanumerics, others as '-'.
+fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_alphanumeric() {
+            out.push(ch.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// The default class-image cache of a (model, class prompt, resolution).
+pub fn default_class_dir(model: &str, class_prompt: &str, resolution: u32) -> PathBuf {
+    PathBuf::from("checkpoints/class-images")
+        .join(slug(model))
+        .join(format!("{}-{resolution}", slug(class_prompt)))
+}
+
+fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
+    let c = &a.common;
+    if a.prior_preservation && a.class_prompt.is_none() {
+        anyhow::bail!("--prior-preservation needs --class-prompt (e.g. \"a photo of dog\")");
+    }
+    prepare_output(&a.out, c.overwrite)?;
+    let device = open(c)?;
+    let mut s = training::dreambooth::DbSettings::new(&a.instance_prompt);
+    s.class_prompt = a.class_prompt.clone();
+    s.prior_preservation = a.prior_preservation;
+    s.class_images = a.class_images;
+    s.prior_loss_weight = a.prior_loss_weight;
+    s.steps = c.steps.unwrap_or(s.steps);
+    s.lr = c.lr.unwrap_or(s.lr);
+    s.batch = c.batch.unwrap_or(s.batch);
+    s.grad_accum = c.grad_accum.unwrap_or(s.grad_accum);
+    s.train_text_encoder = a.train_text_encoder;
+    s.resolution = training::check_resolution(c.resolution)?;
+    s.seed = c.seed;
+    let class_dir = match (&a.class_prompt, a.prior_preservation) {
+        (Some(prompt), true) => {
+            let dir = a
+                .class_dir
+                .clone()
+                .unwrap_or_else(|| default_class_dir(&c.model, prompt, s.resolution));
+            let opts = diffusion::pipeline::LoadOptions {
+                device: device.clone(),
+                ..Default::default()
+            };
+            let base = diffusion::pipeline::StableDiffusion::load(&c.model, &opts)?;
+            let mut progress = crate::progress::StepProgress::new(
+                &format!("class images '{prompt}'"),
+                a.class_images,
+                ProgressMode::detect(true),
+            );
+            training::dreambooth::ensure_class_images(
+                &base,
+                prompt,
+                a.class_images,
+                s.resolution,
+                &dir,
+                &mut |i, n| progress.step(i, n),
+            )?;
+            progress.finish();
+            eprintln!("class images: {} in '{}'", a.class_images, dir.display());
+            Some(dir)
+        }
+        _ => None,
+    };
+    let mut db = training::dreambooth::DreamBooth::new(
+        &c.model,
+        &c.images,
+        class_dir.as_deref(),
+        s.clone(),
+        &device,
+    )?;
+    eprintln!(
+        "dreambooth: '{}'{}, {} steps of {} x {} at lr {}, {} parameters{}",
+        s.instance_prompt,
+        if s.prior_preservation {
+            format!(
+                " with prior preservation on '{}'",
+                s.class_prompt.as_deref().unwrap_or("")
+            )
+        } else {
+            String::new()
+        },
+        s.steps,
+        s.batch,
+        s.grad_accum,
+        s.lr,
+        db.params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>(),
+        if s.train_text_encoder {
+            " (UNet and text encoder)"
+        } else {
+            " (UNet)"
+        }
+    );
+    let fingerprint = serde_json::json!({
+        "trainer": "dreambooth",
+        "model": c.model,
+        "images": image_names(&c.images)?,
+        "class_images": class_dir.as_deref().map(image_names).transpose()?,
+        "settings": s,
+    });
+    let ls = loop_settings(
+        c,
+        &a.out,
+        s.steps,
+        s.batch,
+        s.grad_accum,
+        db.dataset_len(),
+        Some(s.max_grad_norm),
+        fingerprint,
+    );
+    let mut opt = db.optimizer()?;
+    let outcome = drive("dreambooth", &mut db, &mut opt, &ls)?;
+    if !outcome.finished {
+        eprintln!(
+            "stopped after step {} as asked; the checkpoints in '{}' resume it",
+            outcome.steps_done,
+            ls.checkpoint_dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut tmp_name = a.out.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = a.out.with_file_name(tmp_name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    db.save(&c.model, &tmp)?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing '{}'", a.out.display()))?;
+    train_loop::clear_checkpoints(&ls.checkpoint_dir);
+    eprintln!("wrote '{}'", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

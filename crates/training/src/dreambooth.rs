@@ -1,0 +1,368 @@
+//! DreamBooth (`pnd train dreambooth`), as diffusers' `examples/dreambooth/train_dreambooth.py`:
+//!
+//! - the UNet (and with `train_text_encoder` the text encoder) is trained in full, f32 master
+//!   weights; the VAE is frozen;
+//! - each sample: an instance image, torchvision `Resize(resolution, BILINEAR)` then
+//!   `RandomCrop(resolution)`, `ToTensor`, `Normalize(0.5, 0.5)`, with the instance prompt; with
+//!   prior preservation also a class image (the dataset's `index % num_class_images`) with the
+//!   class prompt, stacked after the instances of the micro-batch;
+//! - the dataset length is the number of instance images, or `max(class, instance)` with prior
+//!   preservation; shuffled every epoch;
+//! - latents from the VAE posterior (a sample) × `scaling_factor`, ε ~ N(0, 1), t uniform per
+//!   entry, MSE against ε (or v); with prior preservation `loss = mse(instance half) +
+//!   prior_loss_weight · mse(class half)`;
+//! - gradients clipped to norm 1 (`--max_grad_norm`), AdamW (β = 0.9, 0.999, ε = 1e-8, weight
+//!   decay 1e-2) at lr 5e-6, constant.
+//!
+//! Class images are made once by the base model with our own sampler (50 DDIM steps, guidance
+//! 7.5, seeds 0, 1, ...) and cached in a folder per class prompt and model
+//! ([`ensure_class_images`]).
+
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::data::{dreambooth_pixels, dreambooth_resize, random_crop};
+use crate::rng::{self, Stream};
+use crate::schedule::{mse, NoiseSchedule};
+use crate::train_loop::{MicroBatch, Objective};
+use crate::{check_resolution, Result, TrainError};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
+use diffusion::text::{ClipTextConfig, ClipTextModel};
+use diffusion::trainable;
+use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// What decides a DreamBooth run (the script's arguments; defaults are its README's example with
+/// prior preservation: 800 steps at lr 5e-6, batch 1, 200 class images).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DbSettings {
+    pub instance_prompt: String,
+    pub class_prompt: Option<String>,
+    pub prior_preservation: bool,
+    pub class_images: usize,
+    pub prior_loss_weight: f64,
+    pub steps: usize,
+    pub lr: f64,
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub train_text_encoder: bool,
+    pub resolution: u32,
+    pub seed: u64,
+    pub max_grad_norm: f64,
+}
+
+impl DbSettings {
+    pub fn new(instance_prompt: &str) -> Self {
+        Self {
+            instance_prompt: instance_prompt.into(),
+            class_prompt: None,
+            prior_preservation: false,
+            class_images: 200,
+            prior_loss_weight: 1.0,
+            steps: 800,
+            lr: 5e-6,
+            batch: 1,
+            grad_accum: 1,
+            train_text_encoder: false,
+            resolution: 512,
+            seed: 0,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+/// The inputs of one micro-batch after every random draw (instances first, then classes).
+#[derive(Debug, Clone)]
+pub struct DbInputs {
+    /// `[n, 3, r, r]`.
+    pub pixels: Tensor,
+    /// `[n, 77]` u32.
+    pub ids: Tensor,
+    pub posterior_noise: Tensor,
+    pub noise: Tensor,
+    pub timesteps: Vec<usize>,
+}
+
+/// A DreamBooth run on one subject.
+pub struct DreamBooth {
+    sd: StableDiffusion,
+    unet_vars: VarMap,
+    unet_config: PathBuf,
+    unet: UNet2DConditionModel,
+    text: Option<(VarMap, PathBuf, ClipTextModel)>,
+    instances: Vec<RgbImage>,
+    classes: Vec<RgbImage>,
+    schedule: NoiseSchedule,
+    settings: DbSettings,
+}
+
+fn tensor_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Tensor(candle_core::Error::Msg(e.to_string()))
+}
+
+impl DreamBooth {
+    /// Loads the model with a trainable UNet (and text encoder), and reads the images
+    /// (`class_dir` is required with prior preservation).
+    pub fn new(
+        model: &str,
+        images: &Path,
+        class_dir: Option<&Path>,
+        settings: DbSettings,
+        device: &Device,
+    ) -> Result<Self> {
+        check_resolution(settings.resolution)?;
+        let files = crate::data::list_images(images)?;
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+            ..LoadOptions::default()
+        };
+        let sd = StableDiffusion::load(model, &opts)?;
+        let schedule = NoiseSchedule::new(&sd.scheduler)?;
+        let src =
+            weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;
+        let component = |dir: &str, config: &str, stems: &[&str]| -> Result<(PathBuf, VarMap)> {
+            let cfg = src
+                .file(&[&format!("{dir}/{config}")])
+                .map_err(diffusion::pipeline::PipelineError::from)?;
+            let files = src
+                .weight_files(dir, stems)
+                .map_err(diffusion::pipeline::PipelineError::from)?;
+            let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+            let vars = trainable::load_vars(&refs, DType::F32, device)
+                .map_err(diffusion::pipeline::PipelineError::from)?;
+            Ok((cfg, vars))
+        };
+        let (unet_config, unet_vars) =
+            component("unet", "config.json", &["diffusion_pytorch_model"])?;
+        let ucfg: UNet2DConditionConfig =
+            weights::read_json(&unet_config).map_err(diffusion::pipeline::PipelineError::from)?;
+        let unet = UNet2DConditionModel::new(&ucfg, trainable::var_builder(&unet_vars)?)?;
+        let text = if settings.train_text_encoder {
+            let (cfg_path, vars) =
+                component("text_encoder", "config.json", &["model", "pytorch_model"])?;
+            let cfg: ClipTextConfig =
+                weights::read_json(&cfg_path).map_err(diffusion::pipeline::PipelineError::from)?;
+            let model = ClipTextModel::new(&cfg, trainable::var_builder(&vars)?)?;
+            Some((vars, cfg_path, model))
+        } else {
+            None
+        };
+        let size = settings.resolution;
+        let instances = crate::data::load_resized(&files, |i| dreambooth_resize(i, size))?;
+        let classes = if settings.prior_preservation {
+            let dir = class_dir.ok_or_else(|| TrainError::Images {
+                dir: PathBuf::from("<class images>"),
+                reason: "prior preservation needs class images".into(),
+            })?;
+            let mut files = crate::data::list_images(dir)?;
+            // The script uses min(class images in the folder, --num_class_images).
+            files.truncate(settings.class_images);
+            crate::data::load_resized(&files, |i| dreambooth_resize(i, size))?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            sd,
+            unet_vars,
+            unet_config,
+            unet,
+            text,
+            instances,
+            classes,
+            schedule,
+            settings,
+        })
+    }
+
+    pub fn settings(&self) -> &DbSettings {
+        &self.settings
+    }
+
+    /// Samples per epoch: instances, or `max(classes, instances)` with prior preservation.
+    pub fn dataset_len(&self) -> usize {
+        if self.settings.prior_preservation {
+            self.instances.len().max(self.classes.len())
+        } else {
+            self.instances.len()
+        }
+    }
+
+    /// Named trainable parameters: `unet.<name>` (and `text.<name>`), sorted.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        let mut add = |prefix: &str, vm: &VarMap| {
+            let data = vm.data().lock().expect("VarMap lock");
+            let mut named: Vec<(String, Var)> = data
+                .iter()
+                .map(|(k, v)| (format!("{prefix}.{k}"), v.clone()))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            out.extend(named);
+        };
+        add("unet", &self.unet_vars);
+        if let Some((vm, _, _)) = &self.text {
+            add("text", vm);
+        }
+        out
+    }
+
+    /// The optimizer over [`Self::params`].
+    pub fn optimizer(&self) -> Result<AdamW> {
+        Ok(AdamW::new(
+            self.params(),
+            AdamWConfig::scripts(self.settings.lr),
+        )?)
+    }
+
+    fn latent_shape(&self, b: usize) -> Vec<usize> {
+        let f = self.sd.vae.config().downsample_factor();
+        let r = self.settings.resolution as usize / f;
+        vec![b, self.unet.config().in_channels, r, r]
+    }
+
+    fn ids(&self, prompt: &str) -> Result<Tensor> {
+        let enc = self.sd.tokenizer.encode(prompt)?;
+        Ok(Tensor::new(enc.ids.as_slice(), self.sd.device())?)
+    }
+
+    /// Every random draw of a micro-batch.
+    pub fn inputs(&self, mb: &MicroBatch) -> Result<DbInputs> {
+        let device = self.sd.device();
+        let (seed, size) = (self.settings.seed, self.settings.resolution);
+        let mut pixels = Vec::new();
+        let mut ids = Vec::new();
+        let crop = |img: &RgbImage, pos: u64, salt: u64| -> Result<Tensor> {
+            let at = random_crop(seed, pos, salt, img.dimensions(), size);
+            Ok(dreambooth_pixels(img, size, at, device)?)
+        };
+        for (&i, &pos) in mb.indices.iter().zip(&mb.positions) {
+            pixels.push(crop(&self.instances[i % self.instances.len()], pos, 0)?);
+            ids.push(self.ids(&self.settings.instance_prompt)?);
+        }
+        if self.settings.prior_preservation {
+            let prompt = self.settings.class_prompt.clone().unwrap_or_default();
+            for (&i, &pos) in mb.indices.iter().zip(&mb.positions) {
+                pixels.push(crop(&self.classes[i % self.classes.len()], pos, 1)?);
+                ids.push(self.ids(&prompt)?);
+            }
+        }
+        let n = pixels.len();
+        let shape = self.latent_shape(n);
+        Ok(DbInputs {
+            pixels: Tensor::stack(&pixels, 0)?,
+            ids: Tensor::stack(&ids, 0)?,
+            posterior_noise: rng::normal(seed, Stream::Posterior, mb.micro, &shape, device)?,
+            noise: rng::normal(seed, Stream::Noise, mb.micro, &shape, device)?,
+            timesteps: rng::timesteps(seed, mb.micro, n, self.schedule.num_train_timesteps()),
+        })
+    }
+
+    /// The training loss of fixed inputs, in the graph of the trainable weights.
+    pub fn loss_of(&self, x: &DbInputs) -> Result<Tensor> {
+        let latents = (self
+            .sd
+            .vae
+            .encode_sample(&x.pixels, &x.posterior_noise)?
+            .detach()
+            * self.sd.vae.config().scaling_factor)?;
+        let noisy = self.schedule.add_noise(&latents, &x.noise, &x.timesteps)?;
+        let ehs = match &self.text {
+            Some((_, _, t)) => t.forward(&x.ids)?,
+            None => self.sd.text_encoder.forward(&x.ids)?.detach(),
+        };
+        let ts: Vec<f64> = x.timesteps.iter().map(|&t| t as f64).collect();
+        let pred = self.unet.forward_timesteps(&noisy, &ts, &ehs)?;
+        let target = self.schedule.target(&latents, &x.noise, &x.timesteps)?;
+        if !self.settings.prior_preservation {
+            return Ok(mse(&pred, &target)?);
+        }
+        let half = pred.dim(0)? / 2;
+        let instance = mse(&pred.narrow(0, 0, half)?, &target.narrow(0, 0, half)?)?;
+        let prior = mse(&pred.narrow(0, half, half)?, &target.narrow(0, half, half)?)?;
+        Ok((instance + (prior * self.settings.prior_loss_weight)?)?)
+    }
+
+    /// Writes the trained weights as a diffusers folder: `unet/` (and `text_encoder/`) with
+    /// their configs, plus the base's `model_index.json`; the rest comes from the base model
+    /// (`pnd generate --base`, or diffusers' per-component `from_pretrained`).
+    pub fn save(&self, model: &str, out: &Path) -> Result<()> {
+        let werr = |path: &Path, e: &dyn std::fmt::Display| TrainError::Write {
+            path: path.into(),
+            reason: e.to_string(),
+        };
+        let unet_dir = out.join("unet");
+        std::fs::create_dir_all(&unet_dir).map_err(|e| werr(&unet_dir, &e))?;
+        trainable::save_vars(
+            &self.unet_vars,
+            |_| true,
+            &unet_dir.join("diffusion_pytorch_model.safetensors"),
+        )?;
+        std::fs::copy(&self.unet_config, unet_dir.join("config.json"))
+            .map_err(|e| werr(&unet_dir, &e))?;
+        if let Some((vm, cfg, _)) = &self.text {
+            let dir = out.join("text_encoder");
+            std::fs::create_dir_all(&dir).map_err(|e| werr(&dir, &e))?;
+            trainable::save_vars(vm, |_| true, &dir.join("model.safetensors"))?;
+            std::fs::copy(cfg, dir.join("config.json")).map_err(|e| werr(&dir, &e))?;
+        }
+        let src =
+            weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;
+        if let Ok(index) = src.file(&["model_index.json"]) {
+            std::fs::copy(&index, out.join("model_index.json")).map_err(|e| werr(out, &e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Objective for DreamBooth {
+    fn loss(&mut self, mb: &MicroBatch) -> candle_core::Result<Tensor> {
+        let x = self
+            .inputs(mb)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.loss_of(&x)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// Makes sure `dir` holds `n` class images of `prompt` by the base model: generates the missing
+/// ones (`{index:04}.png`, seed = index, 50 DDIM steps, guidance 7.5, `size²`) and returns the
+/// folder's images. `on_image(done, n)` sees each new image.
+pub fn ensure_class_images(
+    base: &StableDiffusion,
+    prompt: &str,
+    n: usize,
+    size: u32,
+    dir: &Path,
+    on_image: &mut dyn FnMut(usize, usize),
+) -> Result<usize> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Write {
+        path: dir.into(),
+        reason: e.to_string(),
+    })?;
+    for i in 0..n {
+        let path = dir.join(format!("{i:04}.png"));
+        if path.is_file() {
+            continue;
+        }
+        let req = SampleRequest {
+            prompt: prompt.into(),
+            height: size as usize,
+            width: size as usize,
+            seed: i as u64,
+            ..SampleRequest::default()
+        };
+        let latents = base.sample(&req, &mut |_, _| {})?;
+        let img = base.decode_images(&latents)?.remove(0);
+        let tmp = dir.join(format!(".{i:04}.png.tmp"));
+        img.save_with_format(&tmp, image::ImageFormat::Png)
+            .map_err(tensor_err)?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainError::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        on_image(i + 1, n);
+    }
+    Ok(n)
+}
