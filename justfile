@@ -38,8 +38,15 @@ fixtures-blip:
 demo out="pnd-demo":
     cargo run --release -p runner --bin pnd -- demo --out {{out}}
 
-# Table 1 of the paper: every baseline with and without Pick-and-Draw, then the report.
+# Train the per-subject baselines of Table 1 (30 Textual Inversion embeddings, 30 DreamBooth
+# models) that are missing; existing ones are kept, interrupted ones resume.
+train-baselines *args:
+    cargo run --release -p runner --bin pnd -- train baselines experiments/train-baselines.toml {{args}}
+
+# Table 1 of the paper: the missing baselines are trained first, then every baseline with and
+# without Pick-and-Draw, then the report.
 reproduce-table1:
+    cargo run --release -p runner --bin pnd -- train baselines experiments/train-baselines.toml
     cargo run --release -p runner --bin pnd -- sweep experiments/table1.toml --resume
     cargo run --release -p runner --bin pnd -- report results/runs/table1
 

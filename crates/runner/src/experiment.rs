@@ -363,7 +363,7 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
 }
 
 /// Later values win; tables merge key by key; arrays (methods, subjects) are replaced whole.
-fn merge(into: &mut toml::Table, from: toml::Table) {
+pub(crate) fn merge(into: &mut toml::Table, from: toml::Table) {
     for (k, v) in from {
         match (into.get_mut(&k), v) {
             (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
@@ -480,7 +480,7 @@ impl Experiment {
     }
 }
 
-fn find_include(from: &Path, name: &str) -> Option<PathBuf> {
+pub(crate) fn find_include(from: &Path, name: &str) -> Option<PathBuf> {
     let rel = format!("{name}.toml");
     let mut dir = from.parent();
     while let Some(d) = dir {

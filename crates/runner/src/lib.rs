@@ -11,3 +11,4 @@ pub mod report;
 pub mod requests;
 pub mod runtime;
 pub mod sweep;
+pub mod train_plan;

@@ -20,6 +20,27 @@ pub enum TrainCommand {
     TextualInversion(Box<TiArgs>),
     /// DreamBooth of one subject (diffusers' train_dreambooth.py): a fine-tuned UNet (and text encoder).
     Dreambooth(Box<DbArgs>),
+    /// Every training of a training experiment (experiments/train-baselines.toml): resumable per
+    /// subject (existing outputs are kept, interrupted ones resume) and shardable.
+    Baselines(BaselinesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaselinesArgs {
+    /// The training experiment file.
+    pub experiment: PathBuf,
+    /// Run only shard i of n (0-based) of the trainings, e.g. `--shard 0/4`.
+    #[arg(long)]
+    pub shard: Option<crate::sweep::Shard>,
+    /// List what would be trained and what already exists; train nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Go on with the next training when one fails (the failures are listed at the end).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
 }
 
 /// What both trainers take.
@@ -122,6 +143,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TrainCommand::TextualInversion(a) => run_ti(*a),
         TrainCommand::Dreambooth(a) => run_db(*a),
+        TrainCommand::Baselines(a) => run_baselines(a),
     }
 }
 
@@ -444,4 +466,200 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
     train_loop::clear_checkpoints(&ls.checkpoint_dir);
     eprintln!("wrote '{}'", a.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The latest checkpoint step of an output, if an interrupted run left one.
+fn checkpoint_step(out: &Path) -> Option<usize> {
+    std::fs::read_dir(checkpoint_dir(out))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
+/// The contiguous slice of `units` of a shard (the sweep's rule: item k of n goes to shard
+/// `floor(k · count / n)`).
+fn shard_slice<T>(units: &[T], shard: crate::sweep::Shard) -> &[T] {
+    let n = units.len();
+    &units[shard.index * n / shard.count..(shard.index + 1) * n / shard.count]
+}
+
+/// The Textual Inversion initializer for a subject: the filled `init_token` when it is one token,
+/// else its last word (`stuffed animal` → `animal`).
+fn init_token(
+    model: &str,
+    template: &str,
+    subject: &dreambench::Subject,
+) -> anyhow::Result<String> {
+    let word = crate::train_plan::fill(template, subject, "");
+    let src = weights::ModelSource::parse(model)?;
+    let tok = diffusion::tokenizer::ClipTokenizer::from_source(&src, "tokenizer")?;
+    let count = |w: &str| -> anyhow::Result<usize> { Ok(tok.encode(w)?.len_unpadded() - 2) };
+    if count(&word)? == 1 {
+        return Ok(word);
+    }
+    let last = word.split_whitespace().last().unwrap_or(&word).to_string();
+    if count(&last)? == 1 {
+        return Ok(last);
+    }
+    anyhow::bail!(
+        "subject '{}': no single-token initializer in '{word}'; set init_token in [textual_inversion]",
+        subject.name
+    )
+}
+
+fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
+    use crate::train_plan::{fill, Method, TrainExperiment};
+    let exp = TrainExperiment::load(&a.experiment)?;
+    let shard = a.shard.unwrap_or(crate::sweep::Shard::ALL);
+    let all = exp.units();
+    let units = shard_slice(&all, shard);
+    let methods = [exp.textual_inversion.is_some(), exp.dreambooth.is_some()]
+        .iter()
+        .filter(|m| **m)
+        .count();
+    println!(
+        "training experiment '{}': {} trainings ({} subjects x {methods} methods), shard {shard}: {}",
+        exp.name,
+        all.len(),
+        exp.subjects().len(),
+        units.len()
+    );
+    let status = |out: &Path| -> String {
+        if out.exists() {
+            "exists".into()
+        } else if let Some(step) = checkpoint_step(out) {
+            format!("resumes from step {step}")
+        } else {
+            "to train".into()
+        }
+    };
+    if a.dry_run {
+        let mut exist = 0;
+        for u in units {
+            let st = status(&u.out);
+            exist += usize::from(st == "exists");
+            println!(
+                "{:<18} {:<26} {:<18} {}",
+                u.method,
+                u.subject.name,
+                st,
+                u.out.display()
+            );
+        }
+        println!("{exist} exist, {} to train", units.len() - exist);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !exp.data.is_dir() {
+        anyhow::bail!(
+            "DreamBench not found at '{}' (the experiment's `data`); get it with `pnd dataset fetch --dest {}`",
+            exp.data.display(),
+            exp.data.display()
+        );
+    }
+    let mut failures = Vec::new();
+    for (i, u) in units.iter().enumerate() {
+        let st = status(&u.out);
+        eprintln!(
+            "[{}/{}] {} {}: {st} ({})",
+            i + 1,
+            units.len(),
+            u.method,
+            u.subject.name,
+            u.out.display()
+        );
+        if st == "exists" {
+            continue;
+        }
+        let images = exp.data.join(u.subject.name);
+        let result = match u.method {
+            Method::TextualInversion => {
+                let c = exp.textual_inversion.as_ref().expect("unit implies config");
+                init_token(&exp.models.base, &c.init_token, u.subject).and_then(|init| {
+                    run_ti(TiArgs {
+                        common: CommonArgs {
+                            model: exp.models.base.clone(),
+                            images,
+                            steps: Some(c.steps),
+                            lr: Some(c.lr),
+                            batch: Some(c.batch),
+                            grad_accum: Some(c.grad_accum),
+                            resolution: c.resolution,
+                            seed: c.seed,
+                            checkpoint_every: c.checkpoint_every,
+                            trace: Some(trace_path(&u.out)),
+                            overwrite: false,
+                            device: a.device,
+                            dtype: Precision::F32,
+                            stop_after: None,
+                        },
+                        token: fill(&c.token, u.subject, ""),
+                        init_token: init,
+                        no_scale_lr: !c.scale_lr,
+                        repeats: c.repeats,
+                        out: u.out.clone(),
+                    })
+                })
+            }
+            Method::Dreambooth => {
+                let c = exp.dreambooth.as_ref().expect("unit implies config");
+                run_db(DbArgs {
+                    common: CommonArgs {
+                        model: exp.models.base.clone(),
+                        images,
+                        steps: Some(c.steps),
+                        lr: Some(c.lr),
+                        batch: Some(c.batch),
+                        grad_accum: Some(c.grad_accum),
+                        resolution: c.resolution,
+                        seed: c.seed,
+                        checkpoint_every: c.checkpoint_every,
+                        trace: Some(trace_path(&u.out)),
+                        overwrite: false,
+                        device: a.device,
+                        dtype: Precision::F32,
+                        stop_after: None,
+                    },
+                    instance_prompt: fill(&c.instance_prompt, u.subject, &c.identifier),
+                    class_prompt: Some(fill(&c.class_prompt, u.subject, &c.identifier)),
+                    prior_preservation: c.prior_preservation,
+                    class_images: c.class_images,
+                    class_dir: None,
+                    prior_loss_weight: c.prior_loss_weight,
+                    train_text_encoder: c.train_text_encoder,
+                    out: u.out.clone(),
+                })
+            }
+        };
+        if let Err(e) = result {
+            let msg = format!("{} {}: {e:#}", u.method, u.subject.name);
+            if !a.keep_going {
+                return Err(anyhow::anyhow!(msg));
+            }
+            eprintln!("failed: {msg}");
+            failures.push(msg);
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("{} of {} trainings failed:", failures.len(), units.len());
+        for f in &failures {
+            eprintln!("  {f}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("all {} trainings of shard {shard} are done", units.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `<out>.trace.jsonl` beside the output.
+fn trace_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".trace.jsonl");
+    out.with_file_name(name)
 }
