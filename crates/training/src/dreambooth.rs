@@ -25,12 +25,16 @@ use crate::schedule::{mse, NoiseSchedule};
 use crate::train_loop::{MicroBatch, Objective};
 use crate::{check_resolution, Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
-use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
+use candle_nn::{VarBuilder, VarMap};
+use diffusion::ddim::DdimConfig;
+use diffusion::pipeline::{SampleRequest, StableDiffusion};
 use diffusion::text::{ClipTextConfig, ClipTextModel};
+use diffusion::tokenizer::ClipTokenizer;
 use diffusion::trainable;
 use diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use diffusion::vae::AutoencoderKL;
 use image::RgbImage;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// What decides a DreamBooth run (the script's arguments; defaults are its README's example with
@@ -86,15 +90,29 @@ pub struct DbInputs {
 
 /// A DreamBooth run on one subject.
 pub struct DreamBooth {
-    sd: StableDiffusion,
+    vae: AutoencoderKL,
+    /// The frozen text encoder (in the compute dtype), when the text encoder is not trained.
+    text_encoder: ClipTextModel,
+    tokenizer: ClipTokenizer,
     unet_vars: VarMap,
     unet_config: PathBuf,
+    unet_cfg: UNet2DConditionConfig,
+    /// The UNet over the f32 master weights themselves (f32 compute).
     unet: UNet2DConditionModel,
-    text: Option<(VarMap, PathBuf, ClipTextModel)>,
+    text: Option<TrainableText>,
     instances: Vec<RgbImage>,
     classes: Vec<RgbImage>,
     schedule: NoiseSchedule,
     settings: DbSettings,
+    device: Device,
+    dtype: DType,
+}
+
+struct TrainableText {
+    vars: VarMap,
+    config_path: PathBuf,
+    config: ClipTextConfig,
+    model: ClipTextModel,
 }
 
 fn tensor_err(e: impl std::fmt::Display) -> TrainError {
@@ -103,7 +121,7 @@ fn tensor_err(e: impl std::fmt::Display) -> TrainError {
 
 impl DreamBooth {
     /// Loads the model with a trainable UNet (and text encoder), and reads the images
-    /// (`class_dir` is required with prior preservation).
+    /// (`class_dir` is required with prior preservation); f32.
     pub fn new(
         model: &str,
         images: &Path,
@@ -111,41 +129,58 @@ impl DreamBooth {
         settings: DbSettings,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_precision(model, images, class_dir, settings, device, DType::F32)
+    }
+
+    /// [`Self::new`] computing in `dtype`: the trained weights stay f32 (the optimizer's master
+    /// copy) and are cast to `dtype` for every forward, the VAE and a frozen text encoder are
+    /// held in `dtype`, the loss is computed in f32.
+    pub fn with_precision(
+        model: &str,
+        images: &Path,
+        class_dir: Option<&Path>,
+        settings: DbSettings,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        use diffusion::pipeline::PipelineError;
         check_resolution(settings.resolution)?;
         let files = crate::data::list_images(images)?;
-        let opts = LoadOptions {
-            dtype: DType::F32,
-            device: device.clone(),
-            ..LoadOptions::default()
-        };
-        let sd = StableDiffusion::load(model, &opts)?;
-        let schedule = NoiseSchedule::new(&sd.scheduler)?;
-        let src =
-            weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;
-        let component = |dir: &str, config: &str, stems: &[&str]| -> Result<(PathBuf, VarMap)> {
+        diffusion::pipeline::check_precision(dtype, device)?;
+        let src = weights::ModelSource::parse(model).map_err(PipelineError::from)?;
+        let sched_file = src
+            .file(&["scheduler/scheduler_config.json"])
+            .map_err(PipelineError::from)?;
+        let scheduler: DdimConfig = weights::read_json(&sched_file).map_err(PipelineError::from)?;
+        let schedule = NoiseSchedule::new(&scheduler)?;
+        let vae = diffusion::pipeline::load_vae(&src, dtype, device)?;
+        let text_encoder = diffusion::pipeline::load_text_encoder(&src, dtype, device)?;
+        let tokenizer = ClipTokenizer::from_source(&src, "tokenizer")?;
+        let component = |dir: &str, stems: &[&str]| -> Result<(PathBuf, VarMap)> {
             let cfg = src
-                .file(&[&format!("{dir}/{config}")])
-                .map_err(diffusion::pipeline::PipelineError::from)?;
-            let files = src
-                .weight_files(dir, stems)
-                .map_err(diffusion::pipeline::PipelineError::from)?;
+                .file(&[&format!("{dir}/config.json")])
+                .map_err(PipelineError::from)?;
+            let files = src.weight_files(dir, stems).map_err(PipelineError::from)?;
             let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
-            let vars = trainable::load_vars(&refs, DType::F32, device)
-                .map_err(diffusion::pipeline::PipelineError::from)?;
+            let vars =
+                trainable::load_vars(&refs, DType::F32, device).map_err(PipelineError::from)?;
             Ok((cfg, vars))
         };
-        let (unet_config, unet_vars) =
-            component("unet", "config.json", &["diffusion_pytorch_model"])?;
-        let ucfg: UNet2DConditionConfig =
-            weights::read_json(&unet_config).map_err(diffusion::pipeline::PipelineError::from)?;
-        let unet = UNet2DConditionModel::new(&ucfg, trainable::var_builder(&unet_vars)?)?;
+        let (unet_config, unet_vars) = component("unet", &["diffusion_pytorch_model"])?;
+        let unet_cfg: UNet2DConditionConfig =
+            weights::read_json(&unet_config).map_err(PipelineError::from)?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, trainable::var_builder(&unet_vars)?)?;
         let text = if settings.train_text_encoder {
-            let (cfg_path, vars) =
-                component("text_encoder", "config.json", &["model", "pytorch_model"])?;
-            let cfg: ClipTextConfig =
-                weights::read_json(&cfg_path).map_err(diffusion::pipeline::PipelineError::from)?;
-            let model = ClipTextModel::new(&cfg, trainable::var_builder(&vars)?)?;
-            Some((vars, cfg_path, model))
+            let (config_path, vars) = component("text_encoder", &["model", "pytorch_model"])?;
+            let config: ClipTextConfig =
+                weights::read_json(&config_path).map_err(PipelineError::from)?;
+            let model = ClipTextModel::new(&config, trainable::var_builder(&vars)?)?;
+            Some(TrainableText {
+                vars,
+                config_path,
+                config,
+                model,
+            })
         } else {
             None
         };
@@ -164,15 +199,20 @@ impl DreamBooth {
             Vec::new()
         };
         Ok(Self {
-            sd,
+            vae,
+            text_encoder,
+            tokenizer,
             unet_vars,
             unet_config,
+            unet_cfg,
             unet,
             text,
             instances,
             classes,
             schedule,
             settings,
+            device: device.clone(),
+            dtype,
         })
     }
 
@@ -202,8 +242,8 @@ impl DreamBooth {
             out.extend(named);
         };
         add("unet", &self.unet_vars);
-        if let Some((vm, _, _)) = &self.text {
-            add("text", vm);
+        if let Some(t) = &self.text {
+            add("text", &t.vars);
         }
         out
     }
@@ -217,19 +257,19 @@ impl DreamBooth {
     }
 
     fn latent_shape(&self, b: usize) -> Vec<usize> {
-        let f = self.sd.vae.config().downsample_factor();
+        let f = self.vae.config().downsample_factor();
         let r = self.settings.resolution as usize / f;
-        vec![b, self.unet.config().in_channels, r, r]
+        vec![b, self.unet_cfg.in_channels, r, r]
     }
 
     fn ids(&self, prompt: &str) -> Result<Tensor> {
-        let enc = self.sd.tokenizer.encode(prompt)?;
-        Ok(Tensor::new(enc.ids.as_slice(), self.sd.device())?)
+        let enc = self.tokenizer.encode(prompt)?;
+        Ok(Tensor::new(enc.ids.as_slice(), &self.device)?)
     }
 
     /// Every random draw of a micro-batch.
     pub fn inputs(&self, mb: &MicroBatch) -> Result<DbInputs> {
-        let device = self.sd.device();
+        let device = &self.device;
         let (seed, size) = (self.settings.seed, self.settings.resolution);
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
@@ -259,22 +299,40 @@ impl DreamBooth {
         })
     }
 
+    /// A `VarBuilder` over `vars` cast to the compute dtype (the casts keep the graph, so the
+    /// gradients reach the f32 master weights).
+    fn cast(&self, vars: &VarMap) -> Result<VarBuilder<'static>> {
+        let data = vars.data().lock().expect("VarMap lock");
+        let mut map = HashMap::new();
+        for (k, v) in data.iter() {
+            map.insert(k.clone(), v.as_tensor().to_dtype(self.dtype)?);
+        }
+        Ok(VarBuilder::from_tensors(map, self.dtype, &self.device))
+    }
+
     /// The training loss of fixed inputs, in the graph of the trainable weights.
     pub fn loss_of(&self, x: &DbInputs) -> Result<Tensor> {
+        let dtype = self.dtype;
         let latents = (self
-            .sd
             .vae
-            .encode_sample(&x.pixels, &x.posterior_noise)?
+            .encode_sample(&x.pixels.to_dtype(dtype)?, &x.posterior_noise)?
             .detach()
-            * self.sd.vae.config().scaling_factor)?;
-        let noisy = self.schedule.add_noise(&latents, &x.noise, &x.timesteps)?;
+            * self.vae.config().scaling_factor)?;
+        let noise = x.noise.to_dtype(dtype)?;
+        let noisy = self.schedule.add_noise(&latents, &noise, &x.timesteps)?;
         let ehs = match &self.text {
-            Some((_, _, t)) => t.forward(&x.ids)?,
-            None => self.sd.text_encoder.forward(&x.ids)?.detach(),
+            Some(t) if dtype == DType::F32 => t.model.forward(&x.ids)?,
+            Some(t) => ClipTextModel::new(&t.config, self.cast(&t.vars)?)?.forward(&x.ids)?,
+            None => self.text_encoder.forward(&x.ids)?.detach(),
         };
         let ts: Vec<f64> = x.timesteps.iter().map(|&t| t as f64).collect();
-        let pred = self.unet.forward_timesteps(&noisy, &ts, &ehs)?;
-        let target = self.schedule.target(&latents, &x.noise, &x.timesteps)?;
+        let pred = if dtype == DType::F32 {
+            self.unet.forward_timesteps(&noisy, &ts, &ehs)?
+        } else {
+            UNet2DConditionModel::new(&self.unet_cfg, self.cast(&self.unet_vars)?)?
+                .forward_timesteps(&noisy, &ts, &ehs)?
+        };
+        let target = self.schedule.target(&latents, &noise, &x.timesteps)?;
         if !self.settings.prior_preservation {
             return Ok(mse(&pred, &target)?);
         }
@@ -301,11 +359,11 @@ impl DreamBooth {
         )?;
         std::fs::copy(&self.unet_config, unet_dir.join("config.json"))
             .map_err(|e| werr(&unet_dir, &e))?;
-        if let Some((vm, cfg, _)) = &self.text {
+        if let Some(t) = &self.text {
             let dir = out.join("text_encoder");
             std::fs::create_dir_all(&dir).map_err(|e| werr(&dir, &e))?;
-            trainable::save_vars(vm, |_| true, &dir.join("model.safetensors"))?;
-            std::fs::copy(cfg, dir.join("config.json")).map_err(|e| werr(&dir, &e))?;
+            trainable::save_vars(&t.vars, |_| true, &dir.join("model.safetensors"))?;
+            std::fs::copy(&t.config_path, dir.join("config.json")).map_err(|e| werr(&dir, &e))?;
         }
         let src =
             weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;

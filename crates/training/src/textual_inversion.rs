@@ -99,16 +99,34 @@ pub struct TextualInversion {
 }
 
 impl TextualInversion {
-    /// Loads the model, adds the token and reads the images (decoded and resized once).
+    /// Loads the model, adds the token and reads the images (decoded and resized once); f32.
     pub fn new(model: &str, images: &Path, settings: TiSettings, device: &Device) -> Result<Self> {
+        Self::with_precision(model, images, settings, device, DType::F32)
+    }
+
+    /// [`Self::new`] with the frozen UNet and VAE in `dtype` (the script's `--mixed_precision`:
+    /// they are cast to the weight dtype, the text encoder and its new row stay f32, the loss is
+    /// computed in f32).
+    pub fn with_precision(
+        model: &str,
+        images: &Path,
+        settings: TiSettings,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         check_resolution(settings.resolution)?;
         let files = crate::data::list_images(images)?;
         let opts = LoadOptions {
-            dtype: DType::F32,
+            dtype,
             device: device.clone(),
             ..LoadOptions::default()
         };
         let mut sd = StableDiffusion::load(model, &opts)?;
+        if dtype != DType::F32 {
+            let src = weights::ModelSource::parse(model)
+                .map_err(diffusion::pipeline::PipelineError::from)?;
+            sd.text_encoder = diffusion::pipeline::load_text_encoder(&src, DType::F32, device)?;
+        }
         let schedule = NoiseSchedule::new(&sd.scheduler)?;
         let init = sd.tokenizer.encode(&settings.init_token)?;
         // BOS, the token(s), EOS.
@@ -233,19 +251,21 @@ impl TextualInversion {
 
     /// The training loss of fixed inputs, in the graph of the new row.
     pub fn loss_of(&self, x: &TiInputs) -> Result<Tensor> {
+        let dtype = self.sd.dtype();
         let latents = (self
             .sd
             .vae
-            .encode_sample(&x.pixels, &x.posterior_noise)?
+            .encode_sample(&x.pixels.to_dtype(dtype)?, &x.posterior_noise)?
             .detach()
             * self.sd.vae.config().scaling_factor)?;
-        let noisy = self.schedule.add_noise(&latents, &x.noise, &x.timesteps)?;
+        let noise = x.noise.to_dtype(dtype)?;
+        let noisy = self.schedule.add_noise(&latents, &noise, &x.timesteps)?;
         let mut text = self.base_text.clone();
         text.push_token_embedding(self.row.as_tensor())?;
-        let ehs = text.forward(&x.ids)?;
+        let ehs = text.forward(&x.ids)?.to_dtype(dtype)?;
         let ts: Vec<f64> = x.timesteps.iter().map(|&t| t as f64).collect();
         let pred = self.sd.unet.forward_timesteps(&noisy, &ts, &ehs)?;
-        let target = self.schedule.target(&latents, &x.noise, &x.timesteps)?;
+        let target = self.schedule.target(&latents, &noise, &x.timesteps)?;
         Ok(mse(&pred, &target)?)
     }
 

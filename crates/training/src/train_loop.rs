@@ -7,6 +7,10 @@
 //! - the optimizer steps after every `grad_accum` micro-batches, counted from the start of each
 //!   epoch, and at the end of an epoch (accelerate syncs at the end of the dataloader);
 //! - before the step, gradients are clipped to `max_grad_norm` when set (DreamBooth);
+//! - with `loss_scaling` (f16 compute), torch's `GradScaler` as accelerate uses it: the loss is
+//!   multiplied by a scale (65536 at first) before the backward and the gradients divided by it
+//!   before clipping; a step whose gradients are not finite is skipped and halves the scale
+//!   (the step still counts, as in the scripts), and 2000 good steps in a row double it;
 //! - every `checkpoint_every` steps the parameters, the optimizer state and the position in the
 //!   data are written to `checkpoint_dir/checkpoint-<step>/`; a new run with the same settings
 //!   resumes from the latest one and reaches the same weights as an uninterrupted run.
@@ -39,6 +43,24 @@ pub struct LoopSettings {
     pub fingerprint: String,
     /// Stops after this optimizer step as if the process were killed there (tests of resume).
     pub stop_after: Option<usize>,
+    /// Dynamic loss scaling (for f16 compute).
+    pub loss_scaling: bool,
+}
+
+/// torch's `GradScaler` state (init scale 2^16, growth 2 every 2000 good steps, backoff 0.5).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    pub good_steps: usize,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
 }
 
 /// One micro-batch: dataset indices (into images × repeats) and their positions in the whole
@@ -67,6 +89,12 @@ pub struct StepReport {
     pub lr: f64,
     /// The gradient norm before clipping (when clipping).
     pub grad_norm: Option<f64>,
+    /// The loss scale used (with loss scaling), and whether the step was skipped for non-finite
+    /// gradients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     pub seconds: f64,
 }
 
@@ -84,6 +112,8 @@ struct CheckpointInfo {
     step: usize,
     micro: u64,
     fingerprint: String,
+    #[serde(default)]
+    loss_scale: Option<LossScale>,
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -112,7 +142,13 @@ fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-fn save_checkpoint(opt: &AdamW, s: &LoopSettings, step: usize, micro: u64) -> Result<()> {
+fn save_checkpoint(
+    opt: &AdamW,
+    s: &LoopSettings,
+    step: usize,
+    micro: u64,
+    loss_scale: Option<LossScale>,
+) -> Result<()> {
     let dir = &s.checkpoint_dir;
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let tmp = dir.join(format!(".tmp-checkpoint-{step}"));
@@ -128,6 +164,7 @@ fn save_checkpoint(opt: &AdamW, s: &LoopSettings, step: usize, micro: u64) -> Re
         step,
         micro,
         fingerprint: s.fingerprint.clone(),
+        loss_scale,
     };
     let json = tmp.join("state.json");
     std::fs::write(&json, serde_json::to_string_pretty(&info).expect("json"))
@@ -143,8 +180,9 @@ fn save_checkpoint(opt: &AdamW, s: &LoopSettings, step: usize, micro: u64) -> Re
     Ok(())
 }
 
-/// Loads the latest checkpoint of `s.checkpoint_dir` into `opt`; `(step, micro)` or `None`.
-fn resume(opt: &mut AdamW, s: &LoopSettings) -> Result<Option<(usize, u64)>> {
+/// Loads the latest checkpoint of `s.checkpoint_dir` into `opt`; `(step, micro, loss scale)` or
+/// `None`.
+fn resume(opt: &mut AdamW, s: &LoopSettings) -> Result<Option<(usize, u64, Option<LossScale>)>> {
     let Some((_, path)) = checkpoints(&s.checkpoint_dir).pop() else {
         return Ok(None);
     };
@@ -171,7 +209,7 @@ fn resume(opt: &mut AdamW, s: &LoopSettings) -> Result<Option<(usize, u64)>> {
         p.set(&t.to_dtype(p.dtype())?)?;
     }
     opt.load_state(&tensors, info.step)?;
-    Ok(Some((info.step, info.micro)))
+    Ok(Some((info.step, info.micro, info.loss_scale)))
 }
 
 /// Keeps the trace's lines up to `step` (a resumed run rewrites what the killed one wrote past
@@ -211,7 +249,8 @@ pub fn run(
         }
     }
     let resumed = resume(opt, s)?;
-    let (mut step, mut micro) = resumed.unwrap_or((0, 0));
+    let (mut step, mut micro, saved_scale) = resumed.unwrap_or((0, 0, None));
+    let mut scaler = s.loss_scaling.then(|| saved_scale.unwrap_or_default());
     if let Some(t) = &s.trace {
         if resumed.is_some() {
             truncate_trace(t, step)?;
@@ -245,7 +284,8 @@ pub fn run(
         };
         let loss = objective.loss(&mb)?;
         losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
-        let grads = (loss / s.grad_accum as f64)?.backward()?;
+        let factor = scaler.map_or(1.0, |c| c.scale) / s.grad_accum as f64;
+        let grads = (loss * factor)?.backward()?;
         for (a, p) in acc.iter_mut().zip(&params) {
             if let Some(g) = grads.get(p) {
                 *a = Some(match a.take() {
@@ -259,11 +299,40 @@ pub fn run(
         if !sync {
             continue;
         }
+        let mut skipped = false;
+        let used_scale = scaler.map(|c| c.scale);
+        if let Some(c) = scaler.as_mut() {
+            // Unscale, then skip the update (and back off) when anything overflowed.
+            for a in acc.iter_mut().flatten() {
+                *a = (&*a / c.scale)?;
+            }
+            let mut finite = true;
+            for a in acc.iter().flatten() {
+                let total = a
+                    .to_dtype(candle_core::DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                finite &= total.is_finite();
+            }
+            if finite {
+                c.good_steps += 1;
+                if c.good_steps == 2000 {
+                    c.scale *= 2.0;
+                    c.good_steps = 0;
+                }
+            } else {
+                skipped = true;
+                c.scale *= 0.5;
+                c.good_steps = 0;
+            }
+        }
         let grad_norm = match s.max_grad_norm {
-            Some(max) => Some(clip_grad_norm(&mut acc, max)?),
-            None => None,
+            Some(max) if !skipped => Some(clip_grad_norm(&mut acc, max)?),
+            _ => None,
         };
-        opt.step(&acc)?;
+        if !skipped {
+            opt.step(&acc)?;
+        }
         acc.iter_mut().for_each(|a| *a = None);
         step += 1;
         let report = StepReport {
@@ -272,6 +341,8 @@ pub fn run(
             loss: losses.iter().sum::<f64>() / losses.len() as f64,
             lr: opt.config().lr,
             grad_norm,
+            loss_scale: used_scale,
+            skipped,
             seconds: started.elapsed().as_secs_f64(),
         };
         losses.clear();
@@ -287,7 +358,7 @@ pub fn run(
         }
         on_step(&report);
         if s.checkpoint_every.is_some_and(|k| step % k == 0) && step < s.steps {
-            save_checkpoint(opt, s, step, micro)?;
+            save_checkpoint(opt, s, step, micro, scaler)?;
         }
         if s.stop_after == Some(step) && step < s.steps {
             return Ok(Outcome {

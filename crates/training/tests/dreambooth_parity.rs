@@ -199,6 +199,7 @@ fn check(case: &str) {
         trace: None,
         fingerprint: String::new(),
         stop_after: None,
+        loss_scaling: false,
     };
     let mut opt = db.optimizer().unwrap();
     let mut after: Vec<HashMap<String, Tensor>> = Vec::new();

@@ -186,6 +186,7 @@ fn two_steps_match_the_script() {
         trace: None,
         fingerprint: String::new(),
         stop_after: None,
+        loss_scaling: false,
     };
     let mut opt = ti.optimizer().unwrap();
     let row = ti.row().clone();

@@ -32,6 +32,7 @@ fn settings(steps: usize, dataset_len: usize, dir: &Path, every: Option<usize>) 
         trace: Some(dir.join("trace.jsonl")),
         fingerprint: "test".into(),
         stop_after: None,
+        loss_scaling: false,
     }
 }
 

@@ -41,6 +41,9 @@ pub struct BaselinesArgs {
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+    /// Compute precision of every training (f32, f16 or bf16; trained weights stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 /// What both trainers take.
@@ -81,7 +84,8 @@ pub struct CommonArgs {
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
-    /// Training precision; only f32 is implemented (f32 master weights and compute).
+    /// Compute precision: f32 (the scripts' default), or f16/bf16 as their --mixed_precision
+    /// (trained weights stay f32; f16 adds dynamic loss scaling).
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Stop after this optimizer step as if killed (tests of resume).
@@ -177,14 +181,18 @@ fn prepare_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
 }
 
 fn open(common: &CommonArgs) -> anyhow::Result<candle_core::Device> {
-    if common.dtype != Precision::F32 {
-        anyhow::bail!(
-            "--dtype {}: training runs in f32 only (mixed precision is not implemented yet)",
-            common.dtype
-        );
-    }
     let (device, label) = open_device(common.device)?;
-    eprintln!("device: {label} (requested {}), dtype f32", common.device);
+    diffusion::pipeline::check_precision(common.dtype.dtype(), &device)?;
+    eprintln!(
+        "device: {label} (requested {}), compute {}{}",
+        common.device,
+        common.dtype,
+        if common.dtype == Precision::F32 {
+            ""
+        } else {
+            " (f32 master weights)"
+        }
+    );
     Ok(device)
 }
 
@@ -256,6 +264,7 @@ fn loop_settings(
         trace: common.trace.clone(),
         fingerprint: fingerprint.to_string(),
         stop_after: common.stop_after,
+        loss_scaling: common.dtype == Precision::F16,
     }
 }
 
@@ -398,12 +407,13 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    let mut db = training::dreambooth::DreamBooth::new(
+    let mut db = training::dreambooth::DreamBooth::with_precision(
         &c.model,
         &c.images,
         class_dir.as_deref(),
         s.clone(),
         &device,
+        c.dtype.dtype(),
     )?;
     eprintln!(
         "dreambooth: '{}'{}, {} steps of {} x {} at lr {}, {} parameters{}",
@@ -436,6 +446,7 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
         "images": image_names(&c.images)?,
         "class_images": class_dir.as_deref().map(image_names).transpose()?,
         "settings": s,
+        "dtype": c.dtype.to_string(),
     });
     let ls = loop_settings(
         c,
@@ -596,7 +607,7 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
                             trace: Some(trace_path(&u.out)),
                             overwrite: false,
                             device: a.device,
-                            dtype: Precision::F32,
+                            dtype: a.dtype,
                             stop_after: None,
                         },
                         token: fill(&c.token, u.subject, ""),
@@ -623,7 +634,7 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
                         trace: Some(trace_path(&u.out)),
                         overwrite: false,
                         device: a.device,
-                        dtype: Precision::F32,
+                        dtype: a.dtype,
                         stop_after: None,
                     },
                     instance_prompt: fill(&c.instance_prompt, u.subject, &c.identifier),

@@ -1,0 +1,166 @@
+//! Half-precision compute (`--dtype f16`): the frozen models (and the cast copies of the trained
+//! weights) in f16, the trained weights f32, the loss in f32. Measured on the tiny pipeline model
+//! against f32 on the same inputs: the loss, and the direction of the gradient of the trained
+//! parameters. Then a few steps with loss scaling stay finite.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+use training::dreambooth::{DbSettings, DreamBooth};
+use training::textual_inversion::{TextualInversion, TiSettings};
+use training::train_loop::{self, LoopSettings, MicroBatch};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step")
+}
+
+fn model() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../diffusion/tests/fixtures/pipeline/model")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn flat(ts: &[Tensor]) -> Vec<f64> {
+    ts.iter()
+        .flat_map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn mb() -> MicroBatch {
+    MicroBatch {
+        micro: 7,
+        indices: vec![1],
+        positions: vec![7],
+    }
+}
+
+fn settings(dir: &std::path::Path) -> LoopSettings {
+    LoopSettings {
+        steps: 3,
+        grad_accum: 1,
+        batch: 1,
+        dataset_len: 2,
+        seed: 1,
+        max_grad_norm: Some(1.0),
+        checkpoint_every: None,
+        checkpoint_dir: dir.join("ckpt"),
+        trace: Some(dir.join("trace.jsonl")),
+        fingerprint: String::new(),
+        stop_after: None,
+        loss_scaling: true,
+    }
+}
+
+fn check_trace(dir: &std::path::Path) {
+    let text = std::fs::read_to_string(dir.join("trace.jsonl")).unwrap();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["loss"].as_f64().unwrap().is_finite(), "{l}");
+        assert_eq!(v["loss_scale"].as_f64(), Some(65536.0), "{l}");
+        assert!(v.get("skipped").is_none(), "{l}");
+    }
+}
+
+#[test]
+fn textual_inversion_in_f16_follows_f32() {
+    let mut s = TiSettings::new("<cat-toy>", "toy");
+    s.resolution = 64;
+    s.grad_accum = 1;
+    s.repeats = 1;
+    let f32 = TextualInversion::new(
+        &model(),
+        &fixtures().join("images"),
+        s.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let f16 = TextualInversion::with_precision(
+        &model(),
+        &fixtures().join("images"),
+        s,
+        &Device::Cpu,
+        DType::F16,
+    )
+    .unwrap();
+    let x = f32.inputs(&mb()).unwrap();
+    let (l32, l16) = (f32.loss_of(&x).unwrap(), f16.loss_of(&x).unwrap());
+    let (a, b) = (
+        l32.to_scalar::<f32>().unwrap(),
+        l16.to_scalar::<f32>().unwrap(),
+    );
+    let g32 = flat(&[f32.row_grad(&l32).unwrap()]);
+    let g16 = flat(&[f16.row_grad(&l16).unwrap()]);
+    let rel = ((a - b) / a).abs();
+    let cos = cosine(&g32, &g16);
+    eprintln!(
+        "textual inversion f16: loss {b} vs f32 {a} (relative {rel:.1e}), gradient cosine {cos:.5}"
+    );
+    assert!(rel < 1e-2, "{rel}");
+    assert!(cos > 0.99, "{cos}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut f16 = f16;
+    let mut opt = f16.optimizer().unwrap();
+    train_loop::run(&mut opt, &mut f16, &settings(dir.path()), &mut |_| {}).unwrap();
+    check_trace(dir.path());
+}
+
+#[test]
+fn dreambooth_in_f16_follows_f32() {
+    let mut s = DbSettings::new("a photo of sks toy");
+    s.resolution = 64;
+    s.prior_preservation = true;
+    s.class_prompt = Some("a photo of toy".into());
+    s.train_text_encoder = true;
+    let class = fixtures().join("class");
+    let make = |dtype| {
+        DreamBooth::with_precision(
+            &model(),
+            &fixtures().join("images"),
+            Some(class.as_path()),
+            s.clone(),
+            &Device::Cpu,
+            dtype,
+        )
+        .unwrap()
+    };
+    let (f32, mut f16) = (make(DType::F32), make(DType::F16));
+    let x = f32.inputs(&mb()).unwrap();
+    let grads = |d: &DreamBooth, l: &Tensor| -> Vec<f64> {
+        let g = l.backward().unwrap();
+        let ts: Vec<Tensor> = d
+            .params()
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        flat(&ts)
+    };
+    let (l32, l16) = (f32.loss_of(&x).unwrap(), f16.loss_of(&x).unwrap());
+    let (a, b) = (
+        l32.to_scalar::<f32>().unwrap(),
+        l16.to_scalar::<f32>().unwrap(),
+    );
+    let cos = cosine(&grads(&f32, &l32), &grads(&f16, &l16));
+    let rel = ((a - b) / a).abs();
+    eprintln!("dreambooth f16 (prior, text encoder): loss {b} vs f32 {a} (relative {rel:.1e}), gradient cosine {cos:.5}");
+    assert!(rel < 1e-2, "{rel}");
+    assert!(cos > 0.99, "{cos}");
+    assert!(f16.params().iter().all(|(_, v)| v.dtype() == DType::F32));
+    let dir = tempfile::tempdir().unwrap();
+    let mut opt = f16.optimizer().unwrap();
+    train_loop::run(&mut opt, &mut f16, &settings(dir.path()), &mut |_| {}).unwrap();
+    check_trace(dir.path());
+}
