@@ -1,10 +1,12 @@
 //! `pnd report RUN_DIR`: tables (Markdown, LaTeX, CSV), Pareto plots, per-subject bars and image
-//! grids from a run folder's rows (SPEC §8). Aggregation uses polars; figures use plotters.
+//! grids from a run folder's rows (SPEC §8), and `index.html`, one page showing them all.
+//! Aggregation uses polars; figures use plotters.
 
 pub mod aggregate;
 pub mod gate;
 pub mod grids;
 pub mod header;
+pub mod html;
 pub mod paired;
 pub mod plots;
 pub mod rows;
@@ -213,14 +215,9 @@ pub fn write_report_with(
     let mut files = Vec::new();
     let md = tables::markdown(&table);
     let head = compose_header(&heads, &gate);
+    let time = timing::markdown(&rows, &infos, &builds);
     for (name, text) in [
-        (
-            "report.md",
-            format!(
-                "{head}\n## Table\n\n{md}\n{}",
-                timing::markdown(&rows, &infos, &builds)
-            ),
-        ),
+        ("report.md", format!("{head}\n## Table\n\n{md}\n{time}")),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),
@@ -237,19 +234,31 @@ pub fn write_report_with(
     files.push(dir.join("per_subject.csv"));
     aggregate::write_parquet(&rows, &dir.join("results.parquet"))?;
     files.push(dir.join("results.parquet"));
-    files.extend(plots::pareto_plots(
-        &dir,
-        &summaries,
-        &infos,
-        &extras.paired,
-    )?);
-    files.extend(plots::subject_bars(&dir, &subjects, &infos)?);
-    files.extend(grids::image_grids(
+    let data = files.clone();
+    let mut images = plots::pareto_plots(&dir, &summaries, &infos, &extras.paired)?;
+    images.extend(plots::subject_bars(&dir, &subjects, &infos)?);
+    images.extend(grids::image_grids(
         first_run,
         &dir.join("grids"),
         &rows,
         &infos,
     )?);
+    let labels: Vec<(String, String)> = infos
+        .iter()
+        .map(|i| (i.name.clone(), i.label.clone()))
+        .collect();
+    let page = html::page(&html::Page {
+        dir: &dir,
+        head: &head,
+        table: &md,
+        timing: &time,
+        images: &images,
+        data: &data,
+        methods: &labels,
+    });
+    files.extend(images);
+    write_file_atomic(&dir.join("index.html"), page.as_bytes())?;
+    files.push(dir.join("index.html"));
     Ok(ReportOutput {
         dir,
         header: head,
