@@ -23,7 +23,8 @@ pub struct Page<'a> {
     pub methods: &'a [(String, String)],
 }
 
-const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1320px;padding:0 16px;color:#1b1b1b;line-height:1.4}
+/// The page's style sheet (also the profiles' page's, [`super::protocols`]).
+pub const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1320px;padding:0 16px;color:#1b1b1b;line-height:1.4}
 h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:4px}
 h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #e4e4e4;padding-bottom:2px}
 h3{font-size:1.05em}

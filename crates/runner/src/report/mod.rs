@@ -9,6 +9,7 @@ pub mod header;
 pub mod html;
 pub mod paired;
 pub mod plots;
+pub mod protocols;
 pub mod rows;
 pub mod tables;
 pub mod timing;
@@ -29,6 +30,8 @@ pub struct ReportOutput {
     /// The front page's header: provenance, finished and failed jobs (see [`header`]).
     pub header: String,
     pub table_markdown: String,
+    /// The table's lines (the oracle first, then the methods).
+    pub table: Vec<tables::TableRow>,
     pub files: Vec<PathBuf>,
 }
 
@@ -95,6 +98,15 @@ fn metric_models(plan: &crate::sweep::Plan) -> (String, String) {
     (s("dino"), s("clip"))
 }
 
+/// The protocol profile a plan scored under (`[metrics.scoring] profile`; plans written before
+/// profiles existed scored under the DreamBooth protocol).
+fn scoring_profile(plan: &crate::sweep::Plan) -> String {
+    plan.config["metrics"]["scoring"]["profile"]
+        .as_str()
+        .unwrap_or(gate::GATED_PROFILE)
+        .to_string()
+}
+
 fn read_oracle(run_dir: &Path) -> anyhow::Result<Option<OracleRow>> {
     let path = run_dir.join("oracle.json");
     if !path.is_file() {
@@ -129,21 +141,24 @@ pub fn write_report_with(
     let mut heads = Vec::new();
     let mut builds: Vec<String> = Vec::new();
     let mut models: Option<(String, String, &PathBuf)> = None;
+    let mut profile: Option<(String, &PathBuf)> = None;
     for run_dir in runs {
         let store = RunStore::open(run_dir)?;
         let plan = store.plan()?;
         let run_infos = method_infos(&plan.config)
             .with_context(|| format!("reading '{}'", run_dir.join("plan.json").display()))?;
-        for info in run_infos {
-            anyhow::ensure!(
-                !infos.iter().any(|i| i.name == info.name),
-                "method '{}' is in more than one of the runs (the second: '{}'); score it under another name (`pnd eval --name`)",
-                info.name,
-                run_dir.display()
-            );
-            infos.push(info);
-        }
         let (dino, clip) = metric_models(&plan);
+        // Scores of two protocols are on different scales (100 · cos, 2.5 · max(cos, 0)).
+        let p = scoring_profile(&plan);
+        match &profile {
+            None => profile = Some((p, run_dir)),
+            Some((first_p, first)) if *first_p != p => anyhow::bail!(
+                "runs '{}' and '{}' were scored under different protocols ('{first_p}' vs '{p}'): their scores do not share a table (`pnd eval --protocol all` shows profiles side by side)",
+                first.display(),
+                run_dir.display()
+            ),
+            Some(_) => {}
+        }
         match &models {
             None => models = Some((dino, clip, run_dir)),
             Some((d, c, first)) if (d, c) != (&dino, &clip) => anyhow::bail!(
@@ -152,6 +167,15 @@ pub fn write_report_with(
                 run_dir.display()
             ),
             Some(_) => {}
+        }
+        for info in run_infos {
+            anyhow::ensure!(
+                !infos.iter().any(|i| i.name == info.name),
+                "method '{}' is in more than one of the runs (the second: '{}'); score it under another name (`pnd eval --name`)",
+                info.name,
+                run_dir.display()
+            );
+            infos.push(info);
         }
         let mut run_rows: Vec<ImageRow> = store
             .rows()
@@ -187,7 +211,8 @@ pub fn write_report_with(
             .join("', '")
     );
     let (dino, clip, _) = models.expect("one run at least");
-    let gate = gate::oracle_gate(&dino, &clip, oracle.as_ref());
+    let (profile, _) = profile.expect("one run at least");
+    let gate = gate::oracle_gate(&profile, &dino, &clip, oracle.as_ref());
     if let (gate::Gate::Fail(message), true) = (&gate, options.strict) {
         anyhow::bail!("oracle gate (--strict): {message}");
     }
@@ -263,6 +288,7 @@ pub fn write_report_with(
         dir,
         header: head,
         table_markdown: md,
+        table,
         files,
     })
 }
