@@ -102,12 +102,24 @@ pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricP
                     .with_context(|| format!("reading protocol '{}'", p.display()))?;
                 (p.display().to_string(), text)
             }
-            None if spec == "dreambooth" => ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into()),
-            None => bail!(
-                "no protocol '{spec}': looked for {} in '{}' and its parents (give a name from configs/protocol/ or a file)",
-                rel.display(),
-                from.display()
-            ),
+            None if spec == "dreambooth" => {
+                ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into())
+            }
+            None => {
+                let known = match all_protocols(from) {
+                    Ok(found) => found
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Err(_) => "dreambooth (built in; no configs/protocol folder found)".into(),
+                };
+                bail!(
+                    "no protocol '{spec}': looked for {} in '{}' and its parents; known: {known} (or `all`, or a protocol file)",
+                    rel.display(),
+                    from.display()
+                )
+            }
         }
     };
     let file: ProtocolFile = parse_toml(&text, &source)?;
@@ -596,7 +608,9 @@ mod tests {
         );
         let e = format!("{:#}", load_protocol("nope", &nested).unwrap_err());
         assert!(
-            e.contains("no protocol 'nope'") && e.contains("nope.toml"),
+            e.contains("no protocol 'nope'")
+                && e.contains("nope.toml")
+                && e.contains("known: mine"),
             "{e}"
         );
         let e = format!(
