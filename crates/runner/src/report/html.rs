@@ -249,10 +249,11 @@ fn figure_caption(stem: &str) -> String {
 fn figure(dir: &Path, png: &Path, images: &[PathBuf], caption: &str) -> String {
     let rel = |p: &Path| url_path(p.strip_prefix(dir).unwrap_or(p));
     let svg = png.with_extension("svg");
-    let svg_link = images
-        .contains(&svg)
-        .then(|| format!(" (<a href=\"{}\">SVG</a>)", rel(&svg)))
-        .unwrap_or_default();
+    let svg_link = if images.contains(&svg) {
+        format!(" (<a href=\"{}\">SVG</a>)", rel(&svg))
+    } else {
+        String::new()
+    };
     format!(
         "<figure><a href=\"{0}\"><img src=\"{0}\" alt=\"{1}\" loading=\"lazy\"></a><figcaption>{1}{svg_link}</figcaption></figure>\n",
         rel(png),
