@@ -27,7 +27,7 @@ pub enum Command {
     Sweep(commands::sweep::SweepArgs),
     /// Join the run folders of an experiment's shards.
     Merge(commands::sweep::MergeArgs),
-    /// Tables, Pareto plots, per-subject bars and image grids of a run (or of several in one table).
+    /// Tables, Pareto plots, per-subject bars, image grids and index.html of a run (or of several in one table).
     Report(commands::report::ReportArgs),
     /// Score a folder of images made by any method into a run folder, under a metric protocol.
     Eval(Box<commands::eval::EvalArgs>),

@@ -552,3 +552,178 @@ fn a_jpeg_scores_as_pnd_score_scores_it() {
     // JPEG loses detail: not the PNG's scores.
     assert_ne!(g.dino, dog.dino);
 }
+
+/// The profiles of `configs/protocol/`, their model ids replaced by tiny models, in a folder tree
+/// to run `pnd eval` from: DINO ViT-S/16 and CLIP ViT-B/32 are the fixture's tiny DINO and CLIP;
+/// ViT-S/8, DINOv2 and (standing in for ViT-L/14) a second tiny CLIP are the metrics crate's
+/// parity fixtures.
+fn tiny_profiles() -> PathBuf {
+    let f = fixture();
+    let tree = f.root.join("profiles-tree");
+    let dir = tree.join("configs/protocol");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let metrics = manifest
+        .join("../metrics/tests/fixtures")
+        .canonicalize()
+        .unwrap();
+    let ids = [
+        ("facebook/dino-vits16", f.root.join("models/dino")),
+        ("facebook/dino-vits8", metrics.join("dino_s8_tiny")),
+        ("openai/clip-vit-base-patch32", f.root.join("models/clip")),
+        ("openai/clip-vit-large-patch14", metrics.join("clip_tiny")),
+        ("facebook/dinov2-small", metrics.join("dinov2_tiny")),
+    ];
+    for entry in std::fs::read_dir(manifest.join("../../configs/protocol")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (id, local) in &ids {
+            text = text.replace(&format!("\"{id}\""), &format!("\"{}\"", local.display()));
+        }
+        assert!(
+            !text.contains("= \"facebook/") && !text.contains("= \"openai/"),
+            "a model id left in {}",
+            path.display()
+        );
+        std::fs::write(dir.join(path.file_name().unwrap()), text).unwrap();
+    }
+    tree
+}
+
+/// `--protocol all` scores every profile into its own run folder, each with exactly the scores a
+/// run under that profile alone gives, embeds a (model, preprocessing) that several profiles share
+/// once (one cache), and shows the profiles side by side in one table with a protocol column.
+#[test]
+fn protocol_all_gives_each_profile_exactly_its_own_scores_and_shares_embeddings() {
+    let f = fixture();
+    let tree = tiny_profiles();
+    let images = layout("layout-all");
+    let data = f.root.join("data");
+    let eval_under = |protocol: &str, out: &Path| {
+        let args = [
+            "eval",
+            images.to_str().unwrap(),
+            "--name",
+            "ext",
+            "--protocol",
+            protocol,
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--subjects",
+            "dog,teapot",
+            "--prompts",
+            "0,20",
+        ];
+        let (ok, log) = pnd_in(&args, &tree);
+        assert!(ok, "{log}");
+        log
+    };
+    let all = f.root.join("eval-all");
+    let log = eval_under("all", &all);
+    // `dreambooth` first, then in name order.
+    let profiles = [
+        "dreambooth",
+        "custom-diffusion",
+        "dreambench-plus",
+        "torchmetrics",
+    ];
+    let at: Vec<usize> = profiles
+        .iter()
+        .map(|p| log.find(&format!("== protocol '{p}'")).expect(&log))
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{log}");
+    let side = std::fs::read_to_string(all.join("report/protocols.md")).unwrap();
+    let mut dino_of = Vec::new();
+    for p in profiles {
+        let single = f.root.join(format!("eval-single-{p}"));
+        let file = tree.join(format!("configs/protocol/{p}.toml"));
+        eval_under(file.to_str().unwrap(), &single);
+        let (want, got) = (rows(&single), rows(&all.join(p)));
+        assert_eq!(got.len(), 4, "{p}");
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        for (k, w) in &want {
+            let g = &got[k];
+            assert_eq!(
+                (g.dino, g.clip_i, g.clip_t, g.dino_max),
+                (w.dino, w.clip_i, w.clip_t, w.dino_max),
+                "{p} {k:?}"
+            );
+        }
+        dino_of.push(want.values().next().unwrap().dino);
+        assert_eq!(
+            std::fs::read_to_string(all.join(p).join("oracle.json")).unwrap(),
+            std::fs::read_to_string(single.join("oracle.json")).unwrap(),
+            "{p}"
+        );
+        // The side-by-side table has the single run's lines (oracle and method), under `p`.
+        let table = std::fs::read_to_string(single.join("report/table.md")).unwrap();
+        let lines: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("| ext |") || l.starts_with("| Real Images (Oracle) |"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        for line in lines {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let want = format!("| {p} | {} |", cells[1..6].join(" | "));
+            assert!(side.contains(&want), "no '{want}' in\n{side}");
+        }
+        // Each profile's run is complete on its own: its own report, no cache of its own.
+        assert!(all.join(p).join("report/index.html").is_file());
+        assert!(!all.join(p).join("cache").exists());
+    }
+    // The profiles do score differently (DreamBench++: 100 · cos with one image, ViT-S/8).
+    assert!((dino_of[2] - dino_of[0]).abs() > 1.0, "{dino_of:?}");
+    // One embedding folder per distinct (model, preprocessing): DINO S/16 (shared by three
+    // profiles), DINO S/8, the CLIP at torchvision's crop (two profiles), the same CLIP at
+    // transformers' crop, the second CLIP, DINOv2.
+    let keys: Vec<String> = std::fs::read_dir(all.join("cache/embeddings"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    // The gate applies under `dreambooth` only (here: tiny models, so not at all).
+    assert!(
+        side.contains("- `dreambooth`: oracle gate: not applied (the metric models"),
+        "{side}"
+    );
+    assert!(
+        side.contains(
+            "- `custom-diffusion`: oracle gate: not applied (the run scores under the 'custom-diffusion' protocol"
+        ),
+        "{side}"
+    );
+    let csv = std::fs::read_to_string(all.join("report/protocols.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * profiles.len(), "{csv}");
+    let page = std::fs::read_to_string(all.join("report/index.html")).unwrap();
+    for p in profiles {
+        let link = format!("href=\"../{p}/report/index.html\"");
+        assert!(page.contains(&link), "{page}");
+    }
+    assert!(
+        page.contains("<td>dreambench-plus</td><td>ext</td>"),
+        "{page}"
+    );
+    // Two profiles' runs do not share one table: same models, different scales.
+    let (ok, log) = pnd_in(
+        &[
+            "report",
+            all.join("dreambooth").to_str().unwrap(),
+            all.join("custom-diffusion").to_str().unwrap(),
+            "--out",
+            f.root.join("report-mixed").to_str().unwrap(),
+        ],
+        &tree,
+    );
+    assert!(
+        !ok && log
+            .contains("scored under different protocols ('dreambooth' vs 'custom-diffusion')"),
+        "{log}"
+    );
+}

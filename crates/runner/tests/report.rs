@@ -263,6 +263,89 @@ fn figures_and_grids_are_written_and_decodable() {
     }
 }
 
+/// The values of every `src="..."` and `href="..."` in `html`, percent-decoded.
+fn linked_paths(html: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in ["src=\"", "href=\""] {
+        for (at, _) in html.match_indices(attr) {
+            let rest = &html[at + attr.len()..];
+            let value = &rest[..rest.find('"').expect("a closing quote")];
+            let bytes = value.as_bytes();
+            let mut decoded = Vec::new();
+            let mut k = 0;
+            while k < bytes.len() {
+                if bytes[k] == b'%' {
+                    decoded.push(u8::from_str_radix(&value[k + 1..k + 3], 16).unwrap());
+                    k += 3;
+                } else {
+                    decoded.push(bytes[k]);
+                    k += 1;
+                }
+            }
+            out.push(String::from_utf8(decoded).unwrap());
+        }
+    }
+    out
+}
+
+/// `index.html`: one page with the table rows, the figures and the grids; every file it links
+/// lies beside it (relative links, nothing external, no scripts).
+#[test]
+#[cfg_attr(
+    no_dreambench,
+    ignore = "needs DreamBench: set PND_DREAMBENCH or run `pnd dataset fetch`"
+)]
+fn index_html_shows_the_table_and_links_only_files_beside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_run(tmp.path());
+    let report = write_report(tmp.path(), None).unwrap();
+    let index = report.dir.join("index.html");
+    assert!(report.files.contains(&index));
+    let html = std::fs::read_to_string(&index).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.ends_with("</html>\n"));
+    for row in [
+        "<tr><td>Real Images (Oracle)</td><td class=\"r\">0.774</td><td class=\"r\">0.885</td><td class=\"r\">–</td><td class=\"r\">–</td><td class=\"r\">–</td></tr>",
+        "<tr><td>Stable Diffusion</td><td class=\"r\">0.505</td><td class=\"r\">0.700</td><td class=\"r\">0.301</td><td class=\"r\">4</td><td class=\"r\">0</td></tr>",
+        "<tr><td>Stable Diffusion + Pick-and-Draw</td><td class=\"r\">0.605 (+0.100)</td><td class=\"r\">0.720 (+0.020)</td><td class=\"r\">0.291 (-0.010)</td><td class=\"r\">4</td><td class=\"r\">0</td></tr>",
+        "<tr><td>DreamBooth + Pick-and-Draw</td><td>DreamBooth</td><td class=\"r\">4</td><td class=\"r\">+0.100 [+0.100, +0.100], p 0.125</td>",
+        "<tr><td>DreamBooth + Pick-and-Draw</td><td>cpu</td><td>f32</td><td class=\"r\">4</td><td class=\"r\">1.00</td><td class=\"r\">4.00</td>",
+        "<h1>Report of experiment &#39;report-test&#39;</h1>",
+        "<li>Oracle gate: not applied",
+        "<h3>DreamBooth + Pick-and-Draw</h3>",
+    ] {
+        assert!(html.contains(row), "no {row} in\n{html}");
+    }
+    assert!(!html.contains("<script"), "{html}");
+    let links = linked_paths(&html);
+    for f in [
+        "pareto_dino.png",
+        "pareto_clip_i.svg",
+        "subjects_clip_t.png",
+        "grids/dog__sd+pnd.png",
+        "grids/vase__db+pnd.png",
+        "table.csv",
+        "results.parquet",
+    ] {
+        assert!(links.iter().any(|l| l == f), "{f} not linked: {links:?}");
+    }
+    for l in &links {
+        assert!(
+            !l.contains("//") && !l.starts_with('/') && !l.contains(".."),
+            "not a relative link beside the page: {l}"
+        );
+        assert!(report.dir.join(l).is_file(), "{l} is linked but missing");
+    }
+    // Every figure and grid written is on the page.
+    for f in report
+        .files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "png"))
+    {
+        let rel = f.strip_prefix(&report.dir).unwrap().to_str().unwrap();
+        assert!(links.iter().any(|l| l == rel), "{rel} not on the page");
+    }
+}
+
 #[test]
 #[cfg_attr(
     no_dreambench,
@@ -366,6 +449,12 @@ fn an_oracle_off_the_paper_warns_and_fails_under_strict() {
             && lines[2].contains("DINO 0.7500 (paper 0.774, -0.0240)"),
         "{}",
         report.header
+    );
+    let html = std::fs::read_to_string(report.dir.join("index.html")).unwrap();
+    assert!(
+        html.contains("<blockquote><strong>Warning (oracle gate):</strong>")
+            && html.contains("DINO 0.7500 (paper 0.774, -0.0240)"),
+        "{html}"
     );
     let strict = runner::report::ReportOptions { strict: true };
     let out = tmp.path().join("strict");

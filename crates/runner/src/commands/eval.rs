@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     /// A folder laid out as <subject>/<prompt index>-s<seed>.<png|jpg>, or a manifest CSV with
     /// the columns subject,prompt_index,seed,path[,prompt] (paths relative to the manifest).
@@ -40,7 +40,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub compare_to: Option<String>,
     /// The metric protocol: a name (configs/protocol/NAME.toml, looked up from the current
-    /// folder upward) or a protocol file.
+    /// folder upward), a protocol file, or `all`: every profile of that folder, each into
+    /// RUN_DIR/<profile> with one shared embedding cache, side by side in RUN_DIR/report.
     #[arg(long, default_value = "dreambooth")]
     pub protocol: String,
     /// Run folder (default: results/runs/eval-<name>).
@@ -101,12 +102,24 @@ pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricP
                     .with_context(|| format!("reading protocol '{}'", p.display()))?;
                 (p.display().to_string(), text)
             }
-            None if spec == "dreambooth" => ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into()),
-            None => bail!(
-                "no protocol '{spec}': looked for {} in '{}' and its parents (give a name from configs/protocol/ or a file)",
-                rel.display(),
-                from.display()
-            ),
+            None if spec == "dreambooth" => {
+                ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into())
+            }
+            None => {
+                let known = match all_protocols(from) {
+                    Ok(found) => found
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Err(_) => "dreambooth (built in; no configs/protocol folder found)".into(),
+                };
+                bail!(
+                    "no protocol '{spec}': looked for {} in '{}' and its parents; known: {known} (or `all`, or a protocol file)",
+                    rel.display(),
+                    from.display()
+                )
+            }
         }
     };
     let file: ProtocolFile = parse_toml(&text, &source)?;
@@ -114,6 +127,35 @@ pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricP
         .metrics
         .with_context(|| format!("protocol '{source}' has no [metrics] table"))?;
     Ok((source, metrics))
+}
+
+/// `--protocol all`: the profiles of the `configs/protocol/` folder found in `from` or its
+/// parents, by name (file stem), `dreambooth` first, then in name order.
+pub fn all_protocols(from: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let rel = Path::new("configs/protocol");
+    let Some(dir) = from.ancestors().map(|d| d.join(rel)).find(|p| p.is_dir()) else {
+        bail!(
+            "--protocol all: no {} folder in '{}' or its parents",
+            rel.display(),
+            from.display()
+        );
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing '{}'", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            found.push((name, path));
+        }
+    }
+    found.sort_by_key(|(name, _)| (name != "dreambooth", name.clone()));
+    if found.is_empty() {
+        bail!("--protocol all: no profile (*.toml) in '{}'", dir.display());
+    }
+    Ok(found)
 }
 
 /// The images found, split against the expected set.
@@ -371,7 +413,13 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     let store = open_run(&out, &plan)?;
     let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
-    crate::report::gate::check_run(&out, &exp.metrics.dino, &exp.metrics.clip, args.strict)?;
+    crate::report::gate::check_run(
+        &out,
+        &exp.metrics.scoring.profile,
+        &exp.metrics.dino,
+        &exp.metrics.clip,
+        args.strict,
+    )?;
     let present: BTreeSet<(String, usize, u64)> = cov
         .present
         .iter()
@@ -402,7 +450,69 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     })
 }
 
+/// What `pnd eval --protocol all` did: one run per profile, and the side-by-side report.
+pub struct EvalAllOutput {
+    pub run_dir: PathBuf,
+    pub runs: Vec<crate::report::protocols::ProfileRun>,
+    /// `protocols.md`, `protocols.csv`, `index.html` in RUN_DIR/report.
+    pub files: Vec<PathBuf>,
+    pub markdown: String,
+}
+
+/// `pnd eval --protocol all`: scores the images under every profile of `configs/protocol/`, each
+/// into its own run folder `RUN_DIR/<profile>` (a complete run that `pnd report` and `pnd merge`
+/// take), all with one embedding cache (RUN_DIR/cache or `--cache`): a (model, preprocessing)
+/// that several profiles share is embedded once. The oracle gate applies under `dreambooth` only
+/// (see [`crate::report::gate`]). The profiles are then reported side by side in RUN_DIR/report.
+pub fn eval_all(args: &EvalArgs) -> anyhow::Result<EvalAllOutput> {
+    if !dreambench::jobs::valid_name(&args.name) {
+        bail!(
+            "--name '{}': lowercase letters, digits, '-', '+', '_' (no '__')",
+            args.name
+        );
+    }
+    let profiles = all_protocols(&std::env::current_dir()?)?;
+    let root = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("results/runs").join(format!("eval-{}", args.name)));
+    let cache = args.cache.clone().unwrap_or_else(|| root.join("cache"));
+    let mut runs = Vec::new();
+    for (profile, path) in profiles {
+        eprintln!("\n== protocol '{profile}' ({})", path.display());
+        let mut one = args.clone();
+        one.protocol = path.display().to_string();
+        one.out = Some(root.join(&profile));
+        one.cache = Some(cache.clone());
+        let out = eval(&one).with_context(|| format!("under protocol '{profile}'"))?;
+        runs.push(crate::report::protocols::ProfileRun {
+            profile,
+            run_dir: out.run_dir,
+            report: out.report,
+        });
+    }
+    let root = root.canonicalize()?;
+    let title = format!("Protocols side by side: eval of '{}'", args.name);
+    let files = crate::report::protocols::write(&root.join("report"), &title, &runs)?;
+    Ok(EvalAllOutput {
+        run_dir: root,
+        markdown: crate::report::protocols::markdown(&runs),
+        runs,
+        files,
+    })
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if args.protocol == "all" {
+        let out = eval_all(&args)?;
+        println!("\n{}", out.markdown);
+        println!(
+            "runs in '{}'/<profile>, the profiles side by side in '{}'",
+            out.run_dir.display(),
+            out.run_dir.join("report").display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = eval(&args)?;
     print!("{}\n{}", out.report.header, out.report.table_markdown);
     println!(
@@ -444,6 +554,28 @@ mod tests {
     }
 
     #[test]
+    fn all_protocols_lists_the_profiles_dreambooth_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", all_protocols(tmp.path()).unwrap_err());
+        assert!(e.contains("no configs/protocol folder"), "{e}");
+        let dir = tmp.path().join("configs/protocol");
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = format!("{:#}", all_protocols(tmp.path()).unwrap_err());
+        assert!(e.contains("no profile"), "{e}");
+        for f in ["b.toml", "dreambooth.toml", "a.toml", "notes.md"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let nested = tmp.path().join("x/y");
+        std::fs::create_dir_all(&nested).unwrap();
+        let names: Vec<String> = all_protocols(&nested)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["dreambooth", "a", "b"]);
+    }
+
+    #[test]
     fn protocols_are_found_by_name_or_file_and_bad_ones_are_one_error() {
         let tmp = tempfile::tempdir().unwrap();
         let nested = tmp.path().join("a/b");
@@ -476,7 +608,9 @@ mod tests {
         );
         let e = format!("{:#}", load_protocol("nope", &nested).unwrap_err());
         assert!(
-            e.contains("no protocol 'nope'") && e.contains("nope.toml"),
+            e.contains("no protocol 'nope'")
+                && e.contains("nope.toml")
+                && e.contains("known: mine"),
             "{e}"
         );
         let e = format!(

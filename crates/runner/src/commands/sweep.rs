@@ -133,7 +133,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let store = open_run(&out, &plan)?;
     let mut runner = DreamBenchJobs::with_runtime(exp.clone(), &cache, runtime)?;
     runner.write_oracle(&out)?;
-    crate::report::gate::check_run(&out, &exp.metrics.dino, &exp.metrics.clip, args.strict)?;
+    crate::report::gate::check_run(
+        &out,
+        &exp.metrics.scoring.profile,
+        &exp.metrics.dino,
+        &exp.metrics.clip,
+        args.strict,
+    )?;
     eprintln!(
         "sweep '{}': {} jobs, shard {shard}, {} image(s) per batch, run folder '{}'",
         exp.name,

@@ -1,12 +1,15 @@
 //! `pnd report RUN_DIR`: tables (Markdown, LaTeX, CSV), Pareto plots, per-subject bars and image
-//! grids from a run folder's rows (SPEC §8). Aggregation uses polars; figures use plotters.
+//! grids from a run folder's rows (SPEC §8), and `index.html`, one page showing them all.
+//! Aggregation uses polars; figures use plotters.
 
 pub mod aggregate;
 pub mod gate;
 pub mod grids;
 pub mod header;
+pub mod html;
 pub mod paired;
 pub mod plots;
+pub mod protocols;
 pub mod rows;
 pub mod tables;
 pub mod timing;
@@ -27,6 +30,8 @@ pub struct ReportOutput {
     /// The front page's header: provenance, finished and failed jobs (see [`header`]).
     pub header: String,
     pub table_markdown: String,
+    /// The table's lines (the oracle first, then the methods).
+    pub table: Vec<tables::TableRow>,
     pub files: Vec<PathBuf>,
 }
 
@@ -93,6 +98,15 @@ fn metric_models(plan: &crate::sweep::Plan) -> (String, String) {
     (s("dino"), s("clip"))
 }
 
+/// The protocol profile a plan scored under (`[metrics.scoring] profile`; plans written before
+/// profiles existed scored under the DreamBooth protocol).
+fn scoring_profile(plan: &crate::sweep::Plan) -> String {
+    plan.config["metrics"]["scoring"]["profile"]
+        .as_str()
+        .unwrap_or(gate::GATED_PROFILE)
+        .to_string()
+}
+
 fn read_oracle(run_dir: &Path) -> anyhow::Result<Option<OracleRow>> {
     let path = run_dir.join("oracle.json");
     if !path.is_file() {
@@ -127,21 +141,24 @@ pub fn write_report_with(
     let mut heads = Vec::new();
     let mut builds: Vec<String> = Vec::new();
     let mut models: Option<(String, String, &PathBuf)> = None;
+    let mut profile: Option<(String, &PathBuf)> = None;
     for run_dir in runs {
         let store = RunStore::open(run_dir)?;
         let plan = store.plan()?;
         let run_infos = method_infos(&plan.config)
             .with_context(|| format!("reading '{}'", run_dir.join("plan.json").display()))?;
-        for info in run_infos {
-            anyhow::ensure!(
-                !infos.iter().any(|i| i.name == info.name),
-                "method '{}' is in more than one of the runs (the second: '{}'); score it under another name (`pnd eval --name`)",
-                info.name,
-                run_dir.display()
-            );
-            infos.push(info);
-        }
         let (dino, clip) = metric_models(&plan);
+        // Scores of two protocols are on different scales (100 · cos, 2.5 · max(cos, 0)).
+        let p = scoring_profile(&plan);
+        match &profile {
+            None => profile = Some((p, run_dir)),
+            Some((first_p, first)) if *first_p != p => anyhow::bail!(
+                "runs '{}' and '{}' were scored under different protocols ('{first_p}' vs '{p}'): their scores do not share a table (`pnd eval --protocol all` shows profiles side by side)",
+                first.display(),
+                run_dir.display()
+            ),
+            Some(_) => {}
+        }
         match &models {
             None => models = Some((dino, clip, run_dir)),
             Some((d, c, first)) if (d, c) != (&dino, &clip) => anyhow::bail!(
@@ -150,6 +167,15 @@ pub fn write_report_with(
                 run_dir.display()
             ),
             Some(_) => {}
+        }
+        for info in run_infos {
+            anyhow::ensure!(
+                !infos.iter().any(|i| i.name == info.name),
+                "method '{}' is in more than one of the runs (the second: '{}'); score it under another name (`pnd eval --name`)",
+                info.name,
+                run_dir.display()
+            );
+            infos.push(info);
         }
         let mut run_rows: Vec<ImageRow> = store
             .rows()
@@ -185,7 +211,8 @@ pub fn write_report_with(
             .join("', '")
     );
     let (dino, clip, _) = models.expect("one run at least");
-    let gate = gate::oracle_gate(&dino, &clip, oracle.as_ref());
+    let (profile, _) = profile.expect("one run at least");
+    let gate = gate::oracle_gate(&profile, &dino, &clip, oracle.as_ref());
     if let (gate::Gate::Fail(message), true) = (&gate, options.strict) {
         anyhow::bail!("oracle gate (--strict): {message}");
     }
@@ -213,14 +240,9 @@ pub fn write_report_with(
     let mut files = Vec::new();
     let md = tables::markdown(&table);
     let head = compose_header(&heads, &gate);
+    let time = timing::markdown(&rows, &infos, &builds);
     for (name, text) in [
-        (
-            "report.md",
-            format!(
-                "{head}\n## Table\n\n{md}\n{}",
-                timing::markdown(&rows, &infos, &builds)
-            ),
-        ),
+        ("report.md", format!("{head}\n## Table\n\n{md}\n{time}")),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),
@@ -237,23 +259,36 @@ pub fn write_report_with(
     files.push(dir.join("per_subject.csv"));
     aggregate::write_parquet(&rows, &dir.join("results.parquet"))?;
     files.push(dir.join("results.parquet"));
-    files.extend(plots::pareto_plots(
-        &dir,
-        &summaries,
-        &infos,
-        &extras.paired,
-    )?);
-    files.extend(plots::subject_bars(&dir, &subjects, &infos)?);
-    files.extend(grids::image_grids(
+    let data = files.clone();
+    let mut images = plots::pareto_plots(&dir, &summaries, &infos, &extras.paired)?;
+    images.extend(plots::subject_bars(&dir, &subjects, &infos)?);
+    images.extend(grids::image_grids(
         first_run,
         &dir.join("grids"),
         &rows,
         &infos,
     )?);
+    let labels: Vec<(String, String)> = infos
+        .iter()
+        .map(|i| (i.name.clone(), i.label.clone()))
+        .collect();
+    let page = html::page(&html::Page {
+        dir: &dir,
+        head: &head,
+        table: &md,
+        timing: &time,
+        images: &images,
+        data: &data,
+        methods: &labels,
+    });
+    files.extend(images);
+    write_file_atomic(&dir.join("index.html"), page.as_bytes())?;
+    files.push(dir.join("index.html"));
     Ok(ReportOutput {
         dir,
         header: head,
         table_markdown: md,
+        table,
         files,
     })
 }

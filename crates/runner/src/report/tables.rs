@@ -146,7 +146,7 @@ pub fn method_table(
 }
 
 /// The images cell: the count, and the coverage when the run planned more.
-fn images_cell(r: &TableRow) -> String {
+pub fn images_cell(r: &TableRow) -> String {
     match (r.images, r.expected) {
         (Some(n), Some(e)) => format!("{n} of {e} ({:.0}%)", 100.0 * n as f64 / e as f64),
         (Some(n), None) => n.to_string(),
