@@ -118,7 +118,7 @@ impl DreamBooth {
             device: device.clone(),
             ..LoadOptions::default()
         };
-        let sd = StableDiffusion::load(model, &opts)?;
+        let sd = crate::load_base(model, &opts)?;
         let schedule = NoiseSchedule::new(&sd.scheduler)?;
         let src =
             weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;

@@ -108,7 +108,7 @@ impl TextualInversion {
             device: device.clone(),
             ..LoadOptions::default()
         };
-        let mut sd = StableDiffusion::load(model, &opts)?;
+        let mut sd = crate::load_base(model, &opts)?;
         let schedule = NoiseSchedule::new(&sd.scheduler)?;
         let init = sd.tokenizer.encode(&settings.init_token)?;
         // BOS, the token(s), EOS.
