@@ -20,7 +20,7 @@ list data="../shared/dreambench":
     cargo run --release -p runner --bin pnd -- dataset list --data {{data}}
 
 # Regenerate the parity fixtures (needs the Python reference stacks, see README).
-fixtures: fixtures-metrics fixtures-sd fixtures-blip
+fixtures: fixtures-metrics fixtures-sd fixtures-blip fixtures-train
 
 fixtures-metrics:
     ~/.venvs/ref/bin/python tools/fixtures/metrics.py
@@ -29,6 +29,13 @@ fixtures-metrics:
 fixtures-sd:
     ~/.venvs/ref/bin/python tools/fixtures/sd_unet.py
     ~/.venvs/ref/bin/python tools/fixtures/sd_pipeline.py
+
+# The trainers: one optimizer step of each against diffusers (train_step.py), then the tiny trained
+# outputs (`pnd train`, the commands of train_outputs.py's docstring, dev profile as the tests) and
+# diffusers' samples of them (train_outputs.py).
+fixtures-train:
+    ~/.venvs/ref/bin/python tools/fixtures/train_step.py
+    ~/.venvs/ref/bin/python tools/fixtures/train_outputs.py --pnd "cargo run -q -p runner --bin pnd --"
 
 # BLIP-Diffusion loads only with diffusers 0.32.2 + transformers 4.51.3 (see the script's header).
 fixtures-blip:

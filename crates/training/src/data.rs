@@ -67,7 +67,10 @@ pub fn list_images(dir: &Path) -> std::result::Result<Vec<PathBuf>, TrainError> 
     if files.is_empty() {
         return Err(TrainError::Images {
             dir: dir.into(),
-            reason: format!("no images ({}) in the folder", IMAGE_EXTENSIONS.join(", ")),
+            reason: format!(
+                "no images ({}) in the folder; put the subject's images there or point --images at their folder",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
         });
     }
     Ok(files)

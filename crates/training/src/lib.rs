@@ -34,19 +34,23 @@ pub enum TrainError {
         count: usize,
         pieces: String,
     },
-    #[error("--resolution {0} is not a positive multiple of 8 (the VAE's downsampling)")]
+    #[error("--resolution {0} is not a positive multiple of 8 (the VAE's downsampling); use a multiple of 8 such as {near}", near = near_multiples_of_8(*.0))]
     Resolution(u32),
+    #[error("model '{0}' has no scheduler/scheduler_config.json: training adds noise by the model's own DDPM schedule (betas, prediction type); use a complete diffusers folder or copy scheduler/ from its base model")]
+    NoScheduler(String),
     #[error("output '{0}' exists; pass --overwrite to replace it (and its checkpoints)")]
     OutputExists(PathBuf),
     #[error("checkpoints in '{dir}' were made with other settings ({reason}); remove them or pass --overwrite")]
     CheckpointMismatch { dir: PathBuf, reason: String },
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
-    #[error("model: {0}")]
+    // Transparent: with `#[from]` the inner error is also the source, and `{:#}` would print it
+    // twice.
+    #[error(transparent)]
     Model(#[from] diffusion::pipeline::PipelineError),
-    #[error("tokenizer: {0}")]
+    #[error(transparent)]
     Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
-    #[error("scheduler: {0}")]
+    #[error(transparent)]
     Scheduler(#[from] diffusion::ddim::DdimError),
     #[error("writing '{path}': {reason}")]
     Write { path: PathBuf, reason: String },
@@ -55,6 +59,36 @@ pub enum TrainError {
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// The multiples of 8 nearest `r` ("56 or 64"; "8" below it), for the resolution error.
+fn near_multiples_of_8(r: u32) -> String {
+    let below = r / 8 * 8;
+    if below == 0 {
+        "8".into()
+    } else {
+        format!("{below} or {}", below + 8)
+    }
+}
+
+/// Loads a base model to train from: its scheduler config is required (the forward process
+/// follows it, and a missing one must not fall back to a default schedule), so its absence is
+/// [`TrainError::NoScheduler`] before anything loads.
+pub fn load_base(
+    model: &str,
+    opts: &diffusion::pipeline::LoadOptions,
+) -> Result<diffusion::pipeline::StableDiffusion> {
+    let src =
+        weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;
+    match src.file(&["scheduler/scheduler_config.json"]) {
+        Ok(_) => {}
+        Err(weights::WeightsError::MissingFile { .. }) => {
+            return Err(TrainError::NoScheduler(model.into()))
+        }
+        // Offline, a failed download, no such folder: as the pipeline says it.
+        Err(e) => return Err(diffusion::pipeline::PipelineError::from(e).into()),
+    }
+    Ok(diffusion::pipeline::StableDiffusion::load(model, opts)?)
+}
 
 /// A positive multiple of 8, or [`TrainError::Resolution`].
 pub fn check_resolution(r: u32) -> Result<u32> {

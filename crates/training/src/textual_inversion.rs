@@ -121,7 +121,7 @@ impl TextualInversion {
             device: device.clone(),
             ..LoadOptions::default()
         };
-        let mut sd = StableDiffusion::load(model, &opts)?;
+        let mut sd = crate::load_base(model, &opts)?;
         if dtype != DType::F32 {
             let src = weights::ModelSource::parse(model)
                 .map_err(diffusion::pipeline::PipelineError::from)?;

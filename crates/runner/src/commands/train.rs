@@ -158,13 +158,20 @@ pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Refuses an existing output without `--overwrite`; with it, removes the output and its
-/// checkpoints.
+/// Refuses an existing output without `--overwrite` (before anything else, so that a refused run
+/// writes nothing).
+fn check_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
+    if out.exists() && !overwrite {
+        return Err(training::TrainError::OutputExists(out.into()).into());
+    }
+    Ok(())
+}
+
+/// Once the inputs are known to be good: with `--overwrite` removes an existing output and its
+/// checkpoints, and creates the output's folder.
 fn prepare_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
+    check_output(out, overwrite)?;
     if out.exists() {
-        if !overwrite {
-            return Err(training::TrainError::OutputExists(out.into()).into());
-        }
         if out.is_dir() {
             std::fs::remove_dir_all(out)
         } else {
@@ -270,7 +277,7 @@ fn loop_settings(
 
 fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
     let c = &a.common;
-    prepare_output(&a.out, c.overwrite)?;
+    check_output(&a.out, c.overwrite)?;
     let device = open(c)?;
     let mut s = training::textual_inversion::TiSettings::new(&a.token, &a.init_token);
     s.steps = c.steps.unwrap_or(s.steps);
@@ -287,6 +294,7 @@ fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
         s.clone(),
         &device,
     )?;
+    prepare_output(&a.out, c.overwrite)?;
     eprintln!(
         "textual inversion: token '{}' (id {}) from '{}', {} images x {} repeats, {} steps of {} x {} at lr {}",
         s.token,
@@ -363,7 +371,10 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
     if a.prior_preservation && a.class_prompt.is_none() {
         anyhow::bail!("--prior-preservation needs --class-prompt (e.g. \"a photo of dog\")");
     }
-    prepare_output(&a.out, c.overwrite)?;
+    check_output(&a.out, c.overwrite)?;
+    training::check_resolution(c.resolution)?;
+    // The subject's images before any class image is generated.
+    training::data::list_images(&c.images)?;
     let device = open(c)?;
     let mut s = training::dreambooth::DbSettings::new(&a.instance_prompt);
     s.class_prompt = a.class_prompt.clone();
@@ -387,7 +398,7 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
                 device: device.clone(),
                 ..Default::default()
             };
-            let base = diffusion::pipeline::StableDiffusion::load(&c.model, &opts)?;
+            let base = training::load_base(&c.model, &opts)?;
             let mut progress = crate::progress::StepProgress::new(
                 &format!("class images '{prompt}'"),
                 a.class_images,
@@ -415,6 +426,7 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
         &device,
         c.dtype.dtype(),
     )?;
+    prepare_output(&a.out, c.overwrite)?;
     eprintln!(
         "dreambooth: '{}'{}, {} steps of {} x {} at lr {}, {} parameters{}",
         s.instance_prompt,
