@@ -394,8 +394,14 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
                 .class_dir
                 .clone()
                 .unwrap_or_else(|| default_class_dir(&c.model, prompt, s.resolution));
+            // As the script: class images in f16 on a GPU, f32 on the CPU.
             let opts = diffusion::pipeline::LoadOptions {
                 device: device.clone(),
+                dtype: if device.is_cuda() {
+                    candle_core::DType::F16
+                } else {
+                    candle_core::DType::F32
+                },
                 ..Default::default()
             };
             let base = training::load_base(&c.model, &opts)?;
