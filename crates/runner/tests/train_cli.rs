@@ -540,7 +540,11 @@ fn fixture_commands() -> Vec<Vec<String>> {
     cmds
 }
 
-/// The tensors of a safetensors file within 1e-5 of another's (same names and shapes).
+/// The tensors of a safetensors file within 1e-5 of another's (same names and shapes), except
+/// for at most one entry in a thousand (and at least one per tensor), held to 1e-2: AdamW's early
+/// updates are lr·g/(|g| + 1e-8), so an entry whose gradient is within a few ε of zero (the key
+/// biases, which softmax's shift invariance leaves with an exactly zero gradient; padding-only
+/// taps) moves by up to lr per step on the rounding of g, which another CPU's kernels change.
 fn assert_tensors_close(ours: &Path, want: &Path) -> f32 {
     let a = candle_core::safetensors::load(ours, &Device::Cpu).unwrap();
     let b = candle_core::safetensors::load(want, &Device::Cpu).unwrap();
@@ -553,12 +557,36 @@ fn assert_tensors_close(ours: &Path, want: &Path) -> f32 {
     for k in ka {
         assert_eq!(a[k].dims(), b[k].dims(), "{k}");
         assert_eq!(a[k].dtype(), b[k].dtype(), "{k}");
-        let d = max_diff(
-            &a[k].to_dtype(DType::F32).unwrap(),
-            &b[k].to_dtype(DType::F32).unwrap(),
+        let x = a[k]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = b[k]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let diffs: Vec<f32> = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).collect();
+        let loose = diffs.iter().filter(|d| **d > 1e-5).count();
+        let d = diffs.iter().cloned().fold(0f32, f32::max);
+        assert!(
+            loose <= (x.len() / 1000).max(1) && d <= 1e-2,
+            "{}: '{k}' differs by up to {d} ({loose} of {} entries above 1e-5)",
+            ours.display(),
+            x.len()
         );
-        assert!(d <= 1e-5, "{}: '{k}' differs by {d}", ours.display());
-        worst = worst.max(d);
+        worst = worst.max(
+            diffs
+                .iter()
+                .cloned()
+                .filter(|d| *d <= 1e-5)
+                .fold(0f32, f32::max),
+        );
     }
     worst
 }

@@ -154,7 +154,7 @@ fn save_checkpoint(
     let tmp = dir.join(format!(".tmp-checkpoint-{step}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| write_err(&tmp, e))?;
-    let mut tensors: HashMap<String, Tensor> = opt.state();
+    let mut tensors: HashMap<String, Tensor> = opt.state()?;
     for (name, p) in opt.params() {
         tensors.insert(format!("param.{name}"), p.as_tensor().clone());
     }

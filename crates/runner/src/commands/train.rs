@@ -144,6 +144,7 @@ pub struct DbArgs {
 }
 
 pub fn run(cmd: TrainCommand) -> anyhow::Result<ExitCode> {
+    layers::allocator::tune_for_training();
     match cmd {
         TrainCommand::TextualInversion(a) => run_ti(*a),
         TrainCommand::Dreambooth(a) => run_db(*a),
