@@ -105,7 +105,7 @@ fn kill_and_resume(demo: &Path, run: &Path) -> String {
         targets[kills]
     );
     let before = finished_rows(run);
-    assert!(before >= 8 && before < 12, "{before} rows after the kills");
+    assert!((8..12).contains(&before), "{before} rows after the kills");
     let out = pnd(&args).output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{log}");

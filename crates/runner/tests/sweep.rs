@@ -553,7 +553,7 @@ fn batches_hold_one_prompts_seeds_and_keep_resume_and_failures_right() {
     )
     .unwrap();
     let bad = plan.jobs[4].id().0; // sd__dog__p05__s1
-    let mut runner = batching(4, &[bad.clone()]);
+    let mut runner = batching(4, std::slice::from_ref(&bad));
     let summary = run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
     assert_eq!(runner.batches[0], ["sd__dog__p00__s0", "sd__dog__p00__s2"]);
     let failed: Vec<&str> = summary.failed.iter().map(|f| f.id.as_str()).collect();

@@ -116,7 +116,7 @@ struct TrainableText {
 }
 
 fn tensor_err(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Tensor(candle_core::Error::Msg(e.to_string()))
+    TrainError::Tensor(Box::new(candle_core::Error::Msg(e.to_string())))
 }
 
 impl DreamBooth {

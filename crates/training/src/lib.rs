@@ -46,17 +46,35 @@ pub enum TrainError {
     Zero { what: &'static str },
     // Transparent: with `#[from]` the inner error is also the source, and `{:#}` would print it
     // twice.
+    // Boxed, as the pipeline's own errors are: they are large, and every `Result` carries them.
     #[error(transparent)]
-    Model(#[from] diffusion::pipeline::PipelineError),
+    Model(Box<diffusion::pipeline::PipelineError>),
     #[error(transparent)]
-    Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
+    Tokenizer(Box<diffusion::tokenizer::TokenizerError>),
     #[error(transparent)]
-    Scheduler(#[from] diffusion::ddim::DdimError),
+    Scheduler(Box<diffusion::ddim::DdimError>),
     #[error("writing '{path}': {reason}")]
     Write { path: PathBuf, reason: String },
     #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    Tensor(Box<candle_core::Error>),
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident: $t:ty),*) => {$(
+        impl From<$t> for TrainError {
+            fn from(e: $t) -> Self {
+                TrainError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Model: diffusion::pipeline::PipelineError,
+    Tokenizer: diffusion::tokenizer::TokenizerError,
+    Scheduler: diffusion::ddim::DdimError,
+    Tensor: candle_core::Error
+);
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 

@@ -150,15 +150,15 @@ impl TextualInversion {
         let table = base_text.token_embedding();
         let rows = table.dim(0)?;
         if token_id as usize != rows {
-            return Err(TrainError::Model(
+            return Err(diffusion::pipeline::PipelineError::from(
                 diffusion::textual_inversion::TextualInversionError::RowMismatch {
                     path: model.into(),
                     token: settings.token.clone(),
                     id: token_id,
                     row: rows as u32,
-                }
-                .into(),
-            ));
+                },
+            )
+            .into());
         }
         let row = Var::from_tensor(&table.narrow(0, init_id as usize, 1)?.squeeze(0)?)?;
         let size = settings.resolution;

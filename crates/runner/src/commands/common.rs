@@ -35,7 +35,6 @@ pub fn load_model(
         embedding_token: ti.embedding_token.clone(),
         dtype: runtime.dtype,
         device: runtime.device.clone(),
-        ..Default::default()
     };
     let sd =
         StableDiffusion::load(model, &opts).with_context(|| format!("loading model '{model}'"))?;

@@ -250,12 +250,21 @@ fn drive(
     Ok(outcome)
 }
 
-fn loop_settings(
-    common: &CommonArgs,
-    out: &Path,
+/// Optimizer steps, micro-batch size and accumulation steps of a run.
+struct Schedule {
     steps: usize,
     batch: usize,
     grad_accum: usize,
+}
+
+fn loop_settings(
+    common: &CommonArgs,
+    out: &Path,
+    Schedule {
+        steps,
+        batch,
+        grad_accum,
+    }: Schedule,
     dataset_len: usize,
     max_grad_norm: Option<f64>,
     fingerprint: serde_json::Value,
@@ -314,16 +323,12 @@ fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
         "images": image_names(&c.images)?,
         "settings": s,
     });
-    let ls = loop_settings(
-        c,
-        &a.out,
-        s.steps,
-        s.batch,
-        s.grad_accum,
-        ti.dataset_len(),
-        None,
-        fingerprint,
-    );
+    let sched = Schedule {
+        steps: s.steps,
+        batch: s.batch,
+        grad_accum: s.grad_accum,
+    };
+    let ls = loop_settings(c, &a.out, sched, ti.dataset_len(), None, fingerprint);
     let mut opt = ti.optimizer()?;
     let outcome = drive("textual inversion", &mut ti, &mut opt, &ls)?;
     if !outcome.finished {
@@ -467,12 +472,15 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
         "settings": s,
         "dtype": c.dtype.to_string(),
     });
+    let sched = Schedule {
+        steps: s.steps,
+        batch: s.batch,
+        grad_accum: s.grad_accum,
+    };
     let ls = loop_settings(
         c,
         &a.out,
-        s.steps,
-        s.batch,
-        s.grad_accum,
+        sched,
         db.dataset_len(),
         Some(s.max_grad_norm),
         fingerprint,
