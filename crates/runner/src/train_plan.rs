@@ -77,6 +77,38 @@ pub struct DbConfig {
     pub checkpoint_every: usize,
 }
 
+/// The settings both trainers' configs have, as `pnd train` takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    pub steps: usize,
+    pub lr: f64,
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub resolution: u32,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+macro_rules! knobs {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn knobs(&self) -> Knobs {
+                Knobs {
+                    steps: self.steps,
+                    lr: self.lr,
+                    batch: self.batch,
+                    grad_accum: self.grad_accum,
+                    resolution: self.resolution,
+                    seed: self.seed,
+                    checkpoint_every: self.checkpoint_every,
+                }
+            }
+        }
+    )*};
+}
+
+knobs!(TiConfig, DbConfig);
+
 impl TrainExperiment {
     /// Loads a file with its includes (`configs/NAME.toml`, found as for sweep experiments).
     pub fn load(path: &Path) -> anyhow::Result<Self> {

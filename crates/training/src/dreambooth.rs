@@ -317,13 +317,15 @@ impl DreamBooth {
     /// The training loss of fixed inputs, in the graph of the trainable weights.
     pub fn loss_of(&self, x: &DbInputs) -> Result<Tensor> {
         let dtype = self.dtype;
-        let latents = (self
-            .vae
-            .encode_sample(&x.pixels.to_dtype(dtype)?, &x.posterior_noise)?
-            .detach()
-            * self.vae.config().scaling_factor)?;
-        let noise = x.noise.to_dtype(dtype)?;
-        let noisy = self.schedule.add_noise(&latents, &noise, &x.timesteps)?;
+        let (latents, noise, noisy) = crate::schedule::noisy_latents(
+            &self.vae,
+            &self.schedule,
+            &x.pixels,
+            &x.posterior_noise,
+            &x.noise,
+            &x.timesteps,
+            dtype,
+        )?;
         let ehs = match &self.text {
             Some(t) if dtype == DType::F32 => t.model.forward(&x.ids)?,
             Some(t) => ClipTextModel::new(&t.config, self.cast(&t.vars)?)?.forward(&x.ids)?,

@@ -91,6 +91,27 @@ impl NoiseSchedule {
     }
 }
 
+/// The scripts' forward process for a micro-batch, in `dtype`: latents sampled from the VAE
+/// posterior (`posterior_noise` as its randn) × `scaling_factor`, then noised at `timesteps`.
+/// Returns `(latents, noise, noisy latents)`, all in `dtype` and outside any graph.
+pub fn noisy_latents(
+    vae: &diffusion::vae::AutoencoderKL,
+    schedule: &NoiseSchedule,
+    pixels: &Tensor,
+    posterior_noise: &Tensor,
+    noise: &Tensor,
+    timesteps: &[usize],
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let latents = (vae
+        .encode_sample(&pixels.to_dtype(dtype)?, posterior_noise)?
+        .detach()
+        * vae.config().scaling_factor)?;
+    let noise = noise.to_dtype(dtype)?;
+    let noisy = schedule.add_noise(&latents, &noise, timesteps)?;
+    Ok((latents, noise, noisy))
+}
+
 /// `F.mse_loss(pred.float(), target.float(), reduction="mean")`.
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     let d = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?;

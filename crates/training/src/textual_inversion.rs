@@ -251,15 +251,16 @@ impl TextualInversion {
 
     /// The training loss of fixed inputs, in the graph of the new row.
     pub fn loss_of(&self, x: &TiInputs) -> Result<Tensor> {
+        let (latents, noise, noisy) = crate::schedule::noisy_latents(
+            &self.sd.vae,
+            &self.schedule,
+            &x.pixels,
+            &x.posterior_noise,
+            &x.noise,
+            &x.timesteps,
+            self.sd.dtype(),
+        )?;
         let dtype = self.sd.dtype();
-        let latents = (self
-            .sd
-            .vae
-            .encode_sample(&x.pixels.to_dtype(dtype)?, &x.posterior_noise)?
-            .detach()
-            * self.sd.vae.config().scaling_factor)?;
-        let noise = x.noise.to_dtype(dtype)?;
-        let noisy = self.schedule.add_noise(&latents, &noise, &x.timesteps)?;
         let mut text = self.base_text.clone();
         text.push_token_embedding(self.row.as_tensor())?;
         let ehs = text.forward(&x.ids)?.to_dtype(dtype)?;

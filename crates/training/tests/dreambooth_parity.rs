@@ -5,22 +5,13 @@
 //! norm before clipping, the gradients of a sample of tensors of every layer kind at the first
 //! step, and those tensors after each AdamW step (lr 1e-3, so that a wrong gradient shows).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixtures, model};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use training::dreambooth::{DbInputs, DbSettings, DreamBooth};
 use training::train_loop::{self, LoopSettings, MicroBatch, Objective};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step")
-}
-
-fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../diffusion/tests/fixtures/pipeline/model")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)

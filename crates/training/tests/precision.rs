@@ -3,22 +3,13 @@
 //! against f32 on the same inputs: the loss, and the direction of the gradient of the trained
 //! parameters. Then a few steps with loss scaling stay finite.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use std::path::PathBuf;
+use common::{fixtures, model};
 use training::dreambooth::{DbSettings, DreamBooth};
 use training::textual_inversion::{TextualInversion, TiSettings};
 use training::train_loop::{self, LoopSettings, MicroBatch};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step")
-}
-
-fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../diffusion/tests/fixtures/pipeline/model")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn flat(ts: &[Tensor]) -> Vec<f64> {
     ts.iter()

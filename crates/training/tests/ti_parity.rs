@@ -4,22 +4,14 @@
 //! loss of each micro-batch, the accumulated gradient of the new row and the row after each
 //! AdamW step (through [`training::train_loop::run`]).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixtures, model};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use training::textual_inversion::{TextualInversion, TiInputs, TiSettings};
 use training::train_loop::{self, LoopSettings, MicroBatch, Objective};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step")
-}
-
-fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../diffusion/tests/fixtures/pipeline/model")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();

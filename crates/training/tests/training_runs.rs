@@ -2,22 +2,14 @@
 //! run stopped after a step past its last checkpoint, then started again, ends with exactly the
 //! weights of an uninterrupted run.
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use std::path::{Path, PathBuf};
+use common::{fixtures, model};
+use std::path::Path;
 use training::dreambooth::{DbSettings, DreamBooth};
 use training::textual_inversion::{TextualInversion, TiSettings};
 use training::train_loop::{self, LoopSettings, MicroBatch, Objective, Outcome};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step")
-}
-
-fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../diffusion/tests/fixtures/pipeline/model")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn settings(steps: usize, dataset_len: usize, dir: &Path, every: Option<usize>) -> LoopSettings {
     LoopSettings {

@@ -615,28 +615,28 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
         if st == "exists" {
             continue;
         }
-        let images = exp.data.join(u.subject.name);
+        let common = |k: crate::train_plan::Knobs| CommonArgs {
+            model: exp.models.base.clone(),
+            images: exp.data.join(u.subject.name),
+            steps: Some(k.steps),
+            lr: Some(k.lr),
+            batch: Some(k.batch),
+            grad_accum: Some(k.grad_accum),
+            resolution: k.resolution,
+            seed: k.seed,
+            checkpoint_every: k.checkpoint_every,
+            trace: Some(trace_path(&u.out)),
+            overwrite: false,
+            device: a.device,
+            dtype: a.dtype,
+            stop_after: None,
+        };
         let result = match u.method {
             Method::TextualInversion => {
                 let c = exp.textual_inversion.as_ref().expect("unit implies config");
                 init_token(&exp.models.base, &c.init_token, u.subject).and_then(|init| {
                     run_ti(TiArgs {
-                        common: CommonArgs {
-                            model: exp.models.base.clone(),
-                            images,
-                            steps: Some(c.steps),
-                            lr: Some(c.lr),
-                            batch: Some(c.batch),
-                            grad_accum: Some(c.grad_accum),
-                            resolution: c.resolution,
-                            seed: c.seed,
-                            checkpoint_every: c.checkpoint_every,
-                            trace: Some(trace_path(&u.out)),
-                            overwrite: false,
-                            device: a.device,
-                            dtype: a.dtype,
-                            stop_after: None,
-                        },
+                        common: common(c.knobs()),
                         token: fill(&c.token, u.subject, ""),
                         init_token: init,
                         no_scale_lr: !c.scale_lr,
@@ -648,22 +648,7 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
             Method::Dreambooth => {
                 let c = exp.dreambooth.as_ref().expect("unit implies config");
                 run_db(DbArgs {
-                    common: CommonArgs {
-                        model: exp.models.base.clone(),
-                        images,
-                        steps: Some(c.steps),
-                        lr: Some(c.lr),
-                        batch: Some(c.batch),
-                        grad_accum: Some(c.grad_accum),
-                        resolution: c.resolution,
-                        seed: c.seed,
-                        checkpoint_every: c.checkpoint_every,
-                        trace: Some(trace_path(&u.out)),
-                        overwrite: false,
-                        device: a.device,
-                        dtype: a.dtype,
-                        stop_after: None,
-                    },
+                    common: common(c.knobs()),
                     instance_prompt: fill(&c.instance_prompt, u.subject, &c.identifier),
                     class_prompt: Some(fill(&c.class_prompt, u.subject, &c.identifier)),
                     prior_preservation: c.prior_preservation,
