@@ -20,7 +20,6 @@
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::data::{dreambooth_pixels, dreambooth_resize, random_crop};
-use crate::rng::{self, Stream};
 use crate::schedule::{mse, NoiseSchedule};
 use crate::train_loop::{MicroBatch, Objective};
 use crate::{check_resolution, Result, TrainError};
@@ -76,17 +75,8 @@ impl DbSettings {
     }
 }
 
-/// The inputs of one micro-batch after every random draw (instances first, then classes).
-#[derive(Debug, Clone)]
-pub struct DbInputs {
-    /// `[n, 3, r, r]`.
-    pub pixels: Tensor,
-    /// `[n, 77]` u32.
-    pub ids: Tensor,
-    pub posterior_noise: Tensor,
-    pub noise: Tensor,
-    pub timesteps: Vec<usize>,
-}
+/// The inputs of a DreamBooth micro-batch (instances first, then classes).
+pub type DbInputs = crate::train_loop::StepInputs;
 
 /// A DreamBooth run on one subject.
 pub struct DreamBooth {
@@ -260,10 +250,11 @@ impl DreamBooth {
         )?)
     }
 
-    fn latent_shape(&self, b: usize) -> Vec<usize> {
+    /// `[c, h, w]` of one entry's latents.
+    fn latent_shape(&self) -> [usize; 3] {
         let f = self.vae.config().downsample_factor();
         let r = self.settings.resolution as usize / f;
-        vec![b, self.unet_cfg.in_channels, r, r]
+        [self.unet_cfg.in_channels, r, r]
     }
 
     fn ids(&self, prompt: &str) -> Result<Tensor> {
@@ -277,6 +268,7 @@ impl DreamBooth {
         let (seed, size) = (self.settings.seed, self.settings.resolution);
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
+        let mut prompts = Vec::new();
         let crop = |img: &RgbImage, pos: u64, salt: u64| -> Result<Tensor> {
             let at = random_crop(seed, pos, salt, img.dimensions(), size);
             Ok(dreambooth_pixels(img, size, at, device)?)
@@ -284,23 +276,24 @@ impl DreamBooth {
         for (&i, &pos) in mb.indices.iter().zip(&mb.positions) {
             pixels.push(crop(&self.instances[i % self.instances.len()], pos, 0)?);
             ids.push(self.ids(&self.settings.instance_prompt)?);
+            prompts.push(self.settings.instance_prompt.clone());
         }
         if self.settings.prior_preservation {
             let prompt = self.settings.class_prompt.clone().unwrap_or_default();
             for (&i, &pos) in mb.indices.iter().zip(&mb.positions) {
                 pixels.push(crop(&self.classes[i % self.classes.len()], pos, 1)?);
                 ids.push(self.ids(&prompt)?);
+                prompts.push(prompt.clone());
             }
         }
-        let n = pixels.len();
-        let shape = self.latent_shape(n);
-        Ok(DbInputs {
-            pixels: Tensor::stack(&pixels, 0)?,
-            ids: Tensor::stack(&ids, 0)?,
-            posterior_noise: rng::normal(seed, Stream::Posterior, mb.micro, &shape, device)?,
-            noise: rng::normal(seed, Stream::Noise, mb.micro, &shape, device)?,
-            timesteps: rng::timesteps(seed, mb.micro, n, self.schedule.num_train_timesteps()),
-        })
+        Ok(DbInputs::draw(
+            &pixels,
+            &ids,
+            prompts,
+            (seed, mb.micro),
+            self.latent_shape(),
+            self.schedule.num_train_timesteps(),
+        )?)
     }
 
     /// A `VarBuilder` over `vars` cast to the compute dtype (the casts keep the graph, so the

@@ -15,7 +15,6 @@
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::data::{ti_augment, ti_pixels, OBJECT_TEMPLATES};
-use crate::rng::{self, Stream};
 use crate::schedule::{mse, NoiseSchedule};
 use crate::train_loop::{MicroBatch, Objective};
 use crate::{check_resolution, Result, TrainError};
@@ -70,21 +69,8 @@ impl TiSettings {
     }
 }
 
-/// The inputs of one micro-batch after every random draw: what the parity test feeds both sides.
-#[derive(Debug, Clone)]
-pub struct TiInputs {
-    /// `[b, 3, r, r]` in [-1, 1].
-    pub pixels: Tensor,
-    /// `[b, 77]` u32.
-    pub ids: Tensor,
-    /// `[b, c, r/8, r/8]`: the VAE posterior's noise.
-    pub posterior_noise: Tensor,
-    /// `[b, c, r/8, r/8]`: ε.
-    pub noise: Tensor,
-    pub timesteps: Vec<usize>,
-    /// The prompts (for the trace and tests).
-    pub prompts: Vec<String>,
-}
+/// The inputs of a Textual Inversion micro-batch.
+pub type TiInputs = crate::train_loop::StepInputs;
 
 /// A Textual Inversion run on one subject.
 pub struct TextualInversion {
@@ -215,10 +201,11 @@ impl TextualInversion {
         })
     }
 
-    fn latent_shape(&self, b: usize) -> Vec<usize> {
+    /// `[c, h, w]` of one entry's latents.
+    fn latent_shape(&self) -> [usize; 3] {
         let f = self.sd.vae.config().downsample_factor();
         let r = self.settings.resolution as usize / f;
-        vec![b, self.sd.unet.config().in_channels, r, r]
+        [self.sd.unet.config().in_channels, r, r]
     }
 
     /// Every random draw of a micro-batch.
@@ -237,16 +224,14 @@ impl TextualInversion {
             ids.push(Tensor::new(enc.ids.as_slice(), device)?);
             prompts.push(prompt);
         }
-        let b = pixels.len();
-        let shape = self.latent_shape(b);
-        Ok(TiInputs {
-            pixels: Tensor::stack(&pixels, 0)?,
-            ids: Tensor::stack(&ids, 0)?,
-            posterior_noise: rng::normal(seed, Stream::Posterior, mb.micro, &shape, device)?,
-            noise: rng::normal(seed, Stream::Noise, mb.micro, &shape, device)?,
-            timesteps: rng::timesteps(seed, mb.micro, b, self.schedule.num_train_timesteps()),
+        Ok(TiInputs::draw(
+            &pixels,
+            &ids,
             prompts,
-        })
+            (seed, mb.micro),
+            self.latent_shape(),
+            self.schedule.num_train_timesteps(),
+        )?)
     }
 
     /// The training loss of fixed inputs, in the graph of the new row.

@@ -73,6 +73,51 @@ pub struct MicroBatch {
     pub positions: Vec<u64>,
 }
 
+/// The inputs of one micro-batch after every random draw: what the parity tests feed both sides.
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// `[n, 3, r, r]` in [-1, 1].
+    pub pixels: Tensor,
+    /// `[n, 77]` u32.
+    pub ids: Tensor,
+    /// `[n, c, r/8, r/8]`: the VAE posterior's noise.
+    pub posterior_noise: Tensor,
+    /// `[n, c, r/8, r/8]`: ε.
+    pub noise: Tensor,
+    pub timesteps: Vec<usize>,
+    /// The prompts of `ids` (for tests and traces).
+    pub prompts: Vec<String>,
+}
+
+impl StepInputs {
+    /// Stacks the per-sample pixels and ids and draws the micro-batch's noises and timesteps
+    /// (latents of `latent` = `[c, h, w]` per entry, timesteps in `0..num_train_timesteps`).
+    pub fn draw(
+        pixels: &[Tensor],
+        ids: &[Tensor],
+        prompts: Vec<String>,
+        (seed, micro): (u64, u64),
+        latent: [usize; 3],
+        num_train_timesteps: usize,
+    ) -> candle_core::Result<Self> {
+        use crate::rng::{normal, timesteps, Stream};
+        let n = pixels.len();
+        let device = pixels
+            .first()
+            .map(|p| p.device().clone())
+            .ok_or_else(|| candle_core::Error::Msg("an empty micro-batch".into()))?;
+        let shape = [n, latent[0], latent[1], latent[2]];
+        Ok(Self {
+            pixels: Tensor::stack(pixels, 0)?,
+            ids: Tensor::stack(ids, 0)?,
+            posterior_noise: normal(seed, Stream::Posterior, micro, &shape, &device)?,
+            noise: normal(seed, Stream::Noise, micro, &shape, &device)?,
+            timesteps: timesteps(seed, micro, n, num_train_timesteps),
+            prompts,
+        })
+    }
+}
+
 /// What a trainer computes for a micro-batch.
 pub trait Objective {
     /// The loss of one micro-batch, in the graph of the optimizer's parameters.

@@ -125,6 +125,7 @@ fn check(case: &str) {
                 .iter()
                 .map(|t| t.as_u64().unwrap() as usize)
                 .collect(),
+            prompts: Vec::new(),
         });
     }
 
