@@ -105,6 +105,9 @@ pub struct Comparison {
     pub baseline: String,
     /// DINO, CLIP-I, CLIP-T.
     pub metrics: [PairedDelta; 3],
+    /// The extra scores by name, on the matched pairs that both have it (see
+    /// [`ImageRow::extra`]); empty without any.
+    pub extra: BTreeMap<String, PairedDelta>,
 }
 
 /// The pairs of two methods' rows on (subject, prompt index, seed), in `guided`'s row order.
@@ -138,6 +141,18 @@ pub fn compare(rows: &[ImageRow], guided: &str, baseline: &str, seed: u64) -> Op
         let b: Vec<f64> = pairs.iter().map(|(_, b)| f(b)).collect();
         paired_delta(&g, &b, seed)
     };
+    let names: std::collections::BTreeSet<&String> =
+        pairs.iter().flat_map(|(g, _)| g.extra.keys()).collect();
+    let extra = names
+        .into_iter()
+        .filter_map(|name| {
+            let (g, b): (Vec<f64>, Vec<f64>) = pairs
+                .iter()
+                .filter_map(|(g, b)| Some((*g.extra.get(name)?, *b.extra.get(name)?)))
+                .unzip();
+            (!g.is_empty()).then(|| (name.clone(), paired_delta(&g, &b, seed)))
+        })
+        .collect();
     Some(Comparison {
         guided: guided.into(),
         baseline: baseline.into(),
@@ -146,6 +161,7 @@ pub fn compare(rows: &[ImageRow], guided: &str, baseline: &str, seed: u64) -> Op
             metric(|r| r.clip_i),
             metric(|r| r.clip_t),
         ],
+        extra,
     })
 }
 
@@ -243,6 +259,7 @@ mod tests {
             dino,
             clip_i: dino,
             clip_t: dino,
+            extra: Default::default(),
             seconds: 0.0,
             device: String::new(),
             dtype: String::new(),
@@ -279,6 +296,7 @@ mod tests {
             clip_i: 0.8,
             per_subject: vec![],
             dino_max_pair: [("dog".to_string(), 0.9), ("cat".to_string(), 0.8)].into(),
+            extra: Default::default(),
         };
         let rows = vec![
             row("m", "dog", 0, 0.5, Some(0.95)),

@@ -1,6 +1,7 @@
 //! The result rows a sweep writes: one per generated image.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One generated image and its scores (SPEC §8). Flat, so it is one CSV line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,11 @@ pub struct ImageRow {
     pub dino: f64,
     pub clip_i: f64,
     pub clip_t: f64,
+    /// The profile's extra scores by name (DreamBench++'s `dinov2`), on the profile's scale;
+    /// empty under a profile without any and in rows of older runs. `results.csv` has one column
+    /// per name (see [`crate::sweep::RunStore::write_results_csv`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
     /// Wall time of generation (guidance included), seconds. Not part of any table.
     pub seconds: f64,
     /// The device that generated the image (`cpu`, `cuda:0`); empty in rows of older runs.
@@ -104,6 +110,10 @@ pub struct OracleRow {
     pub per_subject: Vec<(String, f64, f64)>,
     /// Per subject: the largest DINO similarity between two distinct real images (the copy
     /// flag's threshold). Empty in oracles of older runs.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub dino_max_pair: std::collections::BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dino_max_pair: BTreeMap<String, f64>,
+    /// The profile's extra scores of the real images (see [`ImageRow::extra`]). Empty in oracles
+    /// of older runs and under a profile without any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
