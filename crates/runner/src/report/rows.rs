@@ -117,3 +117,33 @@ pub struct OracleRow {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, f64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_and_oracles_of_older_runs_load_and_rows_without_extras_are_written_as_before() {
+        let old = r#"{"id":"m__dog__p00__s0","method":"m","baseline":"stable-diffusion","guided":false,
+            "subject":"dog","prompt_index":0,"seed":0,"prompt":"a sks dog","clip_t_prompt":"a dog",
+            "image":"files/x/image.png","reference":"dog/00.jpg","dino":0.5,"clip_i":0.7,"clip_t":0.3,
+            "seconds":1.0}"#;
+        let row: ImageRow = serde_json::from_str(old).unwrap();
+        assert!(row.extra.is_empty());
+        assert_eq!((row.dino, row.dino_max), (0.5, None));
+        assert!(!serde_json::to_string(&row).unwrap().contains("extra"));
+        let mut with = row.clone();
+        with.extra.insert("dinov2".into(), 81.5);
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(
+            text.contains(r#""clip_t":0.3,"extra":{"dinov2":81.5},"seconds""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<ImageRow>(&text).unwrap(), with);
+        let oracle: OracleRow =
+            serde_json::from_str(r#"{"dino":0.77,"clip_i":0.88,"per_subject":[["dog",0.8,0.9]]}"#)
+                .unwrap();
+        assert!(oracle.extra.is_empty() && oracle.dino_max_pair.is_empty());
+        assert!(!serde_json::to_string(&oracle).unwrap().contains("extra"));
+    }
+}

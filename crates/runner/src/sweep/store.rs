@@ -465,3 +465,74 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Row {
+        name: String,
+        score: f64,
+        extra: BTreeMap<String, f64>,
+        note: Option<f64>,
+    }
+
+    fn row(name: &str, score: f64, extra: &[(&str, f64)]) -> Row {
+        Row {
+            name: name.into(),
+            score,
+            extra: extra.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            note: None,
+        }
+    }
+
+    #[derive(Serialize)]
+    struct Plain {
+        name: String,
+        score: f64,
+        seed: u64,
+        flag: bool,
+        note: Option<f64>,
+    }
+
+    #[test]
+    fn a_map_field_becomes_one_column_per_key_and_plain_rows_are_written_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+        let plain = [
+            Plain {
+                name: "x, y".into(),
+                score: 0.1 + 0.2,
+                seed: u64::MAX,
+                flag: true,
+                note: None,
+            },
+            Plain {
+                name: "z".into(),
+                score: 1.0,
+                seed: 0,
+                flag: false,
+                note: Some(-2.5e-300),
+            },
+        ];
+        write_csv_atomic(&a, &plain).unwrap();
+        write_flat_csv_atomic(&b, &plain).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        write_flat_csv_atomic(&b, &[] as &[Plain]).unwrap();
+        assert!(fs::read(&b).unwrap().is_empty());
+        // An older row without the map first: the new columns go where the map is.
+        let rows = [
+            row("old", 0.5, &[]),
+            row("new", 0.25, &[("dinov2", 81.5), ("aa", 1.0)]),
+        ];
+        write_flat_csv_atomic(&b, &rows).unwrap();
+        assert_eq!(
+            fs::read_to_string(&b).unwrap(),
+            "name,score,aa,dinov2,note\nold,0.5,,,\nnew,0.25,1.0,81.5,\n"
+        );
+        // A key that repeats a field's name is one clear error.
+        let e = write_flat_csv_atomic(&b, &[row("x", 0.0, &[("score", 1.0)])]).unwrap_err();
+        assert!(e.to_string().contains("column 'score' twice"), "{e}");
+    }
+}
