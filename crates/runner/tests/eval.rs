@@ -669,9 +669,16 @@ fn protocol_all_gives_each_profile_exactly_its_own_scores_and_shares_embeddings(
             .filter(|l| l.starts_with("| ext |") || l.starts_with("| Real Images (Oracle) |"))
             .collect();
         assert_eq!(lines.len(), 2, "{table}");
+        // DreamBench++'s DINOv2 is one more column after CLIP-T, empty ("–") for the others.
+        let extra = usize::from(p == "dreambench-plus");
         for line in lines {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let want = format!("| {p} | {} |", cells[1..6].join(" | "));
+            let dinov2 = if extra == 1 { cells[5] } else { "–" };
+            let want = format!(
+                "| {p} | {} | {dinov2} | {} |",
+                cells[1..5].join(" | "),
+                cells[5 + extra]
+            );
             assert!(side.contains(&want), "no '{want}' in\n{side}");
         }
         // Each profile's run is complete on its own: its own report, no cache of its own.
@@ -699,8 +706,18 @@ fn protocol_all_gives_each_profile_exactly_its_own_scores_and_shares_embeddings(
         ),
         "{side}"
     );
+    assert!(
+        side.contains(
+            "\n| Protocol | Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | dinov2 ↑ | images |\n"
+        ),
+        "{side}"
+    );
     let csv = std::fs::read_to_string(all.join("report/protocols.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 * profiles.len(), "{csv}");
+    assert!(
+        csv.starts_with("protocol,method,images,dino,clip_i,clip_t,dinov2\n"),
+        "{csv}"
+    );
     let page = std::fs::read_to_string(all.join("report/index.html")).unwrap();
     for p in profiles {
         let link = format!("href=\"../{p}/report/index.html\"");
@@ -726,4 +743,202 @@ fn protocol_all_gives_each_profile_exactly_its_own_scores_and_shares_embeddings(
             .contains("scored under different protocols ('dreambooth' vs 'custom-diffusion')"),
         "{log}"
     );
+}
+
+/// `pnd score --json` under `protocol` (run from the profiles' tree), with `reference` when given.
+fn score_json(
+    tree: &Path,
+    protocol: &str,
+    generated: &Path,
+    real: &Path,
+    reference: Option<&Path>,
+    prompt: &str,
+) -> serde_json::Value {
+    let mut args = vec![
+        "score",
+        "--generated",
+        generated.to_str().unwrap(),
+        "--real",
+        real.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--protocol",
+        protocol,
+        "--no-cache",
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    if let Some(r) = reference {
+        args.extend(["--reference", r.to_str().unwrap()]);
+    }
+    let out = common::pnd_command(&args)
+        .current_dir(tree)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A profile with an extra score (DreamBench++'s DINOv2): `pnd eval` writes it into every row
+/// (`row.json` and a `results.csv` column), equal to what `pnd score` gives for the same image,
+/// and into the oracle, equal to the mean of `pnd score`'s values over every ordered pair of
+/// distinct real images; the report's tables have a `dinov2` column with the mean of the rows.
+#[test]
+fn an_extra_score_is_in_every_row_the_oracle_and_the_tables() {
+    let f = fixture();
+    let tree = tiny_profiles();
+    let images = layout("layout-extra");
+    let data = f.root.join("data");
+    let out = f.root.join("eval-extra");
+    let (ok, log) = pnd_in(
+        &[
+            "eval",
+            images.to_str().unwrap(),
+            "--name",
+            "ext",
+            "--protocol",
+            "dreambench-plus",
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--subjects",
+            "dog,teapot",
+            "--prompts",
+            "0,20",
+        ],
+        &tree,
+    );
+    assert!(ok, "{log}");
+    let rows: Vec<runner::report::rows::ImageRow> =
+        runner::sweep::RunStore::open(&out).unwrap().rows().unwrap();
+    assert_eq!(rows.len(), 4);
+    // results.csv: the column after clip_t, the rows' values.
+    let mut csv = csv::Reader::from_path(out.join("results.csv")).unwrap();
+    let header = csv.headers().unwrap().clone();
+    let at = header
+        .iter()
+        .position(|h| h == "dinov2")
+        .expect("a dinov2 column");
+    assert_eq!(&header[at - 1], "clip_t");
+    let cells: Vec<f64> = csv
+        .records()
+        .map(|r| r.unwrap()[at].parse().unwrap())
+        .collect();
+    for (row, cell) in rows.iter().zip(&cells) {
+        let v = row.extra["dinov2"];
+        assert_eq!(row.extra.len(), 1, "{:?}", row.extra);
+        assert_eq!(v, *cell, "{}", row.id);
+        // `pnd score` of the same image against the subject's images: the same numbers.
+        let s = score_json(
+            &tree,
+            "dreambench-plus",
+            &out.join(&row.image),
+            &data.join(&row.subject),
+            None,
+            &row.clip_t_prompt,
+        );
+        assert_eq!(
+            (row.dino, v),
+            (
+                s["dino"].as_f64().unwrap(),
+                s["extra"]["dinov2"].as_f64().unwrap()
+            ),
+            "{}",
+            row.id
+        );
+    }
+    // DreamBench++ scores 100 · cos; the images differ, so do their scores.
+    assert!(cells.iter().all(|v| v.abs() <= 100.0 + 1e-9), "{cells:?}");
+    assert!(cells.iter().any(|v| *v != cells[0]), "{cells:?}");
+
+    // The oracle: each real image scored one-to-one against each other one of its subject.
+    let oracle: runner::report::rows::OracleRow =
+        serde_json::from_str(&std::fs::read_to_string(out.join("oracle.json")).unwrap()).unwrap();
+    let mut pairs = Vec::new();
+    for subject in ["dog", "teapot"] {
+        let real = metrics::list_images(&data.join(subject)).unwrap();
+        for r in &real {
+            let s = score_json(
+                &tree,
+                "dreambench-plus",
+                &data.join(subject),
+                &data.join(subject),
+                Some(r),
+                "a photo",
+            );
+            for (g, img) in real.iter().zip(s["per_image"].as_array().unwrap()) {
+                if g != r {
+                    pairs.push(img["extra"]["dinov2"].as_f64().unwrap());
+                }
+            }
+        }
+    }
+    assert_eq!(pairs.len(), 2 * 3 * 2);
+    let want = pairs.iter().sum::<f64>() / pairs.len() as f64;
+    let got = oracle.extra["dinov2"];
+    assert!(
+        (got - want).abs() < 1e-9 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+
+    // The tables: a dinov2 column after CLIP-T, the oracle's and the mean of the rows.
+    let mean = cells.iter().sum::<f64>() / cells.len() as f64;
+    let md = std::fs::read_to_string(out.join("report/table.md")).unwrap();
+    assert!(
+        md.starts_with("| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | dinov2 ↑ | images |"),
+        "{md}"
+    );
+    let cell_of = |label: &str| -> String {
+        let line = md.lines().find(|l| l.starts_with(label)).expect(&md);
+        line.split('|').map(str::trim).nth(5).unwrap().to_string()
+    };
+    assert_eq!(cell_of("| ext |"), format!("{mean:.3}"), "{md}");
+    assert_eq!(
+        cell_of("| Real Images (Oracle) |"),
+        format!("{got:.3}"),
+        "{md}"
+    );
+    let table = std::fs::read_to_string(out.join("report/table.csv")).unwrap();
+    let mut t = csv::Reader::from_reader(table.as_bytes());
+    let h = t.headers().unwrap().clone();
+    let col = |name: &str| h.iter().position(|c| c == name).expect(&table);
+    assert_eq!(col("dinov2"), col("clip_t") + 1, "{table}");
+    assert!(col("delta_dinov2") > col("delta_clip_t"), "{table}");
+    assert!(col("paired_p_dinov2") > col("paired_p_clip_t"), "{table}");
+    let lines: Vec<csv::StringRecord> = t.records().map(Result::unwrap).collect();
+    let value = |label: &str| -> f64 {
+        let r = lines.iter().find(|r| &r[0] == label).expect(&table);
+        r[col("dinov2")].parse().unwrap()
+    };
+    assert!((value("ext") - mean).abs() < 1e-6, "{table}");
+    assert!(
+        (value("Real Images (Oracle)") - got).abs() < 1e-6,
+        "{table}"
+    );
+    let tex = std::fs::read_to_string(out.join("report/table.tex")).unwrap();
+    assert!(
+        tex.contains("\\begin{tabular}{lcccc}")
+            && tex.contains("CLIP-T $\\uparrow$ & dinov2 $\\uparrow$"),
+        "{tex}"
+    );
+    let stats = std::fs::read_to_string(out.join("report/stats.csv")).unwrap();
+    assert!(
+        stats.contains(&format!("ext,4,dinov2,{mean:.6},")),
+        "{stats}"
+    );
+    let per_subject = std::fs::read_to_string(out.join("report/per_subject.csv")).unwrap();
+    assert!(
+        per_subject.starts_with("method,subject,dino,clip_i,clip_t,dinov2\n"),
+        "{per_subject}"
+    );
+    let page = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+    assert!(page.contains("<th class=\"r\">dinov2 ↑</th>"), "{page}");
 }

@@ -74,6 +74,7 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             dino: 0.5 + 0.1 * mi as f64 + 0.01 * si as f64,
             clip_i: 0.7 + 0.02 * mi as f64,
             clip_t: 0.30 - 0.01 * mi as f64 + 0.001 * job.prompt_index as f64,
+            extra: Default::default(),
             seconds: 1.0,
             device: "cpu".into(),
             dtype: "f32".into(),
@@ -100,6 +101,7 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
         clip_i: 0.885,
         per_subject: vec![("dog".into(), 0.8, 0.9)],
         dino_max_pair: [("dog".to_string(), 0.9), ("vase".to_string(), 0.97)].into(),
+        extra: Default::default(),
     };
     std::fs::write(
         dir.join("oracle.json"),
@@ -429,6 +431,7 @@ fn an_oracle_off_the_paper_warns_and_fails_under_strict() {
             clip_i: 0.885,
             per_subject: all.clone(),
             dino_max_pair: Default::default(),
+            extra: Default::default(),
         };
         std::fs::write(
             tmp.path().join("oracle.json"),

@@ -80,6 +80,7 @@ pub(super) fn scored_row(
         dino: scores.dino,
         clip_i: scores.clip_i,
         clip_t: scores.clip_t,
+        extra: scores.extra,
         seconds: 0.0,
         device: String::new(),
         dtype: String::new(),
@@ -142,5 +143,6 @@ pub(super) fn oracle_row(
             .map(|(k, v)| (k.clone(), v.dino, v.clip_i))
             .collect(),
         dino_max_pair,
+        extra: report.extra,
     })
 }

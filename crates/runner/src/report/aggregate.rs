@@ -4,6 +4,7 @@
 use super::rows::ImageRow;
 use polars::prelude::*;
 use polars_io::parquet::write::ParquetWriter;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One method's scores over all its images.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +16,8 @@ pub struct MethodSummary {
     pub dino: Stat,
     pub clip_i: Stat,
     pub clip_t: Stat,
+    /// The profile's extra scores by name (see [`ImageRow::extra`]); empty without any.
+    pub extra: BTreeMap<String, Stat>,
 }
 
 /// Mean, sample standard deviation and 95% bootstrap confidence interval of the mean.
@@ -34,15 +37,27 @@ pub struct SubjectSummary {
     pub dino: f64,
     pub clip_i: f64,
     pub clip_t: f64,
+    /// The extra scores' means by name.
+    pub extra: BTreeMap<String, f64>,
 }
 
 pub const METRICS: [&str; 3] = ["dino", "clip_i", "clip_t"];
 
-/// The rows as a polars frame (one row per image).
+/// The names of the extra scores any of the rows has, sorted.
+pub fn extra_names(rows: &[ImageRow]) -> Vec<String> {
+    rows.iter()
+        .flat_map(|r| r.extra.keys().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The rows as a polars frame (one row per image): then one column per extra score, named by
+/// it, null where a row lacks it.
 pub fn frame(rows: &[ImageRow]) -> PolarsResult<DataFrame> {
     let s = |f: fn(&ImageRow) -> String| rows.iter().map(f).collect::<Vec<_>>();
     let x = |f: fn(&ImageRow) -> f64| rows.iter().map(f).collect::<Vec<_>>();
-    df!(
+    let mut df = df!(
         "id" => s(|r| r.id.clone()),
         "method" => s(|r| r.method.clone()),
         "baseline" => s(|r| r.baseline.clone()),
@@ -57,7 +72,15 @@ pub fn frame(rows: &[ImageRow]) -> PolarsResult<DataFrame> {
         "clip_i" => x(|r| r.clip_i),
         "clip_t" => x(|r| r.clip_t),
         "seconds" => x(|r| r.seconds),
-    )
+    )?;
+    for name in extra_names(rows) {
+        if df.get_column_names().iter().any(|c| c.as_str() == name) {
+            polars_bail!(Duplicate: "extra score '{}' has the name of a result column", name);
+        }
+        let values: Vec<Option<f64>> = rows.iter().map(|r| r.extra.get(&name).copied()).collect();
+        df.with_column(Column::new(name.as_str().into(), values))?;
+    }
+    Ok(df)
 }
 
 fn f64_at(df: &DataFrame, name: &str, i: usize) -> PolarsResult<f64> {
@@ -84,7 +107,13 @@ pub fn by_method(
         col("guided").first(),
         col("dino").len().alias("n"),
     ];
-    for m in METRICS {
+    let extras = extra_names(rows);
+    let all: Vec<&str> = METRICS
+        .iter()
+        .copied()
+        .chain(extras.iter().map(String::as_str))
+        .collect();
+    for &m in &all {
         aggs.push(col(m).mean().alias(format!("{m}_mean")));
         aggs.push(col(m).std(1).alias(format!("{m}_std")));
     }
@@ -103,10 +132,12 @@ pub fn by_method(
         let values = |metric: &str| -> Vec<f64> {
             rows.iter()
                 .filter(|r| &r.method == method)
-                .map(|r| match metric {
-                    "dino" => r.dino,
-                    "clip_i" => r.clip_i,
-                    _ => r.clip_t,
+                .filter_map(|r| match metric {
+                    "dino" => Some(r.dino),
+                    "clip_i" => Some(r.clip_i),
+                    "clip_t" => Some(r.clip_t),
+                    // A row without the score (an older run's) has no value.
+                    name => r.extra.get(name).copied(),
                 })
                 .collect()
         };
@@ -135,6 +166,10 @@ pub fn by_method(
             dino: stat("dino")?,
             clip_i: stat("clip_i")?,
             clip_t: stat("clip_t")?,
+            extra: extras
+                .iter()
+                .map(|m| Ok((m.clone(), stat(m)?)))
+                .collect::<PolarsResult<_>>()?,
         });
     }
     Ok(out)
@@ -142,10 +177,17 @@ pub fn by_method(
 
 /// Per-(method, subject) means, sorted by method order then subject name.
 pub fn by_subject(rows: &[ImageRow], methods: &[String]) -> PolarsResult<Vec<SubjectSummary>> {
+    let extras = extra_names(rows);
+    let means: Vec<Expr> = METRICS
+        .iter()
+        .copied()
+        .chain(extras.iter().map(String::as_str))
+        .map(|m| col(m).mean())
+        .collect();
     let df = frame(rows)?
         .lazy()
         .group_by([col("method"), col("subject")])
-        .agg(METRICS.map(|m| col(m).mean()))
+        .agg(means)
         .sort(["subject"], SortMultipleOptions::default())
         .collect()?;
     let mut out = Vec::new();
@@ -160,6 +202,10 @@ pub fn by_subject(rows: &[ImageRow], methods: &[String]) -> PolarsResult<Vec<Sub
                 dino: f64_at(&df, "dino", i)?,
                 clip_i: f64_at(&df, "clip_i", i)?,
                 clip_t: f64_at(&df, "clip_t", i)?,
+                extra: extras
+                    .iter()
+                    .map(|m| Ok((m.clone(), f64_at(&df, m, i)?)))
+                    .collect::<PolarsResult<_>>()?,
             });
         }
     }

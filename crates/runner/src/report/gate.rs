@@ -131,6 +131,7 @@ mod tests {
                 .map(|i| (format!("s{i}"), dino, clip_i))
                 .collect(),
             dino_max_pair: Default::default(),
+            extra: Default::default(),
         }
     }
 

@@ -341,7 +341,9 @@ fn stats_csv(summaries: &[aggregate::MethodSummary]) -> anyhow::Result<String> {
         "ci95_high",
     ])?;
     for s in summaries {
-        for (m, st) in [("dino", s.dino), ("clip_i", s.clip_i), ("clip_t", s.clip_t)] {
+        let builtin = [("dino", s.dino), ("clip_i", s.clip_i), ("clip_t", s.clip_t)];
+        let extra = s.extra.iter().map(|(k, st)| (k.as_str(), *st));
+        for (m, st) in builtin.into_iter().chain(extra) {
             w.write_record([
                 s.method.clone(),
                 s.images.to_string(),
@@ -358,15 +360,24 @@ fn stats_csv(summaries: &[aggregate::MethodSummary]) -> anyhow::Result<String> {
 
 fn per_subject_csv(subjects: &[aggregate::SubjectSummary]) -> anyhow::Result<String> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["method", "subject", "dino", "clip_i", "clip_t"])?;
+    let extras: std::collections::BTreeSet<&String> =
+        subjects.iter().flat_map(|s| s.extra.keys()).collect();
+    let mut header: Vec<&str> = vec!["method", "subject", "dino", "clip_i", "clip_t"];
+    header.extend(extras.iter().map(|k| k.as_str()));
+    w.write_record(&header)?;
     for s in subjects {
-        w.write_record([
+        let mut record = vec![
             s.method.clone(),
             s.subject.clone(),
             format!("{:.6}", s.dino),
             format!("{:.6}", s.clip_i),
             format!("{:.6}", s.clip_t),
-        ])?;
+        ];
+        record.extend(extras.iter().map(|k| match s.extra.get(*k) {
+            Some(v) if !v.is_nan() => format!("{v:.6}"),
+            _ => String::new(),
+        }));
+        w.write_record(&record)?;
     }
     Ok(String::from_utf8(w.into_inner()?)?)
 }

@@ -105,6 +105,9 @@ pub struct Comparison {
     pub baseline: String,
     /// DINO, CLIP-I, CLIP-T.
     pub metrics: [PairedDelta; 3],
+    /// The extra scores by name, on the matched pairs that both have it (see
+    /// [`ImageRow::extra`]); empty without any.
+    pub extra: BTreeMap<String, PairedDelta>,
 }
 
 /// The pairs of two methods' rows on (subject, prompt index, seed), in `guided`'s row order.
@@ -138,6 +141,18 @@ pub fn compare(rows: &[ImageRow], guided: &str, baseline: &str, seed: u64) -> Op
         let b: Vec<f64> = pairs.iter().map(|(_, b)| f(b)).collect();
         paired_delta(&g, &b, seed)
     };
+    let names: std::collections::BTreeSet<&String> =
+        pairs.iter().flat_map(|(g, _)| g.extra.keys()).collect();
+    let extra = names
+        .into_iter()
+        .filter_map(|name| {
+            let (g, b): (Vec<f64>, Vec<f64>) = pairs
+                .iter()
+                .filter_map(|(g, b)| Some((*g.extra.get(name)?, *b.extra.get(name)?)))
+                .unzip();
+            (!g.is_empty()).then(|| (name.clone(), paired_delta(&g, &b, seed)))
+        })
+        .collect();
     Some(Comparison {
         guided: guided.into(),
         baseline: baseline.into(),
@@ -146,6 +161,7 @@ pub fn compare(rows: &[ImageRow], guided: &str, baseline: &str, seed: u64) -> Op
             metric(|r| r.clip_i),
             metric(|r| r.clip_t),
         ],
+        extra,
     })
 }
 
@@ -243,6 +259,7 @@ mod tests {
             dino,
             clip_i: dino,
             clip_t: dino,
+            extra: Default::default(),
             seconds: 0.0,
             device: String::new(),
             dtype: String::new(),
@@ -272,6 +289,112 @@ mod tests {
         assert!(compare(&rows, "sd+pnd", "db", 0).is_none());
     }
 
+    /// `row` with extra score `dinov2 = v` (none for `None`).
+    fn with_dinov2(mut r: ImageRow, v: Option<f64>) -> ImageRow {
+        r.extra = v.map(|v| ("dinov2".to_string(), v)).into_iter().collect();
+        r
+    }
+
+    #[test]
+    fn extra_scores_are_compared_and_tabled_like_the_others() {
+        use super::super::{aggregate, tables};
+        let rows = vec![
+            with_dinov2(row("sd", "dog", 0, 0.5, None), Some(10.0)),
+            with_dinov2(row("sd", "dog", 1, 0.6, None), Some(20.0)),
+            with_dinov2(row("sd", "dog", 2, 0.6, None), None),
+            with_dinov2(row("sd+pnd", "dog", 0, 0.9, None), Some(13.0)),
+            with_dinov2(row("sd+pnd", "dog", 1, 0.9, None), Some(26.0)),
+            with_dinov2(row("sd+pnd", "dog", 2, 0.9, None), Some(30.0)),
+        ];
+        let c = compare(&rows, "sd+pnd", "sd", 7).unwrap();
+        // The pair whose baseline lacks the score is left out of its statistics only.
+        assert_eq!(c.metrics[0].pairs, 3);
+        assert_eq!(
+            c.extra["dinov2"],
+            paired_delta(&[13.0, 26.0], &[10.0, 20.0], 7)
+        );
+        assert_eq!(c.extra["dinov2"].delta, 4.5);
+        let names = ["sd".to_string(), "sd+pnd".to_string()];
+        let summaries = aggregate::by_method(&rows, &names, 0).unwrap();
+        assert_eq!(summaries[0].extra["dinov2"].mean, 15.0);
+        assert_eq!(summaries[1].extra["dinov2"].mean, 23.0);
+        let subjects = aggregate::by_subject(&rows, &names).unwrap();
+        assert_eq!(subjects[1].extra["dinov2"], 23.0);
+        let infos: Vec<tables::MethodInfo> = names
+            .iter()
+            .map(|n| tables::MethodInfo {
+                name: n.clone(),
+                label: n.clone(),
+                baseline: "stable-diffusion".into(),
+                guided: n.ends_with("+pnd"),
+                compare_to: None,
+            })
+            .collect();
+        let oracle = OracleRow {
+            dino: 0.7,
+            clip_i: 0.8,
+            per_subject: vec![],
+            dino_max_pair: Default::default(),
+            extra: [("dinov2".to_string(), 90.0)].into(),
+        };
+        let extras = tables::TableExtras {
+            paired: vec![c],
+            ..Default::default()
+        };
+        let table = tables::method_table(&summaries, &infos, Some(&oracle), &extras);
+        let md = tables::markdown(&table);
+        assert!(
+            md.starts_with("| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | dinov2 ↑ | images | possible copies |\n|---|---:|---:|---:|---:|---:|---:|\n| Real Images (Oracle) | 0.700 | 0.800 | – | 90.000 | – | – |\n| sd | "),
+            "{md}"
+        );
+        assert!(md.contains(" | 23.000 (+8.000) | 3 | – |\n"), "{md}");
+        assert!(
+            md.contains("| ΔCLIP-T | Δdinov2 |\n|---|---|---:|---:|---:|---:|---:|\n"),
+            "{md}"
+        );
+        assert!(md.contains("| +4.500 ["), "{md}");
+        let csv = tables::csv(&table).unwrap();
+        let header = csv.lines().next().unwrap();
+        assert!(
+            header.starts_with("method,images,dino,clip_i,clip_t,dinov2,delta_dino,delta_clip_i,delta_clip_t,delta_dinov2,expected,")
+                && header.ends_with(",paired_p_clip_t,paired_delta_dinov2,paired_ci95_low_dinov2,paired_ci95_high_dinov2,paired_p_dinov2"),
+            "{csv}"
+        );
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("Real Images (Oracle),,0.700000,0.800000,,90.000000,,"),
+            "{csv}"
+        );
+        let tex = tables::latex(&table);
+        assert!(
+            tex.contains("& 23.000 ({\\scriptsize $+8.000$}) \\\\\n"),
+            "{tex}"
+        );
+
+        // Without extra scores: the tables as they were.
+        let plain: Vec<ImageRow> = rows.into_iter().map(|r| with_dinov2(r, None)).collect();
+        let summaries = aggregate::by_method(&plain, &names, 0).unwrap();
+        assert!(summaries[0].extra.is_empty());
+        let mut oracle = oracle;
+        oracle.extra.clear();
+        let extras = tables::TableExtras {
+            paired: vec![compare(&plain, "sd+pnd", "sd", 7).unwrap()],
+            ..Default::default()
+        };
+        let table = tables::method_table(&summaries, &infos, Some(&oracle), &extras);
+        let md = tables::markdown(&table);
+        assert!(md.starts_with("| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | images | possible copies |\n|---|---:|---:|---:|---:|---:|\n"), "{md}");
+        assert!(md.contains("| Method | vs | pairs | ΔDINO | ΔCLIP-I | ΔCLIP-T |\n|---|---|---:|---:|---:|---:|\n"), "{md}");
+        let csv = tables::csv(&table).unwrap();
+        assert_eq!(
+            csv.lines().next().unwrap(),
+            "method,images,dino,clip_i,clip_t,delta_dino,delta_clip_i,delta_clip_t,expected,possible_copies,pairs,paired_delta_dino,paired_ci95_low_dino,paired_ci95_high_dino,paired_p_dino,paired_delta_clip_i,paired_ci95_low_clip_i,paired_ci95_high_clip_i,paired_p_clip_i,paired_delta_clip_t,paired_ci95_low_clip_t,paired_ci95_high_clip_t,paired_p_clip_t"
+        );
+        assert!(tables::latex(&table).starts_with("\\begin{tabular}{lccc}\n\\toprule\nMethod & DINO $\\uparrow$ & CLIP-I $\\uparrow$ & CLIP-T $\\uparrow$ \\\\\n"));
+    }
+
     #[test]
     fn images_above_the_largest_real_pair_are_possible_copies() {
         let oracle = OracleRow {
@@ -279,6 +402,7 @@ mod tests {
             clip_i: 0.8,
             per_subject: vec![],
             dino_max_pair: [("dog".to_string(), 0.9), ("cat".to_string(), 0.8)].into(),
+            extra: Default::default(),
         };
         let rows = vec![
             row("m", "dog", 0, 0.5, Some(0.95)),

@@ -4,7 +4,7 @@
 //! each profile's oracle gate. Written as `protocols.md`, `protocols.csv` and `index.html`, which
 //! links each profile's own report.
 
-use super::tables::{images_cell, TableRow};
+use super::tables::{extra_columns, images_cell, TableRow};
 use super::{html, ReportOutput};
 use crate::sweep::write_file_atomic;
 use std::fmt::Write;
@@ -25,6 +25,20 @@ fn score(r: &TableRow, k: usize, digits: usize) -> String {
     }
 }
 
+/// Extra score `name` of a line (`None` where its profile has none).
+fn extra(r: &TableRow, name: &str, digits: usize) -> Option<String> {
+    r.extra
+        .get(name)
+        .filter(|v| !v.is_nan())
+        .map(|v| format!("{v:.digits$}"))
+}
+
+/// The extra scores of any profile (DreamBench++'s `dinov2`): one column each after CLIP-T,
+/// empty for the profiles without it.
+fn extra_names(runs: &[ProfileRun]) -> Vec<String> {
+    extra_columns(runs.iter().flat_map(|r| &r.report.table))
+}
+
 /// The oracle gate's line of a report's header (`- Oracle gate: ...`).
 fn gate_line(header: &str) -> &str {
     header
@@ -35,14 +49,21 @@ fn gate_line(header: &str) -> &str {
 
 /// The Markdown page: the table, then each profile's gate and report.
 pub fn markdown(runs: &[ProfileRun]) -> String {
-    let mut s = String::from(
-        "| Protocol | Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | images |\n|---|---|---:|---:|---:|---:|\n",
+    let names = extra_names(runs);
+    let head: String = names.iter().map(|n| format!(" {n} ↑ |")).collect();
+    let rule = "---:|".repeat(names.len());
+    let mut s = format!(
+        "| Protocol | Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ |{head} images |\n|---|---|---:|---:|---:|{rule}---:|\n",
     );
     for run in runs {
         for r in &run.report.table {
+            let more: String = names
+                .iter()
+                .map(|n| format!(" {} |", extra(r, n, 3).unwrap_or_else(|| "–".into())))
+                .collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |{more} {} |",
                 run.profile,
                 r.label,
                 score(r, 0, 3),
@@ -68,8 +89,11 @@ pub fn markdown(runs: &[ProfileRun]) -> String {
 
 /// Full precision, one line per profile and table line.
 pub fn csv(runs: &[ProfileRun]) -> anyhow::Result<String> {
+    let names = extra_names(runs);
     let mut w = ::csv::Writer::from_writer(Vec::new());
-    w.write_record(["protocol", "method", "images", "dino", "clip_i", "clip_t"])?;
+    let mut header: Vec<&str> = vec!["protocol", "method", "images", "dino", "clip_i", "clip_t"];
+    header.extend(names.iter().map(String::as_str));
+    w.write_record(&header)?;
     for run in runs {
         for r in &run.report.table {
             let clip_t = if r.has_clip_t {
@@ -77,14 +101,16 @@ pub fn csv(runs: &[ProfileRun]) -> anyhow::Result<String> {
             } else {
                 String::new()
             };
-            w.write_record([
+            let mut record = vec![
                 run.profile.clone(),
                 r.label.clone(),
                 r.images.map(|n| n.to_string()).unwrap_or_default(),
                 score(r, 0, 6),
                 score(r, 1, 6),
                 clip_t,
-            ])?;
+            ];
+            record.extend(names.iter().map(|n| extra(r, n, 6).unwrap_or_default()));
+            w.write_record(&record)?;
         }
     }
     Ok(String::from_utf8(w.into_inner()?)?)

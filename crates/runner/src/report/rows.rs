@@ -1,6 +1,7 @@
 //! The result rows a sweep writes: one per generated image.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One generated image and its scores (SPEC §8). Flat, so it is one CSV line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,11 @@ pub struct ImageRow {
     pub dino: f64,
     pub clip_i: f64,
     pub clip_t: f64,
+    /// The profile's extra scores by name (DreamBench++'s `dinov2`), on the profile's scale;
+    /// empty under a profile without any and in rows of older runs. `results.csv` has one column
+    /// per name (see [`crate::sweep::RunStore::write_results_csv`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
     /// Wall time of generation (guidance included), seconds. Not part of any table.
     pub seconds: f64,
     /// The device that generated the image (`cpu`, `cuda:0`); empty in rows of older runs.
@@ -104,6 +110,40 @@ pub struct OracleRow {
     pub per_subject: Vec<(String, f64, f64)>,
     /// Per subject: the largest DINO similarity between two distinct real images (the copy
     /// flag's threshold). Empty in oracles of older runs.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub dino_max_pair: std::collections::BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dino_max_pair: BTreeMap<String, f64>,
+    /// The profile's extra scores of the real images (see [`ImageRow::extra`]). Empty in oracles
+    /// of older runs and under a profile without any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_and_oracles_of_older_runs_load_and_rows_without_extras_are_written_as_before() {
+        let old = r#"{"id":"m__dog__p00__s0","method":"m","baseline":"stable-diffusion","guided":false,
+            "subject":"dog","prompt_index":0,"seed":0,"prompt":"a sks dog","clip_t_prompt":"a dog",
+            "image":"files/x/image.png","reference":"dog/00.jpg","dino":0.5,"clip_i":0.7,"clip_t":0.3,
+            "seconds":1.0}"#;
+        let row: ImageRow = serde_json::from_str(old).unwrap();
+        assert!(row.extra.is_empty());
+        assert_eq!((row.dino, row.dino_max), (0.5, None));
+        assert!(!serde_json::to_string(&row).unwrap().contains("extra"));
+        let mut with = row.clone();
+        with.extra.insert("dinov2".into(), 81.5);
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(
+            text.contains(r#""clip_t":0.3,"extra":{"dinov2":81.5},"seconds""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<ImageRow>(&text).unwrap(), with);
+        let oracle: OracleRow =
+            serde_json::from_str(r#"{"dino":0.77,"clip_i":0.88,"per_subject":[["dog",0.8,0.9]]}"#)
+                .unwrap();
+        assert!(oracle.extra.is_empty() && oracle.dino_max_pair.is_empty());
+        assert!(!serde_json::to_string(&oracle).unwrap().contains("extra"));
+    }
 }

@@ -46,6 +46,22 @@ pub struct TableRow {
     /// For a guided method: its baseline's label and the paired differences (DINO, CLIP-I,
     /// CLIP-T) on their matched jobs.
     pub paired: Option<(String, [PairedDelta; 3])>,
+    /// The profile's extra scores by name (DreamBench++'s `dinov2`), each one more column after
+    /// CLIP-T; empty without any.
+    pub extra: BTreeMap<String, f64>,
+    /// For a compared method: the change of each extra score its baseline also has.
+    pub extra_delta: BTreeMap<String, f64>,
+    /// For a compared method: the paired differences of the extra scores.
+    pub paired_extra: BTreeMap<String, PairedDelta>,
+}
+
+/// The extra scores' names of a table's lines (its extra columns), sorted.
+pub fn extra_columns<'a>(rows: impl IntoIterator<Item = &'a TableRow>) -> Vec<String> {
+    rows.into_iter()
+        .flat_map(|r| r.extra.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// What the table adds to the means, by method name: planned jobs, possible copies, paired
@@ -107,19 +123,34 @@ pub fn method_table(
             expected: None,
             copies: None,
             paired: None,
+            extra: o.extra.clone(),
+            extra_delta: BTreeMap::new(),
+            paired_extra: BTreeMap::new(),
         });
     }
     for s in summaries {
         let label = label_of(&s.method);
         let scores = [s.dino.mean, s.clip_i.mean, s.clip_t.mean];
         let base = baseline_of(summaries, infos, s);
-        let paired = base.and_then(|b| {
+        let comparison = base.and_then(|b| {
             extras
                 .paired
                 .iter()
                 .find(|c| c.guided == s.method && c.baseline == b.method)
-                .map(|c| (label_of(&b.method), c.metrics))
         });
+        let paired = base
+            .zip(comparison)
+            .map(|(b, c)| (label_of(&b.method), c.metrics));
+        let extra: BTreeMap<String, f64> =
+            s.extra.iter().map(|(k, st)| (k.clone(), st.mean)).collect();
+        let extra_delta = base
+            .map(|b| {
+                extra
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v - b.extra.get(k)?.mean)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let delta = base.map(|b| {
             [
                 scores[0] - b.dino.mean,
@@ -140,6 +171,9 @@ pub fn method_table(
                 .filter(|&n| n > s.images),
             copies: extras.copies.get(&s.method).copied(),
             paired,
+            extra,
+            extra_delta,
+            paired_extra: comparison.map(|c| c.extra.clone()).unwrap_or_default(),
         });
     }
     rows
@@ -173,6 +207,13 @@ fn p_text(p: f64) -> String {
     }
 }
 
+/// The cell of extra score `name` (with its change, when the line has one); `None` when the line
+/// lacks the score.
+fn extra_cell(r: &TableRow, name: &str, signed: impl Fn(f64) -> String) -> Option<String> {
+    let v = r.extra.get(name).filter(|v| !v.is_nan())?;
+    Some(cell(*v, r.extra_delta.get(name).copied(), signed))
+}
+
 fn cell(v: f64, delta: Option<f64>, signed: impl Fn(f64) -> String) -> String {
     match delta {
         Some(d) => format!("{v:.3} ({})", signed(d)),
@@ -182,8 +223,11 @@ fn cell(v: f64, delta: Option<f64>, signed: impl Fn(f64) -> String) -> String {
 
 /// GitHub Markdown: the table, then the paired differences of the guided methods.
 pub fn markdown(rows: &[TableRow]) -> String {
-    let mut s = String::from(
-        "| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | images | possible copies |\n|---|---:|---:|---:|---:|---:|\n",
+    let names = extra_columns(rows);
+    let head: String = names.iter().map(|n| format!(" {n} ↑ |")).collect();
+    let rule = "---:|".repeat(names.len());
+    let mut s = format!(
+        "| Method | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ |{head} images | possible copies |\n|---|---:|---:|---:|{rule}---:|---:|\n",
     );
     for r in rows {
         let c = |k: usize| {
@@ -197,9 +241,16 @@ pub fn markdown(rows: &[TableRow]) -> String {
             .copies
             .map(|n| n.to_string())
             .unwrap_or_else(|| "–".into());
+        let more: String = names
+            .iter()
+            .map(|n| {
+                let v = extra_cell(r, n, |d| format!("{d:+.3}")).unwrap_or_else(|| "–".into());
+                format!(" {v} |")
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {copies} |",
+            "| {} | {} | {} | {} |{more} {} | {copies} |",
             r.label,
             c(0),
             c(1),
@@ -212,13 +263,28 @@ pub fn markdown(rows: &[TableRow]) -> String {
         .filter_map(|r| r.paired.as_ref().map(|p| (r, p)))
         .collect();
     if !paired.is_empty() {
-        s.push_str(
-            "\nPaired differences against the baseline on matched (subject, prompt, seed): mean [95% bootstrap interval], permutation p.\n\n| Method | vs | pairs | ΔDINO | ΔCLIP-I | ΔCLIP-T |\n|---|---|---:|---:|---:|---:|\n",
+        let names = extra_columns(paired.iter().map(|(r, _)| *r));
+        let head: String = names.iter().map(|n| format!(" Δ{n} |")).collect();
+        let rule = "---:|".repeat(names.len());
+        let _ = write!(
+            s,
+            "\nPaired differences against the baseline on matched (subject, prompt, seed): mean [95% bootstrap interval], permutation p.\n\n| Method | vs | pairs | ΔDINO | ΔCLIP-I | ΔCLIP-T |{head}\n|---|---|---:|---:|---:|---:|{rule}\n",
         );
         for (r, (base, m)) in paired {
+            let more: String = names
+                .iter()
+                .map(|n| {
+                    let v = r
+                        .paired_extra
+                        .get(n)
+                        .map(paired_cell)
+                        .unwrap_or_else(|| "–".into());
+                    format!(" {v} |")
+                })
+                .collect();
             let _ = writeln!(
                 s,
-                "| {} | {base} | {} | {} | {} | {} |",
+                "| {} | {base} | {} | {} | {} | {} |{more}",
                 r.label,
                 m[0].pairs,
                 paired_cell(&m[0]),
@@ -240,7 +306,13 @@ fn latex_escape(text: &str) -> String {
 
 /// A LaTeX `tabular` (booktabs), deltas in small type as the paper prints them.
 pub fn latex(rows: &[TableRow]) -> String {
-    let mut s = String::from("\\begin{tabular}{lccc}\n\\toprule\nMethod & DINO $\\uparrow$ & CLIP-I $\\uparrow$ & CLIP-T $\\uparrow$ \\\\\n\\midrule\n");
+    let names = extra_columns(rows);
+    let cols = "c".repeat(names.len());
+    let head: String = names
+        .iter()
+        .map(|n| format!(" & {} $\\uparrow$", latex_escape(n)))
+        .collect();
+    let mut s = format!("\\begin{{tabular}}{{lccc{cols}}}\n\\toprule\nMethod & DINO $\\uparrow$ & CLIP-I $\\uparrow$ & CLIP-T $\\uparrow${head} \\\\\n\\midrule\n");
     for r in rows {
         let c = |k: usize| {
             if k == 2 && !r.has_clip_t {
@@ -251,9 +323,17 @@ pub fn latex(rows: &[TableRow]) -> String {
                 })
             }
         };
+        let more: String = names
+            .iter()
+            .map(|n| {
+                let v = extra_cell(r, n, |d| format!("{{\\scriptsize ${d:+.3}$}}"))
+                    .unwrap_or_else(|| "--".into());
+                format!(" & {v}")
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "{} & {} & {} & {} \\\\",
+            "{} & {} & {} & {}{more} \\\\",
             latex_escape(&r.label),
             c(0),
             c(1),
@@ -267,23 +347,20 @@ pub fn latex(rows: &[TableRow]) -> String {
 /// CSV with full precision: method, scores, deltas, then the planned jobs, the possible copies
 /// and the paired statistics (empty where not applicable).
 pub fn csv(rows: &[TableRow]) -> anyhow::Result<String> {
+    let names = extra_columns(rows);
     let mut w = ::csv::Writer::from_writer(Vec::new());
-    let mut header: Vec<String> = [
-        "method",
-        "images",
-        "dino",
-        "clip_i",
-        "clip_t",
-        "delta_dino",
-        "delta_clip_i",
-        "delta_clip_t",
-        "expected",
-        "possible_copies",
-        "pairs",
-    ]
-    .map(String::from)
-    .to_vec();
-    for m in super::aggregate::METRICS {
+    let mut header: Vec<String> = ["method", "images", "dino", "clip_i", "clip_t"]
+        .map(String::from)
+        .to_vec();
+    header.extend(names.iter().cloned());
+    header.extend(["delta_dino", "delta_clip_i", "delta_clip_t"].map(String::from));
+    header.extend(names.iter().map(|n| format!("delta_{n}")));
+    header.extend(["expected", "possible_copies", "pairs"].map(String::from));
+    for m in super::aggregate::METRICS
+        .iter()
+        .copied()
+        .chain(names.iter().map(String::as_str))
+    {
         for k in [
             "paired_delta",
             "paired_ci95_low",
@@ -310,21 +387,35 @@ pub fn csv(rows: &[TableRow]) -> anyhow::Result<String> {
             f(r.scores[0]),
             f(r.scores[1]),
             f(r.scores[2]),
-            d(0),
-            d(1),
-            d(2),
+        ];
+        record.extend(
+            names
+                .iter()
+                .map(|k| r.extra.get(k).map(|&v| f(v)).unwrap_or_default()),
+        );
+        record.extend([d(0), d(1), d(2)]);
+        record.extend(names.iter().map(|k| {
+            r.extra_delta
+                .get(k)
+                .map(|v| format!("{v:.6}"))
+                .unwrap_or_default()
+        }));
+        record.extend([
             n(r.expected.or(r.images)),
             n(r.copies),
             n(r.paired.as_ref().map(|(_, m)| m[0].pairs)),
-        ];
+        ]);
+        let four = |p: Option<&PairedDelta>| match p {
+            Some(p) => [p.delta, p.ci_low, p.ci_high, p.p_value]
+                .map(|v| format!("{v:.6}"))
+                .to_vec(),
+            None => vec![String::new(); 4],
+        };
         for k in 0..3 {
-            match &r.paired {
-                Some((_, m)) => record.extend(
-                    [m[k].delta, m[k].ci_low, m[k].ci_high, m[k].p_value]
-                        .map(|v| format!("{v:.6}")),
-                ),
-                None => record.extend(std::iter::repeat_n(String::new(), 4)),
-            }
+            record.extend(four(r.paired.as_ref().map(|(_, m)| &m[k])));
+        }
+        for k in &names {
+            record.extend(four(r.paired_extra.get(k)));
         }
         w.write_record(&record)?;
     }

@@ -96,6 +96,116 @@ pub fn write_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), Sto
     write_file_atomic(path, &bytes)
 }
 
+/// The field names of a JSON object in their written order (serde_json's `Value` sorts them).
+struct FieldOrder(Vec<String>);
+
+impl<'de> Deserialize<'de> for FieldOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = FieldOrder;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a row (an object)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FieldOrder, A::Error> {
+                let mut names = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    names.push(k);
+                }
+                Ok(FieldOrder(names))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// One row as (column, cell): its fields in order, a field that is a map (a row's extra scores)
+/// spread into one column per key in its place.
+fn flat_cells<R: Serialize>(row: &R) -> Result<Vec<(String, serde_json::Value)>, String> {
+    let order: FieldOrder = serde_json::to_string(row)
+        .and_then(|t| serde_json::from_str(&t))
+        .map_err(|e| e.to_string())?;
+    // Values from `to_value`: no text round trip of the floats.
+    let serde_json::Value::Object(mut fields) =
+        serde_json::to_value(row).map_err(|e| e.to_string())?
+    else {
+        return Err("a row is not a struct".into());
+    };
+    let mut cells: Vec<(String, serde_json::Value)> = Vec::new();
+    for name in order.0 {
+        match fields.remove(&name).unwrap_or_default() {
+            serde_json::Value::Object(inner) => cells.extend(inner),
+            v => cells.push((name, v)),
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (c, _) in &cells {
+        if !seen.insert(c.as_str()) {
+            return Err(format!(
+                "column '{c}' twice in a row (a map key repeats a field's name)"
+            ));
+        }
+    }
+    Ok(cells)
+}
+
+/// Serializes rows to CSV as [`write_csv_atomic`] does, a map field (a row's extra scores) spread
+/// into one column per key where the field is. The header has every column of any row (a new one
+/// after the column before it in its row); a row without a column leaves its cell empty. Rows
+/// without map fields give exactly [`write_csv_atomic`]'s file.
+pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), StoreError> {
+    let bad = |message: String| StoreError::Csv {
+        path: path.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message).into(),
+    };
+    let mut header: Vec<String> = Vec::new();
+    let mut records = Vec::with_capacity(rows.len());
+    for row in rows {
+        let cells = flat_cells(row).map_err(bad)?;
+        for (k, (c, _)) in cells.iter().enumerate() {
+            if header.contains(c) {
+                continue;
+            }
+            let at = match k {
+                0 => 0,
+                _ => header
+                    .iter()
+                    .position(|h| *h == cells[k - 1].0)
+                    .map_or(header.len(), |i| i + 1),
+            };
+            header.insert(at, c.clone());
+        }
+        records.push(cells.into_iter().collect::<BTreeMap<_, _>>());
+    }
+    let csv_err = |source| StoreError::Csv {
+        path: path.into(),
+        source,
+    };
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    if !rows.is_empty() {
+        w.write_record(&header).map_err(csv_err)?;
+    }
+    for r in &records {
+        let cells: Vec<&serde_json::Value> = header
+            .iter()
+            .map(|h| r.get(h).unwrap_or(&serde_json::Value::Null))
+            .collect();
+        w.serialize(cells).map_err(csv_err)?;
+    }
+    let bytes = w.into_inner().map_err(|e| StoreError::Io {
+        action: "encoding CSV for",
+        path: path.into(),
+        source: e.into_error(),
+    })?;
+    write_file_atomic(path, &bytes)
+}
+
 /// A run's plan: the experiment's name, its resolved config (free-form, for traceability),
 /// every job in canonical order, and what made the run (build, models, data). Shards of one
 /// experiment share one plan.
@@ -260,13 +370,14 @@ impl RunStore {
         write_csv_atomic(&path, failures)
     }
 
-    /// Rewrites `results.csv` from the finished rows, in plan order.
+    /// Rewrites `results.csv` from the finished rows, in plan order (a row's extra scores one
+    /// column each, see [`write_flat_csv_atomic`]).
     pub fn write_results_csv<R: Serialize + DeserializeOwned>(
         &self,
     ) -> Result<PathBuf, StoreError> {
         let rows: Vec<R> = self.rows()?;
         let path = self.root.join("results.csv");
-        write_csv_atomic(&path, &rows)?;
+        write_flat_csv_atomic(&path, &rows)?;
         Ok(path)
     }
 }
@@ -353,4 +464,75 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Row {
+        name: String,
+        score: f64,
+        extra: BTreeMap<String, f64>,
+        note: Option<f64>,
+    }
+
+    fn row(name: &str, score: f64, extra: &[(&str, f64)]) -> Row {
+        Row {
+            name: name.into(),
+            score,
+            extra: extra.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            note: None,
+        }
+    }
+
+    #[derive(Serialize)]
+    struct Plain {
+        name: String,
+        score: f64,
+        seed: u64,
+        flag: bool,
+        note: Option<f64>,
+    }
+
+    #[test]
+    fn a_map_field_becomes_one_column_per_key_and_plain_rows_are_written_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+        let plain = [
+            Plain {
+                name: "x, y".into(),
+                score: 0.1 + 0.2,
+                seed: u64::MAX,
+                flag: true,
+                note: None,
+            },
+            Plain {
+                name: "z".into(),
+                score: 1.0,
+                seed: 0,
+                flag: false,
+                note: Some(-2.5e-300),
+            },
+        ];
+        write_csv_atomic(&a, &plain).unwrap();
+        write_flat_csv_atomic(&b, &plain).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        write_flat_csv_atomic(&b, &[] as &[Plain]).unwrap();
+        assert!(fs::read(&b).unwrap().is_empty());
+        // An older row without the map first: the new columns go where the map is.
+        let rows = [
+            row("old", 0.5, &[]),
+            row("new", 0.25, &[("dinov2", 81.5), ("aa", 1.0)]),
+        ];
+        write_flat_csv_atomic(&b, &rows).unwrap();
+        assert_eq!(
+            fs::read_to_string(&b).unwrap(),
+            "name,score,aa,dinov2,note\nold,0.5,,,\nnew,0.25,1.0,81.5,\n"
+        );
+        // A key that repeats a field's name is one clear error.
+        let e = write_flat_csv_atomic(&b, &[row("x", 0.0, &[("score", 1.0)])]).unwrap_err();
+        assert!(e.to_string().contains("column 'score' twice"), "{e}");
+    }
 }
