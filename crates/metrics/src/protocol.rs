@@ -259,6 +259,42 @@ impl Default for Scoring {
     }
 }
 
+/// Names an extra score cannot take: the columns the runner's result rows and tables already
+/// have (`results.csv`, `table.csv`), which an extra score's column would repeat.
+pub const RESERVED_NAMES: [&str; 31] = [
+    "id",
+    "method",
+    "baseline",
+    "guided",
+    "subject",
+    "prompt_index",
+    "seed",
+    "prompt",
+    "clip_t_prompt",
+    "image",
+    "reference",
+    "seconds",
+    "device",
+    "dtype",
+    "dino_max",
+    "dino_max_pair",
+    "inversion_s",
+    "palette_s",
+    "template_s",
+    "sampling_s",
+    "decode_s",
+    "scoring_s",
+    "per_subject",
+    "extra",
+    "images",
+    "pairs",
+    "label",
+    "protocol",
+    "copies",
+    "possible_copies",
+    "vs",
+];
+
 impl Scoring {
     /// The DreamBooth protocol (SPEC §5): plain cosine, every real image, torchvision preprocessing.
     pub fn dreambooth() -> Self {
@@ -303,6 +339,11 @@ impl Scoring {
             }
             if matches!(name.as_str(), "dino" | "clip_i" | "clip_t") {
                 return Err(format!("extra score name '{name}' is a built-in score"));
+            }
+            if RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "extra score name '{name}' is taken by a column of the result rows or tables; pick another"
+                ));
             }
             image.push((name.clone(), e.image_scoring()));
         }
@@ -381,6 +422,17 @@ mod tests {
         let mut s = Scoring::dreambooth();
         s.clip_t.scale = 0.0;
         assert!(s.validate().unwrap_err().contains("clip_t"));
+        // An extra score may not take a column name of the result rows.
+        let extra = "[extra.seed]\nmodel = \"m\"\narch = \"dinov2\"\npairing = \"one-to-one\"\nscale = 1.0\nclamp = \"none\"\npreprocess = { resize = 256, crop = 224, mean = [0.5, 0.5, 0.5], std = [0.5, 0.5, 0.5], crop_offset = \"floor\", rescale = \"multiply-f64\" }\n";
+        let s: Scoring = toml::from_str(&format!("{good}\n{extra}")).unwrap();
+        let err = s.validate().unwrap_err();
+        assert!(err.contains("'seed' is taken"), "{err}");
+        let s: Scoring = toml::from_str(&format!(
+            "{good}\n{}",
+            extra.replace("extra.seed", "extra.dinov2")
+        ))
+        .unwrap();
+        assert!(s.validate().is_ok());
     }
 
     #[test]
