@@ -349,12 +349,60 @@ impl ClipTextModel {
         ids: &Tensor,
         ctx: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
-        let mut xs = self.embeddings(ids, ctx)?;
+        self.encode(self.embeddings(ids, ctx)?)
+    }
+
+    /// The transformer over input embeddings (causal mask, layers, final layer norm).
+    fn encode(&self, mut xs: Tensor) -> Result<Tensor> {
         let mask = Self::causal_mask(xs.dim(1)?, xs.dtype(), xs.device())?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// `last_hidden_state` with token `id`, the row just past the table (the token Textual
+    /// Inversion trains), embedded as `row`: the same function as appending `row` to the table
+    /// ([`Self::push_token_embedding`]) and calling [`Self::forward`], but the table is only looked
+    /// up, so the graph holds `row` alone (no copy of the table and no table-sized gradient per
+    /// forward).
+    ///
+    /// # Shapes
+    /// `ids`: `[b, n]` (u32); `row`: `[hidden]`; output `[b, n, hidden]`.
+    pub fn forward_with_new_token(&self, ids: &Tensor, id: u32, row: &Tensor) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let table = self.token_embedding.embeddings();
+        let vocab = table.dim(0)?;
+        if id as usize != vocab {
+            candle_core::bail!("the new token's id {id} is not the row after the table's {vocab}");
+        }
+        if n > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{n} tokens exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id > id {
+            candle_core::bail!(
+                "token id {max_id} is outside the text encoder's vocabulary of {}",
+                vocab + 1
+            );
+        }
+        let is_new = ids.eq(&Tensor::full(id, (b, n), ids.device())?)?;
+        let safe = is_new.where_cond(&ids.zeros_like()?, &ids)?;
+        let tokens = self.token_embedding.forward(&safe)?;
+        let row = row
+            .to_dtype(tokens.dtype())?
+            .reshape((1, 1, h))?
+            .broadcast_as((b, n, h))?;
+        let tokens = is_new
+            .unsqueeze(2)?
+            .broadcast_as((b, n, h))?
+            .where_cond(&row, &tokens)?;
+        self.encode(tokens.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?)
     }
 
     /// Hidden size of the output (the UNet's `cross_attention_dim`).

@@ -246,9 +246,10 @@ impl TextualInversion {
             self.sd.dtype(),
         )?;
         let dtype = self.sd.dtype();
-        let mut text = self.base_text.clone();
-        text.push_token_embedding(self.row.as_tensor())?;
-        let ehs = text.forward(&x.ids)?.to_dtype(dtype)?;
+        let ehs = self
+            .base_text
+            .forward_with_new_token(&x.ids, self.token_id, self.row.as_tensor())?
+            .to_dtype(dtype)?;
         let ts: Vec<f64> = x.timesteps.iter().map(|&t| t as f64).collect();
         let pred = self.sd.unet.forward_timesteps(&noisy, &ts, &ehs)?;
         let target = self.schedule.target(&latents, &noise, &x.timesteps)?;

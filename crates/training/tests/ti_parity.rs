@@ -207,3 +207,44 @@ fn two_steps_match_the_script() {
         assert!(e < 1e-5, "row {s}: {e}");
     }
 }
+
+/// The new token's lookup-and-replace forward is the appended-table forward, exactly, and its
+/// gradient reaches the row.
+#[test]
+fn the_new_token_forward_equals_the_grown_table() {
+    let src = weights::ModelSource::parse(&model()).unwrap();
+    let text = diffusion::pipeline::load_text_encoder(&src, DType::F32, &Device::Cpu).unwrap();
+    let id = text.token_embedding().dim(0).unwrap() as u32;
+    let row = candle_core::Var::from_tensor(
+        &text
+            .token_embedding()
+            .narrow(0, 5988, 1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .affine(1.3, 0.1)
+            .unwrap(),
+    )
+    .unwrap();
+    let ids = Tensor::new(
+        &[
+            [49406u32, 320, id, 1929, 49407, 49407],
+            [49406, id, id, 49407, 49407, 49407],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut grown = text.clone();
+    assert_eq!(grown.push_token_embedding(row.as_tensor()).unwrap(), id);
+    let want = grown.forward(&ids).unwrap();
+    let got = text
+        .forward_with_new_token(&ids, id, row.as_tensor())
+        .unwrap();
+    assert_eq!(max_abs(&got, &want), 0.0);
+    let g = got.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(row.as_tensor()).is_some());
+    let bad = Tensor::new(&[[49406u32, id + 1]], &Device::Cpu).unwrap();
+    assert!(text
+        .forward_with_new_token(&bad, id, row.as_tensor())
+        .is_err());
+}
