@@ -138,13 +138,7 @@ impl DreamBooth {
         let files = crate::data::list_images(images)?;
         diffusion::pipeline::check_precision(dtype, device)?;
         let src = weights::ModelSource::parse(model).map_err(PipelineError::from)?;
-        let sched_file = match src.file(&["scheduler/scheduler_config.json"]) {
-            Ok(f) => f,
-            Err(weights::WeightsError::MissingFile { .. }) => {
-                return Err(TrainError::NoScheduler(model.into()))
-            }
-            Err(e) => return Err(PipelineError::from(e).into()),
-        };
+        let sched_file = crate::scheduler_file(&src, model)?;
         let scheduler: DdimConfig = weights::read_json(&sched_file).map_err(PipelineError::from)?;
         let schedule = NoiseSchedule::new(&scheduler)?;
         let vae = diffusion::pipeline::load_vae(&src, dtype, device)?;

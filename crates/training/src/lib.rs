@@ -97,15 +97,20 @@ pub fn load_base(
 ) -> Result<diffusion::pipeline::StableDiffusion> {
     let src =
         weights::ModelSource::parse(model).map_err(diffusion::pipeline::PipelineError::from)?;
-    match src.file(&["scheduler/scheduler_config.json"]) {
-        Ok(_) => {}
-        Err(weights::WeightsError::MissingFile { .. }) => {
-            return Err(TrainError::NoScheduler(model.into()))
-        }
-        // Offline, a failed download, no such folder: as the pipeline says it.
-        Err(e) => return Err(diffusion::pipeline::PipelineError::from(e).into()),
-    }
+    scheduler_file(&src, model)?;
     Ok(diffusion::pipeline::StableDiffusion::load(model, opts)?)
+}
+
+/// The model's `scheduler/scheduler_config.json`, or [`TrainError::NoScheduler`] when it has none
+/// (other failures, such as offline or a failed download, as the pipeline says them).
+pub fn scheduler_file(src: &weights::ModelSource, model: &str) -> Result<std::path::PathBuf> {
+    match src.file(&["scheduler/scheduler_config.json"]) {
+        Ok(f) => Ok(f),
+        Err(weights::WeightsError::MissingFile { .. }) => {
+            Err(TrainError::NoScheduler(model.into()))
+        }
+        Err(e) => Err(diffusion::pipeline::PipelineError::from(e).into()),
+    }
 }
 
 /// A positive multiple of 8, or [`TrainError::Resolution`].

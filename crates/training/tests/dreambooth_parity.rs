@@ -8,10 +8,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, model};
+use common::{fixtures, model, Fixed};
 use std::collections::HashMap;
 use training::dreambooth::{DbInputs, DbSettings, DreamBooth};
-use training::train_loop::{self, LoopSettings, MicroBatch, Objective};
+use training::train_loop::{self, LoopSettings};
 
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -36,23 +36,6 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
-}
-
-struct Fixed<'a> {
-    db: &'a DreamBooth,
-    inputs: Vec<DbInputs>,
-    losses: Vec<f64>,
-}
-
-impl Objective for Fixed<'_> {
-    fn loss(&mut self, mb: &MicroBatch) -> candle_core::Result<Tensor> {
-        let l = self
-            .db
-            .loss_of(&self.inputs[mb.micro as usize])
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.losses.push(l.to_scalar::<f32>()? as f64);
-        Ok(l)
-    }
 }
 
 /// Our name of a fixture tensor (`unet.x` / `text.x`), and the rows to compare of the token table.
@@ -196,8 +179,9 @@ fn check(case: &str) {
     let mut opt = db.optimizer().unwrap();
     let mut after: Vec<HashMap<String, Tensor>> = Vec::new();
     let mut norms = Vec::new();
+    let loss_of = |x: &training::train_loop::StepInputs| db.loss_of(x);
     let mut obj = Fixed {
-        db: &db,
+        loss_of: &loss_of,
         inputs,
         losses: Vec::new(),
     };

@@ -7,11 +7,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, model};
+use common::{fixtures, model, Fixed};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use training::textual_inversion::{TextualInversion, TiInputs, TiSettings};
-use training::train_loop::{self, LoopSettings, MicroBatch, Objective};
+use training::train_loop::{self, LoopSettings};
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
@@ -45,23 +45,6 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
-}
-
-struct Fixed<'a> {
-    ti: &'a TextualInversion,
-    inputs: Vec<TiInputs>,
-    losses: Vec<f64>,
-}
-
-impl Objective for Fixed<'_> {
-    fn loss(&mut self, mb: &MicroBatch) -> candle_core::Result<Tensor> {
-        let l = self
-            .ti
-            .loss_of(&self.inputs[mb.micro as usize])
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.losses.push(l.to_scalar::<f32>()? as f64);
-        Ok(l)
-    }
 }
 
 #[test]
@@ -183,8 +166,9 @@ fn two_steps_match_the_script() {
     let mut opt = ti.optimizer().unwrap();
     let row = ti.row().clone();
     let mut rows = Vec::new();
+    let loss_of = |x: &training::train_loop::StepInputs| ti.loss_of(x);
     let mut obj = Fixed {
-        ti: &ti,
+        loss_of: &loss_of,
         inputs,
         losses: Vec::new(),
     };
