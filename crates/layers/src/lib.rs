@@ -2,8 +2,11 @@
 
 mod activation;
 pub mod allocator;
+pub mod attention;
+pub mod fused;
 pub mod host;
 pub mod kernels;
 pub mod threads;
+pub mod vmath;
 
 pub use activation::{Activation, UnsupportedActivation};

@@ -19,13 +19,20 @@ pub struct Linear {
     /// `[in, out]`, contiguous (the checkpoint's `[out, in]` transposed once at load).
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// The bias as f32 values, for the in-place CPU epilogues ([`layers::fused`]).
+    bias_values: Option<Vec<f32>>,
 }
 
 impl Linear {
     pub fn from_weights(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let bias_values = match &bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
         Ok(Self {
             weight_t: weight.t()?.contiguous()?,
             bias,
+            bias_values,
         })
     }
 
@@ -39,21 +46,62 @@ impl Linear {
         Self::from_weights(&weight, bias)
     }
 
-    /// # Shapes
-    /// `xs`: `[.., in]` → `[.., out]`.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `x Wᵀ` without the bias, `[.., in]` → `[.., out]`.
+    fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = xs.elem_count() / in_dim.max(1);
         let y = xs.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(b) => add(&y, b)?,
-            None => y,
-        };
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = self.weight_t.dim(1)?;
         y.reshape(out)
+    }
+
+    /// Whether the in-place CPU epilogues may run on `xs`.
+    fn fused(&self, xs: &Tensor) -> bool {
+        layers::kernels::host_kernels(xs.device())
+            && xs.dtype() == DType::F32
+            && self.weight_t.dtype() == DType::F32
+            && !xs.track_op()
+    }
+
+    /// # Shapes
+    /// `xs`: `[.., in]` → `[.., out]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_act(xs, None)
+    }
+
+    /// `act(x Wᵀ + b)`: on the CPU the bias and the activation are one in-place pass over the
+    /// GEMM's output ([`layers::fused::bias_act_in_place`]).
+    pub fn forward_act(&self, xs: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let y = self.matmul(xs)?;
+        if self.fused(xs) {
+            layers::fused::bias_act_in_place(&y, self.bias_values.as_deref(), act)?;
+            return Ok(y);
+        }
+        let y = match &self.bias {
+            Some(b) => add(&y, b)?,
+            None => y,
+        };
+        match act {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
+    }
+
+    /// `residual + (x Wᵀ + b)`: on the CPU one in-place pass over the GEMM's output.
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.matmul(xs)?;
+        if self.fused(xs) && residual.dtype() == DType::F32 && !residual.track_op() {
+            layers::fused::bias_residual_in_place(&y, self.bias_values.as_deref(), residual)?;
+            return Ok(y);
+        }
+        let y = match &self.bias {
+            Some(b) => add(&y, b)?,
+            None => y,
+        };
+        add(residual, &y)
     }
 }
 
@@ -204,14 +252,37 @@ impl SelfAttention {
     /// # Shapes
     /// `xs`: `[batch, seq, dim]`; `mask`: additive `[seq, seq]` or none → `[batch, seq, dim]`.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.out.forward(&self.context(xs, mask)?)
+    }
+
+    /// `residual + forward(xs, mask)`, the residual added in the output projection's epilogue.
+    pub fn forward_residual(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.out
+            .forward_residual(&self.context(xs, mask)?, residual)
+    }
+
+    /// The attention's output before the output projection, `[batch, seq, dim]`. On the CPU one
+    /// task per (batch, head) reads q, k and v as views of the fused projection
+    /// ([`layers::attention::attention`]); elsewhere candle's ops.
+    fn context(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
-        let qkv = self
-            .qkv
-            .forward(xs)?
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let qkv = self.qkv.forward(xs)?;
+        if self.qkv.fused(xs) {
+            let q = qkv.narrow(2, 0, d)?;
+            let k = qkv.narrow(2, d, d)?;
+            let v = qkv.narrow(2, 2 * d, d)?;
+            return layers::attention::attention(&q, &k, &v, self.heads, scale, mask);
+        }
+        let qkv = qkv
             .reshape((b, n, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
-        let scale = (self.head_dim as f64).powf(-0.5);
         let q = qkv.get(0)?;
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
@@ -221,8 +292,7 @@ impl SelfAttention {
             None => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        self.out.forward(&ctx)
+        att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
     }
 }
 
@@ -279,13 +349,13 @@ impl Block {
     /// # Shapes
     /// `xs`: `[batch, seq, hidden]` → same.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = add(xs, &self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
-        let m = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
-        )?;
-        add(&h, &m)
+        let h = self
+            .attn
+            .forward_residual(&self.ln1.forward(xs)?, mask, xs)?;
+        let m = self
+            .fc1
+            .forward_act(&self.ln2.forward(&h)?, Some(self.act))?;
+        self.fc2.forward_residual(&m, &h)
     }
 }
 
