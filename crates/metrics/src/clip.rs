@@ -11,8 +11,8 @@
 //! Not candle-transformers' CLIP: it hard-codes `quick_gelu` for the text tower and eps 1e-5, always
 //! pools with `argmax`, and substitutes a random class embedding when the tensor is missing.
 
+use crate::nn::{run_blocks, Linear, PatchEmbed};
 use crate::nn::{token, Activation, AttentionNames, Block, BlockDims, BlockNames, LayerNorm};
-use crate::nn::{Linear, PatchEmbed};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -225,10 +225,8 @@ impl ClipVision {
             .class_embedding
             .broadcast_as((b, 1, self.cfg.hidden_size))?;
         let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
-        let mut xs = self.pre_layrnorm.forward(&xs)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, None)?;
-        }
+        let xs = self.pre_layrnorm.forward(&xs)?;
+        let xs = run_blocks(&self.layers, xs, true)?;
         let pooled = self.post_layernorm.forward(&token(&xs, 0)?)?;
         self.visual_projection.forward(&pooled)
     }

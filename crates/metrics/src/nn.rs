@@ -90,6 +90,26 @@ impl Linear {
         }
     }
 
+    /// Output columns `start..start + len` of [`Linear::forward`] alone: on the CPU a GEMM against
+    /// those columns of the weight (a view, no copy); elsewhere the whole output, narrowed.
+    pub fn forward_cols(&self, xs: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        if !self.fused(xs) {
+            return self.forward(xs)?.narrow(D::Minus1, start, len);
+        }
+        let dims = xs.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim.max(1);
+        let y = xs
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight_t.narrow(1, start, len)?)?;
+        let bias = self.bias_values.as_ref().map(|b| &b[start..start + len]);
+        layers::fused::bias_act_in_place(&y, bias, None)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = len;
+        y.reshape(out)
+    }
+
     /// `residual + (x Wᵀ + b)`: on the CPU one in-place pass over the GEMM's output.
     pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let y = self.matmul(xs)?;
@@ -266,6 +286,37 @@ impl SelfAttention {
             .forward_residual(&self.context(xs, mask)?, residual)
     }
 
+    /// `residual + forward(xs, mask)` for the first `rows` tokens only (queries from those rows,
+    /// keys and values from every token): `[batch, rows, dim]`. On the CPU the other rows' queries,
+    /// attention, output projection and MLP are never computed; elsewhere the whole block runs and
+    /// is narrowed.
+    fn forward_residual_first(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let (_, _, d) = xs.dims3()?;
+        if !self.qkv.fused(xs) {
+            return self
+                .forward_residual(xs, mask, residual)?
+                .narrow(1, 0, rows);
+        }
+        let q = self.qkv.forward_cols(&xs.narrow(1, 0, rows)?, 0, d)?;
+        let kv = self.qkv.forward_cols(xs, d, 2 * d)?;
+        let k = kv.narrow(2, 0, d)?;
+        let v = kv.narrow(2, d, d)?;
+        let mask = match mask {
+            Some(m) => Some(m.narrow(0, 0, rows)?),
+            None => None,
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let ctx = layers::attention::attention(&q, &k, &v, self.heads, scale, mask.as_ref())?;
+        self.out
+            .forward_residual(&ctx, &residual.narrow(1, 0, rows)?)
+    }
+
     /// The attention's output before the output projection, `[batch, seq, dim]`. On the CPU one
     /// task per (batch, head) reads q, k and v as views of the fused projection
     /// ([`layers::attention::attention`]); elsewhere candle's ops.
@@ -357,6 +408,32 @@ impl Block {
             .forward_act(&self.ln2.forward(&h)?, Some(self.act))?;
         self.fc2.forward_residual(&m, &h)
     }
+
+    /// `forward(xs, mask)` for the first `rows` tokens only, `[batch, rows, hidden]`: what an
+    /// encoder's last block needs when only the CLS token is read. The same values as
+    /// `forward(..).narrow(1, 0, rows)` up to the GEMMs' rounding.
+    pub fn forward_first(&self, xs: &Tensor, mask: Option<&Tensor>, rows: usize) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward_residual_first(&self.ln1.forward(xs)?, mask, xs, rows)?;
+        let m = self
+            .fc1
+            .forward_act(&self.ln2.forward(&h)?, Some(self.act))?;
+        self.fc2.forward_residual(&m, &h)
+    }
+}
+
+/// The blocks in turn, without a mask; with `cls_only` the last block computes the first token's
+/// row alone (`[batch, 1, hidden]`), for encoders whose embedding reads only the CLS token.
+pub fn run_blocks(blocks: &[Block], mut xs: Tensor, cls_only: bool) -> Result<Tensor> {
+    for (i, block) in blocks.iter().enumerate() {
+        xs = if cls_only && i + 1 == blocks.len() {
+            block.forward_first(&xs, None, 1)?
+        } else {
+            block.forward(&xs, None)?
+        };
+    }
+    Ok(xs)
 }
 
 /// Non-overlapping `patch × patch` convolution (stride = kernel) as one matmul over patches.
@@ -424,4 +501,92 @@ pub fn token(xs: &Tensor, i: usize) -> Result<Tensor> {
 /// L2-normalizes the last dimension.
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_div(&xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    const NAMES: BlockNames = BlockNames {
+        ln1: "ln1",
+        ln2: "ln2",
+        attn: "attn",
+        attn_names: AttentionNames {
+            q: "q",
+            k: "k",
+            v: "v",
+            out: "o",
+        },
+        fc1: "fc1",
+        fc2: "fc2",
+    };
+
+    /// A block with random weights (LayerNorm parameters included).
+    fn block(act: Activation) -> Block {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let dims = BlockDims {
+            hidden: 24,
+            intermediate: 40,
+            heads: 3,
+            qkv_bias: true,
+            eps: 1e-5,
+            act,
+        };
+        Block::load(vb.clone(), &NAMES, &dims).unwrap();
+        for var in vm.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        Block::load(vb, &NAMES, &dims).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused CPU block (attention per head, in-place epilogues) against the device-generic
+    /// one, and its first-rows form against the whole block narrowed, with and without a mask.
+    #[test]
+    fn fused_block_and_first_rows_match_the_generic_block() {
+        let n = 11;
+        let xs = Tensor::randn(0f32, 1.0, (3, n, 24), &Device::Cpu).unwrap();
+        let causal: Vec<f32> = (0..n * n)
+            .map(|i| if i % n > i / n { f32::MIN } else { 0.0 })
+            .collect();
+        let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
+        for act in [Activation::Gelu, Activation::QuickGelu] {
+            let b = block(act);
+            for mask in [None, Some(&causal)] {
+                let fused = b.forward(&xs, mask).unwrap();
+                let generic = {
+                    let _g = layers::kernels::force_generic();
+                    b.forward(&xs, mask).unwrap()
+                };
+                let d = max_abs_diff(&fused, &generic);
+                assert!(d < 5e-6, "{act:?}: fused vs generic {d}");
+                for rows in [1, 4] {
+                    let first = b.forward_first(&xs, mask, rows).unwrap();
+                    assert_eq!(first.dims(), &[3, rows, 24]);
+                    let d = max_abs_diff(&first, &fused.narrow(1, 0, rows).unwrap());
+                    assert!(d < 5e-6, "{act:?}: first {rows} rows {d}");
+                    let _g = layers::kernels::force_generic();
+                    let first_generic = b.forward_first(&xs, mask, rows).unwrap();
+                    let d = max_abs_diff(&first_generic, &generic.narrow(1, 0, rows).unwrap());
+                    assert_eq!(d, 0.0);
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@
 //! names (`layers.N.attention.q_proj`, `mlp.fc1`, ...), with or without a `vit.` prefix.
 
 use crate::nn::Activation;
-use crate::nn::{token, AttentionNames, Block, BlockDims, BlockNames, LayerNorm, PatchEmbed};
+use crate::nn::{
+    run_blocks, token, AttentionNames, Block, BlockDims, BlockNames, LayerNorm, PatchEmbed,
+};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -177,8 +179,9 @@ impl Vit {
         &self.cfg
     }
 
-    /// `last_hidden_state` before the final LayerNorm.
-    fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// `last_hidden_state` before the final LayerNorm; with `cls_only`, its CLS row alone
+    /// (`[batch, 1, hidden]`, the last block computed for that row only).
+    fn encode(&self, pixels: &Tensor, cls_only: bool) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         if h != self.cfg.image_size || w != self.cfg.image_size {
             candle_core::bail!(
@@ -188,11 +191,8 @@ impl Vit {
         }
         let patches = self.patch_embeddings.forward(pixels)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.hidden_size))?;
-        let mut xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, None)?;
-        }
-        Ok(xs)
+        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
+        run_blocks(&self.layers, xs, cls_only)
     }
 
     /// `last_hidden_state` (after the final LayerNorm).
@@ -200,7 +200,7 @@ impl Vit {
     /// # Shapes
     /// `pixels`: `[batch, 3, image, image]` → `[batch, 1 + patches, hidden]`.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.layernorm.forward(&self.encode(pixels)?)
+        self.layernorm.forward(&self.encode(pixels, false)?)
     }
 
     /// The DINO embedding: CLS token of `last_hidden_state`. LayerNorm is per token, so only the CLS
@@ -209,6 +209,7 @@ impl Vit {
     /// # Shapes
     /// `pixels`: `[batch, 3, image, image]` → `[batch, hidden]`.
     pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.layernorm.forward(&token(&self.encode(pixels)?, 0)?)
+        self.layernorm
+            .forward(&token(&self.encode(pixels, true)?, 0)?)
     }
 }
