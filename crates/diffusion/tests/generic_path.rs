@@ -98,7 +98,25 @@ fn primitives(dtype: DType) -> Vec<(&'static str, Op<'static>, Vec<usize>)> {
     let (k3, kb) = (t(&[5, 6, 3, 3], 9), t(&[5], 10));
     let (k3b, kbb) = (k3.clone(), kb.clone());
     let (k3c, kbc) = (k3.clone(), kb.clone());
+    let (ck, cv) = (t(&[2, 5, 6], 11), t(&[2, 5, 6], 12));
     vec![
+        (
+            // Self-attention: q, k and v all from the input, 2 heads of 3.
+            "attention (self)",
+            Box::new(|x| {
+                let q = x.narrow(2, 0, 6)?;
+                let k = x.narrow(2, 6, 6)?;
+                let v = x.narrow(2, 12, 6)?;
+                ops::attention(&q, &k, &v, 2, 0.6)
+            }),
+            vec![2, 4, 18],
+        ),
+        (
+            // Cross-attention over a constant context: no key/value gradients.
+            "attention (constant keys)",
+            Box::new(move |x| ops::attention(x, &ck, &cv, 3, 0.8)),
+            vec![2, 4, 6],
+        ),
         ("softmax", Box::new(ops::softmax_last_dim), vec![2, 3, 4]),
         (
             "layer_norm",

@@ -62,10 +62,22 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Flow<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
+        let hooked = self
+            .site
+            .as_ref()
+            .is_some_and(|site| ctx.hook.wants_attention(site));
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        if !hooked {
+            // On the CPU one node, one task per (batch, head), no probabilities kept.
+            let out = crate::ops::attention(&q, &k, &v, self.heads, self.scale)?;
+            return Ok(ControlFlow::Continue(self.to_out.forward(&out)?));
+        }
         // Scaling q ([n, d]) rather than the scores ([n, m]) saves a pass over the larger tensor.
-        let q = self.split_heads(&(self.to_q.forward(xs)? * self.scale)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.split_heads(&(q * self.scale)?)?;
+        let k = self.split_heads(&k)?;
+        let v = self.split_heads(&v)?;
         // With a constant context (the usual case) k and v get no gradient buffers.
         let scores = crate::ops::matmul_constant(&q, &k.t()?)?;
         let probs = softmax_last_dim(&scores, ctx)?;
