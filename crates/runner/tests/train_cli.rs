@@ -541,7 +541,8 @@ fn fixture_commands() -> Vec<Vec<String>> {
 }
 
 /// The tensors of a safetensors file within 1e-5 of another's (same names and shapes), except
-/// for at most one entry in a thousand (and at least one per tensor), held to 1e-2: AdamW's early
+/// for at most one entry in a thousand (and at least one per tensor) and every entry of a key
+/// bias, held to 1e-2: AdamW's early
 /// updates are lr·g/(|g| + 1e-8), so an entry whose gradient is within a few ε of zero (the key
 /// biases, which softmax's shift invariance leaves with an exactly zero gradient; padding-only
 /// taps) moves by up to lr per step on the rounding of g, which another CPU's kernels change.
@@ -574,8 +575,11 @@ fn assert_tensors_close(ours: &Path, want: &Path) -> f32 {
         let diffs: Vec<f32> = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).collect();
         let loose = diffs.iter().filter(|d| **d > 1e-5).count();
         let d = diffs.iter().cloned().fold(0f32, f32::max);
+        // A key bias shifts every score of a row alike, so softmax leaves it an exactly zero
+        // gradient: every one of its entries is rounding moved by AdamW, bounded by 1e-2 alone.
+        let zero_gradient = k.ends_with("k_proj.bias");
         assert!(
-            loose <= (x.len() / 1000).max(1) && d <= 1e-2,
+            (zero_gradient || loose <= (x.len() / 1000).max(1)) && d <= 1e-2,
             "{}: '{k}' differs by up to {d} ({loose} of {} entries above 1e-5)",
             ours.display(),
             x.len()
