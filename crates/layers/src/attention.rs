@@ -396,6 +396,7 @@ fn backward_t<T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::{Device, D};
 
     /// candle's ops: the per-head permute, batched matmul and softmax.
@@ -429,19 +430,6 @@ mod tests {
             .transpose(1, 2)
             .unwrap()
             .reshape((b, nq, w))
-            .unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 
@@ -504,25 +492,13 @@ mod tests {
         let (dq, kv_grads) = attention_backward(&q, &k, &v, &weights, heads, scale, true).unwrap();
         let (dk, dv) = kv_grads.unwrap();
         let want_kv = grads.get(&kv).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f64 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(diff(&dq, grads.get(&q).unwrap()) < 1e-12);
-        assert!(diff(&dk, &want_kv.narrow(2, 0, w).unwrap()) < 1e-12);
-        assert!(diff(&dv, &want_kv.narrow(2, w, w).unwrap()) < 1e-12);
+        assert!(max_abs_diff(&dq, grads.get(&q).unwrap()) < 1e-12);
+        assert!(max_abs_diff(&dk, &want_kv.narrow(2, 0, w).unwrap()) < 1e-12);
+        assert!(max_abs_diff(&dv, &want_kv.narrow(2, w, w).unwrap()) < 1e-12);
         let (dq_only, none) =
             attention_backward(&q, &k, &v, &weights, heads, scale, false).unwrap();
         assert!(none.is_none());
-        assert_eq!(diff(&dq_only, &dq), 0.0);
+        assert_eq!(max_abs_diff(&dq_only, &dq), 0.0);
     }
 
     #[test]
