@@ -190,7 +190,11 @@ pub(crate) fn cached_palette(
     let inv = cache.inversion(key, sd, invert)?;
     timings.inversion_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let palette = cache.palette(key, spec.sites, spec.tau, spec.steps.clone(), sd, || {
+    // The palette holds the window's steps that the sampling has (a window may run past the last
+    // step); the cache is keyed by, and read back over, exactly those.
+    let n = inv.value.report.steps;
+    let steps = spec.steps.start.min(n)..spec.steps.end.min(n);
+    let palette = cache.palette(key, spec.sites, spec.tau, steps, sd, || {
         palette_from_embeddings(sd, &inv.value, cond, spec)
     })?;
     timings.palette_s = t1.elapsed().as_secs_f64();
