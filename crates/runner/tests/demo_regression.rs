@@ -364,3 +364,23 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
     }
     eprintln!("three seeds, batch 3 vs batch 1: largest score difference {worst:e}");
 }
+
+/// `pnd demo --device cuda` where no GPU answers (here: a build without CUDA) is one error, and
+/// nothing is written: the device is opened before the tiny models.
+#[test]
+fn demo_on_a_device_that_does_not_answer_writes_nothing() {
+    if cfg!(feature = "cuda") {
+        return; // a CUDA build on a machine with a GPU would run the whole demo
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = common::pnd(&["demo", "--device", "cuda", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("built without CUDA"), "{err}");
+    assert!(
+        !out.exists(),
+        "the demo wrote '{}' before failing",
+        out.display()
+    );
+}

@@ -9,7 +9,7 @@ use crate::commands::sweep::{open_run, plan_with_provenance};
 use crate::experiment::Experiment;
 use crate::jobs::{validate, DreamBenchJobs};
 use crate::report::write_report;
-use crate::runtime::{Runtime, RuntimeArgs};
+use crate::runtime::{Runtime, RuntimeArgs, RuntimeConfig};
 use crate::sweep::{run_jobs, write_file_atomic, Shard};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -117,6 +117,10 @@ pub fn run_demo(
     progress: bool,
     runtime: &RuntimeArgs,
 ) -> anyhow::Result<DemoOutput> {
+    // The device first (the demo experiment has no `[runtime]` table, so the flags alone decide
+    // it): a GPU that does not answer is one error before anything is written.
+    let requested = runtime.over(&RuntimeConfig::default());
+    let opened = Runtime::open(&requested)?;
     std::fs::create_dir_all(root).with_context(|| format!("creating '{}'", root.display()))?;
     let root = root.canonicalize()?;
     let tokenizer = find_tokenizer(tokenizer, &root.join("models/clip-tokenizer"))?;
@@ -136,7 +140,11 @@ pub fn run_demo(
     let mut exp = Experiment::load(&exp_path)?;
     exp.runtime = runtime.over(&exp.runtime);
     validate(&exp)?;
-    let runtime = Runtime::open(&exp.runtime)?;
+    let runtime = if exp.runtime == requested {
+        opened
+    } else {
+        Runtime::open(&exp.runtime)?
+    };
     eprintln!("demo: {}", runtime.describe());
     let cache = root.join("cache");
     let plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
