@@ -89,7 +89,7 @@ fn generation_end_to_end_and_token_positions() {
 /// (a local diffusers folder works too; the Q-Former's BERT vocabulary comes from
 /// `google-bert/bert-base-uncased` unless its config names another tokenizer folder).
 #[test]
-#[ignore]
+#[ignore = "needs the real BLIP-Diffusion weights (BLIP_DIFFUSION_MODEL) and minutes of CPU"]
 fn real_model_generates_a_dreambench_dog() {
     let model = std::env::var("BLIP_DIFFUSION_MODEL").expect("set BLIP_DIFFUSION_MODEL");
     let pipe = BlipDiffusionPipeline::load(&model, DType::F32, &Device::Cpu).unwrap();

@@ -256,7 +256,7 @@ fn unreadable_or_truncated_images_are_one_error_naming_the_file() {
 /// `cargo test --release -p metrics --test scoring -- --ignored real_weight_oracle --nocapture`.
 /// The paper's Table 1 "Real Images" row: DINO 0.774, CLIP-I 0.885.
 #[test]
-#[ignore]
+#[ignore = "needs the real DINO and CLIP weights (~700 MB from the Hugging Face hub) and DreamBench"]
 fn real_weight_oracle_matches_the_paper() {
     let s = Scorer::load(
         metrics::DEFAULT_DINO,
