@@ -390,24 +390,26 @@ fn pnd_request(
     }
 }
 
-/// An appearance window that runs past the last sampling step (window 10..20, 12 steps): the
-/// palette holds steps 10 and 11, and a second run reads exactly those back from the cache (it
-/// used to look for step 12 and fail with "no tensor '12.up_blocks…'").
-#[test]
-fn a_palette_whose_window_passes_the_last_step_is_read_back_from_the_cache() {
-    use guidance::pipeline::pick_and_draw;
+/// The tiny model, a temporary folder with the reference image saved in it, a [`pnd_request`]
+/// caching there, and the default guidance with one null-text inner step.
+fn guided_setup() -> (
+    StableDiffusion,
+    tempfile::TempDir,
+    Tensor,
+    guidance::pipeline::PickAndDrawRequest,
+    GuidanceConfig,
+) {
     let sd = load(DType::F32);
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("ref.png");
     reference_image().save(&image).unwrap();
     let init = sd.initial_latents(SIZE, SIZE, 5).unwrap();
-    let mut req = pnd_request(
+    let req = pnd_request(
         &init,
         &image,
         &model_dir().display().to_string(),
         tmp.path().join("cache"),
     );
-    req.steps = 12;
     let config = GuidanceConfig {
         inversion: InversionConfig {
             inner_steps: 1,
@@ -415,6 +417,17 @@ fn a_palette_whose_window_passes_the_last_step_is_read_back_from_the_cache() {
         },
         ..Default::default()
     };
+    (sd, tmp, init, req, config)
+}
+
+/// An appearance window that runs past the last sampling step (window 10..20, 12 steps): the
+/// palette holds steps 10 and 11, and a second run reads exactly those back from the cache (it
+/// used to look for step 12 and fail with "no tensor '12.up_blocks…'").
+#[test]
+fn a_palette_whose_window_passes_the_last_step_is_read_back_from_the_cache() {
+    use guidance::pipeline::pick_and_draw;
+    let (sd, _tmp, _init, mut req, config) = guided_setup();
+    req.steps = 12;
     assert_eq!(config.appearance_window.range(), 10..20);
     let first = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
     assert!(!first.timings.cache_hit);
@@ -431,25 +444,8 @@ fn a_palette_whose_window_passes_the_last_step_is_read_back_from_the_cache() {
 fn pick_and_draw_end_to_end_with_cache_and_components() {
     use guidance::config::Components;
     use guidance::pipeline::pick_and_draw;
-    let sd = load(DType::F32);
-    let tmp = tempfile::tempdir().unwrap();
-    let image = tmp.path().join("ref.png");
-    reference_image().save(&image).unwrap();
-    let init = sd.initial_latents(SIZE, SIZE, 5).unwrap();
-    let mut req = pnd_request(
-        &init,
-        &image,
-        &model_dir().display().to_string(),
-        tmp.path().join("cache"),
-    );
+    let (sd, tmp, init, mut req, config) = guided_setup();
     req.trace = vec![tmp.path().join("t.jsonl")];
-    let config = GuidanceConfig {
-        inversion: InversionConfig {
-            inner_steps: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
     let first = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
     assert!(!first.timings.cache_hit);
     assert!(!first.timings.template_cache_hit);
