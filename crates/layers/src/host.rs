@@ -788,19 +788,7 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff as max_diff;
 
     /// (batch, c_in, h, w, c_out, k, padding, stride): odd and even sizes, 1×1, stride 2, no padding.
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);

@@ -16,8 +16,9 @@ pub use activation::{Activation, UnsupportedActivation};
 pub(crate) mod test_util {
     use candle_core::{DType, Tensor};
 
-    /// `max |a − b|` over all entries, in f64.
+    /// `max |a − b|` over all entries of two tensors of one shape, in f64.
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
         (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
             .unwrap()
             .abs()
