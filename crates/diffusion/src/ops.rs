@@ -424,6 +424,15 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
+        // candle 0.11.1's CPU conv2d has no bf16 GEMM (its matmul widens bf16 to f32, its conv
+        // does not): convolve in f32 and round the result to bf16, as a bf16 GPU convolution
+        // accumulates in f32 and rounds its output. The casts pass gradients through.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let bias = bias.map(f32).transpose()?;
+        return conv2d(&f32(xs)?, &f32(kernel)?, bias.as_ref(), padding, stride)?
+            .to_dtype(DType::BF16);
+    }
     let constant = !kernel.track_op() && !bias.is_some_and(|b| b.track_op());
     let fast = constant && host(xs);
     let compute = |x: &Tensor| -> Result<Tensor> {

@@ -72,23 +72,8 @@ pub enum PipelineError {
         width: usize,
         factor: usize,
     },
-    #[error("{0}")]
-    UnsupportedPrecision(String),
     #[error(transparent)]
     Candle(Box<candle_core::Error>),
-}
-
-/// Refuses precisions a device cannot run: candle 0.11's CPU backend has no bf16 matrix
-/// multiply, so bf16 runs on CUDA only.
-pub fn check_precision(dtype: DType, device: &Device) -> Result<()> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(PipelineError::UnsupportedPrecision(
-            "bf16 runs on CUDA only: candle's CPU backend has no bf16 matrix multiply; use f16 or \
-             f32 on the CPU"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 // candle's and the UNet's errors are large; boxing keeps every `Result` of this module small.
@@ -291,7 +276,6 @@ pub fn load_vae(src: &ModelSource, dtype: DType, device: &Device) -> Result<Auto
 impl StableDiffusion {
     /// Loads `model` (a diffusers folder or hub id); components it lacks come from `opts.base`.
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        check_precision(opts.dtype, &opts.device)?;
         let main = ModelSource::parse(model)?;
         let base = opts.base.as_deref().map(ModelSource::parse).transpose()?;
         // The model's own component if it has one, else the base's; with neither, the model's

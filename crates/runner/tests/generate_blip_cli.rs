@@ -214,3 +214,71 @@ fn blip_diffusion_flags_give_one_clear_error_each() {
         "{e}"
     );
 }
+
+/// BLIP-Diffusion runs in f16 and bf16 on the CPU too (its Q-Former and vision encoder, the UNet
+/// and the VAE in the chosen dtype): the latents stay finite and close to f32's.
+#[test]
+fn blip_diffusion_in_half_precision_stays_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reference) = setup(tmp.path());
+    let latents = |dtype: &str| {
+        let path = tmp.path().join(format!("{dtype}.safetensors"));
+        let o = pnd(&[
+            "generate",
+            "--method",
+            "blip-diffusion",
+            "--model",
+            model.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+            "--subject-category",
+            "dog",
+            "--prompt",
+            "a dog in the jungle",
+            "--steps",
+            "8",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--seed",
+            "4",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--out",
+            tmp.path().join(format!("{dtype}.png")).to_str().unwrap(),
+            "--save-latents",
+            path.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        diffusion::pipeline::read_latents(&path)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let want = latents("f32");
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    for (dtype, bound) in [("f16", 2e-2), ("bf16", 1e-1)] {
+        let got = latents(dtype);
+        let values = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            values.iter().all(|v| v.is_finite()),
+            "{dtype}: non-finite latents"
+        );
+        let rel = max_abs_diff(&got, &want) / scale;
+        eprintln!("BLIP-Diffusion {dtype} vs f32: final latents max rel {rel:.2e}");
+        assert!(
+            rel <= bound,
+            "{dtype}: latents differ by {rel} (bound {bound})"
+        );
+    }
+}

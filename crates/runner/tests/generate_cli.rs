@@ -361,7 +361,7 @@ fn version_names_the_commit_and_the_features() {
 }
 
 #[test]
-fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_errors() {
+fn generate_in_f16_and_bf16_is_close_to_f32_and_cuda_without_a_gpu_is_a_clear_error() {
     // The diffusers fixture pipeline, 10 steps from its initial latents, on the CPU.
     let tmp = tempfile::tempdir().unwrap();
     let f = facts();
@@ -398,33 +398,32 @@ fn generate_in_f16_is_close_to_f32_and_bf16_or_cuda_without_a_gpu_are_clear_erro
         stderr.contains("device: cpu (requested cpu), dtype: f32"),
         "{stderr}"
     );
-    let (o16, p16) = run("f16");
-    assert!(
-        o16.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o16.stderr)
-    );
     let a = image::open(&p32).unwrap().to_rgb8();
-    let b = image::open(&p16).unwrap().to_rgb8();
-    let diffs: Vec<u8> = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .collect();
-    let worst = *diffs.iter().max().unwrap();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    eprintln!("pnd generate f16 vs f32: PNG max {worst}/255, mean {mean:.3}/255");
-    assert!(
-        worst <= 8 && mean <= 1.0,
-        "f16 PNG differs: max {worst}, mean {mean}"
-    );
-
-    let (obf, pbf) = run("bf16");
-    assert!(!obf.status.success());
-    let err = String::from_utf8_lossy(&obf.stderr);
-    assert!(err.contains("bf16 runs on CUDA only"), "{err}");
-    assert!(!pbf.exists(), "a failed run must not write an image");
+    // The PNG's max and mean difference to f32 (bounds: the library test's measured values, see
+    // `crates/diffusion/tests/precision.rs`, with head-room).
+    for (dtype, max_bound, mean_bound) in [("f16", 8, 1.0), ("bf16", 40, 4.0)] {
+        let (o, p) = run(dtype);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("device: cpu (requested cpu), dtype: {dtype}")),
+            "{stderr}"
+        );
+        let b = image::open(&p).unwrap().to_rgb8();
+        let diffs: Vec<u8> = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .collect();
+        let worst = *diffs.iter().max().unwrap();
+        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+        eprintln!("pnd generate {dtype} vs f32: PNG max {worst}/255, mean {mean:.3}/255");
+        assert!(
+            worst <= max_bound && mean <= mean_bound,
+            "{dtype} PNG differs: max {worst}, mean {mean}"
+        );
+    }
 
     if !cfg!(feature = "cuda") {
         let out = tmp.path().join("cuda.png");

@@ -136,7 +136,6 @@ impl DreamBooth {
         use diffusion::pipeline::PipelineError;
         check_resolution(settings.resolution)?;
         let files = crate::data::list_images(images)?;
-        diffusion::pipeline::check_precision(dtype, device)?;
         let src = weights::ModelSource::parse(model).map_err(PipelineError::from)?;
         let sched_file = crate::scheduler_file(&src, model)?;
         let scheduler: DdimConfig = weights::read_json(&sched_file).map_err(PipelineError::from)?;

@@ -554,7 +554,6 @@ impl BlipDiffusionPipeline {
     /// [`BlipDiffusion::load`] plus the folder's `unet/` and `vae/` through
     /// [`StableDiffusion::load`].
     pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self, BlipError> {
-        crate::pipeline::check_precision(dtype, device)?;
         let src = ModelSource::parse(model)?;
         let blip = BlipDiffusion::load(&src, dtype, device)?;
         for component in ["unet", "vae"] {

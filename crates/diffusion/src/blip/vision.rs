@@ -6,7 +6,7 @@
 //! `Blip2EncoderLayer`). Inference only.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d_no_bias, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig};
+use candle_nn::{layer_norm, linear, linear_no_bias};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use layers::Activation;
 use serde::Deserialize;
@@ -115,7 +115,9 @@ impl Blip2EncoderLayer {
 #[derive(Debug, Clone)]
 pub struct Blip2VisionModel {
     class_embedding: Tensor,
-    patch_embedding: Conv2d,
+    /// `[hidden, 3, patch, patch]`, applied with stride `patch` by [`crate::ops::conv2d`] (which
+    /// also runs bf16 on the CPU, unlike candle's conv).
+    patch_embedding: Tensor,
     position_embedding: Tensor,
     pre_layernorm: LayerNorm,
     layers: Vec<Blip2EncoderLayer>,
@@ -141,13 +143,12 @@ impl Blip2VisionModel {
         }
         let emb = vb.pp("embeddings");
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let conv = Conv2dConfig {
-            stride: cfg.patch_size,
-            ..Default::default()
-        };
         Ok(Self {
             class_embedding: emb.get((1, 1, h), "class_embedding")?,
-            patch_embedding: conv2d_no_bias(3, h, cfg.patch_size, conv, emb.pp("patch_embedding"))?,
+            patch_embedding: emb.get(
+                (h, 3, cfg.patch_size, cfg.patch_size),
+                "patch_embedding.weight",
+            )?,
             position_embedding: emb.get((1, patches + 1, h), "position_embedding")?,
             pre_layernorm: layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_layernorm"))?,
             layers: (0..cfg.num_hidden_layers)
@@ -175,11 +176,15 @@ impl Blip2VisionModel {
             );
         }
         let h = self.cfg.hidden_size;
-        let patches = self
-            .patch_embedding
-            .forward(pixel_values)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+        let patches = crate::ops::conv2d(
+            pixel_values,
+            &self.patch_embedding,
+            None,
+            0,
+            self.cfg.patch_size,
+        )?
+        .flatten_from(2)?
+        .transpose(1, 2)?;
         let class = self.class_embedding.broadcast_as((b, 1, h))?;
         let xs = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let mut xs = self.pre_layernorm.forward(&xs)?;

@@ -189,7 +189,6 @@ fn prepare_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
 
 fn open(common: &CommonArgs) -> anyhow::Result<candle_core::Device> {
     let (device, label) = open_device(common.device)?;
-    diffusion::pipeline::check_precision(common.dtype.dtype(), &device)?;
     eprintln!(
         "device: {label} (requested {}), compute {}{}",
         common.device,

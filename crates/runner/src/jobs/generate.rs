@@ -58,18 +58,17 @@ fn sample_request(exp: &Experiment, spec: &JobSpec) -> SampleRequest {
 }
 
 /// Whether two jobs can share a batch: the same method, subject and prompt (so the same model,
-/// prompt and settings), unguided Stable Diffusion. Guided jobs run one at a time in a sweep for
-/// now: on the demo's tiny model a guided batch of 3 seeds moved one image's DINO score by 0.04
-/// against batch 1 (a float-noise mask flip amplified, or a fault not yet found), while the
-/// library's guided batch matches batch-1 runs on its test; until that is understood, the
-/// sweep's guided rows stay those of batch 1.
+/// prompt and settings), Stable Diffusion with or without Pick-and-Draw (BLIP-Diffusion runs one
+/// job at a time). A guided batch gives each image its own loss terms and update; its rows agree
+/// with batch-1 rows up to summation order, except where the layout loss starts at float noise
+/// (plain Stable Diffusion with Pick-and-Draw: the template is the generation, and the gradient of
+/// ‖·‖_F has unit size whatever the noise), where the first update follows the rounding.
 pub(super) fn batchable(a: &JobSpec, b: &JobSpec) -> bool {
     a.job.method == b.job.method
         && a.job.subject == b.job.subject
         && a.job.prompt_index == b.job.prompt_index
         && a.method.baseline != Baseline::BlipDiffusion
         && a.method.baseline != Baseline::Images
-        && !a.method.pick_and_draw
 }
 
 impl Generator<'_> {
