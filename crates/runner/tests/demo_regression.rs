@@ -326,9 +326,10 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
     );
 
     // 2. Three seeds of one prompt and subject, batches of 3 against batches of 1, for the demo's
-    // two methods and a DreamBooth pair whose "personalized" model is another tiny model (seed 1),
-    // so that its layout template (the base model, the identifier-free prompt) differs from the
-    // generation.
+    // two methods and DreamBooth with Pick-and-Draw, whose "personalized" model is another tiny
+    // model (seed 1), so that its layout template (the base model, the identifier-free prompt)
+    // differs from the generation. At 20 steps the worst score difference was 2.7e-5; at 10 steps
+    // it was 8.8e-5, too close to the tolerance to keep.
     let db = tmp.path().join("db");
     tiny::write_tiny_model(&db.join("dog"), 1, &tokenizer, &Default::default()).unwrap();
     let mut three = String::new();
@@ -337,8 +338,6 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
             l if l.starts_with("subjects = ") => "subjects = [\"dog\"]",
             l if l.starts_with("prompts = ") => "prompts = [0]",
             l if l.starts_with("seeds = ") => "seeds = [0, 1, 2]",
-            // Half the demo's 20 steps (the guidance windows end at step 8): CI time.
-            l if l.starts_with("steps = ") => "steps = 10",
             l => l,
         };
         three.push('\n');
@@ -346,14 +345,13 @@ fn batched_sweeps_give_the_rows_of_unbatched_ones() {
             three += &format!("dreambooth = \"{}/{{subject}}\"\n", db.display());
         }
     }
-    three += "\n[[methods]]\nname = \"db\"\nbaseline = \"dreambooth\"\n\n\
-              [[methods]]\nname = \"db+pnd\"\nbaseline = \"dreambooth\"\npick_and_draw = true\n";
+    three += "\n[[methods]]\nname = \"db+pnd\"\nbaseline = \"dreambooth\"\npick_and_draw = true\n";
     let (run1, run3) = (
         sweep("three-b1", &format!("{three}\n[runtime]\nbatch = 1\n")),
         sweep("three-b3", &format!("{three}\n[runtime]\nbatch = 3\n")),
     );
     let (b1, b3) = (rows_by_id(&run1), rows_by_id(&run3));
-    assert_eq!(b1.len(), 12);
+    assert_eq!(b1.len(), 9);
     assert_eq!(b1.keys().collect::<Vec<_>>(), b3.keys().collect::<Vec<_>>());
     // The first layout loss of a job (its trace's first line).
     let first_layout_loss = |run: &Path, id: &str| -> f64 {
