@@ -611,7 +611,7 @@ fn add_learned_embedding(
 pub fn write_latents(path: &Path, latents: &Tensor) -> Result<()> {
     let t = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let map = std::collections::HashMap::from([("latents".to_string(), t)]);
-    candle_core::safetensors::save(&map, path)?;
+    weights::save_safetensors(&map, path)?;
     Ok(())
 }
 

@@ -135,8 +135,7 @@ pub fn save_vars(vm: &VarMap, keep: impl Fn(&str) -> bool, path: &Path) -> Resul
         );
     }
     let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&tensors, path)
-        .map_err(|e| candle_core::Error::Msg(format!("writing '{}': {e}", path.display())))
+    weights::save_safetensors(&tensors, path)
 }
 
 fn lock(vm: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var>>> {

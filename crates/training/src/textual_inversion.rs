@@ -195,7 +195,7 @@ impl TextualInversion {
                 .to_dtype(DType::F32)?
                 .to_device(&Device::Cpu)?,
         );
-        candle_core::safetensors::save(&map, path).map_err(|e| TrainError::Write {
+        weights::save_safetensors(&map, path).map_err(|e| TrainError::Write {
             path: path.into(),
             reason: e.to_string(),
         })

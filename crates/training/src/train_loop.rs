@@ -204,7 +204,7 @@ fn save_checkpoint(
         tensors.insert(format!("param.{name}"), p.as_tensor().clone());
     }
     let state = tmp.join("state.safetensors");
-    candle_core::safetensors::save(&tensors, &state).map_err(|e| write_err(&state, e))?;
+    weights::save_safetensors(&tensors, &state).map_err(|e| write_err(&state, e))?;
     let info = CheckpointInfo {
         step,
         micro,

@@ -279,6 +279,29 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Weigh
     })
 }
 
+/// Writes `tensors` as a safetensors file at `path` (atomically, as `candle_core::safetensors::save`
+/// does), with the permissions of any new file in that folder. safetensors 0.8 writes through a
+/// private temporary file (mode 0600), which left models, embeddings and latents unreadable to
+/// anyone else whatever the user's umask; here a freshly created probe file's permissions (the
+/// umask's) are given to the result.
+pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &HashMap<K, Tensor>,
+    path: impl AsRef<Path>,
+) -> candle_core::Result<()> {
+    let path = path.as_ref();
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| candle_core::Error::Msg(format!("writing '{}': {e}", path.display())))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let probe = path.with_file_name(format!(".perm-{}-{name}", std::process::id()));
+    let perms = std::fs::File::create(&probe).and_then(|f| f.metadata());
+    let _ = std::fs::remove_file(&probe);
+    perms
+        .and_then(|m| std::fs::set_permissions(path, m.permissions()))
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("setting the mode of '{}': {e}", path.display()))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +371,34 @@ mod tests {
                 && err.contains("no such local folder, so taken as a Hugging Face repo id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn saved_safetensors_get_a_new_files_permissions_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let map = HashMap::from([("w".to_string(), t.clone())]);
+        save_safetensors(&map, &path).unwrap();
+        let fresh = dir.path().join("fresh");
+        let want = std::fs::File::create(&fresh)
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .permissions();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions(), want);
+        let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let diff = (&back["w"] - &t).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // No probe or temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]
