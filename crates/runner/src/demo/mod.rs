@@ -138,13 +138,10 @@ pub fn run_demo(
     let exp_path = root.join("demo.toml");
     write_file_atomic(&exp_path, demo_experiment_toml(&root).as_bytes())?;
     let mut exp = Experiment::load(&exp_path)?;
-    exp.runtime = runtime.over(&exp.runtime);
+    // demo.toml was just written without a `[runtime]` table: the flags' runtime, already open.
+    exp.runtime = requested;
     validate(&exp)?;
-    let runtime = if exp.runtime == requested {
-        opened
-    } else {
-        Runtime::open(&exp.runtime)?
-    };
+    let runtime = opened;
     eprintln!("demo: {}", runtime.describe());
     let cache = root.join("cache");
     let plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
