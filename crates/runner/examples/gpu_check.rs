@@ -1,18 +1,29 @@
-//! The parity half of `tools/gpu-check.sh` (issue 12): the committed tiny fixtures on CUDA against
-//! the CPU in the same process, and against diffusers/transformers where the fixture holds their
-//! result. Prints one JSON object; exits non-zero when a check fails its bound.
+//! The device half of `tools/gpu-check.sh` (issues 12 and 24) in one executable: the GPU
+//! machine takes at most 64 MiB of tracked tree plus bundle, and one binary holding `pnd` and the
+//! checks is about half the size of three (they share candle, its CUDA kernels and the models).
 //!
-//! Run from the repository root (the fixtures are read from `crates/*/tests/fixtures`):
-//! `gpu_check [cuda-ordinal]`. Build: `cargo build --release --features cudnn -p runner --example
-//! gpu_check`.
+//! - `gpu_check parity [--device cuda|cuda:N|cpu]`: the committed tiny fixtures on the device
+//!   against the CPU in the same process, and against diffusers/transformers where the fixture
+//!   holds their result. Prints one JSON object; exits non-zero when a check fails its bound. With
+//!   `--device cpu` (the CPU rehearsal) the "device" side runs the device-generic path that CUDA
+//!   runs (`layers::kernels::force_generic`) against our CPU kernels.
+//! - `gpu_check bench-unet ARGS`: the UNet benchmark, `crates/diffusion/examples/bench_unet.rs`
+//!   (that very file, included below).
+//! - anything else: `pnd` itself, `src/main.rs` included below, so `gpu_check generate ...` is
+//!   `pnd generate ...` (the check runs it under the name `pnd`, a link to this file).
 //!
-//! Checks:
-//! - `unet_forward`: the SD-1.5-shaped fixture UNet's fused no-grad forward, max |cuda - cpu|;
+//! Run from the repository root (the fixtures are read from `crates/*/tests/fixtures`, relative to
+//! the working directory, else to the source tree). Build: `cargo build --release --features
+//! cudnn -p runner --example gpu_check` (`tools/gpu-bundle.sh` does).
+//!
+//! Parity checks (run the f32 ones with TF32 off: `NVIDIA_TF32_OVERRIDE=0`; candle's cuDNN
+//! convolutions set no math type, so Hopper may compute f32 in TF32, about 1e-3 relative):
+//! - `unet_forward`: the SD-1.5-shaped fixture UNet's fused no-grad forward, max |dev - cpu|;
 //! - `unet_gradient`: the gradient w.r.t. the latent of `sum(U·eps) + Σ_s sum(W_s·A_s)` over every
 //!   attention map and block output (the differentiable path the guidance takes), max relative
-//!   |cuda - cpu|;
+//!   |dev - cpu|;
 //! - `sample_f32`: the 10-step CFG sample of the pipeline fixture against diffusers' final latents;
-//! - `sample_f16`, `sample_bf16`: the same in half precision against our f32 CUDA sample;
+//! - `sample_f16`, `sample_bf16`: the same in half precision against our f32 device sample;
 //! - `dino`, `clip_image`: the metric fixtures' embeddings against transformers'.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -21,20 +32,40 @@ use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use diffusion::unet::UNet2DConditionModel;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+mod pnd_cli {
+    // The `pnd` binary's own main, verbatim.
+    include!("../src/main.rs");
+
+    pub fn run() -> ExitCode {
+        main()
+    }
+}
+
+#[path = "../../diffusion/examples/bench_unet.rs"]
+mod bench_unet;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    // The source tree's path when it exists, else relative to the working directory (the binary
-    // copied to another machine and run from a checkout's root).
-    let p = root().join(rel);
+    // The checkout the check runs in first (the binary copied to another machine, or a clean
+    // checkout beside the build's), else the source tree this binary was built from.
+    let p = PathBuf::from(rel);
     if p.exists() {
         p
     } else {
-        PathBuf::from(rel)
+        root().join(rel)
     }
+}
+
+/// Runs `f` on the side under test: with `generic`, on the device-generic path (the CPU rehearsal).
+fn on_device<T>(generic: bool, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let _guard = generic.then(layers::kernels::force_generic);
+    f()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
@@ -131,20 +162,24 @@ fn lcg_pixels(device: &Device) -> anyhow::Result<Tensor> {
 struct Checks {
     results: serde_json::Map<String, Value>,
     failed: Vec<String>,
+    started: Instant,
 }
 
 impl Checks {
+    /// Records a check that took the time since the previous one.
     fn record(&mut self, name: &str, value: anyhow::Result<f64>, bound: f64) {
+        let secs = (self.started.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+        self.started = Instant::now();
         let entry = match value {
             Ok(v) => {
                 if v.is_nan() || v > bound {
                     self.failed.push(name.into());
                 }
-                json!({"value": v, "bound": bound, "ok": v <= bound})
+                json!({"value": v, "bound": bound, "ok": v <= bound, "s": secs})
             }
             Err(e) => {
                 self.failed.push(name.into());
-                json!({"error": format!("{e:#}"), "ok": false})
+                json!({"error": format!("{e:#}"), "ok": false, "s": secs})
             }
         };
         eprintln!("{name}: {entry}");
@@ -152,18 +187,57 @@ impl Checks {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let ordinal: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(0);
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("parity") => {
+            layers::allocator::tune_for_tensors();
+            layers::threads::single_elementwise_pool();
+            parity(&args[1..])
+        }
+        Some("bench-unet") => {
+            layers::allocator::tune_for_tensors();
+            layers::threads::single_elementwise_pool();
+            bench_unet::run(args[1..].iter().cloned())
+        }
+        _ => return pnd_cli::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The device named by `--device` (default `cuda`), and whether it is the CPU standing in for one.
+fn parity_device(args: &[String]) -> anyhow::Result<(Device, String, bool)> {
+    let name = match args {
+        [] => "cuda".to_string(),
+        [flag, v] if flag == "--device" => v.clone(),
+        other => anyhow::bail!("parity takes [--device cuda|cuda:N|cpu], not {other:?}"),
+    };
+    let ordinal = match name.as_str() {
+        "cpu" => return Ok((Device::Cpu, "cpu (device-generic path)".into(), true)),
+        "cuda" => 0,
+        n => n
+            .strip_prefix("cuda:")
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("unknown device '{n}' (cuda | cuda:N | cpu)"))?,
+    };
     let cuda = Device::new_cuda(ordinal)
         .map_err(|e| anyhow::anyhow!("no CUDA GPU {ordinal} answers: {e}"))?;
+    Ok((cuda, format!("cuda:{ordinal}"), false))
+}
+
+fn parity(args: &[String]) -> anyhow::Result<()> {
+    let (dev, dev_name, generic) = parity_device(args)?;
     let cpu = Device::Cpu;
     let mut c = Checks {
         results: serde_json::Map::new(),
         failed: Vec::new(),
+        started: Instant::now(),
     };
 
     c.record(
@@ -172,24 +246,29 @@ fn main() -> anyhow::Result<()> {
             let z = randn(&[2, 4, 16, 16], 1)?;
             let ctx = randn(&[2, 77, 32], 2)?;
             let a = unet(&cpu, DType::F32)?.forward(&z, 421.0, &ctx)?;
-            let b = unet(&cuda, DType::F32)?.forward(
-                &z.to_device(&cuda)?,
-                421.0,
-                &ctx.to_device(&cuda)?,
-            )?;
+            let b = on_device(generic, || {
+                Ok(unet(&dev, DType::F32)?.forward(
+                    &z.to_device(&dev)?,
+                    421.0,
+                    &ctx.to_device(&dev)?,
+                )?)
+            })?;
             max_rel(&b, &a)
         })(),
         1e-4,
     );
     c.record(
         "unet_gradient",
-        (|| max_rel(&unet_gradient(&cuda)?, &unet_gradient(&cpu)?))(),
+        (|| {
+            let g = on_device(generic, || unet_gradient(&dev))?;
+            max_rel(&g, &unet_gradient(&cpu)?)
+        })(),
         1e-4,
     );
-    let f32_cuda = sample(&cuda, DType::F32);
+    let f32_dev = on_device(generic, || sample(&dev, DType::F32));
     c.record(
         "sample_f32_vs_diffusers",
-        f32_cuda
+        f32_dev
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e:#}"))
             .and_then(|s| max_abs(s, &diffusers_final_latents()?)),
@@ -202,8 +281,8 @@ fn main() -> anyhow::Result<()> {
         c.record(
             name,
             (|| {
-                let reference = f32_cuda.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                max_rel(&sample(&cuda, dtype)?, reference)
+                let reference = f32_dev.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                max_rel(&on_device(generic, || sample(&dev, dtype))?, reference)
             })(),
             bound,
         );
@@ -221,22 +300,29 @@ fn main() -> anyhow::Result<()> {
     c.record(
         "dino_vs_transformers",
         (|| {
-            let m = metrics::DinoModel::load(&path(&dino_dir), &cuda)?;
-            max_abs(&m.vit.embed(&lcg_pixels(&cuda)?)?, &want("dino")?)
+            let e = on_device(generic, || {
+                let m = metrics::DinoModel::load(&path(&dino_dir), &dev)?;
+                Ok(m.vit.embed(&lcg_pixels(&dev)?)?)
+            })?;
+            max_abs(&e, &want("dino")?)
         })(),
         1e-4,
     );
     c.record(
         "clip_image_vs_transformers",
         (|| {
-            let m = metrics::ClipModel::load(&path(&clip_dir), &cuda)?;
-            max_abs(&m.vision.embed(&lcg_pixels(&cuda)?)?, &want("clip_image")?)
+            let e = on_device(generic, || {
+                let m = metrics::ClipModel::load(&path(&clip_dir), &dev)?;
+                Ok(m.vision.embed(&lcg_pixels(&dev)?)?)
+            })?;
+            max_abs(&e, &want("clip_image")?)
         })(),
         1e-4,
     );
 
     let report = json!({
-        "device": format!("cuda:{ordinal}"),
+        "device": dev_name,
+        "tf32_override": std::env::var("NVIDIA_TF32_OVERRIDE").ok(),
         "checks": c.results,
         "failed": c.failed,
     });
