@@ -38,7 +38,9 @@
 # Exit status: 0 when every step passed.
 #
 # --rehearse: the same steps on the CPU with the CPU bundle (tools/gpu-bundle.sh --cpu: the dev
-# profile) and small sizes (the tiny model's configuration, 64x64, batch 1 and 4), in an emulation
+# profile) and small sizes (the tiny model's configuration, 64x64, batch 1 and 4; f32, since
+# candle's and PyTorch's CPU f16 are emulations that cost the rehearsal 5-10 times as much, and
+# step a checks f16 and bf16 on the CPU all the same), in an emulation
 # of the device machine: python3 is the venv $PND_GPUEMU_VENV (default /work/venv-gpuemu; holds
 # torch, transformers, safetensors, pillow, numpy, requests, and no diffusers), no network (the
 # script re-runs itself under `unshare -n`), $OUT set (a fresh folder unless given). It fails when
@@ -79,7 +81,7 @@ export PYTHONDONTWRITEBYTECODE=1
 
 WORK=${PND_CHECK_WORK:-/tmp/pnd-gpu-check}
 if [ "$MODE" = gpu ]; then
-  DEV=cuda BUNDLE_MODE=cuda SIZE=512 STEPS=50 CONFIG=sd15 ITERS=2 THREADS=8
+  DEV=cuda BUNDLE_MODE=cuda SIZE=512 STEPS=50 CONFIG=sd15 ITERS=2 THREADS=8 DTYPE=f16
   CAP_SETUP=45 CAP_MODEL=60 CAP_A=45 CAP_B=45 CAP_C=75 CAP_D=240
 else
   VENV=${PND_GPUEMU_VENV:-/work/venv-gpuemu}
@@ -90,7 +92,9 @@ else
   fi
   export PATH="$VENV/bin:$PATH"
   unset PYTHONPATH
-  DEV=cpu BUNDLE_MODE=cpu SIZE=64 STEPS=50 CONFIG=$WORK/tiny ITERS=2 THREADS=2
+  # No Hugging Face cache either (the device machine has none).
+  export HF_HOME=$WORK/hf-home
+  DEV=cpu BUNDLE_MODE=cpu SIZE=64 STEPS=20 CONFIG=$WORK/tiny ITERS=2 THREADS=2 DTYPE=f32
   CAP_SETUP=120 CAP_MODEL=120 CAP_A=240 CAP_B=300 CAP_C=300 CAP_D=600
   BUDGET=${PND_CHECK_BUDGET:-1800}
 fi
@@ -111,7 +115,7 @@ T0=$SECONDS
 FAILED=()
 say() { echo "gpu-check: $*"; }
 
-$S init "$SUMMARY" --mode "$MODE" --device "$DEV" --budget_s "$BUDGET" --size "$SIZE" --steps "$STEPS" \
+$S init "$SUMMARY" --mode "$MODE" --device "$DEV" --dtype "$DTYPE" --budget_s "$BUDGET" --size "$SIZE" --sample_steps "$STEPS" \
   --network "$PND_CHECK_NET" --tf32 "off (NVIDIA_TF32_OVERRIDE=0; torch allow_tf32 false)" \
   --inversion_steps "$INV_STEPS" --out "$OUT" --work "$WORK" || { echo "gpu-check: python3 cannot write $SUMMARY" >&2; exit 2; }
 
@@ -142,7 +146,7 @@ run_step() {
   local before
   before=$(python3 -c "import json; print(json.load(open('$SUMMARY'))['rewrites'])")
   export PND_CHECK_DEADLINE=$(($(date +%s) + t - 4))
-  say "$name: up to ${t}s: $*"
+  say "$name: up to ${t}s: $(echo "$*" | tr -s ' \n' ' ' | cut -c1-300)"
   local start=$SECONDS status
   timeout -k 5 "$t" "$@" >"$stdout" 2>"$steplog"
   local rc=$?
@@ -249,16 +253,16 @@ out_check setup
 
 # ---- model: one random SD-1.5-size folder, drawn once --------------------------------------------
 SD=$WORK/sd
-stamp="$CONFIG f16 $DEV"
+stamp="$CONFIG $DTYPE $DEV"
 if [ "$setup_status" = ok ] && { only c || only d; }; then
   if [ -f "$SD/model_index.json" ] && [ "$(cat "$SD/.stamp" 2>/dev/null)" = "$stamp" ]; then
     $S step "$SUMMARY" model --status ok --seconds 0 --note "reused $SD"
     say "model: reused $SD"
   else
     run_step model "$CAP_MODEL" "$WORK/model.json" "$WORK/model.json" bash -c "
-      '$BIN/pnd' tiny-model --out '$WORK/tiny' >&2 &&
+      cd '$WORK' && '$BIN/pnd' tiny-model --out '$WORK/tiny' >&2 && cd '$ROOT' &&
       python3 '$ROOT/tools/bench/sd_folder.py' --out '$SD' --tokenizer '$WORK/tiny/tokenizer' \
-        --config '$CONFIG' --dtype f16 --device '$DEV' && echo '$stamp' > '$SD/.stamp'"
+        --config '$CONFIG' --dtype '$DTYPE' --device '$DEV' && echo '$stamp' > '$SD/.stamp'"
   fi
 fi
 
@@ -269,13 +273,14 @@ if [ "$setup_status" = ok ]; then
   # ---- (b) the demo in f16 --------------------------------------------------------------------------
   if only b; then
     rm -rf "$WORK/demo"
+    # From $WORK: no ../shared/clip-tokenizer there, as on the device machine.
     run_step b_demo "$CAP_B" "$OUT/demo.txt" "" \
-      env NVIDIA_TF32_OVERRIDE=0 "$BIN/pnd" demo --device "$DEV" --dtype f16 --out "$WORK/demo"
+      env -C "$WORK" NVIDIA_TF32_OVERRIDE=0 "$BIN/pnd" demo --device "$DEV" --dtype "$DTYPE" --out "$WORK/demo"
   fi
   # ---- (c) the UNet against diffusers -------------------------------------------------------------
   only c && run_step c_unet "$CAP_C" "$WORK/logs/c_unet.out" "$OUT/unet.json" \
     env PND_BENCH_UNET="$BIN/gpu_check" PND_BENCH_UNET_ARGS=bench-unet \
-    python3 tools/bench/unet.py --model "$SD" --device "$DEV" --dtype f16 --size "$SIZE" \
+    python3 tools/bench/unet.py --model "$SD" --device "$DEV" --dtype "$DTYPE" --size "$SIZE" \
     --batches 1,4 --iters "$ITERS" --warmup 1 --rounds 1 --threads "$THREADS" --tf32 off \
     --json "$OUT/unet.json"
   # ---- (d) one unguided and one guided image --------------------------------------------------------
@@ -297,7 +302,7 @@ inner_steps = $INV_STEPS
 EOF
     run_step d_images "$CAP_D" "$WORK/logs/d_images.out" "$OUT/images.json" \
       env PND_BIN="$BIN/pnd" python3 tools/bench/pipeline.py --model-dir "$SD" --device "$DEV" \
-      --dtype f16 --size "$SIZE" --steps "$STEPS" --rounds 1 --threads "$THREADS" --tf32 off \
+      --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" --rounds 1 --threads "$THREADS" --tf32 off \
       --guided --reference crates/metrics/tests/fixtures/profile_images/real/0.png --class-noun dog \
       --guidance-config "$WORK/guidance.toml" --trace "$OUT/trace.jsonl" --out-dir "$WORK/images" \
       --json "$OUT/images.json"
