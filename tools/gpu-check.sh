@@ -94,7 +94,7 @@ else
   unset PYTHONPATH
   # No Hugging Face cache either (the device machine has none).
   export HF_HOME=$WORK/hf-home
-  DEV=cpu BUNDLE_MODE=cpu SIZE=64 STEPS=20 CONFIG=$WORK/tiny ITERS=2 THREADS=2 DTYPE=f32
+  DEV=cpu BUNDLE_MODE=cpu SIZE=64 STEPS=20 CONFIG=$WORK/tiny ITERS=2 THREADS=1 DTYPE=f32
   CAP_SETUP=120 CAP_MODEL=120 CAP_A=240 CAP_B=300 CAP_C=300 CAP_D=600
   BUDGET=${PND_CHECK_BUDGET:-1800}
 fi
@@ -130,7 +130,7 @@ out_check() {
 
 # run_step NAME CAP STDOUT RESULT CMD...: CMD under `timeout` (CAP, or what is left of the budget),
 # its stdout to STDOUT, its stderr to the step's log; then the summary is rewritten with RESULT's
-# figures and checked.
+# figures (and MEM's peaks, where the caller sets MEM to a `gpumem.py --json` file) and checked.
 run_step() {
   local name=$1 cap=$2 stdout=$3 result=$4
   shift 4
@@ -161,7 +161,7 @@ run_step() {
   local note=""
   [ "$status" = ok ] || note=$(tail -n 6 "$steplog" | cut -c1-200)
   $S step "$SUMMARY" "$name" --status "$status" --seconds "$((SECONDS - start))" --timeout "$t" \
-    ${result:+--result "$result"} --note "$note"
+    ${result:+--result "$result"} ${MEM:+--mem "$MEM"} --note "$note"
   local after
   after=$(python3 -c "import json; s=json.load(open('$SUMMARY')); print(s['rewrites'] if '$name' in s['steps'] else -1)")
   if [ "$after" -le "$before" ]; then
@@ -185,15 +185,17 @@ setup() {
   mode=$(python3 -c "import json; print(json.load(open('$m'))['mode'])") || return 1
   [ "$mode" = "$BUNDLE_MODE" ] || { echo "gpu-bundle/ is a $mode bundle; this run needs $BUNDLE_MODE"; return 1; }
   mkdir -p "$BIN" "$WORK/site" || return 1
+  # The driver's and PyTorch's CUDA 13 libraries (cuBLAS, cuRAND, cuDNN) on the library path (in
+  # the rehearsal too: harmless to the CPU binary, and proven under a venv's python3).
+  # shellcheck disable=SC1091
+  source tools/cuda/gpu-run-env.sh
   timeout 60 xz -dc gpu-bundle/gpu_check.xz >"$BIN/gpu_check" && chmod +x "$BIN/gpu_check" || return 1
   ln -sf gpu_check "$BIN/pnd"
+  # The binary must start here (its CUDA libraries found) before any step counts on it.
+  "$BIN/pnd" --version || { ldd "$BIN/gpu_check" | grep -i "not found"; return 1; }
   timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" gpu-bundle/wheels/*.whl || return 1
   export PYTHONPATH=$WORK/site
-  if [ "$MODE" = gpu ]; then
-    # shellcheck disable=SC1091
-    source tools/cuda/gpu-run-env.sh >/dev/null
-  fi
 }
 if setup >"$WORK/logs/setup.log" 2>&1; then setup_status=ok; else setup_status=failed; fi
 versions=$(timeout 60 python3 - "$MODE" 2>>"$WORK/logs/setup.log" <<'PY'
@@ -268,13 +270,15 @@ fi
 
 if [ "$setup_status" = ok ]; then
   # ---- (a) parity ---------------------------------------------------------------------------------
-  only a && run_step a_parity "$CAP_A" "$OUT/parity.json" "$OUT/parity.json" \
+  only a && MEM=$WORK/logs/a_mem.json run_step a_parity "$CAP_A" "$OUT/parity.json" "$OUT/parity.json" \
+    python3 tools/bench/gpumem.py --json "$WORK/logs/a_mem.json" -- \
     env NVIDIA_TF32_OVERRIDE=0 "$BIN/gpu_check" parity --device "$DEV"
   # ---- (b) the demo in f16 --------------------------------------------------------------------------
   if only b; then
     rm -rf "$WORK/demo"
     # From $WORK: no ../shared/clip-tokenizer there, as on the device machine.
-    run_step b_demo "$CAP_B" "$OUT/demo.txt" "" \
+    MEM=$WORK/logs/b_mem.json run_step b_demo "$CAP_B" "$OUT/demo.txt" "" \
+      python3 tools/bench/gpumem.py --json "$WORK/logs/b_mem.json" -- \
       env -C "$WORK" NVIDIA_TF32_OVERRIDE=0 "$BIN/pnd" demo --device "$DEV" --dtype "$DTYPE" --out "$WORK/demo"
   fi
   # ---- (c) the UNet against diffusers -------------------------------------------------------------

@@ -4,9 +4,11 @@ installed, under the GPU machine's python3 and the rehearsal's alike).
 
   check_summary.py init SUMMARY --mode M [--key value ...]
       starts SUMMARY (JSON) with the run's facts
-  check_summary.py step SUMMARY NAME --status S --seconds T [--result FILE] [--note TEXT] [--timeout T]
-      records one step (ok | failed | timeout | skipped | error), with the figures of its
-      result file condensed, and rewrites SUMMARY atomically; `rewrites` counts the rewrites
+  check_summary.py step SUMMARY NAME --status S --seconds T [--result FILE] [--mem FILE] [--note TEXT]
+                  [--timeout T]
+      records one step (ok | timeout | failed (exit N) | cannot start (exit N) | skipped), with
+      the figures of its result file condensed and its process's peaks (gpumem.py --json), and
+      rewrites SUMMARY atomically; `rewrites` counts the rewrites
   check_summary.py set SUMMARY KEY JSON
       sets one top-level key
   check_summary.py out-check OUT [--files 8] [--depth 2] [--file-mib 16]
@@ -103,6 +105,14 @@ def cmd_step(args):
         entry["timeout_s"] = int(float(opts["--timeout"]))
     if opts.get("--note"):
         entry["note"] = opts["--note"][-600:]
+    mem = opts.get("--mem")
+    if mem and os.path.exists(mem):
+        try:
+            m = load(mem)
+            entry["peak"] = {"gpu_mib": m.get("gpu_peak_mib"), "host_mib": m.get("host_peak_mib"),
+                             "gpu_memory": m.get("gpu_memory")}
+        except (ValueError, OSError):
+            pass
     res = opts.get("--result")
     if res:
         try:

@@ -16,6 +16,7 @@ SIGTERM to this process kills the running child's group first, so a step cut sho
 own `timeout` leaves no process behind on the GPU.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -182,3 +183,23 @@ def window_peak_mib(sampler: GpuSampler | None, base, t0: float, t1: float):
         return None
     p = sampler.peak(t0, t1)
     return mib(p - base) if p is not None else None
+
+
+def main(argv):
+    """`gpumem.py --json FILE -- CMD...`: runs CMD (its stdout and stderr pass through) with the
+    GPU sampled, writes its wall time and peaks to FILE, and exits with its status."""
+    if len(argv) < 4 or argv[0] != "--json" or argv[2] != "--":
+        sys.exit("usage: gpumem.py --json FILE -- CMD...")
+    sampler = GpuSampler().start()
+    res = run(argv[3:], float(os.environ.get("PND_CHECK_TIMEOUT", "86400")), sampler)
+    sampler.stop()
+    sys.stdout.write(res["stdout"])
+    sys.stdout.flush()
+    keep = ("rc", "timed_out", "wall_s", "host_peak_mib", "gpu_peak_mib")
+    with open(argv[1], "w") as f:
+        json.dump({k: res[k] for k in keep} | {"gpu_memory": sampler.source}, f)
+    sys.exit(124 if res["timed_out"] else (res["rc"] if res["rc"] >= 0 else 128 - res["rc"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
