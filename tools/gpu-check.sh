@@ -82,7 +82,7 @@ export PYTHONDONTWRITEBYTECODE=1
 WORK=${PND_CHECK_WORK:-/tmp/pnd-gpu-check}
 if [ "$MODE" = gpu ]; then
   DEV=cuda BUNDLE_MODE=cuda SIZE=512 STEPS=50 CONFIG=sd15 ITERS=2 THREADS=8 DTYPE=f16
-  CAP_SETUP=45 CAP_MODEL=60 CAP_A=45 CAP_B=45 CAP_C=75 CAP_D=240
+  CAP_MODEL=60 CAP_A=45 CAP_B=60 CAP_C=75 CAP_D=240
 else
   VENV=${PND_GPUEMU_VENV:-/work/venv-gpuemu}
   if [ ! -x "$VENV/bin/python3" ]; then
@@ -95,7 +95,7 @@ else
   # No Hugging Face cache either (the device machine has none).
   export HF_HOME=$WORK/hf-home
   DEV=cpu BUNDLE_MODE=cpu SIZE=64 STEPS=20 CONFIG=$WORK/tiny ITERS=2 THREADS=1 DTYPE=f32
-  CAP_SETUP=120 CAP_MODEL=120 CAP_A=240 CAP_B=300 CAP_C=300 CAP_D=600
+  CAP_MODEL=120 CAP_A=240 CAP_B=300 CAP_C=300 CAP_D=600
   BUDGET=${PND_CHECK_BUDGET:-1800}
 fi
 if [ -z "${OUT:-}" ]; then
