@@ -224,8 +224,11 @@ fn expected_sets(
     args: &EvalArgs,
     found: &[ImageEntry],
 ) -> anyhow::Result<(Vec<String>, Vec<usize>, Vec<u64>)> {
+    use crate::lists::check_unique;
+    let unique = |r: Result<(), String>| r.map_err(anyhow::Error::msg);
     let subjects = match &args.subjects {
         Some(list) => {
+            unique(check_unique("--subjects", "subject", list))?;
             for s in list {
                 if dreambench::subject(s).is_none() {
                     bail!("--subjects: unknown subject '{s}' (see `pnd dataset list`)");
@@ -240,6 +243,7 @@ fn expected_sets(
     };
     let prompts = match &args.prompts {
         Some(list) => {
+            unique(check_unique("--prompts", "prompt", list))?;
             if let Some(p) = list.iter().find(|p| **p >= 25) {
                 bail!("--prompts: prompt index {p} out of range 0..25");
             }
@@ -248,7 +252,10 @@ fn expected_sets(
         None => (0..25).collect(),
     };
     let seeds = match &args.seeds {
-        Some(list) => list.clone(),
+        Some(list) => {
+            unique(check_unique("--seeds", "seed", list))?;
+            list.clone()
+        }
         None => found
             .iter()
             .map(|e| e.seed)

@@ -8,6 +8,13 @@ use std::fmt::Write;
 pub fn header(plan: &Plan, finished: usize, failures: &[Failure]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Report of experiment '{}'\n", plan.experiment);
+    // The experiment's own description, as a banner (the demo's says its numbers mean nothing).
+    if let Some(d) = plan.config["description"]
+        .as_str()
+        .filter(|d| !d.trim().is_empty())
+    {
+        let _ = writeln!(s, "> **About this run:** {}\n", d.trim().replace('\n', " "));
+    }
     match &plan.provenance {
         None => {
             let _ = writeln!(
@@ -35,7 +42,14 @@ pub fn header(plan: &Plan, finished: usize, failures: &[Failure]) -> String {
                 "- Dataset: `{}`, {} images, sha256 {}",
                 d.path, d.images, d.sha256
             );
-            let _ = writeln!(s, "- Protocol: `{}`", p.protocol);
+            let rows = protocol_rows(&p.protocol);
+            if !rows.is_empty() {
+                let _ = writeln!(s, "\n| Protocol setting | Value |\n|---|---|");
+                for (k, v) in rows {
+                    let _ = writeln!(s, "| {k} | {} |", v.replace('|', "\\|"));
+                }
+                s.push('\n');
+            }
         }
     }
     let total = plan.jobs.len();
@@ -56,4 +70,76 @@ pub fn header(plan: &Plan, finished: usize, failures: &[Failure]) -> String {
         }
     }
     s
+}
+
+/// The protocol settings of a plan (generation, metrics, guidance, seeds, prompts: nested JSON) as
+/// `(dotted key, value)` rows: strings bare, lists of consecutive integers as ranges (`0–24
+/// (25)`), other lists and values as compact JSON. Tables nested in a list stay JSON.
+pub fn protocol_rows(protocol: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            serde_json::Value::Null => {}
+            _ => out.push((format!("`{prefix}`"), value_text(v))),
+        }
+    }
+    let mut out = vec![];
+    walk("", protocol, &mut out);
+    out
+}
+
+fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) => {
+            let ints: Option<Vec<i64>> = a.iter().map(|x| x.as_i64()).collect();
+            match ints {
+                Some(n) if n.len() > 2 && n.windows(2).all(|w| w[1] == w[0] + 1) => {
+                    format!("{}–{} ({})", n[0], n[n.len() - 1], n.len())
+                }
+                _ => serde_json::to_string(a).unwrap_or_default(),
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protocol_is_a_table_of_dotted_keys() {
+        let p = serde_json::json!({
+            "generation": {"steps": 50, "cfg_scale": 7.5, "scheduler": "ddim"},
+            "metrics": {"dino": "facebook/dino-vits16", "scoring": {"profile": "dreambooth"}},
+            "guidance": null,
+            "seeds": [0, 1, 2, 3],
+            "prompts": [0, 3, 7],
+        });
+        let rows = protocol_rows(&p);
+        let get = |k: &str| {
+            rows.iter()
+                .find(|(key, _)| key == &format!("`{k}`"))
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("generation.steps").as_deref(), Some("50"));
+        assert_eq!(get("generation.scheduler").as_deref(), Some("ddim"));
+        assert_eq!(
+            get("metrics.scoring.profile").as_deref(),
+            Some("dreambooth")
+        );
+        assert_eq!(get("seeds").as_deref(), Some("0–3 (4)"));
+        assert_eq!(get("prompts").as_deref(), Some("[0,3,7]"));
+        assert_eq!(get("guidance"), None);
+    }
 }
