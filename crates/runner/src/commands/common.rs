@@ -114,18 +114,34 @@ impl ImageFormat {
     }
 }
 
-/// Checks before any model runs that `path` can be written: its folder is created if missing
-/// and a probe file is created and removed there. The error names the folder.
+/// Checks before any model runs that `path` can be written: a probe file is created and removed
+/// in its folder, or in the nearest folder above it that exists (the folders a run creates are
+/// created later, so a refused run leaves nothing behind). The error names the folder.
 pub fn check_writable(path: &Path) -> anyhow::Result<()> {
-    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let mut dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(d) => d.to_path_buf(),
         None => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the output folder '{}'", dir.display()))?;
+    while !dir.exists() {
+        match dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(up) => dir = up.to_path_buf(),
+            None => dir = PathBuf::from("."),
+        }
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "cannot write '{}': '{}' is not a folder",
+        path.display(),
+        dir.display()
+    );
     let probe = dir.join(format!(".pnd-write-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("the output folder '{}' is not writable", dir.display()))?;
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "cannot write '{}': the folder '{}' is not writable",
+            path.display(),
+            dir.display()
+        )
+    })?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }

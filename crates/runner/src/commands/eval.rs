@@ -309,6 +309,11 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         read_manifest(&args.images)?
     } else if args.images.is_dir() {
         scan_folder(&args.images)?.entries
+    } else if !args.images.exists() {
+        bail!(
+            "'{}' does not exist (a folder of images or a manifest CSV)",
+            args.images.display()
+        );
     } else {
         bail!(
             "'{}' is neither a folder of images nor a manifest CSV",

@@ -167,7 +167,7 @@ fn check_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
     if out.exists() && !overwrite {
         return Err(training::TrainError::OutputExists(out.into()).into());
     }
-    Ok(())
+    crate::commands::common::check_writable(out)
 }
 
 /// Once the inputs are known to be good: with `--overwrite` removes an existing output and its
