@@ -419,3 +419,26 @@ fn torchmetrics_profile_matches_torchmetrics_itself_on_long_prompts() {
     let refused = want["untruncated_long_prompt"].as_str().unwrap();
     assert!(refused.contains("max_position_embeddings"), "{refused}");
 }
+
+/// A profile's extra score whose model cannot be loaded: the error names the extra and its
+/// model, not the DINO or CLIP model.
+#[test]
+fn an_extra_scores_model_that_fails_to_load_is_named() {
+    let (mut s, _, _) = profile("dreambench-plus");
+    let missing = fixtures().join("no-such-dinov2");
+    s.extra.get_mut("dinov2").unwrap().model = missing.display().to_string();
+    let options = ScorerOptions {
+        cache: None,
+        ..Default::default()
+    };
+    let e = match Scorer::load_scoring(&fixture("dino_s8_tiny"), &fixture("clip_tiny"), s, options)
+    {
+        Ok(_) => panic!("a missing extra model loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.starts_with("the protocol's extra score 'dinov2' (model '")
+            && e.contains("no-such-dinov2"),
+        "{e}"
+    );
+}

@@ -83,10 +83,14 @@ fn generate_takes_the_models_size_and_the_format_of_its_extension() {
     let e = stderr(&o);
     assert!(!o.status.success());
     assert!(
-        e.contains("output '") && e.contains("a.gif': the file name must end in .png, .jpg or .jpeg"),
+        e.contains("output '")
+            && e.contains("a.gif': the file name must end in .png, .jpg or .jpeg"),
         "{e}"
     );
-    assert!(!e.contains("device:"), "refused after opening the device: {e}");
+    assert!(
+        !e.contains("device:"),
+        "refused after opening the device: {e}"
+    );
     assert!(!tmp.path().join("out").exists());
 }
 
@@ -112,7 +116,11 @@ fn a_value_listed_twice_is_refused_everywhere_with_one_message() {
     write_image(&images.join("dog/0-s0.png"), 10);
     let out = tmp.path().join("run");
     for (flag, value, msg) in [
-        ("--seeds", "0,0", "--seeds lists seed 0 twice (positions 1 and 2)"),
+        (
+            "--seeds",
+            "0,0",
+            "--seeds lists seed 0 twice (positions 1 and 2)",
+        ),
         (
             "--subjects",
             "dog,dog",
@@ -215,7 +223,9 @@ fn a_short_schedule_skips_the_inversion_and_a_wrong_class_stops_before_it() {
     let e = stderr(&o);
     assert!(!o.status.success());
     assert!(
-        e.contains("error: subject token: the class 'cat' is not in the prompt 'a dog on the beach'"),
+        e.contains(
+            "error: subject token: the class 'cat' is not in the prompt 'a dog on the beach'"
+        ),
         "{e}"
     );
     assert!(!e.contains("identifier None"), "{e}");
@@ -293,7 +303,12 @@ fn an_error_names_each_cause_once() {
     assert_eq!(e.matches("(os error 2)").count(), 1, "{e}");
     // pnd eval on a path that is not there says so.
     let (ok, log) = pnd_in(
-        &["eval", tmp.path().join("none").to_str().unwrap(), "--name", "x"],
+        &[
+            "eval",
+            tmp.path().join("none").to_str().unwrap(),
+            "--name",
+            "x",
+        ],
         &repo(),
     );
     assert!(!ok && log.contains("none' does not exist"), "{log}");
