@@ -73,32 +73,53 @@ pub fn header(plan: &Plan, finished: usize, failures: &[Failure]) -> String {
 }
 
 /// The protocol settings of a plan (generation, metrics, guidance, seeds, prompts: nested JSON) as
-/// `(dotted key, value)` rows: strings bare, lists of consecutive integers as ranges (`0–24
-/// (25)`), other lists and values as compact JSON. Tables nested in a list stay JSON.
+/// a short table: one row per section (`generation`, `guidance`, `metrics`, each scored quantity
+/// `metrics.scoring.dino` …, `seeds`, `prompts`), its settings `key value` joined with `; `
+/// (nested keys dotted). Strings bare, runs of consecutive integers as ranges (`0–24 (25)`),
+/// other lists as compact JSON; empty strings as `''`.
 pub fn protocol_rows(protocol: &serde_json::Value) -> Vec<(String, String)> {
-    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    fn leaves(path: &mut Vec<String>, v: &serde_json::Value, out: &mut Vec<(Vec<String>, String)>) {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&key, v, out);
+                    path.push(k.clone());
+                    leaves(path, v, out);
+                    path.pop();
                 }
             }
             serde_json::Value::Null => {}
-            _ => out.push((format!("`{prefix}`"), value_text(v))),
+            _ => out.push((path.clone(), value_text(v))),
         }
     }
-    let mut out = vec![];
-    walk("", protocol, &mut out);
-    out
+    let mut all = vec![];
+    leaves(&mut vec![], protocol, &mut all);
+    let mut rows: Vec<(String, Vec<String>)> = vec![];
+    for (path, value) in all {
+        // How many leading keys name the row.
+        let split = match path.as_slice() {
+            [_] => 1,
+            [m, s, _, _, ..] if m == "metrics" && s == "scoring" => 3,
+            [m, s, ..] if m == "metrics" && s == "scoring" => 2,
+            _ => 1,
+        };
+        let group = path[..split].join(".");
+        let item = match &path[split..] {
+            [] => value,
+            rest => format!("{} {value}", rest.join(".")),
+        };
+        match rows.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, items)) => items.push(item),
+            None => rows.push((group, vec![item])),
+        }
+    }
+    rows.into_iter()
+        .map(|(g, items)| (format!("`{g}`"), items.join("; ")))
+        .collect()
 }
 
 fn value_text(v: &serde_json::Value) -> String {
     match v {
+        serde_json::Value::String(s) if s.is_empty() => "''".into(),
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Array(a) => {
             let ints: Option<Vec<i64>> = a.iter().map(|x| x.as_i64()).collect();
@@ -118,10 +139,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_protocol_is_a_table_of_dotted_keys() {
+    fn the_protocol_is_a_short_table_of_sections() {
         let p = serde_json::json!({
-            "generation": {"steps": 50, "cfg_scale": 7.5, "scheduler": "ddim"},
-            "metrics": {"dino": "facebook/dino-vits16", "scoring": {"profile": "dreambooth"}},
+            "generation": {"steps": 50, "cfg_scale": 7.5, "negative_prompt": ""},
+            "metrics": {"dino": "facebook/dino-vits16", "scoring": {"profile": "dreambooth",
+                "dino": {"scale": 1.0, "preprocess": {"crop": 224}}}},
             "guidance": null,
             "seeds": [0, 1, 2, 3],
             "prompts": [0, 3, 7],
@@ -132,14 +154,22 @@ mod tests {
                 .find(|(key, _)| key == &format!("`{k}`"))
                 .map(|(_, v)| v.clone())
         };
-        assert_eq!(get("generation.steps").as_deref(), Some("50"));
-        assert_eq!(get("generation.scheduler").as_deref(), Some("ddim"));
         assert_eq!(
-            get("metrics.scoring.profile").as_deref(),
-            Some("dreambooth")
+            get("generation").as_deref(),
+            Some("cfg_scale 7.5; negative_prompt ''; steps 50")
+        );
+        assert_eq!(get("metrics").as_deref(), Some("dino facebook/dino-vits16"));
+        assert_eq!(
+            get("metrics.scoring").as_deref(),
+            Some("profile dreambooth")
+        );
+        assert_eq!(
+            get("metrics.scoring.dino").as_deref(),
+            Some("preprocess.crop 224; scale 1.0")
         );
         assert_eq!(get("seeds").as_deref(), Some("0–3 (4)"));
         assert_eq!(get("prompts").as_deref(), Some("[0,3,7]"));
         assert_eq!(get("guidance"), None);
+        assert_eq!(rows.len(), 6);
     }
 }
