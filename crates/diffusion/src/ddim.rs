@@ -17,7 +17,7 @@ pub enum DdimError {
         value: String,
         supported: &'static str,
     },
-    #[error("num_inference_steps = {steps} must be in 1..={train} (num_train_timesteps)")]
+    #[error("{steps} sampling steps (--steps, diffusers' num_inference_steps): must be in 1..={train} (the scheduler's num_train_timesteps)")]
     Steps { steps: usize, train: usize },
 }
 
@@ -494,6 +494,6 @@ mod tests {
         let e = Ddim::new(&DdimConfig::stable_diffusion(), 0)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("num_inference_steps = 0"), "{e}");
+        assert!(e.starts_with("0 sampling steps (--steps"), "{e}");
     }
 }

@@ -360,6 +360,16 @@ impl StableDiffusion {
         self.dtype
     }
 
+    /// The image side a generation defaults to, as diffusers' `StableDiffusionPipeline.__call__`
+    /// computes it: `unet.config.sample_size × vae_scale_factor` (512 for SD 1.x, 768 for SD 2.x
+    /// 768-v, 64 for the built-in tiny model); 512 when the UNet config has no `sample_size`.
+    pub fn default_size(&self) -> usize {
+        match self.unet.config().sample_size {
+            Some(s) => s * self.vae.config().downsample_factor(),
+            None => 512,
+        }
+    }
+
     /// Adds a Textual Inversion embedding under `token` (the file's own key when `None`), as
     /// diffusers' `load_textual_inversion(path, token=…)`; returns what was bound, also kept in
     /// [`Provenance::learned_token`].

@@ -200,8 +200,7 @@ pub fn pick_and_draw_blip(
         &template,
     )?;
     let mut timings = Timings::default();
-    let palette = if config.components.appearance() && !config.appearance_window.range().is_empty()
-    {
+    let palette = if config.appearance_within(req.blip.steps) {
         Some(blip_reference_palette(pipe, config, req, &mut timings)?)
     } else {
         None

@@ -257,6 +257,52 @@ impl GuidanceConfig {
         Ok(())
     }
 
+    /// Whether any step of a `steps`-step schedule is guided by the appearance loss (else the
+    /// inversion and palette are not needed).
+    pub fn appearance_within(&self, steps: usize) -> bool {
+        (0..steps).any(|i| self.appearance_at(i))
+    }
+
+    /// Warnings for a `steps`-step schedule whose guidance windows lie partly or wholly outside
+    /// it (`pnd generate --steps 10` with the paper's appearance window [10, 20), say): one line
+    /// each, saying what is skipped. Empty when every enabled window fits.
+    pub fn schedule_warnings(&self, steps: usize) -> Vec<String> {
+        let mut out = vec![];
+        for (name, enabled, w) in [
+            ("layout", self.components.layout(), self.layout_window),
+            (
+                "appearance",
+                self.components.appearance(),
+                self.appearance_window,
+            ),
+        ] {
+            if !enabled || w.start == w.end || w.end <= steps {
+                continue;
+            }
+            let what = if w.start >= steps {
+                match name {
+                    "appearance" => {
+                        "no step is guided by it, and the inversion and palette are skipped"
+                    }
+                    _ => "no step is guided by it, and the layout template is skipped",
+                }
+            } else {
+                "only the steps inside the schedule are guided"
+            };
+            out.push(format!(
+                "the {name} window [{}, {}) lies outside the {steps}-step schedule (steps 0..{steps}): {what}",
+                w.start, w.end
+            ));
+        }
+        out
+    }
+
+    /// Whether any step of a `steps`-step schedule is guided by the layout loss (else no
+    /// template is needed).
+    pub fn layout_within(&self, steps: usize) -> bool {
+        (0..steps).any(|i| self.layout_at(i))
+    }
+
     /// Whether step `step` is guided by the appearance loss.
     pub fn appearance_at(&self, step: usize) -> bool {
         self.components.appearance() && self.appearance_window.contains(step) && self.iterations > 0

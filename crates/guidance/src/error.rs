@@ -97,10 +97,7 @@ pub enum Error {
     },
 
     /// Neither the subject word nor the identifier occurs in the prompt.
-    #[error(
-        "subject token: neither the class '{class}' nor the identifier {identifier:?} is in the \
-         prompt '{prompt}'"
-    )]
+    #[error("subject token: {} in the prompt '{prompt}' (check --class / the experiment's class)", subject_words(class, identifier.as_deref()))]
     SubjectNotInPrompt {
         class: String,
         identifier: Option<String>,
@@ -166,3 +163,11 @@ impl From<diffusion::blip::BlipError> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `the class 'dog' is not` or `neither the class 'dog' nor the identifier 'sks' is`.
+fn subject_words(class: &str, identifier: Option<&str>) -> String {
+    match identifier {
+        Some(id) => format!("neither the class '{class}' nor the identifier '{id}' is"),
+        None => format!("the class '{class}' is not"),
+    }
+}

@@ -286,7 +286,7 @@ pub(crate) fn timed_layout_template(
     cache_dir: &Path,
     timings: &mut Timings,
 ) -> Result<Option<Vec<TemplateMaps>>> {
-    if !config.components.layout() || config.layout_window.range().is_empty() {
+    if !config.layout_within(req.steps) {
         return Ok(None);
     }
     let t0 = Instant::now();
@@ -365,12 +365,7 @@ pub fn pick_and_draw(
     config.validate()?;
     let base = base.unwrap_or(sd);
     let mut timings = Timings::default();
-    let palette = if config.components.appearance() && !config.appearance_window.range().is_empty()
-    {
-        Some(reference_palette(sd, config, req, &mut timings)?)
-    } else {
-        None
-    };
+    // The prompt checks are cheap: a wrong class or identifier is reported before the inversion.
     let template = req
         .template_prompt
         .clone()
@@ -390,6 +385,12 @@ pub fn pick_and_draw(
         &base.tokenizer,
         &template,
     )?;
+    // No inversion when no step of the schedule is guided by the appearance loss.
+    let palette = if config.appearance_within(req.steps) {
+        Some(reference_palette(sd, config, req, &mut timings)?)
+    } else {
+        None
+    };
     let tmaps = timed_layout_template(
         base,
         config,

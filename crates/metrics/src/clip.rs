@@ -275,7 +275,8 @@ impl ClipText {
     }
 
     /// The token whose hidden state is pooled, as transformers picks it: the first maximum of the
-    /// ids when `eos_token_id == 2` (legacy configs), else the first occurrence of `eos_token_id`.
+    /// ids when `eos_token_id == 2` (legacy configs), else the first occurrence of `eos_token_id`
+    /// (position 0 when there is none, as torch's `argmax` of an all-false mask); `None` for no ids.
     pub fn pooled_position(ids: &[u32], eos_token_id: u32) -> Option<usize> {
         if ids.is_empty() {
             return None;
@@ -284,7 +285,9 @@ impl ClipText {
             let max = *ids.iter().max()?;
             ids.iter().position(|&t| t == max)
         } else {
-            ids.iter().position(|&t| t == eos_token_id)
+            // `(input_ids == eos_token_id).int().argmax(-1)`: with no end token (ids cut at the
+            // context, as torchmetrics cuts them) the mask is all zeros and torch's argmax is 0.
+            Some(ids.iter().position(|&t| t == eos_token_id).unwrap_or(0))
         }
     }
 
@@ -360,7 +363,9 @@ mod tests {
         let with_added = [49406, 49410, 320, 49407, 0];
         assert_eq!(ClipText::pooled_position(&with_added, 49407), Some(3));
         assert_eq!(ClipText::pooled_position(&with_added, 2), Some(1));
-        assert_eq!(ClipText::pooled_position(&[1, 5], 49407), None);
+        // No end token (cut off): transformers pools at argmax of an all-false mask, position 0.
+        assert_eq!(ClipText::pooled_position(&[49406, 1, 5], 49407), Some(0));
+        assert_eq!(ClipText::pooled_position(&[], 49407), None);
     }
 
     #[test]

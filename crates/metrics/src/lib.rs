@@ -75,6 +75,13 @@ pub enum MetricsError {
         what: String,
         source: candle_core::Error,
     },
+    /// A profile's extra score whose model cannot be loaded (named, not blamed on DINO or CLIP).
+    #[error("the protocol's extra score '{name}' (model '{model}'): {source}")]
+    Extra {
+        name: String,
+        model: String,
+        source: Box<MetricsError>,
+    },
 }
 
 impl From<imaging::ImageError> for MetricsError {

@@ -388,7 +388,13 @@ impl Scorer {
             .extra
             .iter()
             .map(|(name, e)| {
-                ExtraModel::load(name, &e.model, e.arch, &e.preprocess.recipe(), device)
+                ExtraModel::load(name, &e.model, e.arch, &e.preprocess.recipe(), device).map_err(
+                    |source| MetricsError::Extra {
+                        name: name.clone(),
+                        model: e.model.clone(),
+                        source: Box::new(source),
+                    },
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {

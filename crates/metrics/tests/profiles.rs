@@ -339,3 +339,106 @@ fn an_inconsistent_scoring_is_one_clear_error() {
         "{err}"
     );
 }
+
+/// The `torchmetrics` profile against torchmetrics' own `CLIPScore` and `_clip_score_update`
+/// (tools/fixtures/torchmetrics_clip_score.py, torchmetrics 1.9 on transformers 4.51), prompts
+/// short and over 77 tokens, under both of transformers' pooling rules: the tiny CLIP as it is
+/// (`eos_token_id` 2, argmax pooling) and with `eos_token_id` 49407 (first end token; with the end
+/// token cut off, position 0). The second made `pnd score` fail with "no end-of-text token".
+#[test]
+fn torchmetrics_profile_matches_torchmetrics_itself_on_long_prompts() {
+    let want: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("torchmetrics_clip_score.json")).unwrap(),
+    )
+    .unwrap();
+    let gen = images(&want["generated"]);
+    let real = images(&serde_json::json!([
+        "real/0.png",
+        "real/1.png",
+        "real/2.png"
+    ]));
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, eos) in [("legacy", None), ("eos", Some(49407))] {
+        let clip = match eos {
+            None => fixture("clip_tiny"),
+            Some(eos) => {
+                let d = tmp.path().join("clip_eos");
+                std::fs::create_dir_all(&d).unwrap();
+                for f in std::fs::read_dir(fixtures().join("clip_tiny")).unwrap() {
+                    let f = f.unwrap().path();
+                    std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+                }
+                let mut cfg: Value =
+                    serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
+                        .unwrap();
+                cfg["text_config"]["eos_token_id"] = eos.into();
+                std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+                d.display().to_string()
+            }
+        };
+        let config = &want["configs"][name];
+        assert_eq!(config["eos_token_id"], eos.unwrap_or(2));
+        let (s, _, _) = profile("torchmetrics");
+        let options = ScorerOptions {
+            cache: None,
+            ..Default::default()
+        };
+        let sc = Scorer::load_scoring(&fixture("dino_tiny"), &clip, s, options).unwrap();
+        for case in ["short", "mixed", "long"] {
+            let w = &config["cases"][case];
+            let prompt = want["prompts"][case].as_str().unwrap();
+            let r = sc
+                .score(&gen, &real, prompt)
+                .unwrap_or_else(|e| panic!("{name} {case}: {e}"));
+            let per: Vec<f64> = w["per_image"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            for (ours, theirs) in r.per_image.iter().zip(&per) {
+                let d = (ours.clip_t - theirs).abs();
+                assert!(
+                    d < 1e-3,
+                    "{name} {case}: per-image {} vs {theirs}",
+                    ours.clip_t
+                );
+            }
+            let d = (r.clip_t - w["clip_score"].as_f64().unwrap()).abs();
+            assert!(
+                d < 1e-3,
+                "{name} {case}: CLIPScore {} vs {}",
+                r.clip_t,
+                w["clip_score"]
+            );
+        }
+        assert!(config["cases"]["long"]["tokens"].as_u64().unwrap() > 77);
+    }
+    // DreamBench++'s source refuses the untruncated long prompt too (the dreambench-plus test
+    // checks ours): transformers' CLIP text model raises on 86 positions.
+    let refused = want["untruncated_long_prompt"].as_str().unwrap();
+    assert!(refused.contains("max_position_embeddings"), "{refused}");
+}
+
+/// A profile's extra score whose model cannot be loaded: the error names the extra and its
+/// model, not the DINO or CLIP model.
+#[test]
+fn an_extra_scores_model_that_fails_to_load_is_named() {
+    let (mut s, _, _) = profile("dreambench-plus");
+    let missing = fixtures().join("no-such-dinov2");
+    s.extra.get_mut("dinov2").unwrap().model = missing.display().to_string();
+    let options = ScorerOptions {
+        cache: None,
+        ..Default::default()
+    };
+    let e = match Scorer::load_scoring(&fixture("dino_s8_tiny"), &fixture("clip_tiny"), s, options)
+    {
+        Ok(_) => panic!("a missing extra model loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.starts_with("the protocol's extra score 'dinov2' (model '")
+            && e.contains("no-such-dinov2"),
+        "{e}"
+    );
+}

@@ -62,3 +62,112 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(cmd) => commands::train::run(cmd),
     }
 }
+
+/// An error and its causes on one line, `outer: cause: cause`, as anyhow's `{:#}` prints them,
+/// except that a cause whose text the line already holds is not repeated: many errors name their
+/// source in their own message (`reading 'x': {source}`) and also return it as their source, which
+/// printed `... (os error 2): ... (os error 2)`.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading '{path}': {source}")]
+    struct Reading {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file (os error 2)");
+        let err = anyhow::Error::new(Reading {
+            path: "a.png".into(),
+            source: io,
+        })
+        .context("scoring 'run'");
+        assert_eq!(
+            format!("{err:#}"),
+            "scoring 'run': reading 'a.png': No such file (os error 2): No such file (os error 2)"
+        );
+        assert_eq!(
+            error_line(&err),
+            "scoring 'run': reading 'a.png': No such file (os error 2)"
+        );
+        // Causes that add something are kept.
+        let plain = anyhow::anyhow!("bad header").context("reading 'x.safetensors'");
+        assert_eq!(error_line(&plain), "reading 'x.safetensors': bad header");
+    }
+
+    /// `(command path, flag)` of every argument of `cmd` and its subcommands without help text.
+    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" || a.is_hide_set() {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} --{}", a.get_long().unwrap_or(id)));
+            }
+            assert!(
+                !a.is_hide_default_value_set(),
+                "{path} --{id} hides its default"
+            );
+        }
+        for sub in cmd.get_subcommands() {
+            without_help(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_text() {
+        let mut missing = vec![];
+        without_help(&Cli::command(), "pnd", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:#?}");
+    }
+
+    /// The help's stated defaults of `pnd train`'s per-method flags are the trainers' own.
+    #[test]
+    fn train_help_states_the_trainers_defaults() {
+        let ti = training::textual_inversion::TiSettings::new("<x>", "dog");
+        let db = training::dreambooth::DbSettings::new("a photo of sks dog");
+        let cmd = Cli::command();
+        let train = cmd.find_subcommand("train").unwrap();
+        let ti_cmd = train.find_subcommand("textual-inversion").unwrap();
+        let help = |name: &str| {
+            ti_cmd
+                .get_arguments()
+                .find(|a| a.get_id().as_str() == name)
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap()
+        };
+        assert!(help("steps").contains(&format!(
+            "{} for textual-inversion, {} for dreambooth",
+            ti.steps, db.steps
+        )));
+        assert!(help("lr").contains(&format!("{:e} for textual-inversion", ti.lr)));
+        assert!(help("lr").contains(&format!("{:e} for dreambooth", db.lr)));
+        assert!(help("grad_accum").contains(&format!(
+            "{} for textual-inversion, {} for dreambooth",
+            ti.grad_accum, db.grad_accum
+        )));
+        assert_eq!(ti.batch, db.batch);
+        assert!(help("batch").contains(&format!("[default: {}]", ti.batch)));
+    }
+}

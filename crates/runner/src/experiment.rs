@@ -235,7 +235,7 @@ struct FileParts {
     description: Option<String>,
     subjects: Option<Vec<Spanned<String>>>,
     prompts: Option<Vec<Spanned<usize>>>,
-    seeds: Option<Vec<u64>>,
+    seeds: Option<Vec<Spanned<u64>>>,
     methods: Option<Vec<MethodParts>>,
     models: Option<Models>,
     generation: Option<Generation>,
@@ -291,6 +291,37 @@ fn check_file(text: &str, file: &str) -> Result<(toml::Table, Vec<Spanned<String
                 Problem::PromptOutOfRange(*p.get_ref()),
             ));
         }
+    }
+    // A value listed twice would run and count the same images twice.
+    fn unique<T: PartialEq + std::fmt::Display + Clone>(
+        text: &str,
+        file: &str,
+        list: &str,
+        noun: &str,
+        items: &[Spanned<T>],
+    ) -> Result<(), ConfigError> {
+        let values: Vec<T> = items.iter().map(|x| x.get_ref().clone()).collect();
+        match crate::lists::check_unique(list, noun, &values) {
+            Ok(()) => Ok(()),
+            Err(msg) => {
+                let (_, second) = crate::lists::first_duplicate(&values).expect("a duplicate");
+                Err(located(
+                    text,
+                    file,
+                    items[second].span(),
+                    Problem::Duplicate(msg),
+                ))
+            }
+        }
+    }
+    if let Some(v) = &parts.subjects {
+        unique(text, file, "subjects", "subject", v)?;
+    }
+    if let Some(v) = &parts.prompts {
+        unique(text, file, "prompts", "prompt", v)?;
+    }
+    if let Some(v) = &parts.seeds {
+        unique(text, file, "seeds", "seed", v)?;
     }
     let mut names = std::collections::BTreeSet::new();
     for m in parts.methods.iter().flatten() {

@@ -5,6 +5,7 @@ pub mod commands;
 pub mod demo;
 pub mod experiment;
 pub mod jobs;
+pub mod lists;
 pub mod progress;
 pub mod provenance;
 pub mod report;

@@ -7,11 +7,12 @@ fn main() -> ExitCode {
     // candle's spin-waiting elementwise pool fights the GEMM threads for the cores
     // (`layers::threads`).
     layers::threads::single_elementwise_pool();
+    guidance::inversion::set_progress(runner::progress::inversion_line);
     let args = <runner::cli::Cli as clap::Parser>::parse();
     match runner::cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", runner::cli::error_line(&err));
             ExitCode::FAILURE
         }
     }

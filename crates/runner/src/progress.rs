@@ -242,3 +242,33 @@ impl TrainProgress {
         self.bar.finish_and_clear();
     }
 }
+
+/// The line of the null-text inversion's progress after `done` of `total` sampling steps, when
+/// one is due: at every tenth step and the last (`guidance::inversion::set_progress`).
+pub fn inversion_progress_line(done: usize, total: usize) -> Option<String> {
+    (done == total || done % 10 == 0).then(|| format!("null-text inversion: step {done}/{total}"))
+}
+
+/// Prints [`inversion_progress_line`] on stderr (what `pnd` registers).
+pub fn inversion_line(done: usize, total: usize) {
+    if let Some(line) = inversion_progress_line(done, total) {
+        eprintln!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod inversion_tests {
+    use super::*;
+
+    #[test]
+    fn inversion_lines_come_every_ten_steps_and_at_the_end() {
+        let lines: Vec<usize> = (1..=25)
+            .filter(|&i| inversion_progress_line(i, 25).is_some())
+            .collect();
+        assert_eq!(lines, vec![10, 20, 25]);
+        assert_eq!(
+            inversion_progress_line(10, 25).unwrap(),
+            "null-text inversion: step 10/25"
+        );
+    }
+}

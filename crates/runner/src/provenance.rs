@@ -195,6 +195,39 @@ impl Provenance {
         })
     }
 
+    /// What a resume on `now`'s inputs would change in this recorded run: the dataset (checksum
+    /// or image count) and each model's revision, one line each (the build may change: a resumed
+    /// run may be a rebuilt binary).
+    pub fn input_changes(&self, now: &Provenance) -> Vec<String> {
+        let mut out = vec![];
+        let (a, b) = (&self.dataset, &now.dataset);
+        if a.sha256 != b.sha256 || a.images != b.images {
+            out.push(format!(
+                "the dataset changed ('{}': {} images, sha256 {} then; '{}': {} images, sha256 {} now)",
+                a.path, a.images, a.sha256, b.path, b.images, b.sha256
+            ));
+        }
+        for m in &self.models {
+            match now.models.iter().find(|n| n.role == m.role) {
+                Some(n) if n.model != m.model || n.revision != m.revision => out.push(format!(
+                    "model '{}' changed ('{}' {} then, '{}' {} now)",
+                    m.role, m.model, m.revision, n.model, n.revision
+                )),
+                None => out.push(format!(
+                    "model '{}' ('{}') is no longer used",
+                    m.role, m.model
+                )),
+                Some(_) => {}
+            }
+        }
+        for n in &now.models {
+            if !self.models.iter().any(|m| m.role == n.role) {
+                out.push(format!("model '{}' ('{}') is new", n.role, n.model));
+            }
+        }
+        out
+    }
+
     /// The build part (version, commit, features) as one line.
     pub fn build_line(&self) -> String {
         format!(

@@ -197,6 +197,24 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
             && front.contains("- Jobs: 12 of 12 finished, 0 failed"),
         "{front}"
     );
+    // Readable at a glance (issue 26): the build once, the protocol as a short table, the
+    // demo's banner, and the run's own files beside the page.
+    assert_eq!(front.matches("- Build: ").count(), 1, "{front}");
+    assert!(
+        front.contains("\n| Protocol setting | Value |\n"),
+        "{front}"
+    );
+    assert!(front.contains("| `generation` | cfg_scale 7.5;"), "{front}");
+    assert!(
+        front.contains("> **About this run:** Tiny random-weight models")
+            && front.contains("the numbers mean nothing"),
+        "{front}"
+    );
+    let page = std::fs::read_to_string(report.join("index.html")).unwrap();
+    for f in ["results.csv", "plan.json", "oracle.json"] {
+        assert!(report.join(f).is_file(), "{f} not beside the report");
+        assert!(page.contains(&format!("href=\"{f}\"")), "{f} not linked");
+    }
 
     // 2. Killed and resumed: the same table, byte for byte.
     let run2 = tmp.path().join("killed");

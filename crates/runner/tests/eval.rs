@@ -942,3 +942,137 @@ fn an_extra_score_is_in_every_row_the_oracle_and_the_tables() {
     let page = std::fs::read_to_string(out.join("report/index.html")).unwrap();
     assert!(page.contains("<th class=\"r\">dinov2 ↑</th>"), "{page}");
 }
+
+/// Copies a folder tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// The dataset checksum a run recorded.
+fn recorded_dataset(run: &Path) -> String {
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    plan["provenance"]["dataset"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Provenance is what was scored (issue 26): a failed first attempt's plan is replaced when the
+/// same command runs again on repaired data, and a resume over rows made from other data is
+/// refused, saying what changed.
+#[test]
+fn provenance_is_the_data_that_was_scored() {
+    let f = fixture();
+    let images = layout("layout-provenance");
+    let data = f.root.join("data-provenance");
+    copy_tree(&f.root.join("data"), &data);
+    let real = {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("dog"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v[0].clone()
+    };
+    let good = std::fs::read(&real).unwrap();
+    let out = f.root.join("eval-provenance");
+    let with_data = ["--data", data.to_str().unwrap()];
+    // A broken real image: the eval fails and leaves its plan behind.
+    std::fs::write(&real, b"broken").unwrap();
+    let (ok, log) = eval(&images, "prov", &out, &with_data);
+    assert!(!ok, "{log}");
+    let broken = recorded_dataset(&out);
+    // Repaired: the same command succeeds, and the plan records the repaired copy.
+    std::fs::write(&real, &good).unwrap();
+    let (ok, log) = eval(&images, "prov", &out, &with_data);
+    assert!(ok, "{log}");
+    let repaired = recorded_dataset(&out);
+    assert_ne!(broken, repaired);
+    let fresh = f.root.join("eval-provenance-fresh");
+    let (ok, log) = eval(&images, "prov", &fresh, &with_data);
+    assert!(ok, "{log}");
+    assert_eq!(repaired, recorded_dataset(&fresh));
+    // The data changes under finished rows: a resume is refused, naming the change.
+    let mut altered = image::open(&real).unwrap().to_rgb8();
+    altered.put_pixel(0, 0, image::Rgb([1, 2, 3]));
+    altered.save(&real).unwrap();
+    let results = std::fs::read(out.join("results.csv")).unwrap();
+    let (ok, log) = eval(
+        &images,
+        "prov",
+        &out,
+        &[&with_data[..], &["--resume"]].concat(),
+    );
+    assert!(!ok, "{log}");
+    assert!(log.contains("the dataset changed"), "{log}");
+    assert!(log.contains(&repaired), "{log}");
+    assert_eq!(std::fs::read(out.join("results.csv")).unwrap(), results);
+    // Another plan (other prompts) over finished rows: the message says what differs.
+    std::fs::write(&real, &good).unwrap();
+    let (ok, log) = eval(
+        &images,
+        "prov",
+        &out,
+        &[&with_data[..], &["--resume", "--prompts", "0"]].concat(),
+    );
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("started for another plan") && log.contains("differs in"),
+        "{log}"
+    );
+    assert!(log.contains("jobs (4 vs 2)"), "{log}");
+}
+
+/// `pnd eval --dino/--clip` replace a profile's models, and the shipped profiles are built into
+/// the binary: `--protocol torchmetrics` works from a folder outside the checkout.
+#[test]
+fn eval_takes_its_models_from_flags_and_its_profiles_from_the_binary() {
+    let f = fixture();
+    let images = layout("layout-builtin");
+    let outside = tempfile::tempdir().unwrap();
+    let out = outside.path().join("run");
+    let p = |s: &str| f.root.join(s).display().to_string();
+    let (ok, log) = pnd_in(
+        &[
+            "eval",
+            images.to_str().unwrap(),
+            "--name",
+            "ext",
+            "--protocol",
+            "torchmetrics",
+            "--dino",
+            &p("models/dino"),
+            "--clip",
+            &p("models/clip"),
+            "--data",
+            &p("data"),
+            "--subjects",
+            "dog,teapot",
+            "--prompts",
+            "0,20",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        outside.path(),
+    );
+    assert!(ok, "{log}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
+    let m = &plan["config"]["metrics"];
+    assert_eq!(m["dino"].as_str().unwrap(), p("models/dino"));
+    assert_eq!(m["clip"].as_str().unwrap(), p("models/clip"));
+    assert_eq!(m["scoring"]["profile"], "torchmetrics");
+    assert_eq!(rows(&out).len(), 4);
+}

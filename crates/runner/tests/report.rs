@@ -327,6 +327,9 @@ fn index_html_shows_the_table_and_links_only_files_beside_it() {
         "grids/vase__db+pnd.png",
         "table.csv",
         "results.parquet",
+        // The run's own files, copied beside the page.
+        "plan.json",
+        "oracle.json",
     ] {
         assert!(links.iter().any(|l| l == f), "{f} not linked: {links:?}");
     }
@@ -481,4 +484,63 @@ fn an_oracle_off_the_paper_warns_and_fails_under_strict() {
         "{}",
         report.header
     );
+}
+
+/// Rewrites `run`'s plan.json through `f`.
+fn edit_plan(run: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = run.join("plan.json");
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut plan);
+    std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
+}
+
+/// A provenance with only the dataset checksum mattering.
+fn provenance(sha256: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": "0", "commit": "c", "features": [], "models": [],
+        "dataset": {"path": "dreambench", "images": 10, "sha256": sha256},
+        "protocol": {},
+    })
+}
+
+#[test]
+fn runs_on_other_subjects_or_another_dataset_copy_do_not_share_a_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    make_run(&a);
+    make_run(&b);
+    let out = tmp.path().join("out");
+    let both = [a.clone(), b.clone()];
+    let report = || {
+        runner::report::write_report_with(&both, Some(&out), &Default::default())
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    // Another copy of the dataset (the checksums of what each run scored differ).
+    edit_plan(&a, |p| p["provenance"] = provenance("aaaa"));
+    edit_plan(&b, |p| p["provenance"] = provenance("bbbb"));
+    let e = report().unwrap_err();
+    assert!(
+        e.contains("different copies of the dataset (sha256 aaaa vs bbbb)"),
+        "{e}"
+    );
+    // Same copy, other subjects: b scored the dog only.
+    edit_plan(&b, |p| {
+        p["provenance"] = provenance("aaaa");
+        let jobs: Vec<serde_json::Value> = p["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["subject"] == "dog")
+            .cloned()
+            .collect();
+        p["jobs"] = jobs.into();
+    });
+    let e = report().unwrap_err();
+    assert!(
+        e.contains("cover different subjects (dog, vase (2 subjects) vs dog (1 subject))"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a refused report writes nothing");
 }

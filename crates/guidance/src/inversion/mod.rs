@@ -27,6 +27,23 @@ use candle_core::{DType, Tensor};
 use diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
+/// Where the null-text optimization reports its progress: `(steps done, steps)` after each
+/// sampling step. A process sets it once (the `pnd` binary prints a line every few steps, since
+/// an inversion runs for minutes on real models before any sampling step); unset, nothing is
+/// reported. A function pointer, so the library holds no state of its caller's.
+static PROGRESS: std::sync::OnceLock<fn(usize, usize)> = std::sync::OnceLock::new();
+
+/// Sets the inversion's progress report (see [`PROGRESS`]); later calls are ignored.
+pub fn set_progress(report: fn(usize, usize)) {
+    let _ = PROGRESS.set(report);
+}
+
+fn report_progress(done: usize, total: usize) {
+    if let Some(report) = PROGRESS.get() {
+        report(done, total);
+    }
+}
+
 /// Reconstruction quality of an inversion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InversionReport {

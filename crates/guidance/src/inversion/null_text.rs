@@ -76,6 +76,7 @@ pub fn null_text_optimize(
         }
         uncond = var.as_tensor().detach();
         updates.push(k);
+        super::report_progress(i + 1, n);
         let emb = PromptEmbeddings {
             uncond: uncond.to_dtype(model_dtype)?,
             cond: cond.clone(),

@@ -1,5 +1,5 @@
 //! What several commands share: loading a Stable Diffusion model, reading a guidance file, writing
-//! a PNG, and reporting Pick-and-Draw's timings.
+//! an image, and reporting Pick-and-Draw's timings.
 
 use crate::runtime::Runtime;
 use crate::sweep::parse_toml;
@@ -77,14 +77,102 @@ pub fn load_guidance_config(path: Option<&Path>) -> anyhow::Result<GuidanceConfi
     Ok(cfg)
 }
 
-/// Writes a PNG through a temporary file and a rename, so a crash never leaves half an image.
-pub fn save_png(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
+/// The image formats `pnd generate --out` writes, by the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Png,
+    /// Quality 95 (PIL's default is 75; 95 keeps the JPEG close to the PNG for scoring).
+    Jpeg,
+}
+
+/// JPEG quality of [`ImageFormat::Jpeg`].
+pub const JPEG_QUALITY: u8 = 95;
+
+impl ImageFormat {
+    /// The format of `path`'s extension (`.png`, `.jpg`, `.jpeg`, any case); any other is an
+    /// error naming the file, before any work is done.
+    pub fn of(path: &Path) -> anyhow::Result<Self> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("png") => Ok(Self::Png),
+            Some("jpg" | "jpeg") => Ok(Self::Jpeg),
+            _ => anyhow::bail!(
+                "output '{}': the file name must end in .png, .jpg or .jpeg (the format it is written in)",
+                path.display()
+            ),
+        }
+    }
+
+    /// The extension written for this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+        }
+    }
+}
+
+/// Checks before any model runs that `path` can be written: a probe file is created and removed
+/// in its folder, or in the nearest folder above it that exists (the folders a run creates are
+/// created later, so a refused run leaves nothing behind). The error names the folder.
+pub fn check_writable(path: &Path) -> anyhow::Result<()> {
+    let mut dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    while !dir.exists() {
+        match dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(up) => dir = up.to_path_buf(),
+            None => dir = PathBuf::from("."),
+        }
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "cannot write '{}': '{}' is not a folder",
+        path.display(),
+        dir.display()
+    );
+    let probe = dir.join(format!(".pnd-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "cannot write '{}': the folder '{}' is not writable",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Writes an image in the format of its extension ([`ImageFormat::of`]) through a temporary file
+/// and a rename, so a crash never leaves half an image.
+pub fn save_image(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
+    let format = ImageFormat::of(out)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating '{}'", dir.display()))?;
     }
-    let tmp = out.with_extension("png.partial");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing '{}'", tmp.display()))?;
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    let tmp = out.with_file_name(name);
+    let written = match format {
+        ImageFormat::Png => img
+            .save_with_format(&tmp, image::ImageFormat::Png)
+            .map_err(anyhow::Error::from),
+        ImageFormat::Jpeg => std::fs::File::create(&tmp)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| {
+                let mut w = std::io::BufWriter::new(f);
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, JPEG_QUALITY)
+                    .encode_image(img)
+                    .map_err(anyhow::Error::from)
+            }),
+    };
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing '{}'", out.display())));
+    }
     std::fs::rename(&tmp, out).with_context(|| format!("writing '{}'", out.display()))?;
     Ok(())
 }

@@ -19,6 +19,7 @@ pub enum DatasetCommand {
     },
     /// Verify a copy against the project's SHA-256 list of all 158 images.
     Check {
+        /// The DreamBench folder to check (one sub-folder of images per subject).
         #[arg(long)]
         data: PathBuf,
         /// Print the report as JSON.
@@ -27,8 +28,10 @@ pub enum DatasetCommand {
     },
     /// Print subjects, classes, kinds, image counts and prompts.
     List {
+        /// The DreamBench folder (one sub-folder of images per subject).
         #[arg(long)]
         data: PathBuf,
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -59,6 +59,13 @@ pub struct EvalArgs {
     /// Expected seeds, comma-separated (default: the seeds of the images found).
     #[arg(long, value_delimiter = ',')]
     pub seeds: Option<Vec<u64>>,
+    /// DINO model replacing the protocol's: a local `ViTModel` folder or a Hugging Face repo id
+    /// (a local copy of the same weights, a tiny model); recorded in the run's plan.
+    #[arg(long)]
+    pub dino: Option<String>,
+    /// CLIP model replacing the protocol's (as --dino).
+    #[arg(long)]
+    pub clip: Option<String>,
     /// Embedding cache (default: RUN_DIR/cache).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -72,8 +79,34 @@ pub struct EvalArgs {
     pub device: DeviceArgs,
 }
 
-/// The DreamBooth profile, for a binary run outside a checkout (no `configs/` to find).
-const BUILTIN_DREAMBOOTH: &str = include_str!("../../../../configs/protocol/dreambooth.toml");
+/// The shipped profiles, built into the binary for a run outside a checkout (no `configs/` to
+/// find): `--protocol NAME` and `--protocol all` work from any folder. A `configs/protocol` folder
+/// found from the current folder upward wins.
+pub const BUILTIN_PROFILES: [(&str, &str); 4] = [
+    (
+        "dreambooth",
+        include_str!("../../../../configs/protocol/dreambooth.toml"),
+    ),
+    (
+        "custom-diffusion",
+        include_str!("../../../../configs/protocol/custom-diffusion.toml"),
+    ),
+    (
+        "dreambench-plus",
+        include_str!("../../../../configs/protocol/dreambench-plus.toml"),
+    ),
+    (
+        "torchmetrics",
+        include_str!("../../../../configs/protocol/torchmetrics.toml"),
+    ),
+];
+
+fn builtin_profile(name: &str) -> Option<&'static str> {
+    BUILTIN_PROFILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}
 
 /// A protocol file: its `[metrics]` table is what scoring uses; its other tables (the generation
 /// settings a profile pins for sweeps) do not concern images made elsewhere, and are skipped.
@@ -83,8 +116,8 @@ struct ProtocolFile {
 }
 
 /// The metric protocol of `--protocol`: a file path, or a name looked up as
-/// `configs/protocol/NAME.toml` in `from` and its parents (the built-in DreamBooth profile when
-/// none is found). Returns where it came from and the protocol.
+/// `configs/protocol/NAME.toml` in `from` and its parents (the built-in profile of that name when
+/// none is found, [`BUILTIN_PROFILES`]). Returns where it came from and the protocol.
 pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricProtocol)> {
     let as_path = Path::new(spec);
     let (source, text) = if as_path.is_file() {
@@ -102,24 +135,24 @@ pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricP
                     .with_context(|| format!("reading protocol '{}'", p.display()))?;
                 (p.display().to_string(), text)
             }
-            None if spec == "dreambooth" => {
-                ("built-in dreambooth".into(), BUILTIN_DREAMBOOTH.into())
-            }
-            None => {
-                let known = match all_protocols(from) {
-                    Ok(found) => found
-                        .into_iter()
-                        .map(|(name, _)| name)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    Err(_) => "dreambooth (built in; no configs/protocol folder found)".into(),
-                };
-                bail!(
+            None => match builtin_profile(spec) {
+                Some(text) => (format!("built-in {spec}"), text.into()),
+                None => {
+                    let known = match all_protocols(from) {
+                        Ok(found) => found
+                            .into_iter()
+                            .map(|(name, _)| name)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    bail!(
                     "no protocol '{spec}': looked for {} in '{}' and its parents; known: {known} (or `all`, or a protocol file)",
                     rel.display(),
                     from.display()
                 )
-            }
+                }
+            },
         }
     };
     let file: ProtocolFile = parse_toml(&text, &source)?;
@@ -130,15 +163,16 @@ pub fn load_protocol(spec: &str, from: &Path) -> anyhow::Result<(String, MetricP
 }
 
 /// `--protocol all`: the profiles of the `configs/protocol/` folder found in `from` or its
-/// parents, by name (file stem), `dreambooth` first, then in name order.
-pub fn all_protocols(from: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+/// parents, by name (file stem), `dreambooth` first, then in name order; without such a folder,
+/// the built-in profiles. Each comes with the `--protocol` value that loads it (its file, or its
+/// name for a built-in one).
+pub fn all_protocols(from: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let rel = Path::new("configs/protocol");
     let Some(dir) = from.ancestors().map(|d| d.join(rel)).find(|p| p.is_dir()) else {
-        bail!(
-            "--protocol all: no {} folder in '{}' or its parents",
-            rel.display(),
-            from.display()
-        );
+        return Ok(BUILTIN_PROFILES
+            .iter()
+            .map(|(n, _)| (n.to_string(), n.to_string()))
+            .collect());
     };
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing '{}'", dir.display()))? {
@@ -148,7 +182,7 @@ pub fn all_protocols(from: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_default();
-            found.push((name, path));
+            found.push((name, path.display().to_string()));
         }
     }
     found.sort_by_key(|(name, _)| (name != "dreambooth", name.clone()));
@@ -224,8 +258,11 @@ fn expected_sets(
     args: &EvalArgs,
     found: &[ImageEntry],
 ) -> anyhow::Result<(Vec<String>, Vec<usize>, Vec<u64>)> {
+    use crate::lists::check_unique;
+    let unique = |r: Result<(), String>| r.map_err(anyhow::Error::msg);
     let subjects = match &args.subjects {
         Some(list) => {
+            unique(check_unique("--subjects", "subject", list))?;
             for s in list {
                 if dreambench::subject(s).is_none() {
                     bail!("--subjects: unknown subject '{s}' (see `pnd dataset list`)");
@@ -240,6 +277,7 @@ fn expected_sets(
     };
     let prompts = match &args.prompts {
         Some(list) => {
+            unique(check_unique("--prompts", "prompt", list))?;
             if let Some(p) = list.iter().find(|p| **p >= 25) {
                 bail!("--prompts: prompt index {p} out of range 0..25");
             }
@@ -248,7 +286,10 @@ fn expected_sets(
         None => (0..25).collect(),
     };
     let seeds = match &args.seeds {
-        Some(list) => list.clone(),
+        Some(list) => {
+            unique(check_unique("--seeds", "seed", list))?;
+            list.clone()
+        }
         None => found
             .iter()
             .map(|e| e.seed)
@@ -298,10 +339,21 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     if let Some(data) = &args.data {
         metrics.data = data.display().to_string();
     }
+    if let Some(dino) = &args.dino {
+        metrics.dino = dino.clone();
+    }
+    if let Some(clip) = &args.clip {
+        metrics.clip = clip.clone();
+    }
     let found = if args.images.is_file() {
         read_manifest(&args.images)?
     } else if args.images.is_dir() {
         scan_folder(&args.images)?.entries
+    } else if !args.images.exists() {
+        bail!(
+            "'{}' does not exist (a folder of images or a manifest CSV)",
+            args.images.display()
+        );
     } else {
         bail!(
             "'{}' is neither a folder of images nor a manifest CSV",
@@ -478,10 +530,10 @@ pub fn eval_all(args: &EvalArgs) -> anyhow::Result<EvalAllOutput> {
         .unwrap_or_else(|| Path::new("results/runs").join(format!("eval-{}", args.name)));
     let cache = args.cache.clone().unwrap_or_else(|| root.join("cache"));
     let mut runs = Vec::new();
-    for (profile, path) in profiles {
-        eprintln!("\n== protocol '{profile}' ({})", path.display());
+    for (profile, spec) in profiles {
+        eprintln!("\n== protocol '{profile}' ({spec})");
         let mut one = args.clone();
-        one.protocol = path.display().to_string();
+        one.protocol = spec;
         one.out = Some(root.join(&profile));
         one.cache = Some(cache.clone());
         let out = eval(&one).with_context(|| format!("under protocol '{profile}'"))?;
@@ -556,8 +608,23 @@ mod tests {
     #[test]
     fn all_protocols_lists_the_profiles_dreambooth_first() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", all_protocols(tmp.path()).unwrap_err());
-        assert!(e.contains("no configs/protocol folder"), "{e}");
+        // Outside a checkout: the built-in profiles, each loading by its name.
+        let builtin = all_protocols(tmp.path()).unwrap();
+        let names: Vec<&str> = builtin.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dreambooth",
+                "custom-diffusion",
+                "dreambench-plus",
+                "torchmetrics"
+            ]
+        );
+        for (name, spec) in &builtin {
+            let (src, m) = load_protocol(spec, tmp.path()).unwrap();
+            assert_eq!(src, format!("built-in {name}"));
+            assert_eq!(&m.scoring.profile, name);
+        }
         let dir = tmp.path().join("configs/protocol");
         std::fs::create_dir_all(&dir).unwrap();
         let e = format!("{:#}", all_protocols(tmp.path()).unwrap_err());

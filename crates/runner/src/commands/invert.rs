@@ -22,12 +22,15 @@ pub struct InvertArgs {
     /// Inversion prompt, e.g. `a sks dog`.
     #[arg(long)]
     pub prompt: String,
+    /// DDIM steps of the inversion (the generation's schedule).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
+    /// Generation height the reference is resized to (default: the model's, as `pnd generate`).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Generation width (default as --height).
+    #[arg(long)]
+    pub width: Option<usize>,
     /// TOML with guidance settings, at the top level or in a `[guidance]` table (its
     /// `inversion` settings are used).
     #[arg(long)]
@@ -55,7 +58,9 @@ pub fn run(args: InvertArgs) -> anyhow::Result<ExitCode> {
     )?;
     eprintln!("{}", runtime.describe());
     let sd = load_model(&args.model, args.base.clone(), &args.ti, &runtime)?;
-    let img = guidance::inversion::load_reference_image(&args.image, args.height, args.width)?;
+    let size = sd.default_size();
+    let (height, width) = (args.height.unwrap_or(size), args.width.unwrap_or(size));
+    let img = guidance::inversion::load_reference_image(&args.image, height, width)?;
     // The inversion reports no steps; a log still shows what runs, and the end line its result.
     eprintln!(
         "invert: null-text inversion of '{}', {} steps of up to {} optimization steps each",

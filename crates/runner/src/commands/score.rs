@@ -143,8 +143,8 @@ pub fn protocols(
         None => vec![("dreambooth".into(), None)],
         Some("all") => all_protocols(from)?
             .into_iter()
-            .map(|(name, path)| {
-                let (_, m) = load_protocol(&path.display().to_string(), from)?;
+            .map(|(name, spec)| {
+                let (_, m) = load_protocol(&spec, from)?;
                 Ok((name, Some(m)))
             })
             .collect::<anyhow::Result<_>>()?,

@@ -55,27 +55,29 @@ pub struct CommonArgs {
     /// Folder of the subject's images.
     #[arg(long)]
     pub images: PathBuf,
-    /// Optimizer steps.
+    /// Optimizer steps [default: 3000 for textual-inversion, 800 for dreambooth].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Learning rate.
+    /// Learning rate [default: 5e-4 for textual-inversion (before --scale_lr), 5e-6 for dreambooth].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Micro-batch size.
+    /// Micro-batch size [default: 1].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step [default: 4 for textual-inversion, 1 for dreambooth].
     #[arg(long)]
     pub grad_accum: Option<usize>,
     /// Training resolution (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
+    /// Seed of the data order, noise and timesteps (our generator, see the training crate's `rng`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Save a resumable checkpoint every N optimizer steps (0: never).
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: usize,
-    /// Write one JSON line per optimizer step (step, loss, lr, grad_norm, seconds).
+    /// Write one JSON line per optimizer step (step, loss, lr, grad_norm, seconds) to this file
+    /// (none without it; `pnd train baselines` writes `<out>.trace.jsonl`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Replace an existing output (and drop its checkpoints).
@@ -133,6 +135,7 @@ pub struct DbArgs {
     /// Where the class images are cached (default: checkpoints/class-images/<model>/<class prompt>-<resolution>).
     #[arg(long)]
     pub class_dir: Option<PathBuf>,
+    /// Weight of the prior-preservation loss.
     #[arg(long, default_value_t = 1.0)]
     pub prior_loss_weight: f64,
     /// Train the text encoder too.
@@ -164,7 +167,7 @@ fn check_output(out: &Path, overwrite: bool) -> anyhow::Result<()> {
     if out.exists() && !overwrite {
         return Err(training::TrainError::OutputExists(out.into()).into());
     }
-    Ok(())
+    crate::commands::common::check_writable(out)
 }
 
 /// Once the inputs are known to be good: with `--overwrite` removes an existing output and its
@@ -665,7 +668,12 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
             }
         };
         if let Err(e) = result {
-            let msg = format!("{} {}: {e:#}", u.method, u.subject.name);
+            let msg = format!(
+                "{} {}: {}",
+                u.method,
+                u.subject.name,
+                crate::cli::error_line(&e)
+            );
             if !a.keep_going {
                 return Err(anyhow::anyhow!(msg));
             }

@@ -72,6 +72,7 @@ pub fn demo_experiment_toml(root: &Path) -> String {
     format!(
         r#"# Written by `pnd demo`: the mini benchmark on tiny random models. The numbers mean nothing.
 name = "demo"
+description = "Tiny random-weight models on a mini benchmark of three stand-in subjects: the numbers mean nothing. The demo shows that the pipeline runs end to end."
 subjects = {subjects:?}
 prompts = [0, 20]
 seeds = [0]

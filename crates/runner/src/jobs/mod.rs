@@ -142,8 +142,8 @@ impl DreamBenchJobs {
             return Ok(());
         }
         eprintln!(
-            "oracle: embedding the real images of {} subjects",
-            self.exp.subjects().len()
+            "oracle: embedding the real images of {}",
+            crate::lists::count(self.exp.subjects().len(), "subject")
         );
         let oracle = self.oracle()?;
         write_file_atomic(&path, serde_json::to_string_pretty(&oracle)?.as_bytes())?;

@@ -24,19 +24,27 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
             if let Err(e) = super::images::ImageSources::open(method)
                 .and_then(|sources| sources.check(method, &exp.jobs(), partial_images))
             {
-                problems.push(format!("method '{}': {e:#}", method.name));
+                problems.push(format!(
+                    "method '{}': {}",
+                    method.name,
+                    crate::cli::error_line(&e)
+                ));
             }
             continue;
         }
         if method.pick_and_draw {
             if let Err(e) = guidance_config(exp, method) {
-                problems.push(format!("method '{}': {e:#}", method.name));
+                problems.push(format!(
+                    "method '{}': {}",
+                    method.name,
+                    crate::cli::error_line(&e)
+                ));
             }
         }
         for subject in exp.subjects() {
             match model_for(exp, method, subject) {
                 Err(e) => {
-                    problems.push(format!("{e:#}"));
+                    problems.push(crate::cli::error_line(&e));
                     break;
                 }
                 Ok(choice) => {

@@ -1,5 +1,6 @@
 //! Image grids (the paper's Figs. 4, 6–8): for each subject and each baseline that has a guided
-//! version, one row per prompt: reference | without guidance | with guidance (first seed). The
+//! version, one row per prompt: reference | without guidance | with guidance (first seed); a
+//! method in no such pair (a `pnd eval` run's only method) gets reference | its images. The
 //! columns are labelled at the top, each row by its prompt and seed.
 
 use super::rows::ImageRow;
@@ -56,7 +57,7 @@ fn load_cell(path: &Path) -> anyhow::Result<RgbImage> {
 /// program's images) after the first of the harness' unguided methods, or any method after the one
 /// its `compare_to` names (both titled by their labels).
 fn grid_pairs(infos: &[MethodInfo]) -> Vec<(&MethodInfo, &MethodInfo, [String; 2])> {
-    let mut pairs = Vec::new();
+    let mut pairs: Vec<(&MethodInfo, &MethodInfo, [String; 2])> = Vec::new();
     // A method that names the one it is compared with: that one, titled by their labels.
     let named = |i: &MethodInfo| {
         i.compare_to
@@ -92,6 +93,25 @@ fn grid_pairs(infos: &[MethodInfo]) -> Vec<(&MethodInfo, &MethodInfo, [String; 2
     pairs
 }
 
+/// The grids' columns after the reference, with their titles: each pair of [`grid_pairs`], then
+/// each method in no pair alone (a `pnd eval` run of one method: its images beside the subject's).
+fn grid_columns(infos: &[MethodInfo]) -> Vec<(Vec<&MethodInfo>, Vec<String>)> {
+    let pairs = grid_pairs(infos);
+    let paired = |i: &MethodInfo| {
+        pairs
+            .iter()
+            .any(|(a, b, _)| a.name == i.name || b.name == i.name)
+    };
+    let mut out: Vec<(Vec<&MethodInfo>, Vec<String>)> = pairs
+        .iter()
+        .map(|(a, b, t)| (vec![*a, *b], t.to_vec()))
+        .collect();
+    for single in infos.iter().filter(|i| !paired(i)) {
+        out.push((vec![single], vec![fit(&single.label, 22)]));
+    }
+    out
+}
+
 /// Writes the grids under `dir` and returns their paths. Image paths in rows are relative to `run_dir`
 /// (generated) or as given (reference).
 pub fn image_grids(
@@ -104,7 +124,8 @@ pub fn image_grids(
     let mut subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
     subjects.sort();
     subjects.dedup();
-    for (base, guided, titles) in grid_pairs(infos) {
+    for (columns, titles) in grid_columns(infos) {
+        let last = columns.last().expect("a grid has a column");
         for subject in &subjects {
             let pick = |method: &str| -> Vec<&ImageRow> {
                 let mut v: Vec<&ImageRow> = rows
@@ -115,62 +136,64 @@ pub fn image_grids(
                 v.dedup_by_key(|r| r.prompt_index);
                 v
             };
-            let (without, with) = (pick(&base.name), pick(&guided.name));
-            let prompts: Vec<usize> = without
+            let cols: Vec<Vec<&ImageRow>> = columns.iter().map(|m| pick(&m.name)).collect();
+            // The prompts every column has (the first seed of each).
+            let prompts: Vec<usize> = cols[0]
                 .iter()
                 .map(|r| r.prompt_index)
-                .filter(|p| with.iter().any(|w| w.prompt_index == *p))
+                .filter(|p| cols.iter().all(|c| c.iter().any(|r| r.prompt_index == *p)))
                 .collect();
             if prompts.is_empty() {
                 continue;
             }
-            let reference = load_cell(Path::new(&with[0].reference))?;
+            let reference = load_cell(Path::new(&cols[cols.len() - 1][0].reference))?;
             let n = prompts.len() as u32;
+            let ncol = 1 + cols.len() as u32;
             let mut grid = RgbImage::from_pixel(
-                3 * CELL + 4 * GAP,
+                ncol * CELL + (ncol + 1) * GAP,
                 HEADER + n * (LABEL + CELL + GAP) + GAP,
                 Rgb([255, 255, 255]),
             );
-            for (col, title) in ["reference", titles[0].as_str(), titles[1].as_str()]
-                .iter()
-                .enumerate()
-            {
+            let heads = std::iter::once("reference").chain(titles.iter().map(String::as_str));
+            for (col, title) in heads.enumerate() {
                 let x = GAP + col as u32 * (CELL + GAP);
                 draw_text(&mut grid, title, (x + 2, 4), 16.0)?;
             }
             for (k, p) in prompts.iter().enumerate() {
                 let top = HEADER + k as u32 * (LABEL + CELL + GAP);
                 let y = top + LABEL;
-                let a = without
+                let cells: Vec<&ImageRow> = cols
                     .iter()
-                    .find(|r| r.prompt_index == *p)
-                    .expect("prompt listed from `without`");
-                let b = with
-                    .iter()
-                    .find(|r| r.prompt_index == *p)
-                    .expect("prompt listed from `with`");
-                let label = format!("{}, seed {}", a.clip_t_prompt, a.seed);
+                    .map(|c| {
+                        *c.iter()
+                            .find(|r| r.prompt_index == *p)
+                            .expect("prompt listed in every column")
+                    })
+                    .collect();
+                let label = format!("{}, seed {}", cells[0].clip_t_prompt, cells[0].seed);
                 draw_text(&mut grid, &fit(&label, 80), (GAP + 2, top + 3), 13.0)?;
                 imageops::replace(&mut grid, &reference, GAP as i64, y as i64);
-                imageops::replace(
-                    &mut grid,
-                    &load_cell(&run_dir.join(&a.image))?,
-                    (2 * GAP + CELL) as i64,
-                    y as i64,
-                );
-                imageops::replace(
-                    &mut grid,
-                    &load_cell(&run_dir.join(&b.image))?,
-                    (3 * GAP + 2 * CELL) as i64,
-                    y as i64,
-                );
+                for (c, row) in cells.iter().enumerate() {
+                    let x = (c as u32 + 1) * (CELL + GAP) + GAP;
+                    imageops::replace(
+                        &mut grid,
+                        &load_cell(&run_dir.join(&row.image))?,
+                        x as i64,
+                        y as i64,
+                    );
+                }
             }
             std::fs::create_dir_all(dir)?;
-            let path = dir.join(format!("{subject}__{}.png", guided.name));
-            let tmp = dir.join(format!(".tmp-{subject}__{}.png", guided.name));
+            let path = dir.join(format!("{subject}__{}.png", last.name));
+            let tmp = dir.join(format!(
+                ".tmp-{}-{subject}__{}.png",
+                std::process::id(),
+                last.name
+            ));
             grid.save(&tmp)
                 .with_context(|| format!("writing '{}'", tmp.display()))?;
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("writing '{}'", path.display()))?;
             written.push(path);
         }
     }

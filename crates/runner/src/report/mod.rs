@@ -107,6 +107,17 @@ fn scoring_profile(plan: &crate::sweep::Plan) -> String {
         .to_string()
 }
 
+/// `dog, cat (2 subjects)`, at most 8 names.
+fn subject_list(s: &std::collections::BTreeSet<String>) -> String {
+    let names: Vec<&str> = s.iter().take(8).map(String::as_str).collect();
+    let more = if s.len() > 8 { ", ..." } else { "" };
+    format!(
+        "{}{more} ({})",
+        names.join(", "),
+        crate::lists::count(s.len(), "subject")
+    )
+}
+
 fn read_oracle(run_dir: &Path) -> anyhow::Result<Option<OracleRow>> {
     let path = run_dir.join("oracle.json");
     if !path.is_file() {
@@ -142,6 +153,8 @@ pub fn write_report_with(
     let mut builds: Vec<String> = Vec::new();
     let mut models: Option<(String, String, &PathBuf)> = None;
     let mut profile: Option<(String, &PathBuf)> = None;
+    type Data = (Option<String>, std::collections::BTreeSet<String>);
+    let mut dataset: Option<(Data, &PathBuf)> = None;
     for run_dir in runs {
         let store = RunStore::open(run_dir)?;
         let plan = store.plan()?;
@@ -167,6 +180,36 @@ pub fn write_report_with(
                 run_dir.display()
             ),
             Some(_) => {}
+        }
+        // The oracle and every score are over a dataset copy and a subject set: runs that differ
+        // in either do not share a table (whose oracle would be the first run's).
+        let data = (
+            plan.provenance.as_ref().map(|p| p.dataset.sha256.clone()),
+            plan.jobs
+                .iter()
+                .map(|j| j.subject.clone())
+                .collect::<std::collections::BTreeSet<String>>(),
+        );
+        match &dataset {
+            None => dataset = Some((data, run_dir)),
+            Some(((sha, subjects), first)) => {
+                if let (Some(a), Some(b)) = (sha, &data.0) {
+                    anyhow::ensure!(
+                        a == b,
+                        "runs '{}' and '{}' were scored on different copies of the dataset (sha256 {a} vs {b}): their scores and oracles do not share a table",
+                        first.display(),
+                        run_dir.display()
+                    );
+                }
+                anyhow::ensure!(
+                    *subjects == data.1,
+                    "runs '{}' and '{}' cover different subjects ({} vs {}): their means and oracle do not share a table (score both on the same subjects)",
+                    first.display(),
+                    run_dir.display(),
+                    subject_list(subjects),
+                    subject_list(&data.1)
+                );
+            }
         }
         for info in run_infos {
             anyhow::ensure!(
@@ -259,6 +302,24 @@ pub fn write_report_with(
     files.push(dir.join("per_subject.csv"));
     aggregate::write_parquet(&rows, &dir.join("results.parquet"))?;
     files.push(dir.join("results.parquet"));
+    // What the table was made from, beside the page (a report folder copied off a cluster keeps
+    // its links): each run's rows, plan (provenance) and oracle.
+    for (i, run_dir) in runs.iter().enumerate() {
+        for name in ["results.csv", "plan.json", "oracle.json"] {
+            let src = run_dir.join(name);
+            if !src.is_file() {
+                continue;
+            }
+            let dst = match runs.len() {
+                1 => dir.join(name),
+                _ => dir.join(format!("run{}-{name}", i + 1)),
+            };
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading '{}'", src.display()))?;
+            write_file_atomic(&dst, &bytes)?;
+            files.push(dst);
+        }
+    }
     let data = files.clone();
     let mut images = plots::pareto_plots(&dir, &summaries, &infos, &extras.paired)?;
     images.extend(plots::subject_bars(&dir, &subjects, &infos)?);

@@ -18,11 +18,16 @@ fn cell(v: Option<f64>) -> String {
     v.map(|s| format!("{s:.2}")).unwrap_or_else(|| "–".into())
 }
 
-/// The Markdown section: build features, then one line per method with rows.
+/// The Markdown section: the builds when the runs had several, then one line per method with
+/// rows.
 pub fn markdown(rows: &[ImageRow], infos: &[MethodInfo], builds: &[String]) -> String {
     let mut s = String::from("## Where the time went\n\n");
-    for b in builds {
-        let _ = writeln!(s, "- Build: {b}");
+    // One build is in the header already; several (runs of other builds in one table) are
+    // listed here, since their times are not comparable.
+    if builds.len() > 1 {
+        for b in builds {
+            let _ = writeln!(s, "- Build: {b}");
+        }
     }
     s.push_str(
         "\nSeconds per image, mean over the method's images (a batch's time shared by its images); – where a phase did not run or was not recorded. Generation is the whole of it (guidance included); sampling includes the guidance passes.\n\n| Method | device | dtype | images | generation | inversion | palette | template | sampling | decoding | scoring |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -50,6 +50,9 @@ pub enum Problem {
     BadMethodName(String),
     #[error("method name '{0}' appears twice")]
     DuplicateMethod(String),
+    /// A subject, prompt index or seed listed twice (the message of `crate::lists::check_unique`).
+    #[error("{0}")]
+    Duplicate(String),
     #[error("no config block '{0}' (looked for configs/{0}.toml)")]
     MissingInclude(String),
     #[error("'{0}' includes itself")]

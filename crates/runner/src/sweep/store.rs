@@ -38,8 +38,17 @@ pub enum StoreError {
         jobs_a: usize,
         jobs_b: usize,
     },
-    #[error("run '{}' was started for another plan (experiment '{}'); use a new --out folder", dir.display(), name)]
-    ExistingPlanDiffers { dir: PathBuf, name: String },
+    #[error("run '{}' was started for another plan (experiment '{}'; differs in {}); use a new --out folder", dir.display(), name, fields.join(", "))]
+    ExistingPlanDiffers {
+        dir: PathBuf,
+        name: String,
+        /// What differs: dotted keys of the plan (`config.generation.steps`, `jobs`).
+        fields: Vec<String>,
+    },
+    /// Rows were scored with other inputs than a resume would use (SPEC §9: provenance is what
+    /// was actually used).
+    #[error("run '{}' has finished rows made with other inputs; a resume would mix them: {}. Use a new --out folder (or restore the inputs)", dir.display(), changes.join("; "))]
+    InputsChanged { dir: PathBuf, changes: Vec<String> },
     #[error("job {id} has different rows in '{}' and '{}'", a.display(), b.display())]
     ConflictingRows { id: JobId, a: PathBuf, b: PathBuf },
     #[error("writing CSV '{}': {source}", path.display())]
@@ -229,6 +238,39 @@ impl Plan {
     }
 }
 
+/// The dotted keys in which two plans' work differs (experiment name, config settings, the job
+/// list), at most 10.
+pub fn plan_differences(a: &Plan, b: &Plan) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let (u, v) = (x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null));
+                    walk(&format!("{prefix}.{k}"), u, v, out);
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    if a.experiment != b.experiment {
+        out.push(format!(
+            "experiment ('{}' vs '{}')",
+            a.experiment, b.experiment
+        ));
+    }
+    walk("config", &a.config, &b.config, &mut out);
+    if a.jobs != b.jobs {
+        out.push(format!("jobs ({} vs {})", a.jobs.len(), b.jobs.len()));
+    }
+    out.truncate(10);
+    out
+}
+
 /// A job that failed under `--keep-going`: one line of `failures.csv`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
@@ -249,18 +291,41 @@ impl RunStore {
         fs::create_dir_all(root.join("rows")).map_err(io("creating", root))?;
         fs::create_dir_all(root.join("files")).map_err(io("creating", root))?;
         let plan_path = root.join("plan.json");
-        if plan_path.exists() {
+        let store = Self { root: root.into() };
+        // A folder without a finished row holds nothing to keep: it restarts under the new plan
+        // (a failed first attempt's plan.json, with its provenance, is replaced).
+        if plan_path.exists() && store.has_rows()? {
             let existing = Self::read_plan(root)?;
             if !existing.same_work(plan) {
                 return Err(StoreError::ExistingPlanDiffers {
                     dir: root.into(),
-                    name: existing.experiment,
+                    name: existing.experiment.clone(),
+                    fields: plan_differences(&existing, plan),
                 });
+            }
+            if let (Some(was), Some(now)) = (&existing.provenance, &plan.provenance) {
+                let changes = was.input_changes(now);
+                if !changes.is_empty() {
+                    return Err(StoreError::InputsChanged {
+                        dir: root.into(),
+                        changes,
+                    });
+                }
             }
         } else {
             write_file_atomic(&plan_path, serde_json::to_string_pretty(plan)?.as_bytes())?;
         }
-        Ok(Self { root: root.into() })
+        Ok(store)
+    }
+
+    /// Whether any job of the folder has finished (a row file exists).
+    pub fn has_rows(&self) -> Result<bool, StoreError> {
+        let dir = self.root.join("rows");
+        if !dir.is_dir() {
+            return Ok(false);
+        }
+        let mut entries = fs::read_dir(&dir).map_err(io("reading", &dir))?;
+        Ok(entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))))
     }
 
     /// Opens an existing run folder.

@@ -1,6 +1,6 @@
 //! The flags of `pnd generate` and `pnd tiny-model`.
 
-use crate::commands::common::EmbeddingArgs;
+use crate::commands::common::{check_writable, EmbeddingArgs, ImageFormat};
 use diffusion::pipeline::{SampleRequest, StableDiffusion};
 use std::path::{Path, PathBuf};
 
@@ -12,8 +12,10 @@ pub struct GenerateArgs {
     /// Where components the model lacks come from (e.g. a DreamBooth folder with only `unet/`).
     #[arg(long)]
     pub base: Option<String>,
+    /// The text prompt, e.g. "a photo of sks dog in the jungle".
     #[arg(long)]
     pub prompt: String,
+    /// The classifier-free guidance's negative prompt (empty: the unconditional branch).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Seed of the initial noise (our generator, see the diffusion crate's `noise` module).
@@ -23,14 +25,20 @@ pub struct GenerateArgs {
     /// per seed next to --out. Each image is the one `--seed` alone gives.
     #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "seed")]
     pub seeds: Option<Vec<u64>>,
+    /// DDIM sampling steps.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     pub cfg_scale: f64,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
+    /// Image height in pixels (default: the model's, `unet` `sample_size` × the VAE's
+    /// down-sampling factor, as diffusers: 512 for SD 1.5, 64 for `pnd tiny-model`; 512 for
+    /// BLIP-Diffusion, whose diffusers pipeline fixes it).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (default as --height).
+    #[arg(long)]
+    pub width: Option<usize>,
     /// Safetensors file with tensor `latents` [N, 4, H/8, W/8] (N: the number of --seeds, else 1);
     /// replaces the seeded noise.
     #[arg(long)]
@@ -40,7 +48,7 @@ pub struct GenerateArgs {
     pub save_latents: Option<PathBuf>,
     #[command(flatten)]
     pub ti: EmbeddingArgs,
-    /// Output PNG.
+    /// Output image: `.png`, or `.jpg`/`.jpeg` (JPEG, quality 95).
     #[arg(long)]
     pub out: PathBuf,
     /// No progress bar.
@@ -65,33 +73,58 @@ impl GenerateArgs {
         let Some(seeds) = &self.seeds else {
             return Ok(vec![self.seed]);
         };
-        for (i, s) in seeds.iter().enumerate() {
-            if let Some(j) = seeds[..i].iter().position(|x| x == s) {
-                anyhow::bail!(
-                    "--seeds lists seed {s} twice (positions {} and {})",
-                    j + 1,
-                    i + 1
-                );
-            }
-        }
+        crate::lists::check_unique("--seeds", "seed", seeds).map_err(anyhow::Error::msg)?;
         Ok(seeds.clone())
     }
 
-    /// Where the image of `seed` goes: `--out`, or `<out stem>-s<seed>.png` beside it with
-    /// `--seeds`.
+    /// Where the image of `seed` goes: `--out`, or `<out stem>-s<seed>.<ext>` beside it with
+    /// `--seeds` (the extension of `--out`).
     pub fn image_path(&self, seed: u64) -> PathBuf {
         match self.seeds {
-            Some(_) => seed_path(&self.out, seed, "png"),
+            Some(_) => {
+                let ext = self.out.extension().unwrap_or_default().to_string_lossy();
+                seed_path(&self.out, seed, &ext)
+            }
             None => self.out.clone(),
         }
     }
 
-    /// The sampling request of these flags, with `--init-latents` checked against `sd`'s shape
-    /// (one image per seed).
+    /// What can be checked before any model is loaded: the seeds, the output's format and that
+    /// its folder (and the `--save-latents`/`--trace` folders) can be written.
+    pub fn check_cheap(&self) -> anyhow::Result<()> {
+        self.seeds()?;
+        ImageFormat::of(&self.out)?;
+        check_writable(&self.out)?;
+        for p in [&self.save_latents, &self.pnd.trace].into_iter().flatten() {
+            check_writable(p)?;
+        }
+        Ok(())
+    }
+
+    /// `(height, width)`: the flags, else `default` for each.
+    pub fn size(&self, default: usize) -> (usize, usize) {
+        (
+            self.height.unwrap_or(default),
+            self.width.unwrap_or(default),
+        )
+    }
+
+    /// The sampling request of these flags at `sd`'s default size (see [`GenerateArgs::size`]),
+    /// with `--init-latents` checked against `sd`'s shape (one image per seed).
     pub fn sample_request(&self, sd: &StableDiffusion) -> anyhow::Result<SampleRequest> {
+        self.sample_request_sized(sd, sd.default_size())
+    }
+
+    /// As [`GenerateArgs::sample_request`], sizes that the flags leave open set to `default`.
+    pub fn sample_request_sized(
+        &self,
+        sd: &StableDiffusion,
+        default: usize,
+    ) -> anyhow::Result<SampleRequest> {
         let batch = self.seeds()?.len();
+        let (height, width) = self.size(default);
         let init_latents = match &self.init_latents {
-            Some(p) => Some(sd.read_init_latents(p, self.height, self.width, batch)?),
+            Some(p) => Some(sd.read_init_latents(p, height, width, batch)?),
             None => None,
         };
         Ok(SampleRequest {
@@ -99,8 +132,8 @@ impl GenerateArgs {
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             cfg_scale: self.cfg_scale,
-            height: self.height,
-            width: self.width,
+            height,
+            width,
             seed: self.seed,
             init_latents,
         })
@@ -160,6 +193,7 @@ pub struct TinyModelArgs {
     /// Folder to write the diffusers-layout model to.
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the tiny model's random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Folder with the CLIP tokenizer files to copy; default: ../shared/clip-tokenizer, the

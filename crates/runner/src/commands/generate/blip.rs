@@ -15,6 +15,9 @@ use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
 use guidance::pipeline::default_cache_dir;
 use std::process::ExitCode;
 
+/// BLIP-Diffusion's default image side (its diffusers pipeline's `height = 512, width = 512`).
+const BLIP_SIZE: usize = 512;
+
 /// The request of `args`: `--prompt` with a leading `a {category}` removed, since the pipeline
 /// prepends it itself (see [`requests::blip`]).
 pub fn blip_request(
@@ -44,8 +47,9 @@ pub fn blip_request(
     if category.trim().is_empty() {
         anyhow::bail!("--subject-category is empty");
     }
+    // diffusers' BlipDiffusionPipeline.__call__ defaults to 512×512 whatever the UNet's size.
     Ok(requests::blip(
-        args.sample_request(&pipe.sd)?,
+        args.sample_request_sized(&pipe.sd, BLIP_SIZE)?,
         reference,
         category,
     ))
@@ -67,6 +71,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let latents = if args.pnd.pick_and_draw {
         let pnd = &args.pnd;
         let cfg = load_guidance_config(pnd.guidance_config.as_deref())?;
+        for w in cfg.schedule_warnings(req.steps) {
+            eprintln!("warning: {w}");
+        }
         // The template comes from vanilla Stable Diffusion, not from BLIP-Diffusion's UNet.
         let template_model = pnd.base_model.as_deref().unwrap_or(SD15);
         let base = load_model(template_model, None, &EmbeddingArgs::default(), &runtime)

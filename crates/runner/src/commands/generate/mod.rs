@@ -14,6 +14,7 @@ use anyhow::Context;
 use std::process::ExitCode;
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    args.check_cheap()?;
     match args.method {
         Method::StableDiffusion => sd::run(args),
         Method::BlipDiffusion => blip::run(args),

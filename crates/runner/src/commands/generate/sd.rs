@@ -30,7 +30,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     // The seeds of a batch share every UNet call; each image is its seed's image alone.
     let init = match req.init_latents.take() {
         Some(l) => l,
-        None => sd.seeded_latents(args.height, args.width, &seeds)?,
+        None => sd.seeded_latents(req.height, req.width, &seeds)?,
     };
     let mut progress = step_progress(&args);
     let mut on_step = |i: usize, n: usize| progress.step(i, n);
@@ -57,6 +57,9 @@ fn guided_latents(
 ) -> anyhow::Result<Tensor> {
     let pnd: &PickAndDrawArgs = &args.pnd;
     let cfg = load_guidance_config(pnd.guidance_config.as_deref())?;
+    for w in cfg.schedule_warnings(sample.steps) {
+        eprintln!("warning: {w}");
+    }
     let reference = pnd
         .reference
         .clone()

@@ -1,7 +1,7 @@
 //! What both generators do around sampling: progress, and the outputs (latents, PNG).
 
 use super::args::GenerateArgs;
-use crate::commands::common::save_png;
+use crate::commands::common::save_image;
 use crate::progress::{ProgressMode, StepProgress};
 use anyhow::Context;
 use candle_core::Tensor;
@@ -12,7 +12,7 @@ pub(super) fn step_progress(args: &GenerateArgs) -> StepProgress {
     StepProgress::new("denoising", args.steps, ProgressMode::detect(!args.quiet))
 }
 
-/// Writes `--save-latents` (if asked, all images) and the decoded PNGs, one per seed.
+/// Writes `--save-latents` (if asked, all images) and the decoded images, one per seed.
 pub(super) fn write_outputs(
     args: &GenerateArgs,
     sd: &StableDiffusion,
@@ -23,7 +23,7 @@ pub(super) fn write_outputs(
     }
     let images = sd.decode_images(latents)?;
     for (img, seed) in images.iter().zip(args.seeds()?) {
-        save_png(img, &args.image_path(seed))?;
+        save_image(img, &args.image_path(seed))?;
     }
     Ok(())
 }
