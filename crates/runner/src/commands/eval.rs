@@ -68,9 +68,18 @@ pub struct EvalArgs {
     /// Fail when the oracle gate fails (see `pnd report --strict`).
     #[arg(long)]
     pub strict: bool,
+    /// Score what can be scored: an image that does not decode, or a job that fails, is recorded
+    /// in RUN_DIR/failures.csv and the run goes on (default: one error before anything is
+    /// written, naming every unreadable image).
+    #[arg(long)]
+    pub keep_going: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
+
+/// The input side of the metric models (DINO ViT-S/16, CLIP ViT-B/32): a smaller image is
+/// upscaled before it is scored.
+const METRIC_INPUT: u32 = 224;
 
 /// The DreamBooth profile, for a binary run outside a checkout (no `configs/` to find).
 const BUILTIN_DREAMBOOTH: &str = include_str!("../../../../configs/protocol/dreambooth.toml");
@@ -282,6 +291,8 @@ pub struct EvalOutput {
     pub run_dir: PathBuf,
     pub coverage: Coverage,
     pub report: crate::report::ReportOutput,
+    /// Jobs that failed under `--keep-going` (listed in `failures.csv`).
+    pub failed: usize,
 }
 
 /// Runs `pnd eval`: finds the images, scores those of the expected set into the run folder,
@@ -338,9 +349,40 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
             seeds
         );
     }
-    // Every image must be readable before the run folder is touched.
+    // Every image decodes before the run folder is touched (a corrupt body would otherwise stop
+    // the run partway). Under --keep-going an unreadable one fails its job alone.
+    let mut unreadable = Vec::new();
+    let mut small = Vec::new();
     for e in &cov.present {
-        check_readable(&e.path)?;
+        match check_readable(&e.path) {
+            Ok((w, h)) if w.min(h) < METRIC_INPUT => {
+                small.push(format!("'{}' ({w}x{h})", e.path.display()))
+            }
+            Ok(_) => {}
+            Err(err) => unreadable.push(format!("{err:#}")),
+        }
+    }
+    if !small.is_empty() {
+        eprintln!(
+            "warning: {} image(s) smaller than the metric models' {METRIC_INPUT}x{METRIC_INPUT} input are upscaled to it for scoring: {}",
+            small.len(),
+            list(&small, String::clone)
+        );
+    }
+    if !unreadable.is_empty() {
+        if !args.keep_going {
+            bail!(
+                "{} of {} image(s) do not decode, nothing written (pass --keep-going to score the rest): {}",
+                unreadable.len(),
+                cov.present.len(),
+                unreadable.join("; ")
+            );
+        }
+        eprintln!(
+            "warning: {} image(s) do not decode; their jobs will fail: {}",
+            unreadable.len(),
+            unreadable.join("; ")
+        );
     }
     let out = args
         .out
@@ -433,9 +475,12 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         .collect();
     let options = RunOptions {
         progress: ProgressMode::detect(true),
-        keep_going: false,
+        keep_going: args.keep_going,
     };
-    run_jobs_with(&store, &jobs, Shard::ALL, &mut runner, options)?;
+    let summary = run_jobs_with(&store, &jobs, Shard::ALL, &mut runner, options)?;
+    // Two evals on one folder write the report one after the other (its plots are not written
+    // atomically).
+    let _report_lock = crate::sweep::claim::claim(&out.join("claims").join("report.lock"))?;
     let report = crate::report::write_report_with(
         std::slice::from_ref(&out),
         None,
@@ -447,6 +492,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         run_dir: out,
         coverage: cov,
         report,
+        failed: summary.failed.len(),
     })
 }
 
@@ -520,6 +566,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         out.run_dir.join("results.csv").display(),
         out.report.dir.display()
     );
+    if out.failed > 0 {
+        println!(
+            "{} failed jobs are listed in '{}'; rerun with --resume to retry them",
+            out.failed,
+            out.run_dir.join("failures.csv").display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

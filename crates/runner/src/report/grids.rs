@@ -167,7 +167,11 @@ pub fn image_grids(
             }
             std::fs::create_dir_all(dir)?;
             let path = dir.join(format!("{subject}__{}.png", guided.name));
-            let tmp = dir.join(format!(".tmp-{subject}__{}.png", guided.name));
+            let tmp = dir.join(format!(
+                ".tmp-{}-{subject}__{}.png",
+                std::process::id(),
+                guided.name
+            ));
             grid.save(&tmp)
                 .with_context(|| format!("writing '{}'", tmp.display()))?;
             std::fs::rename(&tmp, &path)?;
