@@ -360,6 +360,7 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
         "--devices",
         "cpu,cpu",
     ])
+    .stdout(Stdio::piped())
     .output()
     .unwrap();
     let log = String::from_utf8_lossy(&o.stderr);

@@ -874,3 +874,41 @@ fn three_processes_on_one_folder_run_each_job_once() {
         .collect();
     assert_eq!(pids.len(), 3, "{text}");
 }
+
+/// A run folder written before timings had their own files: its row files hold the wall time.
+/// They load, their timing is read from them, and a resume writes the same results.csv as a new
+/// run (no timing column).
+#[test]
+fn rows_of_older_runs_with_timing_fields_load_and_keep_their_timings() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_all(tmp.path(), Shard::ALL, Duration::ZERO);
+    let want = results(tmp.path());
+    let store = RunStore::open(tmp.path()).unwrap();
+    let id = plan().jobs[0].id();
+    let path = store.row_path(&id);
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    old["seconds"] = 2.5.into();
+    std::fs::write(&path, old.to_string()).unwrap();
+    std::fs::remove_file(store.timing_path(&id)).unwrap();
+    let row: Row = store.read_row(&id).unwrap().unwrap();
+    assert_eq!(row.id, id.0);
+    assert_eq!(
+        store.read_timing::<Seconds>(&id),
+        Some(Seconds { seconds: 2.5 })
+    );
+    let summary = run_jobs(
+        &store,
+        &plan().jobs,
+        Shard::ALL,
+        &mut TwoStepRunner {
+            pause: Duration::ZERO,
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(summary.skipped, 36);
+    assert_eq!(results(tmp.path()), want);
+    let timings = std::fs::read_to_string(tmp.path().join("timings.csv")).unwrap();
+    assert!(timings.contains(&format!("\n{id},2.5\n")), "{timings}");
+}

@@ -350,8 +350,9 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         );
     }
     // Every image decodes before the run folder is touched (a corrupt body would otherwise stop
-    // the run partway). Under --keep-going an unreadable one fails its job alone.
-    let mut unreadable = Vec::new();
+    // the run partway). Under --keep-going the images that do not decode are left out of the
+    // manifest (so that the experiment validates) and their jobs recorded as failed.
+    let mut undecoded: Vec<(ImageEntry, String)> = Vec::new();
     let mut small = Vec::new();
     for e in &cov.present {
         match check_readable(&e.path) {
@@ -359,7 +360,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
                 small.push(format!("'{}' ({w}x{h})", e.path.display()))
             }
             Ok(_) => {}
-            Err(err) => unreadable.push(format!("{err:#}")),
+            Err(err) => undecoded.push((e.clone(), format!("{err:#}"))),
         }
     }
     if !small.is_empty() {
@@ -369,21 +370,28 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
             list(&small, String::clone)
         );
     }
-    if !unreadable.is_empty() {
+    if !undecoded.is_empty() {
+        let errors: Vec<&str> = undecoded.iter().map(|(_, e)| e.as_str()).collect();
         if !args.keep_going {
             bail!(
                 "{} of {} image(s) do not decode, nothing written (pass --keep-going to score the rest): {}",
-                unreadable.len(),
+                undecoded.len(),
                 cov.present.len(),
-                unreadable.join("; ")
+                errors.join("; ")
             );
         }
         eprintln!(
-            "warning: {} image(s) do not decode; their jobs will fail: {}",
-            unreadable.len(),
-            unreadable.join("; ")
+            "warning: {} image(s) do not decode; their jobs fail (failures.csv): {}",
+            undecoded.len(),
+            errors.join("; ")
         );
     }
+    let scorable: Vec<ImageEntry> = cov
+        .present
+        .iter()
+        .filter(|e| !undecoded.iter().any(|(u, _)| u.key() == e.key()))
+        .cloned()
+        .collect();
     let out = args
         .out
         .clone()
@@ -400,7 +408,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating '{}'", out.display()))?;
     let out = out.canonicalize()?;
     let manifest = out.join("images.csv");
-    write_manifest(&manifest, &cov.present)?;
+    write_manifest(&manifest, &scorable)?;
     let mut missing = csv::Writer::from_writer(Vec::new());
     missing.write_record(["subject", "prompt_index", "seed"])?;
     for j in &cov.missing {
@@ -462,11 +470,31 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         &exp.metrics.clip,
         args.strict,
     )?;
-    let present: BTreeSet<(String, usize, u64)> = cov
-        .present
-        .iter()
-        .map(|e| (e.subject.clone(), e.prompt_index, e.seed))
-        .collect();
+    let present: BTreeSet<(String, usize, u64)> = scorable.iter().map(ImageEntry::key).collect();
+    let mut undecoded_failed = 0;
+    if !undecoded.is_empty() {
+        let _lock = store.lock_folder()?;
+        let mut failures = store.failures()?;
+        for (e, error) in &undecoded {
+            let id = Job {
+                method: args.name.clone(),
+                subject: e.subject.clone(),
+                prompt_index: e.prompt_index,
+                seed: e.seed,
+            }
+            .id();
+            if store.is_done(&id) {
+                continue; // scored before (--resume): its row stands
+            }
+            undecoded_failed += 1;
+            failures.retain(|f| f.id != id.0);
+            failures.push(crate::sweep::Failure {
+                id: id.0,
+                error: error.clone(),
+            });
+        }
+        store.write_failures(&failures)?;
+    }
     let jobs: Vec<Job> = plan
         .jobs
         .iter()
@@ -492,7 +520,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         run_dir: out,
         coverage: cov,
         report,
-        failed: summary.failed.len(),
+        failed: summary.failed.len() + undecoded_failed,
     })
 }
 

@@ -31,7 +31,7 @@ impl ImageEntry {
         }
     }
 
-    fn key(&self) -> (String, usize, u64) {
+    pub(crate) fn key(&self) -> (String, usize, u64) {
         (self.subject.clone(), self.prompt_index, self.seed)
     }
 }
