@@ -123,6 +123,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         print!("{}", dry_run_listing(&exp, &plan, shard));
         return Ok(ExitCode::SUCCESS);
     }
+    // The workers' devices before any work: `all` on a build without CUDA is one early error.
+    let workers = args.devices.as_deref().map(worker_devices).transpose()?;
     validate(&exp).with_context(|| format!("checking '{}'", args.experiment.display()))?;
     let out = args
         .out
@@ -135,8 +137,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         bail!("run folder '{}' already has results: pass --resume to continue it, or choose another --out", out.display());
     }
     let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
-    if let Some(devices) = &args.devices {
-        return run_workers(&args, &worker_devices(devices)?, &out, &cache);
+    if let Some(devices) = &workers {
+        return run_workers(&args, devices, &out, &cache);
     }
     let runtime = Runtime::open(&exp.runtime)?;
     eprintln!("{}", runtime.describe());
