@@ -11,7 +11,8 @@ fn main() -> ExitCode {
     match runner::cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Once: each cause of the chain once, even where a message repeats its source.
+            eprintln!("error: {}", runner::error_chain(&err));
             ExitCode::FAILURE
         }
     }

@@ -360,7 +360,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
                 small.push(format!("'{}' ({w}x{h})", e.path.display()))
             }
             Ok(_) => {}
-            Err(err) => undecoded.push((e.clone(), format!("{err:#}"))),
+            Err(err) => undecoded.push((e.clone(), crate::error_chain(&err))),
         }
     }
     if !small.is_empty() {

@@ -687,7 +687,12 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
             }
         };
         if let Err(e) = result {
-            let msg = format!("{} {}: {e:#}", u.method, u.subject.name);
+            let msg = format!(
+                "{} {}: {}",
+                u.method,
+                u.subject.name,
+                crate::error_chain(&e)
+            );
             if !a.keep_going {
                 return Err(anyhow::anyhow!(msg));
             }

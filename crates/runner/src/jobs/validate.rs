@@ -24,19 +24,27 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
             if let Err(e) = super::images::ImageSources::open(method)
                 .and_then(|sources| sources.check(method, &exp.jobs(), partial_images))
             {
-                problems.push(format!("method '{}': {e:#}", method.name));
+                problems.push(format!(
+                    "method '{}': {}",
+                    method.name,
+                    crate::error_chain(&e)
+                ));
             }
             continue;
         }
         if method.pick_and_draw {
             if let Err(e) = guidance_config(exp, method) {
-                problems.push(format!("method '{}': {e:#}", method.name));
+                problems.push(format!(
+                    "method '{}': {}",
+                    method.name,
+                    crate::error_chain(&e)
+                ));
             }
         }
         for subject in exp.subjects() {
             match model_for(exp, method, subject) {
                 Err(e) => {
-                    problems.push(format!("{e:#}"));
+                    problems.push(crate::error_chain(&e));
                     break;
                 }
                 Ok(choice) => {

@@ -33,7 +33,7 @@ fn open(path: &Path) -> Result<File, StoreError> {
         move |source| StoreError::Io {
             action,
             path: p,
-            source,
+            cause: source,
         }
     };
     if let Some(dir) = path.parent() {
@@ -59,7 +59,7 @@ pub fn try_claim(path: &Path) -> Result<Option<Claim>, StoreError> {
         Err(source) => Err(StoreError::Io {
             action: "locking",
             path: path.into(),
-            source,
+            cause: source,
         }),
     }
 }
@@ -70,7 +70,7 @@ pub fn claim(path: &Path) -> Result<Claim, StoreError> {
     file.lock_exclusive().map_err(|source| StoreError::Io {
         action: "locking",
         path: path.into(),
-        source,
+        cause: source,
     })?;
     Ok(Claim {
         _file: file,

@@ -105,13 +105,13 @@ fn fresh_output(dir: PathBuf) -> Result<JobOutput, StoreError> {
         std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io {
             action: "clearing",
             path: dir.clone(),
-            source,
+            cause: source,
         })?;
     }
     std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
         action: "creating",
         path: dir.clone(),
-        source,
+        cause: source,
     })?;
     Ok(JobOutput { dir })
 }
@@ -400,7 +400,7 @@ fn run_batch<R: JobRunner>(
             Err(e) if options.keep_going => {
                 let failure = Failure {
                     id: id.0.clone(),
-                    error: format!("{e:#}"),
+                    error: crate::error_chain(&e),
                 };
                 progress.finished(&id.0, seconds, Some(&failure.error));
                 update_failures(store, |f| f.push(failure.clone()))?;

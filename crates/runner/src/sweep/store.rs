@@ -11,21 +11,23 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} '{}': {source}", path.display())]
+    // The causes are fields named `cause`, not `source`: thiserror would make a `source` field
+    // the error's source too, and `{:#}` (anyhow's chain) would then print it twice.
+    #[error("{action} '{}': {cause}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("row file '{}' is not a valid row: {source}", path.display())]
+    #[error("row file '{}' is not a valid row: {cause}", path.display())]
     BadRow {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
-    #[error("'{}' is not a valid plan: {source}", path.display())]
+    #[error("'{}' is not a valid plan: {cause}", path.display())]
     BadPlan {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("'{}' is not a run folder (no plan.json); was it written by `pnd sweep`?", .0.display())]
     NoPlan(PathBuf),
@@ -48,10 +50,10 @@ pub enum StoreError {
         total: usize,
         first: String,
     },
-    #[error("writing CSV '{}': {source}", path.display())]
-    Csv { path: PathBuf, source: csv::Error },
-    #[error("reading CSV '{}': {source}", path.display())]
-    ReadCsv { path: PathBuf, source: csv::Error },
+    #[error("writing CSV '{}': {cause}", path.display())]
+    Csv { path: PathBuf, cause: csv::Error },
+    #[error("reading CSV '{}': {cause}", path.display())]
+    ReadCsv { path: PathBuf, cause: csv::Error },
     #[error("encoding plan: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -60,7 +62,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |source| StoreError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -95,13 +97,13 @@ pub fn write_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), Sto
     for row in rows {
         w.serialize(row).map_err(|source| StoreError::Csv {
             path: path.into(),
-            source,
+            cause: source,
         })?;
     }
     let bytes = w.into_inner().map_err(|e| StoreError::Io {
         action: "encoding CSV for",
         path: path.into(),
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     write_file_atomic(path, &bytes)
 }
@@ -170,7 +172,7 @@ fn flat_cells<R: Serialize>(row: &R) -> Result<Vec<(String, serde_json::Value)>,
 pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), StoreError> {
     let bad = |message: String| StoreError::Csv {
         path: path.into(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message).into(),
+        cause: std::io::Error::new(std::io::ErrorKind::InvalidData, message).into(),
     };
     let mut header: Vec<String> = Vec::new();
     let mut records = Vec::with_capacity(rows.len());
@@ -193,7 +195,7 @@ pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<()
     }
     let csv_err = |source| StoreError::Csv {
         path: path.into(),
-        source,
+        cause: source,
     };
     let mut w = csv::WriterBuilder::new()
         .has_headers(false)
@@ -211,7 +213,7 @@ pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<()
     let bytes = w.into_inner().map_err(|e| StoreError::Io {
         action: "encoding CSV for",
         path: path.into(),
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     write_file_atomic(path, &bytes)
 }
@@ -305,7 +307,10 @@ impl RunStore {
             return Err(StoreError::NoPlan(root.into()));
         }
         let text = fs::read_to_string(&path).map_err(io("reading", &path))?;
-        serde_json::from_str(&text).map_err(|source| StoreError::BadPlan { path, source })
+        serde_json::from_str(&text).map_err(|source| StoreError::BadPlan {
+            path,
+            cause: source,
+        })
     }
 
     pub fn plan(&self) -> Result<Plan, StoreError> {
@@ -360,14 +365,19 @@ impl RunStore {
     pub fn read_row<R: DeserializeOwned>(&self, id: &JobId) -> Result<Option<R>, StoreError> {
         let path = self.row_path(id);
         match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| StoreError::BadRow { path, source }),
+            Ok(text) => {
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|source| StoreError::BadRow {
+                        path,
+                        cause: source,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::Io {
                 action: "reading",
                 path,
-                source: e,
+                cause: e,
             }),
         }
     }
@@ -404,7 +414,7 @@ impl RunStore {
         }
         let csv_err = |source| StoreError::ReadCsv {
             path: path.clone(),
-            source,
+            cause: source,
         };
         csv::Reader::from_path(&path)
             .map_err(csv_err)?
@@ -421,7 +431,7 @@ impl RunStore {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
                     action: "removing",
                     path,
-                    source: e,
+                    cause: e,
                 }),
                 _ => Ok(()),
             };
