@@ -63,56 +63,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// An error and its causes on one line, `outer: cause: cause`, as anyhow's `{:#}` prints them,
-/// except that a cause whose text the line already holds is not repeated: many errors name their
-/// source in their own message (`reading 'x': {source}`) and also return it as their source, which
-/// printed `... (os error 2): ... (os error 2)`.
-pub fn error_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.is_empty() {
-            line = text;
-        } else if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("reading '{path}': {source}")]
-    struct Reading {
-        path: String,
-        source: std::io::Error,
-    }
-
-    #[test]
-    fn an_error_line_names_each_cause_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file (os error 2)");
-        let err = anyhow::Error::new(Reading {
-            path: "a.png".into(),
-            source: io,
-        })
-        .context("scoring 'run'");
-        assert_eq!(
-            format!("{err:#}"),
-            "scoring 'run': reading 'a.png': No such file (os error 2): No such file (os error 2)"
-        );
-        assert_eq!(
-            error_line(&err),
-            "scoring 'run': reading 'a.png': No such file (os error 2)"
-        );
-        // Causes that add something are kept.
-        let plain = anyhow::anyhow!("bad header").context("reading 'x.safetensors'");
-        assert_eq!(error_line(&plain), "reading 'x.safetensors': bad header");
-    }
 
     /// `(command path, flag)` of every argument of `cmd` and its subcommands without help text.
     fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {

@@ -436,7 +436,7 @@ impl Experiment {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.into(),
-            source,
+            cause: source,
         })?;
         let (table, includes) = check_file(&text, &file)?;
         stack.push(path.to_path_buf());

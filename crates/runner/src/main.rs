@@ -12,7 +12,8 @@ fn main() -> ExitCode {
     match runner::cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", runner::cli::error_line(&err));
+            // Once: each cause of the chain once, even where a message repeats its source.
+            eprintln!("error: {}", runner::error_chain(&err));
             ExitCode::FAILURE
         }
     }

@@ -153,6 +153,12 @@ impl JobProgress {
         }
     }
 
+    /// A job counted in the total was finished (or is being run) by another process.
+    pub fn elsewhere(&mut self) {
+        self.total = self.total.saturating_sub(1);
+        self.bar.set_length(self.total);
+    }
+
     /// Leaves the bar as it is (the run stops on an error).
     pub fn abandon(&self) {
         self.bar.abandon();

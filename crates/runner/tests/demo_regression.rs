@@ -226,6 +226,19 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
         String::from_utf8(std::fs::read(run2.join("report/table.md")).unwrap()).unwrap(),
         String::from_utf8(table.clone()).unwrap()
     );
+    // results.csv holds what was computed, not wall times: the same bytes after the kills.
+    let results = std::fs::read_to_string(out.run_dir.join("results.csv")).unwrap();
+    assert!(!results.lines().next().unwrap().contains("seconds"));
+    assert_eq!(
+        std::fs::read_to_string(run2.join("results.csv")).unwrap(),
+        results
+    );
+    // The wall times are in timings.csv, one line per job, and the report shows them.
+    let timings = std::fs::read_to_string(run2.join("timings.csv")).unwrap();
+    assert!(timings.starts_with("id,seconds,"), "{timings}");
+    assert_eq!(timings.lines().count(), 1 + 12);
+    let report_md = std::fs::read_to_string(run2.join("report/report.md")).unwrap();
+    assert!(report_md.contains("## Where the time went"), "{report_md}");
 
     // 3. Two shards merged: the same table.
     let exp = demo.join("demo.toml");
@@ -265,6 +278,140 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
         std::fs::read(merged.join("report/table.md")).unwrap(),
         table
     );
+    assert_eq!(
+        std::fs::read_to_string(merged.join("results.csv")).unwrap(),
+        results
+    );
+
+    // 4. Three processes started together on one run folder, one killed (kill -9) midway, then a
+    // resume: every job done once, every row with its image, the single process's results.csv.
+    let shared = tmp.path().join("three");
+    let args = [
+        "sweep",
+        exp.to_str().unwrap(),
+        "--out",
+        shared.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--resume",
+    ];
+    let logs: Vec<PathBuf> = (0..4)
+        .map(|k| tmp.path().join(format!("three-{k}.log")))
+        .collect();
+    let mut workers: Vec<_> = logs[..3]
+        .iter()
+        .map(|log| {
+            pnd(&args)
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    while finished_rows(&shared) < 4 && workers[1].try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        workers[1].try_wait().unwrap().is_none(),
+        "the worker to kill ended first"
+    );
+    workers[1].kill().unwrap();
+    workers[1].wait().unwrap();
+    for k in [0, 2] {
+        assert!(workers[k].wait().unwrap().success(), "worker {k}");
+    }
+    let out = pnd(&args)
+        .stderr(std::fs::File::create(&logs[3]).unwrap())
+        .status()
+        .unwrap();
+    assert!(out.success(), "the resume");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("results.csv")).unwrap(),
+        results
+    );
+    let mut done: Vec<String> = Vec::new();
+    for log in &logs {
+        let text = std::fs::read_to_string(log).unwrap();
+        eprintln!("{}:\n{text}", log.display());
+        done.extend(
+            text.lines()
+                .filter(|l| l.starts_with("job ") && l.contains(" done in "))
+                .map(|l| l.split(' ').nth(1).unwrap().to_string()),
+        );
+    }
+    done.sort();
+    let mut ids: Vec<String> = runner::sweep::RunStore::open(&shared)
+        .unwrap()
+        .plan()
+        .unwrap()
+        .jobs
+        .iter()
+        .map(|j| j.id().0)
+        .collect();
+    ids.sort();
+    assert_eq!(
+        done, ids,
+        "each job done exactly once over the four processes"
+    );
+    for id in &ids {
+        let files = shared.join("files").join(id);
+        assert!(files.join("image.png").is_file(), "{id} has no image");
+        let names: Vec<String> = std::fs::read_dir(&files)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(".tmp-")),
+            "{id}: {names:?}"
+        );
+    }
+
+    // 5. Two CPU workers (`--devices cpu,cpu`) on one folder: a single process's table, byte for
+    // byte (results.csv and the report's table files).
+    let two = tmp.path().join("two-workers");
+    let o = pnd(&[
+        "sweep",
+        exp.to_str().unwrap(),
+        "--out",
+        two.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--devices",
+        "cpu,cpu",
+    ])
+    .stdout(Stdio::piped())
+    .output()
+    .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("worker 0: cpu") && log.contains("worker 1: cpu"),
+        "{log}"
+    );
+    // Each worker says what it did: together, every job once.
+    let said = String::from_utf8_lossy(&o.stdout);
+    let now: Vec<usize> = said
+        .lines()
+        .filter_map(|l| {
+            l.split(" done now")
+                .next()
+                .filter(|_| l.contains(" done now"))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!((now.len(), now.iter().sum::<usize>()), (2, 12), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(two.join("results.csv")).unwrap(),
+        results
+    );
+    let st = pnd(&["report", two.to_str().unwrap()]).status().unwrap();
+    assert!(st.success());
+    for f in ["table.md", "table.csv", "per_subject.csv"] {
+        assert_eq!(
+            std::fs::read(two.join("report").join(f)).unwrap(),
+            std::fs::read(report.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }
 
 /// The rows of `results.csv` by job id, as (column, cell) pairs without the wall times.

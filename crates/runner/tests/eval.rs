@@ -76,9 +76,14 @@ fn fixture() -> &'static Fixture {
 /// The rows of a run's `results.csv`, keyed by (subject, prompt index, seed).
 fn rows(run: &Path) -> BTreeMap<(String, usize, u64), runner::report::rows::ImageRow> {
     let mut r = csv::Reader::from_path(run.join("results.csv")).unwrap();
+    let store = runner::sweep::RunStore::open(run).unwrap();
     r.deserialize::<runner::report::rows::ImageRow>()
         .map(|row| {
-            let row = row.unwrap();
+            let mut row = row.unwrap();
+            // Timings are not in results.csv: they are the run's timings/ files.
+            row.timing = store
+                .read_timing(&dreambench::JobId(row.id.clone()))
+                .expect("a timing per row");
             ((row.subject.clone(), row.prompt_index, row.seed), row)
         })
         .collect()
@@ -99,6 +104,19 @@ fn layout(name: &str) -> PathBuf {
 /// `pnd eval IMAGES --name NAME` under the tiny protocol, over the sweep's subjects, prompts
 /// and seeds, plus `extra` arguments: success and the log.
 fn eval(images: &Path, name: &str, out: &Path, extra: &[&str]) -> (bool, String) {
+    let out = eval_command(images, name, out, extra).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The command of [`eval`], to start without waiting.
+fn eval_command(images: &Path, name: &str, out: &Path, extra: &[&str]) -> std::process::Command {
     let f = fixture();
     let mut args = vec!["eval", images.to_str().unwrap(), "--name", name];
     if !extra.contains(&"--protocol") {
@@ -112,7 +130,9 @@ fn eval(images: &Path, name: &str, out: &Path, extra: &[&str]) -> (bool, String)
         args.extend(["--prompts", "0,20"]);
     }
     args.extend_from_slice(extra);
-    pnd_in(&args, &f.root)
+    let mut c = common::pnd_command(&args);
+    c.current_dir(&f.root);
+    c
 }
 
 #[test]
@@ -148,9 +168,17 @@ fn eval_of_a_sweeps_images_gives_exactly_the_sweeps_scores_and_reports_beside_it
         assert_eq!(g.clip_t_prompt, w.clip_t_prompt);
         assert_eq!(g.device, "external");
         // Phases: the sweep sampled, decoded and scored; the eval only scored.
-        assert!(w.sampling_s.is_some() && w.decode_s.is_some() && w.scoring_s.is_some());
-        assert!(w.inversion_s.is_none(), "unguided: no inversion");
-        assert!(g.sampling_s.is_none() && g.decode_s.is_none() && g.scoring_s.is_some());
+        assert!(
+            w.timing.sampling_s.is_some()
+                && w.timing.decode_s.is_some()
+                && w.timing.scoring_s.is_some()
+        );
+        assert!(w.timing.inversion_s.is_none(), "unguided: no inversion");
+        assert!(
+            g.timing.sampling_s.is_none()
+                && g.timing.decode_s.is_none()
+                && g.timing.scoring_s.is_some()
+        );
         // The run folder holds the image it scored.
         assert_eq!(
             std::fs::read(out.join(&g.image)).unwrap(),
@@ -1075,4 +1103,75 @@ fn eval_takes_its_models_from_flags_and_its_profiles_from_the_binary() {
     assert_eq!(m["clip"].as_str().unwrap(), p("models/clip"));
     assert_eq!(m["scoring"]["profile"], "torchmetrics");
     assert_eq!(rows(&out).len(), 4);
+}
+
+/// A PNG whose header is whole but whose body is cut: one error naming it before anything is
+/// written (not a stop partway); with --keep-going the others are scored and its job is recorded
+/// in failures.csv. Images under the metric models' 224x224 input are warned about.
+#[test]
+fn a_corrupt_image_body_stops_nothing_partway_and_keep_going_scores_the_rest() {
+    let f = fixture();
+    let images = layout("layout-cut");
+    let cut = images.join("dog/0-s0.png");
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = f.root.join("eval-cut");
+    let (ok, log) = eval(&images, "cut", &out, &[]);
+    assert!(!ok, "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("dog/0-s0.png")
+            && errors[0].contains("not a readable image")
+            && errors[0].contains("nothing written"),
+        "{log}"
+    );
+    assert!(!out.exists(), "a refused eval wrote '{}'", out.display());
+    let (ok, log) = eval(&images, "cut", &out, &["--keep-going"]);
+    assert!(!ok, "a failed job makes the exit status a failure: {log}");
+    assert!(log.contains("failed jobs are listed in"), "{log}");
+    assert!(
+        log.contains("smaller than the metric models' 224x224 input"),
+        "{log}"
+    );
+    let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    assert!(failures.contains("cut__dog__p00__s0"), "{failures}");
+    assert_eq!(failures.lines().count(), 2, "{failures}");
+    assert_eq!(rows(&out).len(), 3);
+}
+
+/// Two `pnd eval --resume` started together on one folder: both succeed, each image is scored
+/// once, and the rows are a single eval's.
+#[test]
+fn two_evals_at_once_on_one_folder_score_each_image_once() {
+    let f = fixture();
+    let images = layout("layout-two");
+    let single = f.root.join("eval-two-single");
+    let (ok, log) = eval(&images, "two", &single, &[]);
+    assert!(ok, "{log}");
+    let out = f.root.join("eval-two");
+    let mut evals: Vec<_> = (0..2)
+        .map(|_| {
+            eval_command(&images, "two", &out, &["--resume"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut done = 0;
+    for e in evals.drain(..) {
+        let o = e.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{log}");
+        done += log
+            .lines()
+            .filter(|l| l.starts_with("job ") && l.contains(" done in "))
+            .count();
+    }
+    assert_eq!(done, 4, "each image scored once");
+    assert_eq!(
+        std::fs::read(out.join("results.csv")).unwrap(),
+        std::fs::read(single.join("results.csv")).unwrap()
+    );
 }

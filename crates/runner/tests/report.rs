@@ -1,7 +1,7 @@
 //! `pnd report` on a hand-made run folder: table values and deltas, CSV/LaTeX, figures and grids.
 
 use dreambench::Job;
-use runner::report::rows::{ImageRow, OracleRow};
+use runner::report::rows::{ImageRow, OracleRow, Timing};
 use runner::report::write_report;
 use runner::sweep::{Plan, RunStore};
 use std::path::Path;
@@ -75,7 +75,6 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             clip_i: 0.7 + 0.02 * mi as f64,
             clip_t: 0.30 - 0.01 * mi as f64 + 0.001 * job.prompt_index as f64,
             extra: Default::default(),
-            seconds: 1.0,
             device: "cpu".into(),
             dtype: "f32".into(),
             // DreamBooth + Pick-and-Draw on the dog copies the input (0.95 > the dog's 0.9).
@@ -86,13 +85,17 @@ fn make_run(dir: &Path) -> Vec<ImageRow> {
             }),
             // Phases: guided methods invert, make a palette and a template; every image samples,
             // decodes and is scored.
-            inversion_s: guided.then_some(4.0),
-            palette_s: guided.then_some(1.0),
-            template_s: guided.then_some(2.0),
-            sampling_s: Some(if *guided { 8.0 } else { 3.0 + si as f64 }),
-            decode_s: Some(0.5),
-            scoring_s: Some(0.25),
+            timing: Timing {
+                seconds: 1.0,
+                inversion_s: guided.then_some(4.0),
+                palette_s: guided.then_some(1.0),
+                template_s: guided.then_some(2.0),
+                sampling_s: Some(if *guided { 8.0 } else { 3.0 + si as f64 }),
+                decode_s: Some(0.5),
+                scoring_s: Some(0.25),
+            },
         };
+        store.write_timing(&id, &row.timing).unwrap();
         store.write_row(&id, &row).unwrap();
         rows.push(row);
     }

@@ -8,6 +8,7 @@ use runner::experiment::Experiment;
 use runner::progress::ProgressMode;
 use runner::sweep::{
     merge, run_jobs, run_jobs_with, JobOutput, JobRunner, Plan, RunOptions, RunStore, Shard,
+    SweepRow,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -27,7 +28,7 @@ seeds = [0, 1]
     )
 }
 
-/// A row like the real ones: ids, prompt, a score.
+/// A row like the real ones: ids, prompt, a score, and a wall time that is not part of the row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
     id: String,
@@ -36,6 +37,33 @@ struct Row {
     prompt: String,
     seed: u64,
     score: f64,
+    #[serde(skip)]
+    seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Seconds {
+    seconds: f64,
+}
+
+impl SweepRow for Row {
+    type Timing = Seconds;
+    fn timing(&self) -> Option<Seconds> {
+        Some(Seconds {
+            seconds: self.seconds,
+        })
+    }
+}
+
+/// Appends a line to the run's `runs.log` (O_APPEND: lines of several processes stay whole).
+fn log_line(root: &Path, line: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("runs.log"))
+        .unwrap();
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
 /// A deterministic job that writes its "image" in two steps with a pause between them, so a kill
@@ -47,6 +75,10 @@ struct TwoStepRunner {
 impl JobRunner for TwoStepRunner {
     type Row = Row;
     fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Row> {
+        let started = std::time::Instant::now();
+        // The run folder: `files/<id>` two levels up.
+        let root = out.dir().parent().unwrap().parent().unwrap().to_path_buf();
+        log_line(&root, &format!("start {} {}", job.id(), std::process::id()));
         let subject = dreambench::subject(&job.subject).unwrap();
         let prompt = dreambench::clip_t_prompt(subject.prompts()[job.prompt_index], subject.class);
         let h = job.id().0.bytes().fold(1469598103934665603u64, |h, b| {
@@ -60,6 +92,7 @@ impl JobRunner for TwoStepRunner {
         std::thread::sleep(self.pause);
         out.write("image.txt", prompt.as_bytes())?;
         std::fs::remove_file(out.path("partial.txt"))?;
+        log_line(&root, &format!("end {} {}", job.id(), std::process::id()));
         Ok(Row {
             id: job.id().0,
             method: job.method.clone(),
@@ -67,6 +100,7 @@ impl JobRunner for TwoStepRunner {
             prompt,
             seed: job.seed,
             score: (h % 10_000) as f64 / 10_000.0,
+            seconds: started.elapsed().as_secs_f64(),
         })
     }
 }
@@ -161,7 +195,7 @@ fn shards_merged_equal_the_unsharded_run() {
     }
     let merged = tempfile::tempdir().unwrap();
     let paths: Vec<_> = shards.iter().map(|d| d.path().to_path_buf()).collect();
-    merge::<Row>(&paths, merged.path()).unwrap();
+    merge::<Row>(&paths, merged.path(), false).unwrap();
     assert_eq!(results(merged.path()), results(full.path()));
     for job in plan().jobs {
         let a = std::fs::read(
@@ -180,10 +214,86 @@ fn shards_merged_equal_the_unsharded_run() {
         .unwrap();
         assert_eq!(a, b);
     }
-    // Merging two of three shards is not the full run, and a plan mismatch is refused.
-    let partial = tempfile::tempdir().unwrap();
-    merge::<Row>(&paths[..2], partial.path()).unwrap();
-    assert_ne!(results(partial.path()), results(full.path()));
+    // The timings came along, in their own file: the merged timings.csv is the shards' lines.
+    let timings = std::fs::read_to_string(merged.path().join("timings.csv")).unwrap();
+    assert_eq!(timings.lines().count(), 1 + 36);
+    assert!(
+        timings.starts_with("id,seconds\nsd__dog__p00__s0,"),
+        "{timings}"
+    );
+    let shard_lines: usize = paths
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p.join("timings.csv"))
+                .unwrap()
+                .lines()
+                .count()
+                - 1
+        })
+        .sum();
+    assert_eq!(shard_lines, 36);
+    for line in timings.lines().skip(1) {
+        assert!(
+            paths
+                .iter()
+                .any(|p| std::fs::read_to_string(p.join("timings.csv"))
+                    .unwrap()
+                    .lines()
+                    .any(|l| l == line)),
+            "{line}"
+        );
+    }
+    // Two of three shards are not the run: refused, with nothing written, unless --partial.
+    let out = merged.path().join("two-of-three");
+    let err = merge::<Row>(&paths[..2], &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("12 of 36 jobs have no row") && err.contains("--partial"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused merge wrote '{}'", out.display());
+    merge::<Row>(&paths[..2], &out, true).unwrap();
+    assert_ne!(results(&out), results(full.path()));
+}
+
+/// The same work twice, with other wall times: the rows, results.csv included, are the same
+/// bytes and the shards merge; rows that differ in a value are refused, with nothing written.
+#[test]
+fn merge_compares_values_not_timings_and_a_refused_merge_writes_nothing() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    run_all(a.path(), Shard::ALL, Duration::ZERO);
+    run_all(b.path(), Shard::ALL, Duration::from_millis(2));
+    assert_eq!(results(a.path()), results(b.path()));
+    let ta = std::fs::read_to_string(a.path().join("timings.csv")).unwrap();
+    let tb = std::fs::read_to_string(b.path().join("timings.csv")).unwrap();
+    assert_ne!(ta, tb, "the wall times differ");
+    let out = tempfile::tempdir().unwrap();
+    let merged = out.path().join("merged");
+    let both = [a.path().to_path_buf(), b.path().to_path_buf()];
+    merge::<Row>(&both, &merged, false).unwrap();
+    assert_eq!(results(&merged), results(a.path()));
+    // A value differs in one row of b: refused, and no merged folder appears.
+    let store = RunStore::open(b.path()).unwrap();
+    let id = plan().jobs[5].id();
+    let mut row: Row = store.read_row(&id).unwrap().unwrap();
+    row.score += 0.5;
+    store.write_row(&id, &row).unwrap();
+    let refused = out.path().join("refused");
+    let err = merge::<Row>(&both, &refused, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("job {id} has different rows")),
+        "{err}"
+    );
+    assert!(!refused.exists());
+    // Into an existing run folder: refused before anything is written there either.
+    let before = results(&merged);
+    let err = merge::<Row>(&both, &merged, false).unwrap_err().to_string();
+    assert!(err.contains("different rows"), "{err}");
+    assert_eq!(results(&merged), before);
 }
 
 const CHILD_ENV: &str = "PND_SWEEP_TEST_CHILD_DIR";
@@ -585,4 +695,220 @@ fn batches_hold_one_prompts_seeds_and_keep_resume_and_failures_right() {
     assert_eq!((summary.completed, summary.failed.len()), (3, 0));
     assert!(!tmp.path().join("failures.csv").exists());
     assert_eq!(results(tmp.path()), results(unbatched.path()));
+}
+
+/// A runner that scores chosen jobs NaN (a metric model that overflowed).
+struct NanRunner {
+    inner: TwoStepRunner,
+    nan: Vec<String>,
+}
+
+impl JobRunner for NanRunner {
+    type Row = Row;
+    fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Row> {
+        let mut row = self.inner.run(job, out)?;
+        if self.nan.contains(&row.id) {
+            row.score = f64::NAN;
+        }
+        Ok(row)
+    }
+}
+
+/// A NaN score is that job's one clear error (in failures.csv under --keep-going), never a row
+/// that cannot be read back: the run, its rows and a resume stay readable.
+#[test]
+fn a_non_finite_score_fails_its_job_and_never_writes_an_unreadable_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = plan();
+    let store = RunStore::create(tmp.path(), &plan).unwrap();
+    let bad = plan.jobs[2].id();
+    let mut runner = NanRunner {
+        inner: TwoStepRunner {
+            pause: Duration::ZERO,
+        },
+        nan: vec![bad.0.clone()],
+    };
+    let err = run_jobs(&store, &plan.jobs, Shard::ALL, &mut runner, false).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(&format!("job {bad} failed")) && err.contains("would not read back"),
+        "{err}"
+    );
+    assert!(!store.is_done(&bad));
+    let keep_going = RunOptions {
+        progress: ProgressMode::Hidden,
+        keep_going: true,
+    };
+    let summary = run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    assert_eq!(summary.failed.len(), 1);
+    assert_eq!(summary.failed[0].id, bad.0);
+    assert_eq!(store.failures().unwrap(), summary.failed);
+    assert_eq!(store.rows::<Row>().unwrap().len(), 35);
+    // Fixed, a resume redoes only that job, and the run equals an unbroken one.
+    runner.nan.clear();
+    let summary = run_jobs_with(&store, &plan.jobs, Shard::ALL, &mut runner, keep_going).unwrap();
+    assert_eq!((summary.skipped, summary.completed), (35, 1));
+    let reference = tempfile::tempdir().unwrap();
+    run_all(reference.path(), Shard::ALL, Duration::ZERO);
+    assert_eq!(results(tmp.path()), results(reference.path()));
+}
+
+/// A row file that does not read back (a disk fault) is redone by a resume.
+#[test]
+fn an_unreadable_row_file_is_redone() {
+    let reference = tempfile::tempdir().unwrap();
+    run_all(reference.path(), Shard::ALL, Duration::ZERO);
+    let tmp = tempfile::tempdir().unwrap();
+    run_all(tmp.path(), Shard::ALL, Duration::ZERO);
+    let store = RunStore::open(tmp.path()).unwrap();
+    let id = plan().jobs[9].id();
+    std::fs::write(store.row_path(&id), "{\"id\": \"trunc").unwrap();
+    let e = store.rows::<Row>().unwrap_err().to_string();
+    assert!(
+        e.contains(&store.row_path(&id).display().to_string()),
+        "{e}"
+    );
+    let mut runner = TwoStepRunner {
+        pause: Duration::ZERO,
+    };
+    let summary = run_jobs(&store, &plan().jobs, Shard::ALL, &mut runner, false).unwrap();
+    assert_eq!((summary.skipped, summary.completed), (35, 1));
+    assert_eq!(results(tmp.path()), results(reference.path()));
+}
+
+const CLAIM_CHILD_ENV: &str = "PND_SWEEP_TEST_CLAIM_DIR";
+
+/// Not a test on its own: a worker of `three_processes_on_one_folder_run_each_job_once`.
+#[test]
+#[ignore = "child process of three_processes_on_one_folder_run_each_job_once"]
+fn sweep_claim_child_process() {
+    if let Ok(dir) = std::env::var(CLAIM_CHILD_ENV) {
+        run_all(Path::new(&dir), Shard::ALL, Duration::from_millis(20));
+    }
+}
+
+/// Three processes started together on one run folder, one of them killed (SIGKILL) midway, then
+/// a resume: every row has its files, every job ran to its end exactly once (the runs' log), the
+/// only job begun twice is the one the kill interrupted, and results.csv is an unbroken run's.
+#[test]
+fn three_processes_on_one_folder_run_each_job_once() {
+    let reference = tempfile::tempdir().unwrap();
+    run_all(reference.path(), Shard::ALL, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let spawn = || {
+        Command::new(&exe)
+            .args([
+                "--exact",
+                "sweep_claim_child_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CLAIM_CHILD_ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers: Vec<_> = (0..3).map(|_| spawn()).collect();
+    let log = || std::fs::read_to_string(dir.path().join("runs.log")).unwrap_or_default();
+    let victim = workers[1].id();
+    // Kill the second worker while it is inside a job (started, not ended), after some progress.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = log();
+        let mine = |w: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(w) && l.ends_with(&format!(" {victim}")))
+                .count()
+        };
+        if mine("end ") >= 2 && mine("start ") > mine("end ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && workers[1].try_wait().unwrap().is_none(),
+            "the worker to kill ended first:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    workers[1].kill().unwrap();
+    workers[1].wait().unwrap();
+    for (k, w) in workers.iter_mut().enumerate() {
+        if k != 1 {
+            assert!(w.wait().unwrap().success());
+        }
+    }
+    // The two survivors took over the killed worker's job: the folder is complete already.
+    let store = RunStore::open(dir.path()).unwrap();
+    assert_eq!(store.rows::<Row>().unwrap().len(), 36);
+    assert!(spawn().wait().unwrap().success(), "the resume");
+    assert_eq!(results(dir.path()), results(reference.path()));
+    let text = log();
+    let count = |what: &str, id: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{what} {id} ")))
+            .count()
+    };
+    let mut begun_twice = Vec::new();
+    for job in plan().jobs {
+        let id = job.id().0;
+        assert_eq!(count("end", &id), 1, "{id}:\n{text}");
+        if count("start", &id) != 1 {
+            begun_twice.push(id.clone());
+        }
+        let files: Vec<_> = std::fs::read_dir(store.files_dir(&job.id()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, ["image.txt"], "{id}");
+    }
+    assert_eq!(begun_twice.len(), 1, "{begun_twice:?}\n{text}");
+    let killed_in = format!("start {} {victim}", begun_twice[0]);
+    assert!(text.lines().any(|l| l == killed_in), "{text}");
+    // Three workers shared the work (each ran some of it).
+    let pids: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("end "))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "{text}");
+}
+
+/// A run folder written before timings had their own files: its row files hold the wall time.
+/// They load, their timing is read from them, and a resume writes the same results.csv as a new
+/// run (no timing column).
+#[test]
+fn rows_of_older_runs_with_timing_fields_load_and_keep_their_timings() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_all(tmp.path(), Shard::ALL, Duration::ZERO);
+    let want = results(tmp.path());
+    let store = RunStore::open(tmp.path()).unwrap();
+    let id = plan().jobs[0].id();
+    let path = store.row_path(&id);
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    old["seconds"] = 2.5.into();
+    std::fs::write(&path, old.to_string()).unwrap();
+    std::fs::remove_file(store.timing_path(&id)).unwrap();
+    let row: Row = store.read_row(&id).unwrap().unwrap();
+    assert_eq!(row.id, id.0);
+    assert_eq!(
+        store.read_timing::<Seconds>(&id),
+        Some(Seconds { seconds: 2.5 })
+    );
+    let summary = run_jobs(
+        &store,
+        &plan().jobs,
+        Shard::ALL,
+        &mut TwoStepRunner {
+            pause: Duration::ZERO,
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(summary.skipped, 36);
+    assert_eq!(results(tmp.path()), want);
+    let timings = std::fs::read_to_string(tmp.path().join("timings.csv")).unwrap();
+    assert!(timings.contains(&format!("\n{id},2.5\n")), "{timings}");
 }

@@ -179,3 +179,36 @@ fn table1_dry_run_prints_each_shards_shared_work() {
         "{inversions} inversions over all shards"
     );
 }
+
+/// `--devices` is checked before any work: `all` in a build without CUDA is one error that says
+/// so, an unknown device is named, and `--device` with `--devices` is refused.
+#[test]
+fn devices_are_checked_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = |devices: &[&str]| {
+        let mut args = vec![
+            "sweep",
+            "experiments/table1.toml",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(devices);
+        let r = pnd(&args, &repo());
+        assert!(!out.exists(), "work started: {}", r.1);
+        r
+    };
+    if !cfg!(feature = "cuda") {
+        let (ok, log) = run(&["--devices", "all"]);
+        assert!(!ok && log.contains("built without CUDA"), "{log}");
+        assert_eq!(
+            log.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "{log}"
+        );
+    }
+    let (ok, log) = run(&["--devices", "cpu,tpu:0"]);
+    assert!(!ok && log.contains("unknown device 'tpu:0'"), "{log}");
+    let (ok, log) = run(&["--devices", "cpu,cpu", "--device", "cpu"]);
+    assert!(!ok && log.contains("cannot be used with"), "{log}");
+}

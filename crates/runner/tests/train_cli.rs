@@ -642,3 +642,28 @@ fn trained_fixtures_are_reproduced_by_their_commands() {
         );
     }
 }
+
+/// A second `pnd train` on an output that another process is training into refuses, with one
+/// error naming the output and its lock, and writes nothing (no second trace, no checkpoints);
+/// once the other process has ended (its lock dies with it), the same command trains.
+#[test]
+fn a_second_training_on_one_output_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("emb.safetensors");
+    let trace = tmp.path().join("trace.jsonl");
+    // The other process's claim (a lock on `<out>.lock`, as `pnd train` takes it).
+    let lock = tmp.path().join("emb.safetensors.lock");
+    let held = runner::sweep::claim::try_claim(&lock).unwrap().unwrap();
+    let o = ti(&out, &["--trace", s(&trace)]);
+    assert_one_error(
+        &o,
+        &["another process is training into", "emb.safetensors.lock"],
+    );
+    assert!(!out.exists() && !trace.exists());
+    assert!(!tmp.path().join("emb.safetensors.checkpoints").exists());
+    drop(held);
+    let o = ti(&out, &["--trace", s(&trace)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps = std::fs::read_to_string(&trace).unwrap().lines().count();
+    assert_eq!(steps, 2, "each step traced once");
+}

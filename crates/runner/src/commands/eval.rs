@@ -75,9 +75,18 @@ pub struct EvalArgs {
     /// Fail when the oracle gate fails (see `pnd report --strict`).
     #[arg(long)]
     pub strict: bool,
+    /// Score what can be scored: an image that does not decode, or a job that fails, is recorded
+    /// in RUN_DIR/failures.csv and the run goes on (default: one error before anything is
+    /// written, naming every unreadable image).
+    #[arg(long)]
+    pub keep_going: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
+
+/// The input side of the metric models (DINO ViT-S/16, CLIP ViT-B/32): a smaller image is
+/// upscaled before it is scored.
+const METRIC_INPUT: u32 = 224;
 
 /// The shipped profiles, built into the binary for a run outside a checkout (no `configs/` to
 /// find): `--protocol NAME` and `--protocol all` work from any folder. A `configs/protocol` folder
@@ -323,6 +332,8 @@ pub struct EvalOutput {
     pub run_dir: PathBuf,
     pub coverage: Coverage,
     pub report: crate::report::ReportOutput,
+    /// Jobs that failed under `--keep-going` (listed in `failures.csv`).
+    pub failed: usize,
 }
 
 /// Runs `pnd eval`: finds the images, scores those of the expected set into the run folder,
@@ -390,10 +401,49 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
             seeds
         );
     }
-    // Every image must be readable before the run folder is touched.
+    // Every image decodes before the run folder is touched (a corrupt body would otherwise stop
+    // the run partway). Under --keep-going the images that do not decode are left out of the
+    // manifest (so that the experiment validates) and their jobs recorded as failed.
+    let mut undecoded: Vec<(ImageEntry, String)> = Vec::new();
+    let mut small = Vec::new();
     for e in &cov.present {
-        check_readable(&e.path)?;
+        match check_readable(&e.path) {
+            Ok((w, h)) if w.min(h) < METRIC_INPUT => {
+                small.push(format!("'{}' ({w}x{h})", e.path.display()))
+            }
+            Ok(_) => {}
+            Err(err) => undecoded.push((e.clone(), crate::error_chain(&err))),
+        }
     }
+    if !small.is_empty() {
+        eprintln!(
+            "warning: {} image(s) smaller than the metric models' {METRIC_INPUT}x{METRIC_INPUT} input are upscaled to it for scoring: {}",
+            small.len(),
+            list(&small, String::clone)
+        );
+    }
+    if !undecoded.is_empty() {
+        let errors: Vec<&str> = undecoded.iter().map(|(_, e)| e.as_str()).collect();
+        if !args.keep_going {
+            bail!(
+                "{} of {} image(s) do not decode, nothing written (pass --keep-going to score the rest): {}",
+                undecoded.len(),
+                cov.present.len(),
+                errors.join("; ")
+            );
+        }
+        eprintln!(
+            "warning: {} image(s) do not decode; their jobs fail (failures.csv): {}",
+            undecoded.len(),
+            errors.join("; ")
+        );
+    }
+    let scorable: Vec<ImageEntry> = cov
+        .present
+        .iter()
+        .filter(|e| !undecoded.iter().any(|(u, _)| u.key() == e.key()))
+        .cloned()
+        .collect();
     let out = args
         .out
         .clone()
@@ -410,7 +460,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating '{}'", out.display()))?;
     let out = out.canonicalize()?;
     let manifest = out.join("images.csv");
-    write_manifest(&manifest, &cov.present)?;
+    write_manifest(&manifest, &scorable)?;
     let mut missing = csv::Writer::from_writer(Vec::new());
     missing.write_record(["subject", "prompt_index", "seed"])?;
     for j in &cov.missing {
@@ -472,11 +522,31 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         &exp.metrics.clip,
         args.strict,
     )?;
-    let present: BTreeSet<(String, usize, u64)> = cov
-        .present
-        .iter()
-        .map(|e| (e.subject.clone(), e.prompt_index, e.seed))
-        .collect();
+    let present: BTreeSet<(String, usize, u64)> = scorable.iter().map(ImageEntry::key).collect();
+    let mut undecoded_failed = 0;
+    if !undecoded.is_empty() {
+        let _lock = store.lock_folder()?;
+        let mut failures = store.failures()?;
+        for (e, error) in &undecoded {
+            let id = Job {
+                method: args.name.clone(),
+                subject: e.subject.clone(),
+                prompt_index: e.prompt_index,
+                seed: e.seed,
+            }
+            .id();
+            if store.is_done(&id) {
+                continue; // scored before (--resume): its row stands
+            }
+            undecoded_failed += 1;
+            failures.retain(|f| f.id != id.0);
+            failures.push(crate::sweep::Failure {
+                id: id.0,
+                error: error.clone(),
+            });
+        }
+        store.write_failures(&failures)?;
+    }
     let jobs: Vec<Job> = plan
         .jobs
         .iter()
@@ -485,9 +555,12 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         .collect();
     let options = RunOptions {
         progress: ProgressMode::detect(true),
-        keep_going: false,
+        keep_going: args.keep_going,
     };
-    run_jobs_with(&store, &jobs, Shard::ALL, &mut runner, options)?;
+    let summary = run_jobs_with(&store, &jobs, Shard::ALL, &mut runner, options)?;
+    // Two evals on one folder write the report one after the other (its plots are not written
+    // atomically).
+    let _report_lock = crate::sweep::claim::claim(&out.join("claims").join("report.lock"))?;
     let report = crate::report::write_report_with(
         std::slice::from_ref(&out),
         None,
@@ -499,6 +572,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalOutput> {
         run_dir: out,
         coverage: cov,
         report,
+        failed: summary.failed.len() + undecoded_failed,
     })
 }
 
@@ -572,6 +646,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         out.run_dir.join("results.csv").display(),
         out.report.dir.display()
     );
+    if out.failed > 0 {
+        println!(
+            "{} failed jobs are listed in '{}'; rerun with --resume to retry them",
+            out.failed,
+            out.run_dir.join("failures.csv").display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

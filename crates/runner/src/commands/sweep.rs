@@ -1,13 +1,13 @@
 //! `pnd sweep EXPERIMENT.toml [--out DIR] [--shard i/n] [--cache DIR] [--resume] [--keep-going]
-//! [--dry-run]` and
-//! `pnd merge SHARD_DIR... --out DIR`.
+//! [--dry-run] [--devices D,D,...]` and
+//! `pnd merge SHARD_DIR... --out DIR [--partial]`.
 
 use crate::experiment::Experiment;
 use crate::jobs::{validate, DreamBenchJobs};
 use crate::progress::ProgressMode;
 use crate::provenance::Provenance;
 use crate::report::rows::ImageRow;
-use crate::runtime::{Runtime, RuntimeArgs, RuntimeRecord};
+use crate::runtime::{DeviceSpec, Runtime, RuntimeArgs, RuntimeRecord};
 use crate::sweep::{merge, run_jobs_with, Plan, RunOptions, RunStore, Shard};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -44,6 +44,11 @@ pub struct SweepArgs {
     pub cache: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    /// One worker process per device over the one run folder, sharing one cache, e.g.
+    /// `cuda:0,cuda:1` or `cpu,cpu`; `all`: every CUDA GPU this binary sees (an error in a build
+    /// without CUDA or with no GPU answering). The workers claim jobs, so each runs once.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Option<Vec<String>>,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +59,9 @@ pub struct MergeArgs {
     /// The merged run folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Merge even when some jobs have no row in any shard (a shard missing or unfinished).
+    #[arg(long)]
+    pub partial: bool,
 }
 
 /// The plan of an experiment: its resolved config (saved in the run folder) and its jobs. The
@@ -115,6 +123,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         print!("{}", dry_run_listing(&exp, &plan, shard));
         return Ok(ExitCode::SUCCESS);
     }
+    // The workers' devices before any work: `all` on a build without CUDA is one early error.
+    let workers = args.devices.as_deref().map(worker_devices).transpose()?;
     validate(&exp).with_context(|| format!("checking '{}'", args.experiment.display()))?;
     let out = args
         .out
@@ -127,6 +137,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         bail!("run folder '{}' already has results: pass --resume to continue it, or choose another --out", out.display());
     }
     let cache = args.cache.clone().unwrap_or_else(|| out.join("cache"));
+    if let Some(devices) = &workers {
+        return run_workers(&args, devices, &out, &cache);
+    }
     let runtime = Runtime::open(&exp.runtime)?;
     eprintln!("{}", runtime.describe());
     let plan = plan_with_provenance(&exp, &cache, &runtime.record())?;
@@ -153,8 +166,12 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = run_jobs_with(&store, &plan.jobs, shard, &mut runner, options)?;
     let failed = summary.failed.len();
+    let elsewhere = match summary.elsewhere {
+        0 => String::new(),
+        n => format!(", {n} by another process"),
+    };
     println!(
-        "{} jobs in this shard: {} done now, {} already done, {failed} failed; rows in '{}'",
+        "{} jobs in this shard: {} done now, {} already done{elsewhere}, {failed} failed; rows in '{}'",
         summary.selected,
         summary.completed,
         summary.skipped,
@@ -170,12 +187,117 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The devices of `--devices`: a list, or `all` (every CUDA GPU that answers).
+pub fn worker_devices(list: &[String]) -> anyhow::Result<Vec<DeviceSpec>> {
+    if list.len() == 1 && list[0].trim() == "all" {
+        if !cfg!(feature = "cuda") {
+            bail!("--devices all: this pnd was built without CUDA, so it sees no GPU; build it with --features cuda, or list the devices (e.g. --devices cpu)");
+        }
+        // Opening a device answers whether it is there; each is closed again at once.
+        let n = (0..64)
+            .take_while(|&i| candle_core::Device::new_cuda(i).is_ok())
+            .count();
+        if n == 0 {
+            bail!("--devices all: no CUDA GPU answers (CUDA_VISIBLE_DEVICES, driver?)");
+        }
+        return Ok((0..n).map(DeviceSpec::Cuda).collect());
+    }
+    let devices = list
+        .iter()
+        .map(|d| d.parse::<DeviceSpec>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("--devices")?;
+    if devices.is_empty() {
+        bail!("--devices: no device given");
+    }
+    Ok(devices)
+}
+
+/// `pnd sweep --devices`: one `pnd sweep` process per device on the one run folder and cache.
+/// Jobs are claimed (see [`crate::sweep::claim`]), so each runs in one worker; a worker whose
+/// remaining jobs are all claimed waits for them, so when every worker has ended the folder is
+/// complete and its `results.csv` written, as a single process would leave it.
+fn run_workers(
+    args: &SweepArgs,
+    devices: &[DeviceSpec],
+    out: &Path,
+    cache: &Path,
+) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the pnd binary to start workers")?;
+    let mut children = Vec::new();
+    for (k, device) in devices.iter().enumerate() {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("sweep")
+            .arg(&args.experiment)
+            .arg("--out")
+            .arg(out)
+            .arg("--cache")
+            .arg(cache)
+            .arg("--resume")
+            .arg("--device")
+            .arg(device.to_string());
+        if let Some(shard) = args.shard {
+            cmd.arg("--shard").arg(shard.to_string());
+        }
+        if let Some(dtype) = args.runtime.dtype {
+            cmd.arg("--dtype").arg(dtype.to_string());
+        }
+        if args.keep_going {
+            cmd.arg("--keep-going");
+        }
+        if args.strict {
+            cmd.arg("--strict");
+        }
+        eprintln!("worker {k}: {device}");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker {k} ({device}): '{}'", exe.display()))?;
+        children.push((k, *device, child));
+    }
+    let mut failed = Vec::new();
+    for (k, device, mut child) in children {
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for worker {k} ({device})"))?;
+        if !status.success() {
+            failed.push(format!("worker {k} ({device}): {status}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} workers failed ({}); the finished jobs are kept in '{}': rerun with --resume",
+            failed.len(),
+            devices.len(),
+            failed.join("; "),
+            out.display()
+        );
+    }
+    let store = RunStore::open(out)?;
+    let plan = store.plan()?;
+    let done = plan.jobs.iter().filter(|j| store.is_done(&j.id())).count();
+    println!(
+        "{} workers ({}): {done} of {} jobs done; rows in '{}'",
+        devices.len(),
+        devices
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.jobs.len(),
+        out.join("results.csv").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn merge_run(args: MergeArgs) -> anyhow::Result<ExitCode> {
-    let merged = merge::<ImageRow>(&args.shards, &args.out)?;
+    let merged = merge::<ImageRow>(&args.shards, &args.out, args.partial)?;
     for shard in &args.shards {
         let oracle = shard.join("oracle.json");
-        if oracle.is_file() && !args.out.join("oracle.json").is_file() {
-            std::fs::copy(&oracle, args.out.join("oracle.json"))?;
+        let to = args.out.join("oracle.json");
+        if oracle.is_file() && !to.is_file() {
+            let bytes = std::fs::read(&oracle)
+                .with_context(|| format!("reading '{}'", oracle.display()))?;
+            crate::sweep::write_file_atomic(&to, &bytes)?;
         }
     }
     let plan = merged.plan()?;

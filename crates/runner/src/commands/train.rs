@@ -148,8 +148,8 @@ pub struct DbArgs {
 
 pub fn run(cmd: TrainCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TrainCommand::TextualInversion(a) => run_ti(*a),
-        TrainCommand::Dreambooth(a) => run_db(*a),
+        TrainCommand::TextualInversion(a) => run_ti(*a, false),
+        TrainCommand::Dreambooth(a) => run_db(*a, false),
         TrainCommand::Baselines(a) => run_baselines(a),
     }
 }
@@ -286,7 +286,8 @@ fn loop_settings(
     }
 }
 
-fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
+/// Trains a Textual Inversion into `a.out`; `wait`: see [`claim_output`].
+fn run_ti(a: TiArgs, wait: bool) -> anyhow::Result<ExitCode> {
     // Textual Inversion's live set is the frozen models and one row: the inference settings
     // (freed buffers kept for reuse) are the fast ones. Measured on SD 1.5 at 256x256 on the CPU:
     // 10.6-11.3 s per micro-batch with the training settings against 5.9-6.5 s (load 0.9-1.5).
@@ -309,6 +310,13 @@ fn run_ti(a: TiArgs) -> anyhow::Result<ExitCode> {
         s.clone(),
         &device,
     )?;
+    let Some(_claim) = claim_output(&a.out, wait)? else {
+        eprintln!(
+            "'{}' was trained by another process meanwhile",
+            a.out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     prepare_output(&a.out, c.overwrite)?;
     eprintln!(
         "textual inversion: token '{}' (id {}) from '{}', {} images x {} repeats, {} steps of {} x {} at lr {}",
@@ -377,7 +385,8 @@ pub fn default_class_dir(model: &str, class_prompt: &str, resolution: u32) -> Pa
         .join(format!("{}-{resolution}", slug(class_prompt)))
 }
 
-fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
+/// Trains a DreamBooth model into `a.out`; `wait`: see [`claim_output`].
+fn run_db(a: DbArgs, wait: bool) -> anyhow::Result<ExitCode> {
     // Weights, gradients and two moments of the whole UNet: return freed buffers to the system.
     layers::allocator::tune_for_training();
     let c = &a.common;
@@ -445,6 +454,13 @@ fn run_db(a: DbArgs) -> anyhow::Result<ExitCode> {
         &device,
         c.dtype.dtype(),
     )?;
+    let Some(_claim) = claim_output(&a.out, wait)? else {
+        eprintln!(
+            "'{}' was trained by another process meanwhile",
+            a.out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     prepare_output(&a.out, c.overwrite)?;
     eprintln!(
         "dreambooth: '{}'{}, {} steps of {} x {} at lr {}, {} parameters{}",
@@ -642,29 +658,35 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
             Method::TextualInversion => {
                 let c = exp.textual_inversion.as_ref().expect("unit implies config");
                 init_token(&exp.models.base, &c.init_token, u.subject).and_then(|init| {
-                    run_ti(TiArgs {
-                        common: common(c.knobs()),
-                        token: fill(&c.token, u.subject, ""),
-                        init_token: init,
-                        no_scale_lr: !c.scale_lr,
-                        repeats: c.repeats,
-                        out: u.out.clone(),
-                    })
+                    run_ti(
+                        TiArgs {
+                            common: common(c.knobs()),
+                            token: fill(&c.token, u.subject, ""),
+                            init_token: init,
+                            no_scale_lr: !c.scale_lr,
+                            repeats: c.repeats,
+                            out: u.out.clone(),
+                        },
+                        true,
+                    )
                 })
             }
             Method::Dreambooth => {
                 let c = exp.dreambooth.as_ref().expect("unit implies config");
-                run_db(DbArgs {
-                    common: common(c.knobs()),
-                    instance_prompt: fill(&c.instance_prompt, u.subject, &c.identifier),
-                    class_prompt: Some(fill(&c.class_prompt, u.subject, &c.identifier)),
-                    prior_preservation: c.prior_preservation,
-                    class_images: c.class_images,
-                    class_dir: None,
-                    prior_loss_weight: c.prior_loss_weight,
-                    train_text_encoder: c.train_text_encoder,
-                    out: u.out.clone(),
-                })
+                run_db(
+                    DbArgs {
+                        common: common(c.knobs()),
+                        instance_prompt: fill(&c.instance_prompt, u.subject, &c.identifier),
+                        class_prompt: Some(fill(&c.class_prompt, u.subject, &c.identifier)),
+                        prior_preservation: c.prior_preservation,
+                        class_images: c.class_images,
+                        class_dir: None,
+                        prior_loss_weight: c.prior_loss_weight,
+                        train_text_encoder: c.train_text_encoder,
+                        out: u.out.clone(),
+                    },
+                    true,
+                )
             }
         };
         if let Err(e) = result {
@@ -672,24 +694,62 @@ fn run_baselines(a: BaselinesArgs) -> anyhow::Result<ExitCode> {
                 "{} {}: {}",
                 u.method,
                 u.subject.name,
-                crate::cli::error_line(&e)
+                crate::error_chain(&e)
             );
             if !a.keep_going {
                 return Err(anyhow::anyhow!(msg));
             }
             eprintln!("failed: {msg}");
-            failures.push(msg);
+            failures.push(format!("{} {}", u.method, u.subject.name));
         }
     }
     if !failures.is_empty() {
-        eprintln!("{} of {} trainings failed:", failures.len(), units.len());
-        for f in &failures {
-            eprintln!("  {f}");
-        }
+        // Each error was printed once, as it happened; here only which trainings.
+        eprintln!(
+            "{} of {} trainings failed (errors above): {}",
+            failures.len(),
+            units.len(),
+            failures.join(", ")
+        );
         return Ok(ExitCode::FAILURE);
     }
     eprintln!("all {} trainings of shard {shard} are done", units.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `<out>.lock` beside the output: the claim of the process training into it.
+pub fn lock_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    out.with_file_name(name)
+}
+
+/// Claims an output for this process (`<out>.lock`, see [`crate::sweep::claim`]), so that two
+/// `pnd train` on one output never train side by side (both would write its checkpoints, and the
+/// trace would get every step twice). A claim dies with its process: a killed run's output is
+/// free at once. Without `wait` a held claim is an error; with it (`pnd train baselines`, where a
+/// requeued task may meet a live one) the claim is waited for, and `None` returned when the other
+/// process finished the output meanwhile.
+fn claim_output(out: &Path, wait: bool) -> anyhow::Result<Option<crate::sweep::claim::Claim>> {
+    use crate::sweep::claim;
+    let lock = lock_path(out);
+    if let Some(c) = claim::try_claim(&lock)? {
+        return Ok(Some(c));
+    }
+    if !wait {
+        anyhow::bail!(
+            "another process is training into '{}' (it holds '{}'); wait for it to end, or choose another --out",
+            out.display(),
+            lock.display()
+        );
+    }
+    eprintln!(
+        "waiting for another process training into '{}' (it holds '{}')",
+        out.display(),
+        lock.display()
+    );
+    let c = claim::claim(&lock)?;
+    Ok((!out.exists()).then_some(c))
 }
 
 /// `<out>.trace.jsonl` beside the output.

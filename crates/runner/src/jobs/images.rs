@@ -31,7 +31,7 @@ impl ImageEntry {
         }
     }
 
-    fn key(&self) -> (String, usize, u64) {
+    pub(crate) fn key(&self) -> (String, usize, u64) {
         (self.subject.clone(), self.prompt_index, self.seed)
     }
 }
@@ -278,9 +278,10 @@ pub fn scan_folder(root: &Path) -> anyhow::Result<FolderScan> {
     Ok(scan)
 }
 
-/// Whether a file is an image this harness reads: it exists, has a PNG or JPEG extension and a
-/// header that decodes. The error names the file.
-pub fn check_readable(path: &Path) -> anyhow::Result<()> {
+/// Whether a file is an image this harness reads: it exists, has a PNG or JPEG extension, and
+/// decodes whole (a header alone is not enough: a truncated or corrupt body would stop a run
+/// partway). Returns its width and height; the error names the file.
+pub fn check_readable(path: &Path) -> anyhow::Result<(u32, u32)> {
     if image_extension(path).is_none() {
         bail!("'{}' is not a .png, .jpg or .jpeg image", path.display());
     }
@@ -288,10 +289,10 @@ pub fn check_readable(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read image '{}'", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image '{}'", path.display()))?;
-    reader
-        .into_dimensions()
+    let img = reader
+        .decode()
         .with_context(|| format!("'{}' is not a readable image", path.display()))?;
-    Ok(())
+    Ok((img.width(), img.height()))
 }
 
 /// Where the images of one `images` method are.
@@ -344,7 +345,9 @@ impl ImageSources {
         let mut named = Vec::new();
         for job in jobs.iter().filter(|j| j.method == method.name) {
             match self.source(job) {
-                Ok((path, _)) if path.is_file() => check_readable(&path)?,
+                Ok((path, _)) if path.is_file() => {
+                    check_readable(&path)?;
+                }
                 Ok((path, _)) => {
                     named.push(format!("{} ('{}')", job.id(), path.display()));
                     missing.push(job.clone());
@@ -521,6 +524,22 @@ mod tests {
         );
         assert!(e.contains("gone.png"), "{e}");
         png(&p);
-        check_readable(&p).unwrap();
+        let (w, h) = check_readable(&p).unwrap();
+        assert!(w > 0 && h > 0);
+        // A whole header over a cut body: found now, not when the job scores it.
+        let noisy = tmp.path().join("noisy.png");
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 7 ^ y * 13) as u8, (x * y) as u8, 9])
+        })
+        .save(&noisy)
+        .unwrap();
+        let bytes = std::fs::read(&noisy).unwrap();
+        let cut = tmp.path().join("cut.png");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let e = format!("{:#}", check_readable(&cut).unwrap_err());
+        assert!(
+            e.contains("cut.png") && e.contains("not a readable image"),
+            "{e}"
+        );
     }
 }

@@ -271,7 +271,10 @@ impl JobRunner for DreamBenchJobs {
             .collect::<anyhow::Result<Vec<_>>>()
         {
             Ok(s) => s,
-            Err(e) => return jobs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+            Err(e) => {
+                let e = crate::error_chain(&e);
+                return jobs.iter().map(|_| Err(anyhow::anyhow!("{e}"))).collect();
+            }
         };
         match self.generate(&specs, outs) {
             Ok((images, phases)) => {
@@ -289,7 +292,13 @@ impl JobRunner for DreamBenchJobs {
             Err(e) => {
                 let ids: Vec<String> = jobs.iter().map(|j| j.id().0).collect();
                 jobs.iter()
-                    .map(|_| Err(anyhow::anyhow!("{e:#} (batch of {})", ids.join(", "))))
+                    .map(|_| {
+                        Err(anyhow::anyhow!(
+                            "{} (batch of {})",
+                            crate::error_chain(&e),
+                            ids.join(", ")
+                        ))
+                    })
                     .collect()
             }
         }

@@ -2,7 +2,7 @@
 //! class prompt, and made into its result row.
 
 use super::JobSpec;
-use crate::report::rows::{ImageRow, OracleRow, Phases};
+use crate::report::rows::{ImageRow, OracleRow, Phases, Timing};
 use crate::runtime::RuntimeRecord;
 use crate::sweep::JobOutput;
 use anyhow::Context;
@@ -21,11 +21,11 @@ pub(super) fn image_row(
     runtime: &RuntimeRecord,
 ) -> anyhow::Result<ImageRow> {
     let tmp = out.temp_path("image.png");
+    let path = out.path("image.png");
     image
         .save(&tmp)
-        .with_context(|| format!("writing '{}'", tmp.display()))?;
-    let path = out.path("image.png");
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing '{}'", path.display()))?;
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(Into::into))
+        .with_context(|| format!("writing '{}'", path.display()))?;
     let mut row = scored_row(dataset, scorer, spec, out, &path)?;
     phases.apply(&mut row);
     row.device = runtime.device.clone();
@@ -53,6 +53,22 @@ pub(super) fn scored_row(
         std::slice::from_ref(&spec.reference),
         &spec.clip_prompt,
     )?;
+    let dino_max = dino_max(scorer, path, &real)?;
+    // A non-finite score is this job's error, never a row (JSON would hold it as null, which no
+    // reader takes back).
+    let named = [
+        ("dino", scores.dino),
+        ("clip_i", scores.clip_i),
+        ("clip_t", scores.clip_t),
+        ("dino_max", dino_max),
+    ];
+    let extra = scores.extra.iter().map(|(k, v)| (k.as_str(), *v));
+    if let Some((name, v)) = named.into_iter().chain(extra).find(|(_, v)| !v.is_finite()) {
+        anyhow::bail!(
+            "score {name} of image '{}' is {v}: not a finite number (a diverged generation or a metric model overflowing)",
+            path.display()
+        );
+    }
     let run_dir = out
         .dir()
         .parent()
@@ -81,16 +97,13 @@ pub(super) fn scored_row(
         clip_i: scores.clip_i,
         clip_t: scores.clip_t,
         extra: scores.extra,
-        seconds: 0.0,
         device: String::new(),
         dtype: String::new(),
-        dino_max: Some(dino_max(scorer, path, &real)?),
-        inversion_s: None,
-        palette_s: None,
-        template_s: None,
-        sampling_s: None,
-        decode_s: None,
-        scoring_s: Some(started.elapsed().as_secs_f64()),
+        dino_max: Some(dino_max),
+        timing: Timing {
+            scoring_s: Some(started.elapsed().as_secs_f64()),
+            ..Default::default()
+        },
     })
 }
 

@@ -27,7 +27,7 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
                 problems.push(format!(
                     "method '{}': {}",
                     method.name,
-                    crate::cli::error_line(&e)
+                    crate::error_chain(&e)
                 ));
             }
             continue;
@@ -37,14 +37,14 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
                 problems.push(format!(
                     "method '{}': {}",
                     method.name,
-                    crate::cli::error_line(&e)
+                    crate::error_chain(&e)
                 ));
             }
         }
         for subject in exp.subjects() {
             match model_for(exp, method, subject) {
                 Err(e) => {
-                    problems.push(crate::cli::error_line(&e));
+                    problems.push(crate::error_chain(&e));
                     break;
                 }
                 Ok(choice) => {

@@ -71,7 +71,7 @@ pub fn frame(rows: &[ImageRow]) -> PolarsResult<DataFrame> {
         "dino" => x(|r| r.dino),
         "clip_i" => x(|r| r.clip_i),
         "clip_t" => x(|r| r.clip_t),
-        "seconds" => x(|r| r.seconds),
+        "seconds" => x(|r| r.timing.seconds),
     )?;
     for name in extra_names(rows) {
         if df.get_column_names().iter().any(|c| c.as_str() == name) {

@@ -220,9 +220,13 @@ pub fn write_report_with(
             );
             infos.push(info);
         }
-        let mut run_rows: Vec<ImageRow> = store
-            .rows()
-            .with_context(|| format!("reading rows of '{}'", run_dir.display()))?;
+        // The row errors name their file already.
+        let mut run_rows: Vec<ImageRow> = store.rows()?;
+        for r in &mut run_rows {
+            r.timing = store
+                .read_timing(&dreambench::JobId(r.id.clone()))
+                .unwrap_or_default();
+        }
         if runs.len() > 1 {
             // Image paths are relative to their own run folder.
             for r in &mut run_rows {

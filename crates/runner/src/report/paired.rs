@@ -260,16 +260,10 @@ mod tests {
             clip_i: dino,
             clip_t: dino,
             extra: Default::default(),
-            seconds: 0.0,
             device: String::new(),
             dtype: String::new(),
             dino_max,
-            inversion_s: None,
-            palette_s: None,
-            template_s: None,
-            sampling_s: None,
-            decode_s: None,
-            scoring_s: None,
+            timing: Default::default(),
         }
     }
 

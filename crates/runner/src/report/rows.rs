@@ -33,8 +33,6 @@ pub struct ImageRow {
     /// per name (see [`crate::sweep::RunStore::write_results_csv`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, f64>,
-    /// Wall time of generation (guidance included), seconds. Not part of any table.
-    pub seconds: f64,
     /// The device that generated the image (`cpu`, `cuda:0`); empty in rows of older runs.
     #[serde(default)]
     pub device: String,
@@ -46,10 +44,22 @@ pub struct ImageRow {
     /// counted as a possible copy of the input. Absent in rows of older runs.
     #[serde(default)]
     pub dino_max: Option<f64>,
-    /// Seconds of this image by phase (its share of a batch's): null-text inversion, reference
-    /// palette, layout template, sampling (guidance passes included), VAE decoding, scoring.
-    /// Absent where a phase did not run (unguided methods have no inversion; another program's
-    /// images only scoring) and in rows of older runs.
+    /// Where this image's time went: measured, not computed, so not part of the row file nor of
+    /// `results.csv` (a resumed run gives the same bytes); the sweep writes it to
+    /// `timings/<id>.json` and `timings.csv`, and the report reads it from there
+    /// ([`crate::sweep::RunStore::read_timing`]). Rows of older runs still carry these fields;
+    /// they load, and their timings are read from them.
+    #[serde(skip)]
+    pub timing: Timing,
+}
+
+/// Seconds of one image: the whole generation (guidance included) and each phase (its share of
+/// a batch's): null-text inversion, reference palette, layout template, sampling (guidance passes
+/// included), VAE decoding, scoring. A phase is absent where it did not run (unguided methods
+/// have no inversion; another program's images only scoring) and in rows of older runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    pub seconds: f64,
     #[serde(default)]
     pub inversion_s: Option<f64>,
     #[serde(default)]
@@ -64,8 +74,14 @@ pub struct ImageRow {
     pub scoring_s: Option<f64>,
 }
 
-/// Seconds of a generation, whole ([`ImageRow::seconds`]) and by phase (see [`ImageRow`]'s `*_s`
-/// fields).
+impl crate::sweep::SweepRow for ImageRow {
+    type Timing = Timing;
+    fn timing(&self) -> Option<Timing> {
+        Some(self.timing.clone())
+    }
+}
+
+/// Seconds of a generation, whole and by phase (see [`Timing`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
     pub seconds: f64,
@@ -90,14 +106,15 @@ impl Phases {
         }
     }
 
-    /// Writes these phases into a row.
+    /// Writes these phases into a row's timing.
     pub fn apply(&self, row: &mut ImageRow) {
-        row.seconds = self.seconds;
-        row.inversion_s = self.inversion_s;
-        row.palette_s = self.palette_s;
-        row.template_s = self.template_s;
-        row.sampling_s = self.sampling_s;
-        row.decode_s = self.decode_s;
+        let t = &mut row.timing;
+        t.seconds = self.seconds;
+        t.inversion_s = self.inversion_s;
+        t.palette_s = self.palette_s;
+        t.template_s = self.template_s;
+        t.sampling_s = self.sampling_s;
+        t.decode_s = self.decode_s;
     }
 }
 
@@ -136,10 +153,14 @@ mod tests {
         with.extra.insert("dinov2".into(), 81.5);
         let text = serde_json::to_string(&with).unwrap();
         assert!(
-            text.contains(r#""clip_t":0.3,"extra":{"dinov2":81.5},"seconds""#),
+            text.contains(r#""clip_t":0.3,"extra":{"dinov2":81.5},"device""#),
             "{text}"
         );
         assert_eq!(serde_json::from_str::<ImageRow>(&text).unwrap(), with);
+        // The older row's wall time is not part of the row, but still its timing.
+        assert!(!text.contains("seconds"), "{text}");
+        let timing: Timing = serde_json::from_str(old).unwrap();
+        assert_eq!((timing.seconds, timing.scoring_s), (1.0, None));
         let oracle: OracleRow =
             serde_json::from_str(r#"{"dino":0.77,"clip_i":0.88,"per_subject":[["dog",0.8,0.9]]}"#)
                 .unwrap();

@@ -1,7 +1,8 @@
 //! Where the time went: per method, the device and precision its images were made on, and the
 //! mean seconds per image of the whole generation and of each phase the rows record (inversion,
 //! palette, layout template, sampling with its guidance passes, decoding, scoring). A batch's
-//! time is shared equally by its images.
+//! time is shared equally by its images. The timings are the run folder's `timings/` files (see
+//! [`super::rows::Timing`]), which the report attaches to the rows it reads.
 
 use super::rows::ImageRow;
 use super::tables::MethodInfo;
@@ -59,13 +60,17 @@ pub fn markdown(rows: &[ImageRow], infos: &[MethodInfo], builds: &[String]) -> S
             set(|r| r.device.as_str()),
             set(|r| r.dtype.as_str()),
             mine.len(),
-            cell(mean(mine.iter().filter(generated).map(|r| Some(r.seconds)))),
-            m(|r| r.inversion_s),
-            m(|r| r.palette_s),
-            m(|r| r.template_s),
-            m(|r| r.sampling_s),
-            m(|r| r.decode_s),
-            m(|r| r.scoring_s),
+            cell(mean(
+                mine.iter()
+                    .filter(generated)
+                    .map(|r| Some(r.timing.seconds))
+            )),
+            m(|r| r.timing.inversion_s),
+            m(|r| r.timing.palette_s),
+            m(|r| r.timing.template_s),
+            m(|r| r.timing.sampling_s),
+            m(|r| r.timing.decode_s),
+            m(|r| r.timing.scoring_s),
         );
     }
     s

@@ -17,10 +17,11 @@ pub enum ConfigError {
     },
     #[error("{file}: {problem}")]
     NoLocation { file: String, problem: Problem },
-    #[error("reading '{}': {source}", path.display())]
+    // `cause`, not `source`: see `StoreError`.
+    #[error("reading '{}': {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -106,9 +107,9 @@ pub fn parse_toml<T: DeserializeOwned>(
 
 /// Reads and parses a TOML file.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Io {
         path: path.into(),
-        source,
+        cause,
     })?;
     parse_toml(&text, path.display())
 }

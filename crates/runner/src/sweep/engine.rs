@@ -1,11 +1,11 @@
 //! Running a job list against a store: shard selection, skipping finished jobs, redoing
 //! half-written ones, batching jobs that differ only by seed, progress with ETA.
 
-use super::store::{write_file_atomic, Failure, RunStore, StoreError};
+use super::claim::{claim, try_claim, Claim};
+use super::store::{write_file_atomic, Failure, RunStore, StoreError, SweepRow};
 use crate::progress::{JobProgress, ProgressMode};
-use dreambench::Job;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use dreambench::{Job, JobId};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -66,7 +66,8 @@ impl Shard {
 }
 
 /// Where a job writes its output files. Files are written atomically into the job's folder; the
-/// folder is emptied before a job (re)starts, so leftovers of a killed attempt never survive.
+/// folder is emptied before a job (re)starts, so leftovers of a killed attempt never survive. Only
+/// the process that holds the job's claim writes there.
 pub struct JobOutput {
     dir: PathBuf,
 }
@@ -89,24 +90,28 @@ impl JobOutput {
         self.dir.join(name)
     }
 
+    /// A temporary name for `name`, unique to this process (it keeps `name`'s extension, which
+    /// encoders read the format from).
     pub fn temp_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!(".tmp-{name}"))
+        self.dir.join(format!(".tmp-{}-{name}", std::process::id()))
     }
 }
 
 /// A job's folder, emptied: a half-written attempt (files but no row) is redone from scratch.
+/// Called only under the job's claim, after checking that it has no row, so the files removed are
+/// those of a dead process.
 fn fresh_output(dir: PathBuf) -> Result<JobOutput, StoreError> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io {
             action: "clearing",
             path: dir.clone(),
-            source,
+            cause: source,
         })?;
     }
     std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
         action: "creating",
         path: dir.clone(),
-        source,
+        cause: source,
     })?;
     Ok(JobOutput { dir })
 }
@@ -114,7 +119,7 @@ fn fresh_output(dir: PathBuf) -> Result<JobOutput, StoreError> {
 /// What a sweep runs for each job.
 pub trait JobRunner {
     /// One result row per job: a flat serde struct (it becomes a CSV line).
-    type Row: Serialize + DeserializeOwned;
+    type Row: SweepRow;
     fn run(&mut self, job: &Job, out: &JobOutput) -> anyhow::Result<Self::Row>;
 
     /// How many jobs may run as one batch (at least 1).
@@ -134,32 +139,17 @@ pub trait JobRunner {
     }
 }
 
-/// Cuts `jobs` (in order) into batches of consecutive jobs, each at most `size` long and
-/// batchable with its first job.
-pub fn batches<'a>(
-    jobs: &[&'a Job],
-    size: usize,
-    batchable: impl Fn(&Job, &Job) -> bool,
-) -> Vec<Vec<&'a Job>> {
-    let mut out: Vec<Vec<&Job>> = Vec::new();
-    for &job in jobs {
-        match out.last_mut() {
-            Some(b) if b.len() < size.max(1) && batchable(b[0], job) => b.push(job),
-            _ => out.push(vec![job]),
-        }
-    }
-    out
-}
-
 /// What a call of [`run_jobs`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
     /// Jobs of this shard.
     pub selected: usize,
-    /// Jobs that were already finished and skipped.
+    /// Jobs that were already finished when the run started, and skipped.
     pub skipped: usize,
     /// Jobs run to completion now.
     pub completed: usize,
+    /// Jobs that another process on the same run folder finished (or failed) while this one ran.
+    pub elsewhere: usize,
     /// Jobs that failed now (only with [`RunOptions::keep_going`]; also in `failures.csv`).
     pub failed: Vec<Failure>,
 }
@@ -190,11 +180,44 @@ pub fn run_jobs<R: JobRunner>(
     run_jobs_with(store, jobs, shard, runner, options)
 }
 
+/// Whether a job has a row that reads back.
+enum RowState {
+    Done,
+    Missing,
+    /// A row file that does not read back (a disk fault, a hand edit): the job is redone.
+    Unreadable(StoreError),
+}
+
+fn row_state<R: SweepRow>(store: &RunStore, id: &JobId) -> RowState {
+    if !store.is_done(id) {
+        return RowState::Missing;
+    }
+    match store.read_row::<R>(id) {
+        Ok(Some(_)) => RowState::Done,
+        Ok(None) => RowState::Missing,
+        Err(e) => RowState::Unreadable(e),
+    }
+}
+
+/// Says once per job that its row file does not read back and is redone.
+fn warn_unreadable(warned: &mut BTreeSet<JobId>, id: &JobId, e: &StoreError) {
+    if warned.insert(id.clone()) {
+        eprintln!("warning: {e}; redoing job {id}");
+    }
+}
+
 /// [`run_jobs`] with options. With `keep_going`, a failing job is recorded in `failures.csv`
 /// (job id, error) and the sweep goes on; a later run retries it, since it has no row. A job that
 /// finishes loses its earlier failure record.
 ///
-/// The unfinished jobs run in batches of [`JobRunner::batch_size`] (see [`batches`]); a batch
+/// Any number of processes may run this on one run folder: each job is claimed (a lock file, see
+/// [`super::claim`]) before it runs and checked again under the claim, so it runs in one process
+/// only and no process clears a folder another one is writing or has finished. A process that
+/// finds the rest of its jobs claimed by others waits for them; a claim whose process died is
+/// free, and its job is redone. So every process ends with the shard complete (but for failures).
+///
+/// The unfinished jobs run in batches of consecutive jobs, at most [`JobRunner::batch_size`]
+/// long and [`JobRunner::batchable`] with their first; a batch
 /// writes the rows of its finished jobs before the first failure of the batch stops the sweep,
 /// and a batch whose generation fails fails each of its jobs. A job's time (its progress line)
 /// is its share of its batch's time.
@@ -206,78 +229,209 @@ pub fn run_jobs_with<R: JobRunner>(
     options: RunOptions,
 ) -> anyhow::Result<RunSummary> {
     let selected = shard.select(jobs);
-    let todo: Vec<&Job> = selected
-        .iter()
-        .copied()
-        .filter(|j| !store.is_done(&j.id()))
-        .collect();
+    let mut warned: BTreeSet<JobId> = BTreeSet::new();
+    let mut todo: BTreeSet<JobId> = BTreeSet::new();
+    for j in &selected {
+        match row_state::<R::Row>(store, &j.id()) {
+            RowState::Done => {}
+            RowState::Missing => {
+                todo.insert(j.id());
+            }
+            RowState::Unreadable(e) => {
+                warn_unreadable(&mut warned, &j.id(), &e);
+                todo.insert(j.id());
+            }
+        }
+    }
     let mut summary = RunSummary {
         selected: selected.len(),
         skipped: selected.len() - todo.len(),
         ..Default::default()
     };
-    let mut failures = store.failures()?;
+    // Failures recorded before this run: those are retried; one recorded by another process
+    // during this run is not tried again here.
+    let failed_before: BTreeSet<String> = store.failures()?.into_iter().map(|f| f.id).collect();
     let mut progress = JobProgress::new(todo.len(), options.progress);
     let size = runner.batch_size().max(1);
-    for batch in batches(&todo, size, |a, b| runner.batchable(a, b)) {
-        let ids: Vec<_> = batch.iter().map(|j| j.id()).collect();
-        let names: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
-        progress.start(&names.join(", "));
-        let started = Instant::now();
-        let outs = ids
-            .iter()
-            .map(|id| fresh_output(store.files_dir(id)))
-            .collect::<Result<Vec<_>, _>>()?;
-        // A job that runs again loses its earlier failure record (kept again if it fails again).
-        let before = failures.len();
-        failures.retain(|f| !ids.iter().any(|id| id.0 == f.id));
-        let mut failures_changed = failures.len() != before;
-        let results = if batch.len() == 1 {
-            vec![runner.run(batch[0], &outs[0])]
-        } else {
-            runner.run_batch(&batch, &outs)
-        };
-        anyhow::ensure!(
-            results.len() == batch.len(),
-            "a batch of {} jobs gave {} results",
-            batch.len(),
-            results.len()
-        );
-        let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
-        let mut first_error = None;
-        for (id, result) in ids.iter().zip(results) {
-            match result {
-                Ok(row) => {
-                    store.write_row(id, &row)?;
-                    summary.completed += 1;
-                    progress.finished(&id.0, seconds, None);
-                }
-                Err(e) if options.keep_going => {
-                    let failure = Failure {
-                        id: id.0.clone(),
-                        error: format!("{e:#}"),
-                    };
-                    progress.finished(&id.0, seconds, Some(&failure.error));
-                    failures.push(failure.clone());
-                    summary.failed.push(failure);
-                    failures_changed = true;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e.context(format!("job {id} failed")));
-                }
+    // Jobs this process ran, or found finished or failed by another process.
+    let mut settled: BTreeSet<JobId> = BTreeSet::new();
+    let mut announced_wait = false;
+    loop {
+        let mut ran = false;
+        let mut held_elsewhere: Option<JobId> = None;
+        let mut batch: Vec<(&Job, Claim)> = Vec::new();
+        for &job in &selected {
+            let id = job.id();
+            if settled.contains(&id) {
+                continue;
             }
+            if store.is_done(&id) && !warned.contains(&id) {
+                if todo.contains(&id) {
+                    // Finished by another process since this one started.
+                    progress.elsewhere();
+                    settled.insert(id);
+                }
+                continue;
+            }
+            let Some(claim) = try_claim(&store.claim_path(&id))? else {
+                held_elsewhere.get_or_insert(id);
+                continue;
+            };
+            // Checked again under the claim: another process may have finished it meanwhile.
+            match row_state::<R::Row>(store, &id) {
+                RowState::Done => {
+                    progress.elsewhere();
+                    settled.insert(id);
+                    continue;
+                }
+                RowState::Unreadable(e) => warn_unreadable(&mut warned, &id, &e),
+                RowState::Missing => {}
+            }
+            let failed_elsewhere =
+                !failed_before.contains(&id.0) && store.failures()?.iter().any(|f| f.id == id.0);
+            if failed_elsewhere {
+                progress.elsewhere();
+                settled.insert(id);
+                continue;
+            }
+            let joins = batch
+                .first()
+                .is_none_or(|(first, _)| batch.len() < size && runner.batchable(first, job));
+            if !joins {
+                run_batch(
+                    store,
+                    runner,
+                    &mut batch,
+                    options,
+                    &mut progress,
+                    &mut summary,
+                )?;
+                ran = true;
+            }
+            settled.insert(id);
+            batch.push((job, claim));
         }
-        if failures_changed {
-            store.write_failures(&failures)?;
+        if !batch.is_empty() {
+            run_batch(
+                store,
+                runner,
+                &mut batch,
+                options,
+                &mut progress,
+                &mut summary,
+            )?;
+            ran = true;
         }
-        if let Some(e) = first_error {
-            progress.abandon();
-            return Err(e);
+        if ran {
+            continue;
         }
+        // Everything left is claimed by other processes: wait for one to let go (it finished,
+        // failed or died), then look again.
+        let Some(id) = held_elsewhere else { break };
+        if !announced_wait {
+            eprintln!(
+                "waiting for jobs another process on '{}' is running (job {id} first)",
+                store.root.display()
+            );
+            announced_wait = true;
+        }
+        drop(claim(&store.claim_path(&id))?);
     }
     progress.finish();
+    summary.elsewhere = todo
+        .len()
+        .saturating_sub(summary.completed + summary.failed.len());
     store.write_results_csv::<R::Row>()?;
     Ok(summary)
+}
+
+/// Runs one batch of claimed jobs and records each result; the claims are released at the end.
+fn run_batch<R: JobRunner>(
+    store: &RunStore,
+    runner: &mut R,
+    batch: &mut Vec<(&Job, Claim)>,
+    options: RunOptions,
+    progress: &mut JobProgress,
+    summary: &mut RunSummary,
+) -> anyhow::Result<()> {
+    let held = std::mem::take(batch);
+    let jobs: Vec<&Job> = held.iter().map(|(j, _)| *j).collect();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id()).collect();
+    let names: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
+    progress.start(&names.join(", "));
+    let started = Instant::now();
+    let outs = ids
+        .iter()
+        .map(|id| fresh_output(store.files_dir(id)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A job that runs again loses its earlier failure record (kept again if it fails again).
+    update_failures(store, |f| f.retain(|f| !ids.iter().any(|id| id.0 == f.id)))?;
+    let results = if jobs.len() == 1 {
+        vec![runner.run(jobs[0], &outs[0])]
+    } else {
+        runner.run_batch(&jobs, &outs)
+    };
+    anyhow::ensure!(
+        results.len() == jobs.len(),
+        "a batch of {} jobs gave {} results",
+        jobs.len(),
+        results.len()
+    );
+    let seconds = started.elapsed().as_secs_f64() / jobs.len() as f64;
+    let mut first_error = None;
+    for (id, result) in ids.iter().zip(results) {
+        // A row is written only if it reads back (a NaN score would be written as null).
+        let result = result.and_then(|row| {
+            let text = serde_json::to_string(&row)?;
+            serde_json::from_str::<R::Row>(&text).map_err(|e| {
+                anyhow::anyhow!("its row would not read back ({e}), a non-finite value?: {text}")
+            })?;
+            Ok(row)
+        });
+        match result {
+            Ok(row) => {
+                if let Some(t) = row.timing() {
+                    store.write_timing(id, &t)?;
+                }
+                store.write_row(id, &row)?;
+                summary.completed += 1;
+                progress.finished(&id.0, seconds, None);
+            }
+            Err(e) if options.keep_going => {
+                let failure = Failure {
+                    id: id.0.clone(),
+                    error: crate::error_chain(&e),
+                };
+                progress.finished(&id.0, seconds, Some(&failure.error));
+                update_failures(store, |f| f.push(failure.clone()))?;
+                summary.failed.push(failure);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.context(format!("job {id} failed")));
+            }
+        }
+    }
+    drop(held);
+    if let Some(e) = first_error {
+        progress.abandon();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Rewrites `failures.csv` under the folder lock (other processes change it too).
+fn update_failures(
+    store: &RunStore,
+    change: impl FnOnce(&mut Vec<Failure>),
+) -> Result<(), StoreError> {
+    let _lock = store.lock_folder()?;
+    let mut failures = store.failures()?;
+    let before = failures.clone();
+    change(&mut failures);
+    if failures != before {
+        store.write_failures(&failures)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,21 +11,23 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} '{}': {source}", path.display())]
+    // The causes are fields named `cause`, not `source`: thiserror would make a `source` field
+    // the error's source too, and `{:#}` (anyhow's chain) would then print it twice.
+    #[error("{action} '{}': {cause}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("row file '{}' is not a valid row: {source}", path.display())]
+    #[error("row file '{}' is not a valid row: {cause}", path.display())]
     BadRow {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
-    #[error("'{}' is not a valid plan: {source}", path.display())]
+    #[error("'{}' is not a valid plan: {cause}", path.display())]
     BadPlan {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("'{}' is not a run folder (no plan.json); was it written by `pnd sweep`?", .0.display())]
     NoPlan(PathBuf),
@@ -51,8 +53,16 @@ pub enum StoreError {
     InputsChanged { dir: PathBuf, changes: Vec<String> },
     #[error("job {id} has different rows in '{}' and '{}'", a.display(), b.display())]
     ConflictingRows { id: JobId, a: PathBuf, b: PathBuf },
-    #[error("writing CSV '{}': {source}", path.display())]
-    Csv { path: PathBuf, source: csv::Error },
+    #[error("{missing} of {total} jobs have no row and no failure in any of the shards given (first: {first}): a shard is missing or unfinished; finish it, or pass --partial to merge what there is")]
+    MissingJobs {
+        missing: usize,
+        total: usize,
+        first: String,
+    },
+    #[error("writing CSV '{}': {cause}", path.display())]
+    Csv { path: PathBuf, cause: csv::Error },
+    #[error("reading CSV '{}': {cause}", path.display())]
+    ReadCsv { path: PathBuf, cause: csv::Error },
     #[error("encoding plan: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -61,7 +71,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |source| StoreError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -76,12 +86,14 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(io("creating folder", dir))?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".tmp-{}-{name}", std::process::id()));
+    // Errors name the file being written, not its temporary name.
     let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io("renaming into", path))
-    })();
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })()
+    .map_err(io("writing", path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -94,13 +106,13 @@ pub fn write_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), Sto
     for row in rows {
         w.serialize(row).map_err(|source| StoreError::Csv {
             path: path.into(),
-            source,
+            cause: source,
         })?;
     }
     let bytes = w.into_inner().map_err(|e| StoreError::Io {
         action: "encoding CSV for",
         path: path.into(),
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     write_file_atomic(path, &bytes)
 }
@@ -169,7 +181,7 @@ fn flat_cells<R: Serialize>(row: &R) -> Result<Vec<(String, serde_json::Value)>,
 pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<(), StoreError> {
     let bad = |message: String| StoreError::Csv {
         path: path.into(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message).into(),
+        cause: std::io::Error::new(std::io::ErrorKind::InvalidData, message).into(),
     };
     let mut header: Vec<String> = Vec::new();
     let mut records = Vec::with_capacity(rows.len());
@@ -192,7 +204,7 @@ pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<()
     }
     let csv_err = |source| StoreError::Csv {
         path: path.into(),
-        source,
+        cause: source,
     };
     let mut w = csv::WriterBuilder::new()
         .has_headers(false)
@@ -210,7 +222,7 @@ pub fn write_flat_csv_atomic<R: Serialize>(path: &Path, rows: &[R]) -> Result<()
     let bytes = w.into_inner().map_err(|e| StoreError::Io {
         action: "encoding CSV for",
         path: path.into(),
-        source: e.into_error(),
+        cause: e.into_error(),
     })?;
     write_file_atomic(path, &bytes)
 }
@@ -269,6 +281,24 @@ pub fn plan_differences(a: &Plan, b: &Plan) -> Vec<String> {
     }
     out.truncate(10);
     out
+}
+
+/// A result row: what a job computed, one line of `results.csv`. What was measured rather than
+/// computed (wall times) is its [`SweepRow::Timing`], kept out of the row file and `results.csv`
+/// (written to `timings/<id>.json` and `timings.csv`), so that those depend only on the work: a
+/// resumed run, a merged one and an uninterrupted one give the same bytes.
+pub trait SweepRow: Serialize + DeserializeOwned {
+    type Timing: Serialize + DeserializeOwned;
+    /// This row's timing, if it has one.
+    fn timing(&self) -> Option<Self::Timing>;
+}
+
+/// One line of `timings.csv`: a job id and its timing's fields.
+#[derive(Serialize)]
+struct TimingLine<T> {
+    id: String,
+    #[serde(flatten)]
+    timing: T,
 }
 
 /// A job that failed under `--keep-going`: one line of `failures.csv`.
@@ -342,7 +372,10 @@ impl RunStore {
             return Err(StoreError::NoPlan(root.into()));
         }
         let text = fs::read_to_string(&path).map_err(io("reading", &path))?;
-        serde_json::from_str(&text).map_err(|source| StoreError::BadPlan { path, source })
+        serde_json::from_str(&text).map_err(|source| StoreError::BadPlan {
+            path,
+            cause: source,
+        })
     }
 
     pub fn plan(&self) -> Result<Plan, StoreError> {
@@ -362,18 +395,54 @@ impl RunStore {
         self.row_path(id).is_file()
     }
 
+    /// The lock file that claims a job (see [`super::claim`]).
+    pub fn claim_path(&self, id: &JobId) -> PathBuf {
+        self.root.join("claims").join(format!("{id}.lock"))
+    }
+
+    /// Holds the folder-wide lock for a short read-modify-write of a shared file.
+    pub fn lock_folder(&self) -> Result<super::claim::Claim, StoreError> {
+        super::claim::claim(&self.root.join("claims").join("folder.lock"))
+    }
+
+    /// Where a job's timing is (see [`SweepRow`]).
+    pub fn timing_path(&self, id: &JobId) -> PathBuf {
+        self.root.join("timings").join(format!("{id}.json"))
+    }
+
+    /// A finished job's timing: `timings/<id>.json`, or in a run written before timings had
+    /// their own files, the timing fields of its row file; `None` when neither has one.
+    pub fn read_timing<T: DeserializeOwned>(&self, id: &JobId) -> Option<T> {
+        [self.timing_path(id), self.row_path(id)]
+            .iter()
+            .find_map(|p| serde_json::from_str(&fs::read_to_string(p).ok()?).ok())
+    }
+
+    /// Writes a job's timing (before its row, which marks the job finished).
+    pub fn write_timing<T: Serialize>(&self, id: &JobId, timing: &T) -> Result<(), StoreError> {
+        write_file_atomic(
+            &self.timing_path(id),
+            serde_json::to_string_pretty(timing)?.as_bytes(),
+        )
+    }
+
     /// Reads a finished job's row, or `None` if the job has not finished.
     pub fn read_row<R: DeserializeOwned>(&self, id: &JobId) -> Result<Option<R>, StoreError> {
         let path = self.row_path(id);
         match fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| StoreError::BadRow { path, source }),
+            Ok(text) => {
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|source| StoreError::BadRow {
+                        path,
+                        cause: source,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::Io {
                 action: "reading",
                 path,
-                source: e,
+                cause: e,
             }),
         }
     }
@@ -408,9 +477,9 @@ impl RunStore {
         if !path.is_file() {
             return Ok(Vec::new());
         }
-        let csv_err = |source| StoreError::Csv {
+        let csv_err = |source| StoreError::ReadCsv {
             path: path.clone(),
-            source,
+            cause: source,
         };
         csv::Reader::from_path(&path)
             .map_err(csv_err)?
@@ -427,7 +496,7 @@ impl RunStore {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
                     action: "removing",
                     path,
-                    source: e,
+                    cause: e,
                 }),
                 _ => Ok(()),
             };
@@ -436,23 +505,45 @@ impl RunStore {
     }
 
     /// Rewrites `results.csv` from the finished rows, in plan order (a row's extra scores one
-    /// column each, see [`write_flat_csv_atomic`]).
-    pub fn write_results_csv<R: Serialize + DeserializeOwned>(
-        &self,
-    ) -> Result<PathBuf, StoreError> {
+    /// column each, see [`write_flat_csv_atomic`]), and `timings.csv` from their timings (job id
+    /// first; none when no row has one). Holds the folder lock, so the last of several processes
+    /// to finish writes a file with every row.
+    pub fn write_results_csv<R: SweepRow>(&self) -> Result<PathBuf, StoreError> {
+        let _lock = self.lock_folder()?;
         let rows: Vec<R> = self.rows()?;
         let path = self.root.join("results.csv");
         write_flat_csv_atomic(&path, &rows)?;
+        let mut timings = Vec::new();
+        for job in &self.plan()?.jobs {
+            let id = job.id();
+            if self.is_done(&id) {
+                if let Some(timing) = self.read_timing::<R::Timing>(&id) {
+                    timings.push(TimingLine { id: id.0, timing });
+                }
+            }
+        }
+        let timings_path = self.root.join("timings.csv");
+        if timings.is_empty() {
+            let _ = fs::remove_file(&timings_path);
+        } else {
+            write_flat_csv_atomic(&timings_path, &timings)?;
+        }
         Ok(path)
     }
 }
 
-/// Joins shard runs of one experiment into `out`: rows and files are copied, the plans must be
-/// identical, a job finished in two shards must have the same row. Returns the merged store; its
-/// `results.csv` is written in plan order, so merging shards equals an unsharded run.
-pub fn merge<R: Serialize + DeserializeOwned + PartialEq>(
+/// Joins shard runs of one experiment into `out`: rows, timings and files are copied, the plans
+/// must be identical, a job finished in two shards must have the same row (its values: timings
+/// are not part of a row). Everything is checked before anything is written, so a refused merge
+/// writes nothing; a new `out` is built beside itself and renamed into place, so a merge that
+/// fails while writing (a full disk) leaves no half-merged folder either. A job that no shard
+/// finished nor recorded as failed means a shard is missing or unfinished: an error unless
+/// `partial`. Returns the merged store; its `results.csv` is written in plan order, so merging
+/// shards equals an unsharded run.
+pub fn merge<R: SweepRow + PartialEq>(
     shards: &[PathBuf],
     out: &Path,
+    partial: bool,
 ) -> Result<RunStore, StoreError> {
     let Some(first) = shards.first() else {
         return Err(StoreError::NoPlan(out.into()));
@@ -471,45 +562,125 @@ pub fn merge<R: Serialize + DeserializeOwned + PartialEq>(
             });
         }
     }
-    let merged = RunStore::create(out, &plan)?;
-    let mut seen: BTreeMap<JobId, PathBuf> = BTreeMap::new();
-    for shard_root in shards {
-        let shard = RunStore::open(shard_root)?;
-        if shard.root == merged.root {
-            continue;
+    if out.join("plan.json").is_file() {
+        let existing = RunStore::read_plan(out)?;
+        if !existing.same_work(&plan) {
+            return Err(StoreError::ExistingPlanDiffers {
+                dir: out.into(),
+                fields: plan_differences(&existing, &plan),
+                name: existing.experiment,
+            });
         }
-        for job in &plan.jobs {
-            let id = job.id();
+    }
+    let same_folder = |a: &Path| match (a.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    // 1. Check: every row readable, no two shards disagreeing, no job unaccounted for.
+    let mut chosen: Vec<(JobId, R, usize)> = Vec::new();
+    let mut failures: Vec<Failure> = Vec::new();
+    let opened: Vec<RunStore> = shards
+        .iter()
+        .map(|s| RunStore::open(s))
+        .collect::<Result<_, _>>()?;
+    for job in &plan.jobs {
+        let id = job.id();
+        let mut found: Option<(R, usize)> = None;
+        for (k, shard) in opened.iter().enumerate() {
             let Some(row) = shard.read_row::<R>(&id)? else {
                 continue;
             };
-            if let Some(prev) = seen.get(&id) {
-                let prev_row: Option<R> = RunStore::open(prev)?.read_row(&id)?;
-                if prev_row.as_ref() != Some(&row) {
+            match &found {
+                Some((prev, at)) if *prev != row => {
                     return Err(StoreError::ConflictingRows {
                         id,
-                        a: prev.clone(),
-                        b: shard_root.clone(),
-                    });
+                        a: shards[*at].clone(),
+                        b: shards[k].clone(),
+                    })
                 }
-                continue;
+                Some(_) => {}
+                None => found = Some((row, k)),
             }
-            copy_dir(&shard.files_dir(&id), &merged.files_dir(&id))?;
-            merged.write_row(&id, &row)?;
-            seen.insert(id, shard_root.clone());
+        }
+        if let Some((row, k)) = found {
+            chosen.push((id, row, k));
         }
     }
-    let mut failures = Vec::new();
-    for shard_root in shards {
-        for f in RunStore::open(shard_root)?.failures()? {
-            if !merged.is_done(&JobId(f.id.clone())) && !failures.contains(&f) {
+    for shard in &opened {
+        for f in shard.failures()? {
+            if !chosen.iter().any(|(id, _, _)| id.0 == f.id) && !failures.contains(&f) {
                 failures.push(f);
             }
         }
     }
-    merged.write_failures(&failures)?;
-    merged.write_results_csv::<R>()?;
-    Ok(merged)
+    let missing: Vec<String> = plan
+        .jobs
+        .iter()
+        .map(|j| j.id().0)
+        .filter(|id| {
+            !chosen.iter().any(|(c, _, _)| c.0 == *id) && !failures.iter().any(|f| f.id == *id)
+        })
+        .collect();
+    if !missing.is_empty() && !partial {
+        return Err(StoreError::MissingJobs {
+            missing: missing.len(),
+            total: plan.jobs.len(),
+            first: missing
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    // 2. Write: into a new folder renamed into place, or into the existing `out`.
+    let fresh = !out.exists()
+        || fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+    let target = if fresh {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        parent.join(format!(".tmp-{}-{name}", std::process::id()))
+    } else {
+        out.to_path_buf()
+    };
+    let written = (|| {
+        let merged = RunStore::create(&target, &plan)?;
+        for (id, row, k) in &chosen {
+            let shard = &opened[*k];
+            if same_folder(&shard.root) {
+                continue;
+            }
+            copy_dir(&shard.files_dir(id), &merged.files_dir(id))?;
+            if let Some(t) = shard.read_timing::<R::Timing>(id) {
+                merged.write_timing(id, &t)?;
+            }
+            merged.write_row(id, row)?;
+        }
+        merged.write_failures(&failures)?;
+        merged.write_results_csv::<R>()?;
+        Ok(merged)
+    })();
+    if !fresh {
+        return written;
+    }
+    match written {
+        Ok(_) => {
+            if out.exists() {
+                fs::remove_dir(out).map_err(io("replacing", out))?;
+            }
+            fs::rename(&target, out).map_err(io("renaming into", out))?;
+            Ok(RunStore { root: out.into() })
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&target);
+            Err(e)
+        }
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
