@@ -1064,6 +1064,23 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
     );
 }
 
+/// [`guided_setup`] over 4 sampling steps, with the layout window on the first two and the
+/// appearance window on the last two: every cache entry is made, at a fraction of the cost.
+fn short_guided_setup() -> (
+    StableDiffusion,
+    tempfile::TempDir,
+    Tensor,
+    guidance::pipeline::PickAndDrawRequest,
+    GuidanceConfig,
+) {
+    use guidance::config::Window;
+    let (sd, tmp, init, mut req, mut config) = guided_setup();
+    req.steps = 4;
+    config.layout_window = Window { start: 0, end: 2 };
+    config.appearance_window = Window { start: 2, end: 4 };
+    (sd, tmp, init, req, config)
+}
+
 /// The cache entry of `req`'s cache folder whose name starts with `prefix` (one of each kind in a
 /// one-image run).
 fn cache_entry(dir: &std::path::Path, prefix: &str) -> PathBuf {
@@ -1143,9 +1160,7 @@ fn damage_entry(path: &std::path::Path, good: &[u8], damage: &str) -> &'static s
 fn a_damaged_cache_entry_is_warned_recomputed_and_replaced() {
     use guidance::pipeline::pick_and_draw;
     use weights::files::{load_checked, MissingChecksum};
-    let (sd, tmp, _init, mut req, config) = guided_setup();
-    // Both windows (layout 0..10, appearance 10..20) have steps.
-    req.steps = 12;
+    let (sd, tmp, _init, req, config) = short_guided_setup();
     let clean = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
     assert!(clean.timings.cache_warnings.is_empty());
     let dir = req.cache_dir.clone();
@@ -1254,8 +1269,7 @@ fn a_damaged_cache_entry_is_warned_recomputed_and_replaced() {
 #[test]
 fn cache_files_get_a_new_files_permissions() {
     use guidance::pipeline::pick_and_draw;
-    let (sd, tmp, _init, mut req, config) = guided_setup();
-    req.steps = 12;
+    let (sd, tmp, _init, mut req, config) = short_guided_setup();
     req.trace = vec![tmp.path().join("trace.jsonl")];
     pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
     let probe = tmp.path().join("probe");
