@@ -14,7 +14,6 @@
 use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,12 +63,20 @@ static WRITES: AtomicU64 = AtomicU64::new(0);
 /// Writes `bytes` to `path` through a temporary file in the same folder (unique per process and
 /// call), flushed to disk before it is renamed over `path`; the folder is created when missing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    let err = |e: std::io::Error| FileError::Write {
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(|e| e.to_string()))
+}
+
+/// As [`write_atomic`], with the content written by `write` into the temporary file.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), String>,
+) -> Result<(), FileError> {
+    let err = |reason: String| FileError::Write {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(err)?;
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
     }
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
@@ -78,38 +85,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            write(&mut w)?;
+            let f = w.into_inner().map_err(|e| e.error().to_string())?;
+            f.sync_all().map_err(|e| e.to_string())
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e));
     }
     Ok(())
-}
-
-/// A tensor's bytes, read off the device once (the checksum and the file share them).
-struct Raw {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Raw {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
 }
 
 /// SHA-256 (hex) of tensors in name order (name, dtype, shape, bytes) and of the other metadata
@@ -150,42 +138,96 @@ pub fn save_checked<K: AsRef<str>>(
     metadata: &BTreeMap<String, String>,
     path: &Path,
 ) -> Result<(), FileError> {
-    let bytes = checked_bytes(tensors, metadata).map_err(|reason| FileError::Write {
+    let err = |reason: String| FileError::Write {
         path: path.to_path_buf(),
         reason,
-    })?;
-    write_atomic(path, &bytes)
-}
-
-/// The bytes of a checked safetensors file (see [`save_checked`]).
-fn checked_bytes<K: AsRef<str>>(
-    tensors: &HashMap<K, Tensor>,
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>, String> {
-    let raw: Vec<(String, Raw)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            // candle's `View::data` panics on a failed device read; this reports it instead.
-            let cpu = t.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
-            Ok((
-                AsRef::<str>::as_ref(k).to_string(),
-                Raw {
-                    dtype: View::dtype(&&cpu),
-                    shape: cpu.dims().to_vec(),
-                    data: View::data(&&cpu).into_owned(),
-                },
-            ))
-        })
-        .collect::<Result<_, String>>()?;
+    };
+    let sorted = layout(tensors);
+    // The checksum precedes the data in the header: a first pass over the tensors, one at a time
+    // (a second copy of a checkpoint's whole state would be gigabytes).
+    let mut bytes = Vec::with_capacity(sorted.len());
+    for (name, t) in &sorted {
+        bytes.push((*name, host_bytes(t).map_err(&err)?));
+    }
     let sum = checksum(
-        raw.iter()
-            .map(|(k, r)| (k.as_str(), r.dtype, r.shape.as_slice(), r.data.as_slice())),
+        sorted
+            .iter()
+            .zip(&bytes)
+            .map(|((name, t), (_, b))| (*name, View::dtype(t), t.dims(), b.as_slice())),
         metadata,
     );
-    let mut info: HashMap<String, String> = metadata.clone().into_iter().collect();
-    info.insert(CHECKSUM_KEY.to_string(), sum);
-    safetensors::tensor::serialize(raw.iter().map(|(k, r)| (k.as_str(), r)), Some(info))
-        .map_err(|e| e.to_string())
+    drop(bytes);
+    let mut meta = metadata.clone();
+    meta.insert(CHECKSUM_KEY.to_string(), sum);
+    write_safetensors(&sorted, Some(&meta), path)
+}
+
+/// Writes `tensors` as a safetensors file at `path` ([`write_atomic`], with a new file's
+/// permissions), without a checksum: the layout other tools read (models, embeddings, latents).
+pub fn save_plain<K: AsRef<str>>(
+    tensors: &HashMap<K, Tensor>,
+    path: &Path,
+) -> Result<(), FileError> {
+    write_safetensors(&layout(tensors), None, path)
+}
+
+/// The tensors in the order safetensors' own writer puts them: by descending dtype size (so every
+/// tensor's data is aligned to its element), then by name.
+fn layout<K: AsRef<str>>(tensors: &HashMap<K, Tensor>) -> Vec<(&str, &Tensor)> {
+    let mut v: Vec<(&str, &Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (AsRef::<str>::as_ref(k), t))
+        .collect();
+    v.sort_by(|a, b| {
+        (std::cmp::Reverse(Tensor::dtype(a.1).size_in_bytes()), a.0)
+            .cmp(&(std::cmp::Reverse(Tensor::dtype(b.1).size_in_bytes()), b.0))
+    });
+    v
+}
+
+/// A tensor's little-endian bytes, read off its device.
+fn host_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
+    // candle's `View::data` panics on a failed device read; a host copy first reports it.
+    let cpu = t.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
+    Ok(View::data(&&cpu).into_owned())
+}
+
+/// Streams a safetensors file: the header (padded with spaces to 8 bytes, as safetensors does),
+/// then each tensor's bytes, one tensor in memory at a time.
+fn write_safetensors(
+    sorted: &[(&str, &Tensor)],
+    metadata: Option<&BTreeMap<String, String>>,
+    path: &Path,
+) -> Result<(), FileError> {
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
+    let mut offset = 0usize;
+    for (name, t) in sorted {
+        let n = t.elem_count() * Tensor::dtype(t).size_in_bytes();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": format!("{:?}", View::dtype(t)),
+                "shape": t.dims(),
+                "data_offsets": [offset, offset + n],
+            }),
+        );
+        offset += n;
+    }
+    let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
+    head.resize(head.len().next_multiple_of(8), b' ');
+    write_atomic_with(path, |f| {
+        let io = |e: std::io::Error| e.to_string();
+        f.write_all(&(head.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        f.write_all(&head).map_err(io)?;
+        for (_, t) in sorted {
+            f.write_all(&host_bytes(t)?).map_err(io)?;
+        }
+        Ok(())
+    })
 }
 
 /// Tensors and metadata read by [`load_checked`] (the metadata without the checksum).
@@ -273,26 +315,6 @@ fn first_non_finite(dtype: Dtype, data: &[u8]) -> Option<usize> {
     }
 }
 
-/// Writes `tensors` as a safetensors file at `path` ([`write_atomic`], with a new file's
-/// permissions), without a checksum: the layout other tools read (models, embeddings, latents).
-pub fn save_plain<K: AsRef<str>>(
-    tensors: &HashMap<K, Tensor>,
-    path: &Path,
-) -> Result<(), FileError> {
-    let err = |reason: String| FileError::Write {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let cpu: Vec<(&K, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
-        .collect::<candle_core::Result<_>>()
-        .map_err(|e| err(e.to_string()))?;
-    let named = cpu.iter().map(|(k, t)| (AsRef::<str>::as_ref(*k), t));
-    let bytes = safetensors::tensor::serialize(named, None).map_err(|e| err(e.to_string()))?;
-    write_atomic(path, &bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +368,42 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    /// Files of both writers read back through candle's own loader, every dtype and shape intact
+    /// (f16 and u8 beside f32 and u32, a scalar, an empty tensor).
+    #[test]
+    fn written_files_are_safetensors_that_candle_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = sample();
+        let d = Device::Cpu;
+        let h = Tensor::new(&[1.5f32, -2.0, 0.25], &d).unwrap();
+        map.insert("half".into(), h.to_dtype(candle_core::DType::F16).unwrap());
+        map.insert("bytes".into(), Tensor::new(&[7u8, 9], &d).unwrap());
+        map.insert("scalar".into(), Tensor::new(3.5f64, &d).unwrap());
+        map.insert(
+            "empty".into(),
+            Tensor::zeros(0, candle_core::DType::U32, &d).unwrap(),
+        );
+        for (i, path) in ["plain", "checked"].iter().enumerate() {
+            let path = dir.path().join(path);
+            if i == 0 {
+                save_plain(&map, &path).unwrap();
+            } else {
+                save_checked(&map, &BTreeMap::new(), &path).unwrap();
+            }
+            let back = candle_core::safetensors::load(&path, &d).unwrap();
+            assert_eq!(back.len(), map.len());
+            for (name, t) in &map {
+                let b = &back[name];
+                assert_eq!((b.dtype(), b.dims()), (t.dtype(), t.dims()), "{name}");
+                let f = |x: &Tensor| {
+                    let x = x.to_dtype(candle_core::DType::F64).unwrap();
+                    x.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+                };
+                assert_eq!(f(b), f(t), "{name}");
+            }
+        }
     }
 
     #[test]
