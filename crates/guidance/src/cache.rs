@@ -2,6 +2,10 @@
 //! SPEC §10, "a layout template once per (base model, identifier-free prompt, seed), shared by
 //! every guided method"): inversions and palettes keyed by [`CacheKey`], layout templates keyed by
 //! [`TemplateKey`], all in one folder. File formats are [`crate::store`]'s.
+//!
+//! An entry that cannot be read, fails its checksum or holds non-finite values is a miss (SPEC
+//! §9): it is recomputed and replaced, and the [`CacheWarning`] naming the file comes back with
+//! the value for the caller to print (this crate never prints).
 
 use crate::error::{Error, Result};
 use crate::guide::{Palette, TemplateMaps};
@@ -123,11 +127,32 @@ pub enum CacheStatus {
     Miss,
 }
 
-/// A value from a cache and whether it was there.
+/// A cache entry that was there but unusable, and was recomputed and replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheWarning {
+    pub path: PathBuf,
+    /// What was wrong with it (a failed read, a checksum mismatch, a non-finite value).
+    pub reason: String,
+}
+
+impl std::fmt::Display for CacheWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cache entry '{}' is unusable ({}); recomputed and replaced",
+            self.path.display(),
+            self.reason
+        )
+    }
+}
+
+/// A value from a cache, whether it was there, and why an entry that was there went unused.
 #[derive(Debug, Clone)]
 pub struct Cached<T> {
     pub value: T,
     pub status: CacheStatus,
+    /// Set on a miss whose entry existed but could not be used.
+    pub warning: Option<CacheWarning>,
 }
 
 impl<T> Cached<T> {
@@ -136,7 +161,16 @@ impl<T> Cached<T> {
     }
 }
 
-/// The value stored at `path` when `present`, else `compute`d and stored there.
+/// The reason of a failed read, without the entry's path where the error leads with it.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::File(f) => f.reason().to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// The value stored at `path` when `present` and readable, else `compute`d and stored there (an
+/// unreadable entry is replaced, with a warning).
 fn read_or_compute<T>(
     path: &Path,
     present: bool,
@@ -144,17 +178,30 @@ fn read_or_compute<T>(
     compute: impl FnOnce() -> Result<T>,
     write: impl FnOnce(&Path, &T) -> Result<()>,
 ) -> Result<Cached<T>> {
+    let mut warning = None;
     if present {
-        return Ok(Cached {
-            value: read(path)?,
-            status: CacheStatus::Hit,
-        });
+        match read(path) {
+            Ok(value) => {
+                return Ok(Cached {
+                    value,
+                    status: CacheStatus::Hit,
+                    warning: None,
+                })
+            }
+            Err(e) => {
+                warning = Some(CacheWarning {
+                    path: path.to_path_buf(),
+                    reason: reason(&e),
+                })
+            }
+        }
     }
     let value = compute()?;
     write(path, &value)?;
     Ok(Cached {
         value,
         status: CacheStatus::Miss,
+        warning,
     })
 }
 
@@ -193,10 +240,9 @@ impl PaletteCache {
         compute: impl FnOnce() -> Result<Inversion>,
     ) -> Result<Cached<Inversion>> {
         let path = self.inversion_path(key);
-        let present = path.is_file() && path.with_extension("json").is_file();
         read_or_compute(
             &path,
-            present,
+            path.is_file(),
             |p| read_inversion(p, sd),
             compute,
             write_inversion,

@@ -37,8 +37,19 @@ pub enum Error {
         loss: f64,
     },
 
+    /// A cache entry, written or read ([`weights::files`]): the message names the file.
+    #[error(transparent)]
+    File(#[from] weights::files::FileError),
+
     #[error("reading '{path}': {source}")]
     Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("writing '{path}': {source}")]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,

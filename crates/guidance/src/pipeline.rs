@@ -3,7 +3,9 @@
 //! piece is timed separately so the overhead of the guidance itself can be reported. Nothing here
 //! prints: what a caller may want to tell the user comes back in [`PickAndDraw`].
 
-use crate::cache::{file_sha256, CacheKey, Cached, PaletteCache, TemplateCache, TemplateKey};
+use crate::cache::{
+    file_sha256, CacheKey, CacheWarning, Cached, PaletteCache, TemplateCache, TemplateKey,
+};
 use crate::config::{GuidanceConfig, SubjectToken};
 use crate::error::{Error, Result};
 use crate::guide::{
@@ -55,6 +57,10 @@ pub struct Timings {
     pub cache_hit: bool,
     /// The layout template (every image's) came from the cache.
     pub template_cache_hit: bool,
+    /// Cache entries that were there but unusable (unreadable, a checksum mismatch, non-finite
+    /// values) and were recomputed and replaced, for the caller to warn about.
+    #[serde(skip)]
+    pub cache_warnings: Vec<CacheWarning>,
 }
 
 /// A guided update whose gradient held NaN or infinite values and was not applied
@@ -199,6 +205,9 @@ pub(crate) fn cached_palette(
     })?;
     timings.palette_s = t1.elapsed().as_secs_f64();
     timings.cache_hit = inv.hit() && palette.hit();
+    timings
+        .cache_warnings
+        .extend(inv.warning.into_iter().chain(palette.warning));
     Ok(palette.value)
 }
 
@@ -301,6 +310,7 @@ pub(crate) fn timed_layout_template(
         };
         let template = layout_template(base, &one, cache_dir)?;
         all_hit &= template.hit();
+        timings.cache_warnings.extend(template.warning);
         templates.push(template.value);
     }
     timings.template_s = t0.elapsed().as_secs_f64();

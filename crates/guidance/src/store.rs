@@ -1,14 +1,21 @@
-//! The files of inversions, palettes and layout templates: safetensors for the tensors (written
-//! atomically: a crash never leaves a half-written file under the final name), JSON for the
-//! inversion report.
+//! The files of inversions, palettes and layout templates: safetensors for the tensors, JSON for
+//! the inversion report. Each is written atomically (a crash never leaves a half-written file
+//! under the final name) with a new file's permissions, and each safetensors file carries the
+//! checksum of its content (the inversion's also covers its report's bytes): a read that fails,
+//! does not match or finds a NaN or infinite value is an error naming the file, which
+//! [`crate::cache`] treats as a miss ([`weights::files`]).
 
 use crate::error::{Error, Result};
 use crate::guide::{Palette, ReferenceLayer, TemplateMaps};
 use crate::inversion::Inversion;
 use candle_core::{DType, Tensor};
 use diffusion::pipeline::StableDiffusion;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use weights::files::{load_checked, save_checked, sha256_hex, write_atomic, MissingChecksum};
+
+/// The metadata key of the SHA-256 of an inversion's report file.
+const REPORT_SHA256: &str = "report.sha256";
 
 /// Writes an inversion: tensors `latents` (`z_T`, usable as `--init-latents`) and
 /// `null_embeddings`, plus the report as `FILE.json` beside it.
@@ -20,29 +27,35 @@ pub fn write_inversion(path: &Path, inv: &Inversion) -> Result<()> {
             inv.null_embeddings.to_dtype(DType::F32)?,
         ),
     ]);
-    save(path, &map)?;
+    // The report first: the tensor file, written last, holds its checksum, so a crash between the
+    // two leaves an entry that fails verification instead of a mismatched pair.
     let json = serde_json::to_string_pretty(&inv.report).expect("report serializes");
-    let jpath = path.with_extension("json");
-    write_atomic(&jpath, |tmp| {
-        std::fs::write(tmp, json.as_bytes()).map_err(|source| Error::Io {
-            path: tmp.to_path_buf(),
-            source,
-        })
-    })
+    write_atomic(&path.with_extension("json"), json.as_bytes())?;
+    let meta = BTreeMap::from([(REPORT_SHA256.to_string(), sha256_hex(json.as_bytes()))]);
+    Ok(save_checked(&map, &meta, path)?)
 }
 
 /// Reads `z_T`, the null embeddings and the report written by [`write_inversion`].
 pub fn read_inversion(path: &Path, sd: &StableDiffusion) -> Result<Inversion> {
-    let t = candle_core::safetensors::load(path, sd.device())?;
+    let file = load_checked(path, sd.device(), MissingChecksum::Reject)?;
     let jpath = path.with_extension("json");
-    let text = std::fs::read_to_string(&jpath).map_err(|source| Error::Io {
+    let bytes = std::fs::read(&jpath).map_err(|source| Error::Io {
         path: jpath.clone(),
         source,
     })?;
-    let report = serde_json::from_str(&text).map_err(|e| Error::CorruptFile {
+    let corrupt = |reason: String| Error::CorruptFile {
         path: jpath.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let sha = sha256_hex(&bytes);
+    if file.metadata.get(REPORT_SHA256) != Some(&sha) {
+        return Err(corrupt(format!(
+            "its SHA-256 {sha} is not the one '{}' records",
+            path.display()
+        )));
+    }
+    let report = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let t = file.tensors;
     Ok(Inversion {
         z_t: tensor(&t, path, "latents")?.to_dtype(sd.dtype())?,
         null_embeddings: tensor(&t, path, "null_embeddings")?.to_dtype(sd.dtype())?,
@@ -73,7 +86,7 @@ pub fn read_palette(
     window: std::ops::Range<usize>,
     sd: &StableDiffusion,
 ) -> Result<Palette> {
-    let t = candle_core::safetensors::load(path, sd.device())?;
+    let t = load_checked(path, sd.device(), MissingChecksum::Reject)?.tensors;
     let mut p = Palette::default();
     for step in window {
         let mut layers = Vec::new();
@@ -117,7 +130,7 @@ pub fn read_template(
     window: std::ops::Range<usize>,
     sd: &StableDiffusion,
 ) -> Result<TemplateMaps> {
-    let t = candle_core::safetensors::load(path, sd.device())?;
+    let t = load_checked(path, sd.device(), MissingChecksum::Reject)?.tensors;
     let mut out = TemplateMaps::default();
     for step in window {
         let maps = sites
@@ -144,20 +157,5 @@ fn tensor(tensors: &HashMap<String, Tensor>, path: &Path, name: &str) -> Result<
 }
 
 fn save(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
-    write_atomic(path, |tmp| Ok(candle_core::safetensors::save(map, tmp)?))
-}
-
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| Error::Io {
-            path: parent.to_path_buf(),
-            source,
-        })?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(save_checked(map, &BTreeMap::new(), path)?)
 }

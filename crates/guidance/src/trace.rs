@@ -35,7 +35,7 @@ pub struct TraceWriter {
 impl TraceWriter {
     /// Creates (truncates) `path`.
     pub fn create(path: &Path) -> Result<Self> {
-        let io = |source| Error::Io {
+        let io = |source| Error::Write {
             path: path.to_path_buf(),
             source,
         };
@@ -53,7 +53,7 @@ impl TraceWriter {
         let line = serde_json::to_string(row).expect("trace rows serialize");
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
-            .map_err(|source| Error::Io {
+            .map_err(|source| Error::Write {
                 path: self.path.clone(),
                 source,
             })

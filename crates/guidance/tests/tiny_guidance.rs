@@ -1063,3 +1063,235 @@ fn a_guided_batch_of_three_seeds_equals_three_single_runs() {
         "{err}"
     );
 }
+
+/// [`guided_setup`] over 4 sampling steps, with the layout window on the first two and the
+/// appearance window on the last two: every cache entry is made, at a fraction of the cost.
+fn short_guided_setup() -> (
+    StableDiffusion,
+    tempfile::TempDir,
+    Tensor,
+    guidance::pipeline::PickAndDrawRequest,
+    GuidanceConfig,
+) {
+    use guidance::config::Window;
+    let (sd, tmp, init, mut req, mut config) = guided_setup();
+    req.steps = 4;
+    config.layout_window = Window { start: 0, end: 2 };
+    config.appearance_window = Window { start: 2, end: 4 };
+    (sd, tmp, init, req, config)
+}
+
+/// The cache entry of `req`'s cache folder whose name starts with `prefix` (one of each kind in a
+/// one-image run).
+fn cache_entry(dir: &std::path::Path, prefix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(".safetensors")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{prefix}: {found:?}");
+    found[0].clone()
+}
+
+/// Writes at `path` the damage `damage` done to the entry `good` (its clean bytes), and says what
+/// its warning must say.
+fn damage_entry(path: &std::path::Path, good: &[u8], damage: &str) -> &'static str {
+    use weights::files::{load_checked, save_checked, save_plain, MissingChecksum};
+    let header = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let n = good.len();
+    let mut bytes = good.to_vec();
+    let says = match damage {
+        "truncated" => {
+            bytes.truncate(n / 2);
+            "not a safetensors file"
+        }
+        "garbage" => {
+            bytes = b"<html>502 Bad Gateway</html>".repeat(9);
+            "not a safetensors file"
+        }
+        "values zeroed" => {
+            bytes[header..].iter_mut().for_each(|b| *b = 0);
+            "checksum mismatch"
+        }
+        "flipped byte" => {
+            bytes[header + (n - header) / 2] ^= 0x08;
+            "checksum mismatch"
+        }
+        "NaN" | "no checksum" => {
+            // Written whole, so only the NaN (under a valid checksum) or the missing checksum is
+            // wrong with it.
+            std::fs::write(path, good).unwrap();
+            let mut f = load_checked(path, &Device::Cpu, MissingChecksum::Reject).unwrap();
+            if damage == "no checksum" {
+                save_plain(&f.tensors, path).unwrap();
+                return "no checksum";
+            }
+            let mut names: Vec<String> = f.tensors.keys().cloned().collect();
+            names.sort();
+            let name = names
+                .iter()
+                .find(|k| f.tensors[*k].dtype() == DType::F32)
+                .unwrap()
+                .clone();
+            let t = &f.tensors[&name];
+            let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let i = v.len() / 3;
+            v[i] = f32::NAN;
+            let nan = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            f.tensors.insert(name, nan);
+            save_checked(&f.tensors, &f.metadata, path).unwrap();
+            return "holds a NaN or infinite value";
+        }
+        _ => unreachable!("{damage}"),
+    };
+    std::fs::write(path, bytes).unwrap();
+    says
+}
+
+/// Issue 25 item 3: a truncated, garbage, value-zeroed, one-byte-flipped, NaN or checksum-less
+/// inversion, palette or layout template (and a damaged inversion report) is a cache miss: one
+/// warning naming the file, the entry recomputed and replaced (it verifies again and holds the
+/// clean entry's tensors), and the result exactly the clean run's. Before, these were errors
+/// without a path on every rerun, or silently used.
+#[test]
+fn a_damaged_cache_entry_is_warned_recomputed_and_replaced() {
+    use guidance::pipeline::pick_and_draw;
+    use weights::files::{load_checked, MissingChecksum};
+    let (sd, tmp, _init, req, config) = short_guided_setup();
+    let clean = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+    assert!(clean.timings.cache_warnings.is_empty());
+    let dir = req.cache_dir.clone();
+    let pristine: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    // Inversion (+ its report), palette, template.
+    assert_eq!(pristine.len(), 4, "{pristine:?}");
+    let reference = tmp.path().join("reference.safetensors");
+    let tensors_of = |path: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(&reference, bytes).unwrap();
+        let want = load_checked(&reference, &Device::Cpu, MissingChecksum::Reject).unwrap();
+        let got = load_checked(path, &Device::Cpu, MissingChecksum::Reject).unwrap();
+        (want, got)
+    };
+    let mut cases = 0;
+    for kind in ["inversion-", "palette-", "template-"] {
+        let path = cache_entry(&dir, kind);
+        let good = &pristine.iter().find(|(p, _)| *p == path).unwrap().1;
+        for damage in [
+            "truncated",
+            "garbage",
+            "values zeroed",
+            "flipped byte",
+            "NaN",
+            "no checksum",
+        ] {
+            for (p, b) in &pristine {
+                std::fs::write(p, b).unwrap();
+            }
+            let says = damage_entry(&path, good, damage);
+            let out = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+            let w = &out.timings.cache_warnings;
+            assert_eq!(w.len(), 1, "{kind} {damage}: {w:?}");
+            assert_eq!(w[0].path, path, "{kind} {damage}");
+            let text = w[0].to_string();
+            assert!(
+                text.contains(&path.display().to_string()) && text.contains(says),
+                "{kind} {damage}: {text}"
+            );
+            assert_eq!(
+                max_abs_diff(&out.latents, &clean.latents),
+                0.0,
+                "{kind} {damage}: the result moved"
+            );
+            let (want, got) = tensors_of(&path, good);
+            assert_eq!(got.metadata, want.metadata, "{kind} {damage}");
+            for (name, t) in &want.tensors {
+                let g = &got.tensors[name];
+                assert_eq!(g.dims(), t.dims(), "{kind} {damage} {name}");
+                // Masks are u32 indices far below 2^24: exact in f32.
+                let (a, b) = (
+                    g.to_dtype(DType::F32).unwrap(),
+                    t.to_dtype(DType::F32).unwrap(),
+                );
+                assert_eq!(max_abs_diff(&a, &b), 0.0, "{kind} {damage} {name}");
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 18);
+
+    // The inversion's report: truncated, or changed so it no longer matches its tensors.
+    let inversion = cache_entry(&dir, "inversion-");
+    let report = inversion.with_extension("json");
+    let good = pristine
+        .iter()
+        .find(|(p, _)| *p == report)
+        .unwrap()
+        .1
+        .clone();
+    for bad in [good[..good.len() / 2].to_vec(), {
+        let mut b = good.clone();
+        let i = b.iter().position(|c| c.is_ascii_digit()).unwrap();
+        b[i] = if b[i] == b'9' { b'8' } else { b[i] + 1 };
+        b
+    }] {
+        for (p, b) in &pristine {
+            std::fs::write(p, b).unwrap();
+        }
+        std::fs::write(&report, bad).unwrap();
+        let out = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+        let w = &out.timings.cache_warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].path, inversion);
+        assert!(
+            w[0].to_string().contains(&report.display().to_string()),
+            "{}",
+            w[0]
+        );
+        assert_eq!(max_abs_diff(&out.latents, &clean.latents), 0.0);
+        assert_eq!(std::fs::read(&report).unwrap(), good);
+    }
+    // Once replaced, the entries are hits again, with no warning.
+    let out = pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+    assert!(out.timings.cache_hit && out.timings.template_cache_hit);
+    assert!(out.timings.cache_warnings.is_empty());
+}
+
+/// Issue 25 item 7: the cache's files (and a trace) get a new file's permissions, not 0600.
+#[test]
+fn cache_files_get_a_new_files_permissions() {
+    use guidance::pipeline::pick_and_draw;
+    let (sd, tmp, _init, mut req, config) = short_guided_setup();
+    req.trace = vec![tmp.path().join("trace.jsonl")];
+    pick_and_draw(&sd, None, &config, &req, &mut |_, _| {}).unwrap();
+    let probe = tmp.path().join("probe");
+    let want = std::fs::File::create(&probe)
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .permissions();
+    let mut seen = 0;
+    for e in std::fs::read_dir(&req.cache_dir).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions(),
+            want,
+            "{}",
+            p.display()
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+    assert_eq!(
+        std::fs::metadata(&req.trace[0]).unwrap().permissions(),
+        want
+    );
+}

@@ -65,11 +65,8 @@ pub enum MetricsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("embedding cache entry '{path}': {source}")]
-    Cache {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("writing embedding cache entry '{path}': {reason}")]
+    Cache { path: PathBuf, reason: String },
     #[error("embedding {what}: {source}")]
     Inference {
         what: String,

@@ -48,6 +48,9 @@ pub enum TinyError {
     Tokenizer(#[from] diffusion::tokenizer::TokenizerError),
     #[error("tiny model: {0}")]
     Model(#[from] candle_core::Error),
+    /// A weight file written: the message names it and says "writing".
+    #[error("tiny model: {0}")]
+    File(#[from] weights::files::FileError),
 }
 
 /// Widths of the tiny model.
@@ -216,10 +219,11 @@ pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), TinyE
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
+/// Writes a weight file atomically with a new file's permissions ([`weights::files`]; candle's
+/// own writer leaves mode 0600, so a demo folder could not be shared).
 pub(crate) fn save(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<(), TinyError> {
     let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, path)?;
-    Ok(())
+    Ok(weights::files::save_plain(&map, path)?)
 }
 
 /// Parses a config the tiny writer made up into the model's config type.
@@ -243,12 +247,14 @@ pub(crate) fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), TinyErr
         let src = from.join(f);
         if src.is_file() {
             let dst = to.join(f);
-            std::fs::copy(&src, &dst).map_err(io(&dst))?;
-            // Copies of read-only inputs stay writable so the folder can be rebuilt in place.
-            let mut perm = std::fs::metadata(&dst).map_err(io(&dst))?.permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perm.set_readonly(false);
-            std::fs::set_permissions(&dst, perm).map_err(io(&dst))?;
+            // Written as a new file (not `fs::copy`, which keeps the input's mode): a read-only
+            // input's copy stays writable, so the folder can be rebuilt in place, and gets the
+            // umask's permissions like every other file here.
+            let bytes = std::fs::read(&src).map_err(|e| TinyError::Read {
+                path: src.clone(),
+                reason: e.to_string(),
+            })?;
+            weights::files::write_atomic(&dst, &bytes)?;
         }
     }
     Ok(())
@@ -415,6 +421,5 @@ pub fn write_tiny_embedding(
     };
     let v = backend.draw(&Shape::from(spec.text_hidden_size), "token_embedding")?;
     let map = std::collections::HashMap::from([(token.to_string(), v)]);
-    candle_core::safetensors::save(&map, path)?;
-    Ok(())
+    Ok(weights::files::save_plain(&map, path)?)
 }

@@ -34,7 +34,10 @@ pub fn write_tiny_metric_models(
     )?;
 
     let vocab_path = tokenizer.join("vocab.json");
-    let vocab_text = std::fs::read_to_string(&vocab_path).map_err(io(&vocab_path))?;
+    let vocab_text = std::fs::read_to_string(&vocab_path).map_err(|e| TinyError::Read {
+        path: vocab_path.clone(),
+        reason: e.to_string(),
+    })?;
     let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
         .map_err(|e| TinyError::Read {
             path: vocab_path.clone(),

@@ -55,6 +55,9 @@ pub enum TrainError {
     Scheduler(Box<diffusion::ddim::DdimError>),
     #[error("writing '{path}': {reason}")]
     Write { path: PathBuf, reason: String },
+    /// A checkpoint file written ([`weights::files`]): the message names the file.
+    #[error(transparent)]
+    File(#[from] weights::files::FileError),
     #[error(transparent)]
     Tensor(Box<candle_core::Error>),
 }

@@ -12,17 +12,23 @@
 //!   before clipping; a step whose gradients are not finite is skipped and halves the scale
 //!   (the step still counts, as in the scripts), and 2000 good steps in a row double it;
 //! - every `checkpoint_every` steps the parameters, the optimizer state and the position in the
-//!   data are written to `checkpoint_dir/checkpoint-<step>/`; a new run with the same settings
-//!   resumes from the latest one and reaches the same weights as an uninterrupted run.
+//!   data are written to `checkpoint_dir/checkpoint-<step>/` (the tensors with a checksum of
+//!   them and of `state.json`); a new run with the same settings resumes from the latest
+//!   readable one (an unreadable one is passed over and reported in [`Outcome`]) and reaches the
+//!   same weights as an uninterrupted run.
 
 use crate::adamw::{clip_grad_norm, AdamW};
 use crate::rng::permutation;
 use crate::{Result, TrainError};
 use candle_core::Tensor;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use weights::files::{load_checked, save_checked, sha256_hex, write_atomic, MissingChecksum};
+
+/// The metadata key of the SHA-256 of a checkpoint's `state.json`.
+const STATE_SHA256: &str = "state.sha256";
 
 /// How the loop runs.
 #[derive(Debug, Clone)]
@@ -150,6 +156,27 @@ pub struct Outcome {
     pub steps_done: usize,
     /// All `steps` done (false when `stop_after` cut the run short).
     pub finished: bool,
+    /// Checkpoints newer than the one resumed from that could not be read, newest first (for the
+    /// caller to warn about; the run rewrites them as it passes their steps).
+    pub unreadable_checkpoints: Vec<UnreadableCheckpoint>,
+}
+
+/// A checkpoint passed over on resuming: truncated, failing its checksum, or incomplete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableCheckpoint {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for UnreadableCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checkpoint '{}' is unreadable ({}); passed over",
+            self.path.display(),
+            self.reason
+        )
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -203,8 +230,6 @@ fn save_checkpoint(
     for (name, p) in opt.params() {
         tensors.insert(format!("param.{name}"), p.as_tensor().clone());
     }
-    let state = tmp.join("state.safetensors");
-    weights::save_safetensors(&tensors, &state).map_err(|e| write_err(&state, e))?;
     let info = CheckpointInfo {
         step,
         micro,
@@ -212,8 +237,11 @@ fn save_checkpoint(
         loss_scale,
     };
     let json = tmp.join("state.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&info).expect("json"))
-        .map_err(|e| write_err(&json, e))?;
+    let text = serde_json::to_string_pretty(&info).expect("json");
+    write_atomic(&json, text.as_bytes())?;
+    let state = tmp.join("state.safetensors");
+    let meta = BTreeMap::from([(STATE_SHA256.to_string(), sha256_hex(text.as_bytes()))]);
+    save_checked(&tensors, &meta, &state)?;
     let final_dir = dir.join(format!("checkpoint-{step}"));
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| write_err(&final_dir, e))?;
@@ -225,36 +253,93 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// Loads the latest checkpoint of `s.checkpoint_dir` into `opt`; `(step, micro, loss scale)` or
-/// `None`.
-fn resume(opt: &mut AdamW, s: &LoopSettings) -> Result<Option<(usize, u64, Option<LossScale>)>> {
-    let Some((_, path)) = checkpoints(&s.checkpoint_dir).pop() else {
-        return Ok(None);
-    };
-    let mismatch = |reason: String| TrainError::CheckpointMismatch {
-        dir: s.checkpoint_dir.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path.join("state.json"))
-        .map_err(|e| mismatch(format!("unreadable state.json: {e}")))?;
-    let info: CheckpointInfo =
-        serde_json::from_str(&text).map_err(|e| mismatch(format!("bad state.json: {e}")))?;
-    if info.fingerprint != s.fingerprint {
-        return Err(mismatch(format!(
-            "saved {}, now {}",
-            info.fingerprint, s.fingerprint
-        )));
-    }
+/// A checkpoint read and checked against the optimizer's parameters, not yet applied.
+struct Checkpoint {
+    info: CheckpointInfo,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// Reads the checkpoint folder `dir`: its tensors (checksum verified where the file has one, as
+/// every checkpoint written since it was added does; older ones are read unverified), its
+/// `state.json` (against the checksum recorded with the tensors), and every tensor `opt` needs,
+/// with its shape. The reason it is unreadable otherwise.
+fn read_checkpoint(dir: &Path, opt: &AdamW) -> std::result::Result<Checkpoint, String> {
     let device = opt.params()[0].1.device().clone();
-    let tensors = candle_core::safetensors::load(path.join("state.safetensors"), &device)?;
-    for (name, p) in opt.params() {
-        let t = tensors
-            .get(&format!("param.{name}"))
-            .ok_or_else(|| mismatch(format!("no parameter '{name}'")))?;
-        p.set(&t.to_dtype(p.dtype())?)?;
+    let file = load_checked(
+        &dir.join("state.safetensors"),
+        &device,
+        MissingChecksum::Accept,
+    )
+    .map_err(|e| e.to_string())?;
+    let json = dir.join("state.json");
+    let text = std::fs::read(&json).map_err(|e| format!("reading '{}': {e}", json.display()))?;
+    if let Some(want) = file.metadata.get(STATE_SHA256) {
+        if *want != sha256_hex(&text) {
+            return Err(format!(
+                "'{}' is not the state.json its tensors were saved with",
+                json.display()
+            ));
+        }
     }
-    opt.load_state(&tensors, info.step)?;
-    Ok(Some((info.step, info.micro, info.loss_scale)))
+    let info: CheckpointInfo =
+        serde_json::from_slice(&text).map_err(|e| format!("parsing '{}': {e}", json.display()))?;
+    for (name, p) in opt.params() {
+        for key in [
+            format!("param.{name}"),
+            format!("m.{name}"),
+            format!("v.{name}"),
+        ] {
+            match file.tensors.get(&key) {
+                Some(t) if t.dims() == p.dims() => {}
+                Some(t) => {
+                    return Err(format!(
+                        "'{key}' has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        p.dims()
+                    ))
+                }
+                None => return Err(format!("no tensor '{key}'")),
+            }
+        }
+    }
+    Ok(Checkpoint {
+        info,
+        tensors: file.tensors,
+    })
+}
+
+/// A resumed run's position: `(step, micro, loss scale)`.
+type Position = (usize, u64, Option<LossScale>);
+
+/// Loads the latest readable checkpoint of `s.checkpoint_dir` into `opt`: its position (or
+/// `None`) and the newer checkpoints that could not be read.
+fn resume(
+    opt: &mut AdamW,
+    s: &LoopSettings,
+) -> Result<(Option<Position>, Vec<UnreadableCheckpoint>)> {
+    let mut unreadable = Vec::new();
+    for (_, path) in checkpoints(&s.checkpoint_dir).into_iter().rev() {
+        let ck = match read_checkpoint(&path, opt) {
+            Ok(ck) => ck,
+            Err(reason) => {
+                unreadable.push(UnreadableCheckpoint { path, reason });
+                continue;
+            }
+        };
+        if ck.info.fingerprint != s.fingerprint {
+            return Err(TrainError::CheckpointMismatch {
+                dir: s.checkpoint_dir.clone(),
+                reason: format!("saved {}, now {}", ck.info.fingerprint, s.fingerprint),
+            });
+        }
+        for (name, p) in opt.params() {
+            p.set(&ck.tensors[&format!("param.{name}")].to_dtype(p.dtype())?)?;
+        }
+        opt.load_state(&ck.tensors, ck.info.step)?;
+        let info = ck.info;
+        return Ok((Some((info.step, info.micro, info.loss_scale)), unreadable));
+    }
+    Ok((None, unreadable))
 }
 
 /// Keeps the trace's lines up to `step` (a resumed run rewrites what the killed one wrote past
@@ -293,7 +378,7 @@ pub fn run(
             return Err(TrainError::Zero { what });
         }
     }
-    let resumed = resume(opt, s)?;
+    let (resumed, unreadable_checkpoints) = resume(opt, s)?;
     let (mut step, mut micro, saved_scale) = resumed.unwrap_or((0, 0, None));
     let mut scaler = s.loss_scaling.then(|| saved_scale.unwrap_or_default());
     if let Some(t) = &s.trace {
@@ -410,6 +495,7 @@ pub fn run(
                 resumed_from: resumed.map(|r| r.0),
                 steps_done: step,
                 finished: false,
+                unreadable_checkpoints,
             });
         }
     }
@@ -417,6 +503,7 @@ pub fn run(
         resumed_from: resumed.map(|r| r.0),
         steps_done: step,
         finished: true,
+        unreadable_checkpoints,
     })
 }
 

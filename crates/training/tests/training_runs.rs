@@ -144,7 +144,8 @@ fn a_killed_run_resumes_to_the_same_weights() {
         Outcome {
             resumed_from: None,
             steps_done: 3,
-            finished: false
+            finished: false,
+            unreadable_checkpoints: vec![],
         }
     );
     s.stop_after = None;
@@ -211,4 +212,82 @@ fn a_killed_run_resumes_to_the_same_weights() {
     let o = train_loop::run(&mut opt, &mut d, &s, &mut |_| {}).unwrap();
     assert_eq!(o.resumed_from, Some(2));
     assert_same(&snapshot(opt.params()), &want);
+}
+
+/// The parameters as the bytes of a safetensors file (deterministic: no metadata, sorted names).
+fn param_bytes(params: &[(String, candle_core::Var)], dir: &Path) -> Vec<u8> {
+    let map: std::collections::HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let path = dir.join("params.safetensors");
+    weights::save_safetensors(&map, &path).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+/// Issue 25 item 5: when the newest checkpoint is truncated (or has one flipped byte), the run
+/// resumes from the older one still on disk, names the unreadable one, and ends with exactly the
+/// bytes of an uninterrupted run. Checkpoint files get a new file's permissions.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_older_one() {
+    let full = tempfile::tempdir().unwrap();
+    let mut t = ti(5e-2, 6);
+    let mut opt = t.optimizer().unwrap();
+    let s = settings(6, t.dataset_len(), full.path(), Some(2));
+    train_loop::run(&mut opt, &mut t, &s, &mut |_| {}).unwrap();
+    let want = param_bytes(opt.params(), full.path());
+
+    for damage in ["truncated", "flipped byte"] {
+        let cut = tempfile::tempdir().unwrap();
+        let mut s = settings(6, 4, cut.path(), Some(2));
+        s.stop_after = Some(5);
+        let mut t = ti(5e-2, 6);
+        let mut opt = t.optimizer().unwrap();
+        assert!(
+            !train_loop::run(&mut opt, &mut t, &s, &mut |_| {})
+                .unwrap()
+                .finished
+        );
+        let newest = s.checkpoint_dir.join("checkpoint-4/state.safetensors");
+        assert!(s.checkpoint_dir.join("checkpoint-2/state.json").is_file());
+        let fresh = cut.path().join("fresh");
+        let mode = std::fs::File::create(&fresh)
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .permissions();
+        for f in ["state.safetensors", "state.json"] {
+            let p = s.checkpoint_dir.join("checkpoint-4").join(f);
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions(), mode, "{f}");
+        }
+        let mut bytes = std::fs::read(&newest).unwrap();
+        match damage {
+            "truncated" => bytes.truncate(bytes.len() / 2),
+            _ => *bytes.last_mut().unwrap() ^= 0x01,
+        }
+        std::fs::write(&newest, bytes).unwrap();
+
+        s.stop_after = None;
+        let mut t = ti(5e-2, 6);
+        let mut opt = t.optimizer().unwrap();
+        let o = train_loop::run(&mut opt, &mut t, &s, &mut |_| {}).unwrap();
+        assert_eq!(o.resumed_from, Some(2), "{damage}");
+        assert!(o.finished);
+        assert_eq!(o.unreadable_checkpoints.len(), 1, "{damage}");
+        let u = &o.unreadable_checkpoints[0];
+        assert_eq!(u.path, s.checkpoint_dir.join("checkpoint-4"));
+        let says = if damage == "truncated" {
+            "not a safetensors file"
+        } else {
+            "checksum mismatch"
+        };
+        assert!(
+            u.reason.contains(&newest.display().to_string()) && u.reason.contains(says),
+            "{damage}: {u}"
+        );
+        assert!(
+            param_bytes(opt.params(), cut.path()) == want,
+            "{damage}: the resumed run's weights differ from the uninterrupted run's"
+        );
+    }
 }

@@ -5,6 +5,8 @@
 //! read). Weights are `*.safetensors` (memory-mapped), or PyTorch `*.bin` where only that exists.
 //! Every failure names what was looked for and where.
 
+pub mod files;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -279,27 +281,15 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Weigh
     })
 }
 
-/// Writes `tensors` as a safetensors file at `path` (atomically, as `candle_core::safetensors::save`
-/// does), with the permissions of any new file in that folder. safetensors 0.8 writes through a
+/// Writes `tensors` as a safetensors file at `path`, atomically and with the permissions of any
+/// new file in that folder ([`files::save_plain`]): safetensors 0.8's own writer goes through a
 /// private temporary file (mode 0600), which left models, embeddings and latents unreadable to
-/// anyone else whatever the user's umask; here a freshly created probe file's permissions (the
-/// umask's) are given to the result.
+/// anyone else whatever the user's umask.
 pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     tensors: &HashMap<K, Tensor>,
     path: impl AsRef<Path>,
 ) -> candle_core::Result<()> {
-    let path = path.as_ref();
-    candle_core::safetensors::save(tensors, path)
-        .map_err(|e| candle_core::Error::Msg(format!("writing '{}': {e}", path.display())))?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let probe = path.with_file_name(format!(".perm-{}-{name}", std::process::id()));
-    let perms = std::fs::File::create(&probe).and_then(|f| f.metadata());
-    let _ = std::fs::remove_file(&probe);
-    perms
-        .and_then(|m| std::fs::set_permissions(path, m.permissions()))
-        .map_err(|e| {
-            candle_core::Error::Msg(format!("setting the mode of '{}': {e}", path.display()))
-        })
+    files::save_plain(tensors, path.as_ref()).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 #[cfg(test)]

@@ -177,9 +177,12 @@ pub fn save_image(img: &image::RgbImage, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The updates a Pick-and-Draw generation of `seeds` (one image each) skipped, and one line with
-/// the time of each part.
+/// The cache entries a Pick-and-Draw generation of `seeds` (one image each) found unusable, the
+/// updates it skipped, and one line with the time of each part.
 pub fn print_outcome(out: &PickAndDraw, seeds: &[u64]) {
+    for w in &out.timings.cache_warnings {
+        eprintln!("warning: {w}");
+    }
     for skipped in &out.skipped_updates {
         match seeds.get(skipped.image).filter(|_| seeds.len() > 1) {
             Some(seed) => eprintln!("warning: seed {seed}: {skipped}"),

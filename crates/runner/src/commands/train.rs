@@ -235,6 +235,9 @@ fn drive(
     if let Some(p) = &progress {
         p.finish();
     }
+    for u in &outcome.unreadable_checkpoints {
+        eprintln!("warning: {what}: {u}");
+    }
     if let Some(from) = outcome.resumed_from {
         eprintln!("{what}: resumed from the checkpoint of step {from}");
     }

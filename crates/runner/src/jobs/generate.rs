@@ -23,8 +23,12 @@ pub(super) struct Generator<'a> {
     pub palette_cache: &'a Path,
 }
 
-/// Guided updates skipped for a non-finite gradient are said on stderr, not dropped.
+/// Guided updates skipped for a non-finite gradient, and unusable cache entries that were
+/// recomputed, are said on stderr, not dropped.
 fn warn_skipped(out: &PickAndDraw, specs: &[JobSpec]) {
+    for w in &out.timings.cache_warnings {
+        eprintln!("warning: {w}");
+    }
     for skipped in &out.skipped_updates {
         match specs.get(skipped.image).filter(|_| specs.len() > 1) {
             Some(spec) => eprintln!("warning: job {}: {skipped}", spec.job.id()),
