@@ -1175,3 +1175,59 @@ fn two_evals_at_once_on_one_folder_score_each_image_once() {
         std::fs::read(single.join("results.csv")).unwrap()
     );
 }
+
+/// `pnd eval --protocol all --keep-going`: a profile that fails (its model is missing) does not
+/// stop the others; it is named, and the exit status says something failed.
+#[test]
+fn protocol_all_keep_going_scores_the_profiles_that_work() {
+    let f = fixture();
+    let tree = f.root.join("profiles-broken");
+    let dir = tree.join("configs/protocol");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = tiny_profiles().join("configs/protocol/dreambooth.toml");
+    std::fs::copy(&good, dir.join("dreambooth.toml")).unwrap();
+    let text = std::fs::read_to_string(&good).unwrap();
+    let dino = f.root.join("models/dino").display().to_string();
+    let broken = text.replace(&format!("\"{dino}\""), "\"/nonexistent/dino\"");
+    assert_ne!(broken, text);
+    std::fs::write(dir.join("broken.toml"), broken).unwrap();
+    let images = layout("layout-keep-going-all");
+    let out = f.root.join("eval-all-keep-going");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "eval".to_string(),
+            images.display().to_string(),
+            "--name".into(),
+            "ext".into(),
+            "--protocol".into(),
+            "all".into(),
+            "--out".into(),
+            out.display().to_string(),
+            "--data".into(),
+            f.root.join("data").display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--subjects".into(),
+            "dog,teapot".into(),
+            "--prompts".into(),
+            "0,20".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        pnd_in(&refs, &tree)
+    };
+    // Without --keep-going the broken profile stops the run.
+    let (ok, log) = run(args(&[]));
+    assert!(!ok && log.contains("under protocol 'broken'"), "{log}");
+    let (ok, log) = run(args(&["--keep-going"]));
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("failed under protocol 'broken'") && log.contains("/nonexistent/dino"),
+        "{log}"
+    );
+    assert_eq!(rows(&out.join("dreambooth")).len(), 4, "{log}");
+    assert!(out.join("report/protocols.md").is_file());
+}

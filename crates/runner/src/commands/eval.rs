@@ -583,6 +583,8 @@ pub struct EvalAllOutput {
     /// `protocols.md`, `protocols.csv`, `index.html` in RUN_DIR/report.
     pub files: Vec<PathBuf>,
     pub markdown: String,
+    /// With `--keep-going`: the profiles that failed, with their errors (the others ran).
+    pub failed: Vec<(String, String)>,
 }
 
 /// `pnd eval --protocol all`: scores the images under every profile of `configs/protocol/`, each
@@ -604,19 +606,43 @@ pub fn eval_all(args: &EvalArgs) -> anyhow::Result<EvalAllOutput> {
         .unwrap_or_else(|| Path::new("results/runs").join(format!("eval-{}", args.name)));
     let cache = args.cache.clone().unwrap_or_else(|| root.join("cache"));
     let mut runs = Vec::new();
+    let mut failed = Vec::new();
     for (profile, spec) in profiles {
         eprintln!("\n== protocol '{profile}' ({spec})");
         let mut one = args.clone();
         one.protocol = spec;
         one.out = Some(root.join(&profile));
         one.cache = Some(cache.clone());
-        let out = eval(&one).with_context(|| format!("under protocol '{profile}'"))?;
+        let out = match eval(&one).with_context(|| format!("under protocol '{profile}'")) {
+            Ok(out) => out,
+            // --keep-going: a profile that fails (its model missing, say) does not stop the
+            // others; it is listed at the end and the exit status is a failure.
+            Err(e) if args.keep_going => {
+                let msg = crate::error_chain(&e);
+                eprintln!("error: {msg} (going on with the next profile: --keep-going)");
+                failed.push((profile, msg));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if out.failed > 0 {
+            failed.push((profile.clone(), format!("{} failed jobs", out.failed)));
+        }
         runs.push(crate::report::protocols::ProfileRun {
             profile,
             run_dir: out.run_dir,
             report: out.report,
         });
     }
+    anyhow::ensure!(
+        !runs.is_empty(),
+        "no profile could be scored: {}",
+        failed
+            .iter()
+            .map(|(p, e)| format!("'{p}': {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     let root = root.canonicalize()?;
     let title = format!("Protocols side by side: eval of '{}'", args.name);
     let files = crate::report::protocols::write(&root.join("report"), &title, &runs)?;
@@ -625,6 +651,7 @@ pub fn eval_all(args: &EvalArgs) -> anyhow::Result<EvalAllOutput> {
         markdown: crate::report::protocols::markdown(&runs),
         runs,
         files,
+        failed,
     })
 }
 
@@ -637,6 +664,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             out.run_dir.display(),
             out.run_dir.join("report").display()
         );
+        if !out.failed.is_empty() {
+            for (profile, e) in &out.failed {
+                eprintln!("failed under protocol '{profile}': {e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let out = eval(&args)?;
