@@ -1103,6 +1103,12 @@ fn eval_takes_its_models_from_flags_and_its_profiles_from_the_binary() {
     assert_eq!(m["clip"].as_str().unwrap(), p("models/clip"));
     assert_eq!(m["scoring"]["profile"], "torchmetrics");
     assert_eq!(rows(&out).len(), 4);
+    // A run of one method alone still gets its image grids: reference | its images.
+    for subject in ["dog", "teapot"] {
+        let grid = out.join(format!("report/grids/{subject}__ext.png"));
+        let img = image::open(&grid).unwrap_or_else(|e| panic!("{}: {e}", grid.display()));
+        assert_eq!(img.width(), 2 * 192 + 3 * 4, "two columns");
+    }
 }
 
 /// A PNG whose header is whole but whose body is cut: one error naming it before anything is
@@ -1192,8 +1198,7 @@ fn protocol_all_keep_going_scores_the_profiles_that_work() {
     assert_ne!(broken, text);
     std::fs::write(dir.join("broken.toml"), broken).unwrap();
     let images = layout("layout-keep-going-all");
-    let out = f.root.join("eval-all-keep-going");
-    let args = |extra: &[&'static str]| {
+    let args = |out: &Path, extra: &[&'static str]| {
         let mut a = vec![
             "eval".to_string(),
             images.display().to_string(),
@@ -1220,9 +1225,10 @@ fn protocol_all_keep_going_scores_the_profiles_that_work() {
         pnd_in(&refs, &tree)
     };
     // Without --keep-going the broken profile stops the run.
-    let (ok, log) = run(args(&[]));
+    let (ok, log) = run(args(&f.root.join("eval-all-stop"), &[]));
     assert!(!ok && log.contains("under protocol 'broken'"), "{log}");
-    let (ok, log) = run(args(&["--keep-going"]));
+    let out = f.root.join("eval-all-keep-going");
+    let (ok, log) = run(args(&out, &["--keep-going"]));
     assert!(!ok, "{log}");
     assert!(
         log.contains("failed under protocol 'broken'") && log.contains("/nonexistent/dino"),

@@ -313,3 +313,42 @@ fn an_error_names_each_cause_once() {
     );
     assert!(!ok && log.contains("none' does not exist"), "{log}");
 }
+
+#[test]
+fn null_text_inversion_reports_its_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny_model(tmp.path());
+    let image = tmp.path().join("ref.png");
+    write_image(&image, 90);
+    let o = pnd(&[
+        "invert",
+        "--model",
+        m.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "a dog",
+        "--steps",
+        "12",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        tmp.path().join("inv.safetensors").to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    let lines: Vec<&str> = e
+        .lines()
+        .filter(|l| l.starts_with("null-text inversion: step "))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "null-text inversion: step 10/12",
+            "null-text inversion: step 12/12"
+        ],
+        "{e}"
+    );
+}
