@@ -99,7 +99,35 @@ fn primitives(dtype: DType) -> Vec<(&'static str, Op<'static>, Vec<usize>)> {
     let (k3b, kbb) = (k3.clone(), kb.clone());
     let (k3c, kbc) = (k3.clone(), kb.clone());
     let (ck, cv) = (t(&[2, 5, 6], 11), t(&[2, 5, 6], 12));
+    let (ck2, cv2) = (ck.clone(), cv.clone());
+    let k3s: Vec<Tensor> = (0..4).map(|_| k3.clone()).collect();
+    let (k1, kb1) = (t(&[5, 6, 1, 1], 13), kb.clone());
+    let kbs: Vec<Tensor> = (0..4).map(|_| kb.clone()).collect();
+    // Budgets that split 5 queries into chunks of 2 rows (2 · 2 heads · keys entries each).
+    let chunk = |keys: usize| 2 * 2 * 2 * keys * dtype.size_in_bytes().max(4);
+    let (self_chunk, cross_chunk) = (chunk(5), chunk(5) * 3 / 2);
     vec![
+        (
+            // Self-attention over chunks of 2 query rows (5 queries: chunks 2, 2, 1).
+            "attention (self, chunked)",
+            Box::new(move |x| {
+                let _budget = ops::with_attention_chunk_bytes(self_chunk);
+                let q = x.narrow(2, 0, 6)?;
+                let k = x.narrow(2, 6, 6)?;
+                let v = x.narrow(2, 12, 6)?;
+                ops::attention(&q, &k, &v, 2, 0.6)
+            }),
+            vec![2, 5, 18],
+        ),
+        (
+            // 3 heads, constant keys: 5 queries in chunks of 2 rows.
+            "attention (constant keys, chunked)",
+            Box::new(move |x| {
+                let _budget = ops::with_attention_chunk_bytes(cross_chunk);
+                ops::attention(x, &ck2, &cv2, 3, 0.8)
+            }),
+            vec![2, 5, 6],
+        ),
         (
             // Self-attention: q, k and v all from the input, 2 heads of 3.
             "attention (self)",
@@ -160,6 +188,53 @@ fn primitives(dtype: DType) -> Vec<(&'static str, Op<'static>, Vec<usize>)> {
             "conv2d s2 odd/even",
             Box::new(move |x| ops::conv2d(x, &k3c, Some(&kbc), 1, 2)),
             vec![2, 6, 5, 6],
+        ),
+        (
+            "conv2d s2 p0 odd/odd",
+            Box::new({
+                let (k, b) = (k3s[0].clone(), kbs[0].clone());
+                move |x| ops::conv2d(x, &k, Some(&b), 0, 2)
+            }),
+            vec![2, 6, 7, 5],
+        ),
+        (
+            // Padding k - 1: the output gradient needs no padding before the correlation.
+            "conv2d s1 p2",
+            Box::new({
+                let (k, b) = (k3s[1].clone(), kbs[1].clone());
+                move |x| ops::conv2d(x, &k, Some(&b), 2, 1)
+            }),
+            vec![2, 6, 4, 3],
+        ),
+        (
+            // Padding beyond k - 1: the correlation's input is cropped instead.
+            "conv2d s2 p3",
+            Box::new({
+                let (k, b) = (k3s[2].clone(), kbs[2].clone());
+                move |x| ops::conv2d(x, &k, Some(&b), 3, 2)
+            }),
+            vec![2, 6, 5, 4],
+        ),
+        (
+            "conv2d 1x1 s2 (no bias)",
+            Box::new({
+                let k = k1.clone();
+                move |x| ops::conv2d(x, &k, None, 0, 2)
+            }),
+            vec![2, 6, 5, 4],
+        ),
+        (
+            "conv2d 1x1 s1",
+            Box::new(move |x| ops::conv2d(x, &k1, Some(&kb1), 0, 1)),
+            vec![2, 6, 3, 4],
+        ),
+        (
+            "conv2d s2 p1 on 3x3",
+            Box::new({
+                let (k, b) = (k3s[3].clone(), kbs[3].clone());
+                move |x| ops::conv2d(x, &k, Some(&b), 1, 2)
+            }),
+            vec![1, 6, 3, 3],
         ),
         (
             "upsample_nearest_to",
@@ -322,4 +397,96 @@ fn the_tiny_unet_matches_the_host_kernels_on_the_generic_path() {
 fn the_tiny_unet_matches_on_the_generic_path_at_an_odd_latent_size() {
     // 12x10: the stride-2 downsamplers see one odd and one even side.
     check_unet(randn(&[1, 4, 12, 10], 13), randn(&[1, 77, 32], 14));
+}
+
+/// The backward of a UNet pass on the generic path (what CUDA runs) computes gradients for the
+/// latent alone. candle's built-in backward adds an entry to the gradient store for every operand
+/// of every op it differentiates, constants included: its `Conv2D` backward runs
+/// `conv_transpose2d` for the input and inserts the kernel's gradient, matmul and broadcast ops
+/// insert the weights' (or their views'). The store of a loss built from the latent alone
+/// (squares of the outputs, no constant factors) therefore holds exactly one entry, the latent's,
+/// only when no weight got a gradient buffer and no `Conv2D` backward (no `conv_transpose2d`) ran.
+#[test]
+fn a_generic_unet_backward_computes_no_weight_gradient() {
+    for (z, label) in [
+        (randn(&[1, 4, 16, 16], 21), "16x16"),
+        (randn(&[1, 4, 12, 10], 22), "12x10"),
+    ] {
+        let _guard = force_generic();
+        let unet = unet_fixture("model", DType::F32);
+        let ctx = randn(&[1, 77, 32], 23).to_dtype(DType::F32).unwrap();
+        let var = Var::from_tensor(&z.to_dtype(DType::F32).unwrap()).unwrap();
+        let mut rec = Recorder::all();
+        let eps = unet
+            .forward_with(var.as_tensor(), 601.0, &ctx, &mut rec)
+            .unwrap();
+        let mut loss = eps.sqr().unwrap().sum_all().unwrap();
+        for (_, a) in rec.attention.iter().chain(rec.blocks.iter()) {
+            loss = (loss + a.sqr().unwrap().sum_all().unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        let entries: Vec<_> = grads.get_ids().collect();
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "{label}: no latent gradient"
+        );
+        assert_eq!(
+            entries.len(),
+            1,
+            "{label}: the gradient store holds {} entries besides the latent's (constants' \
+             gradients)",
+            entries.len() - 1
+        );
+    }
+}
+
+/// A half-precision convolution on the generic path (CUDA's) accumulates in f32 and rounds its
+/// output to f16, as PyTorch's f16 convolutions do: every output is within one f16 ulp of the
+/// exact (f64) convolution of the same f16 values. The gradient passes back through the casts.
+/// (On the CPU candle's f16 GEMM may itself widen, so this shows the path's precision, not that
+/// CUDA's f16 cuDNN call would have lost it.)
+#[test]
+fn a_half_precision_convolution_on_the_generic_path_accumulates_in_f32() {
+    let _guard = force_generic();
+    // 3·3·64 products per output: enough terms for f16 accumulation to lose digits.
+    let x = randn(&[1, 64, 6, 5], 31).to_dtype(DType::F16).unwrap();
+    let k = (randn(&[8, 64, 3, 3], 32) * 0.2)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let b = randn(&[8], 33).to_dtype(DType::F16).unwrap();
+    let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    for stride in [1, 2] {
+        let got = ops::conv2d(&x, &k, Some(&b), 1, stride).unwrap();
+        assert_eq!(got.dtype(), DType::F16);
+        let exact = f64(&x).conv2d(&f64(&k), 1, stride, 1, 1).unwrap();
+        let exact = exact
+            .broadcast_add(&f64(&b).reshape((1, 8, 1, 1)).unwrap())
+            .unwrap();
+        let got: Vec<f64> = f64(&got).flatten_all().unwrap().to_vec1().unwrap();
+        let exact: Vec<f64> = exact.flatten_all().unwrap().to_vec1().unwrap();
+        let worst_ulps = got
+            .iter()
+            .zip(&exact)
+            .map(|(g, e)| {
+                // One f16 ulp at |e| (normal range): 2^(floor(log2 |e|) - 10).
+                let ulp = 2f64.powi(e.abs().max(6.2e-5).log2().floor() as i32 - 10);
+                (g - e).abs() / ulp
+            })
+            .fold(0f64, f64::max);
+        println!("f16 conv stride {stride}: worst error {worst_ulps:.2} f16 ulps");
+        assert!(worst_ulps <= 1.0, "stride {stride}: {worst_ulps} ulps");
+        // The gradient reaches an f16 input through the casts.
+        let var = Var::from_tensor(&x).unwrap();
+        let y = ops::conv2d(var.as_tensor(), &k, Some(&b), 1, stride).unwrap();
+        let g = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g.get(var.as_tensor()).expect("no input gradient");
+        assert_eq!((g.dtype(), g.dims()), (DType::F16, x.dims()));
+    }
 }

@@ -13,7 +13,10 @@
 //! - template = 10 · template step (+ nothing after step 10: only the needed steps run)
 //!
 //! `cargo run --release -p guidance --example bench_guidance [iters]`; `… bench_guidance emd` times
-//! the exact EMD solver on 1024-point sets.
+//! the exact EMD solver on 1024-point sets; `… bench_guidance mem layout|appearance` runs one
+//! gradient pass of that kind and prints its memory (no timing): the process's resident memory
+//! before the pass and its peak during it (VmHWM, reset through `/proc/self/clear_refs` once the
+//! model and the targets are built), with `PND_GENERIC_OPS=1` the device-generic path's.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -77,6 +80,17 @@ fn randn(rng: &mut rand::rngs::StdRng, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// A `/proc/self/status` field in kB.
+fn status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
 fn median(f: &mut dyn FnMut(), iters: usize) -> f64 {
     f();
     let mut t: Vec<f64> = (0..iters)
@@ -111,7 +125,10 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("emd") {
         return bench_emd();
     }
+    let mem_pass = (std::env::args().nth(1).as_deref() == Some("mem"))
+        .then(|| std::env::args().nth(2).unwrap_or_else(|| "layout".into()));
     let iters: usize = std::env::args()
+        .filter(|_| mem_pass.is_none())
         .nth(1)
         .map(|s| s.parse().unwrap())
         .unwrap_or(3);
@@ -177,6 +194,39 @@ fn main() {
         .map(|(s, m)| (s, m.detach()))
         .collect();
 
+    if let Some(kind) = mem_pass {
+        let lay = StepTargets {
+            appearance: None,
+            layout: Some(&template),
+        };
+        let app = StepTargets {
+            appearance: Some(&reference),
+            layout: None,
+        };
+        let targets = match kind.as_str() {
+            "layout" => lay,
+            "appearance" => app,
+            other => panic!("mem: unknown pass '{other}' (layout or appearance)"),
+        };
+        // Resets VmHWM to the current resident size (Linux >= 4.0).
+        std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
+        let before = status_kb("VmRSS:");
+        let start_hwm = status_kb("VmHWM:");
+        let g = step_gradient(&unet, &g, &z, t, &cond, &tokens, &targets).unwrap();
+        let peak = status_kb("VmHWM:");
+        println!(
+            "{}",
+            serde_json::json!({
+                "pass": kind, "generic": layers::kernels::generic_forced(),
+                "rss_before_mib": before as f64 / 1024.0,
+                "hwm_after_reset_mib": start_hwm as f64 / 1024.0,
+                "peak_mib": peak as f64 / 1024.0,
+                "pass_peak_over_before_mib": (peak - before) as f64 / 1024.0,
+                "loss_app": g.loss.loss_app, "loss_lay": g.loss.loss_lay,
+            })
+        );
+        return;
+    }
     let batched = Tensor::cat(&[&uncond, &cond], 0).unwrap();
     let cfg_step = |hook: &mut dyn diffusion::hooks::Hook| {
         let x = Tensor::cat(&[&z, &z], 0).unwrap();

@@ -47,11 +47,7 @@ pub fn uremd(v_ref: &Tensor, v_gen: &Tensor) -> Result<Tensor> {
 pub fn emd(v_ref: &Tensor, v_gen: &Tensor) -> Result<Tensor> {
     let cost = cosine_distances(v_ref, v_gen)?;
     let (n, m) = cost.dims2()?;
-    let values: Vec<f64> = cost
-        .detach()
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1()?;
+    let values: Vec<f64> = crate::readback::to_host(&cost.detach().to_dtype(DType::F64)?)?;
     let dense = match ot::transport_uniform(&values, n, m) {
         Ok(plan) => {
             let mut dense = vec![0.0f64; n * m];

@@ -13,7 +13,7 @@ use crate::capture::{attn2_site, BatchCapture, SiteCapture};
 use crate::config::{GuidanceConfig, NonFinite};
 use crate::error::{Error, Result};
 use crate::layout::{layout_loss, match_tokens, to_square, word_ids};
-use crate::maps::{mask_indices, min_max_normalize};
+use crate::maps::{mask_indices_many, min_max_normalize};
 use crate::trace::TraceRow;
 use candle_core::{DType, Tensor, Var};
 use diffusion::hooks::NoHook;
@@ -115,7 +115,8 @@ pub fn step_loss(
 }
 
 /// The losses of a batch of latents, one per image, from one UNet call on the N conditional
-/// branches; image `i` is scored against `targets[i]`.
+/// branches; image `i` is scored against `targets[i]`. Device→host copies: one for every subject
+/// mask of the batch, one for every loss value (plus the exact EMD's cost matrices).
 ///
 /// # Shapes
 /// - `z`: `[N, 4, h, w]`; `cond`: `[1, 77, dim]` (the prompt shared by the batch)
@@ -128,6 +129,30 @@ pub fn batch_step_loss(
     tokens: &PromptTokens,
     targets: &[StepTargets<'_>],
 ) -> Result<Vec<StepLoss>> {
+    let pending = pending_losses(unet, config, z, timestep, cond, tokens, targets)?;
+    let (losses, _) = read_losses(pending, None)?;
+    Ok(losses)
+}
+
+/// An image's losses before their values are read back: scalars on the device.
+struct PendingLoss {
+    total: Tensor,
+    app: Option<Tensor>,
+    lay: Option<Tensor>,
+    masks: Vec<MaskSize>,
+    skipped: usize,
+}
+
+/// [`batch_step_loss`] up to the loss tensors (the masks read back, nothing else).
+fn pending_losses(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    z: &Tensor,
+    timestep: usize,
+    cond: &Tensor,
+    tokens: &PromptTokens,
+    targets: &[StepTargets<'_>],
+) -> Result<Vec<PendingLoss>> {
     let n = z.dim(0)?;
     if targets.len() != n {
         return Err(Error::Shape {
@@ -148,14 +173,51 @@ pub fn batch_step_loss(
     );
     // The forward ends at the last captured site; its output is not needed.
     let _ = unet.forward_until(z, timestep as f64, &repeat_batch(cond, n)?, &mut cap)?;
+    let masks = generated_masks(unet, config, &cap.entries, targets)?;
     cap.entries
         .iter()
         .zip(targets)
-        .map(|(c, t)| image_loss(unet, config, c, z, tokens, t))
+        .zip(masks)
+        .map(|((c, t), m)| image_loss(unet, config, c, z, tokens, t, m))
         .collect()
 }
 
-/// One image's losses from its captures.
+/// The error for a site the capture lacks.
+fn missing_site(unet: &UNet2DConditionModel, site: &str) -> Error {
+    Error::UnknownSite {
+        site: site.to_string(),
+        available: unet.transformer_block_sites(),
+    }
+}
+
+/// The generated subject masks `[Â ≥ τ]` of every image's appearance layers, in one device→host
+/// copy for the whole batch (the masks' sizes shape the appearance loss, so they must cross).
+fn generated_masks(
+    unet: &UNet2DConditionModel,
+    config: &GuidanceConfig,
+    caps: &[SiteCapture],
+    targets: &[StepTargets<'_>],
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let mut maps = Vec::new();
+    let mut counts = Vec::with_capacity(caps.len());
+    for (cap, t) in caps.iter().zip(targets) {
+        let reference = t.appearance.unwrap_or(&[]);
+        for l in reference {
+            let map = cap
+                .map(&attn2_site(&l.site))
+                .ok_or_else(|| missing_site(unet, &l.site))?;
+            maps.push(min_max_normalize(&map.detach().narrow(0, 0, 1)?)?.squeeze(0)?);
+        }
+        counts.push(reference.len());
+    }
+    let mut all = mask_indices_many(&maps, config.tau)?.into_iter();
+    Ok(counts
+        .into_iter()
+        .map(|c| all.by_ref().take(c).collect())
+        .collect())
+}
+
+/// One image's losses from its captures and its generated masks (one per appearance layer).
 fn image_loss(
     unet: &UNet2DConditionModel,
     config: &GuidanceConfig,
@@ -163,28 +225,18 @@ fn image_loss(
     z: &Tensor,
     tokens: &PromptTokens,
     targets: &StepTargets<'_>,
-) -> Result<StepLoss> {
-    let missing = |site: &str| Error::UnknownSite {
-        site: site.to_string(),
-        available: unet.transformer_block_sites(),
-    };
+    gen_masks: Vec<Vec<u32>>,
+) -> Result<PendingLoss> {
+    let missing = |site: &str| missing_site(unet, site);
     let mut total: Option<Tensor> = None;
-    let mut out = StepLoss {
+    let mut out = PendingLoss {
         total: Tensor::zeros((), z.dtype(), z.device())?,
-        loss_app: None,
-        loss_lay: None,
+        app: None,
+        lay: None,
         masks: Vec::new(),
         skipped: 0,
     };
     if let Some(reference) = targets.appearance {
-        let mut gen_masks = Vec::with_capacity(reference.len());
-        for l in reference {
-            let map = cap
-                .map(&attn2_site(&l.site))
-                .ok_or_else(|| missing(&l.site))?;
-            let subject = min_max_normalize(&map.detach().narrow(0, 0, 1)?)?.squeeze(0)?;
-            gen_masks.push(mask_indices(&subject, config.tau)?);
-        }
         let layers = reference
             .iter()
             .zip(&gen_masks)
@@ -199,7 +251,7 @@ fn image_loss(
             })
             .collect::<Result<Vec<_>>>()?;
         let app = appearance_loss(&layers, config.distance)?;
-        out.loss_app = Some(app.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        out.app = Some(app.loss.detach());
         out.masks = app.masks;
         out.skipped = app.skipped;
         total = Some((app.loss * config.alpha)?);
@@ -217,7 +269,7 @@ fn image_loss(
             })
             .collect::<Result<Vec<_>>>()?;
         let lay = layout_loss(&pairs, config.kernel, config.sigma)?;
-        out.loss_lay = Some(lay.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        out.lay = Some(lay.detach());
         let weighted = (lay * config.beta)?;
         total = Some(match total {
             Some(t) => (t + weighted)?,
@@ -228,6 +280,41 @@ fn image_loss(
         out.total = t;
     }
     Ok(out)
+}
+
+/// The loss values of a batch, and the gradient norms `norms` (`[N]`) when given, in one
+/// device→host copy.
+fn read_losses(
+    pending: Vec<PendingLoss>,
+    norms: Option<&Tensor>,
+) -> Result<(Vec<StepLoss>, Vec<f64>)> {
+    let mut parts: Vec<Tensor> = Vec::new();
+    for p in &pending {
+        for t in p.app.iter().chain(&p.lay) {
+            parts.push(t.to_dtype(DType::F64)?.reshape(1)?);
+        }
+    }
+    if let Some(n) = norms {
+        parts.push(n.to_dtype(DType::F64)?);
+    }
+    let mut values = if parts.is_empty() {
+        Vec::new()
+    } else {
+        crate::readback::to_host::<f64>(&Tensor::cat(&parts, 0)?)?
+    }
+    .into_iter();
+    let mut next = |t: &Option<Tensor>| t.as_ref().map(|_| values.next().expect("one per loss"));
+    let losses = pending
+        .into_iter()
+        .map(|p| StepLoss {
+            loss_app: next(&p.app),
+            loss_lay: next(&p.lay),
+            total: p.total,
+            masks: p.masks,
+            skipped: p.skipped,
+        })
+        .collect();
+    Ok((losses, values.collect()))
 }
 
 /// The losses at a latent and their gradient.
@@ -261,10 +348,14 @@ pub struct BatchStepGradient {
     pub losses: Vec<StepLoss>,
     /// `∇_z` of the summed losses, like `z`: entry `i` is the gradient of image `i`'s loss.
     pub grad: Tensor,
+    /// The L2 norm of each image's gradient (`grad[i]`), computed in f64; NaN or infinite when
+    /// the gradient is not finite.
+    pub grad_norms: Vec<f64>,
 }
 
 /// The gradient of the summed [`batch_step_loss`] with respect to `z` (`[N, 4, h, w]`), zeros
-/// when the loss does not depend on it.
+/// when the loss does not depend on it. Device→host copies: one for every subject mask of the
+/// batch, one for every loss value and gradient norm (plus the exact EMD's cost matrices).
 pub fn batch_step_gradient(
     unet: &UNet2DConditionModel,
     config: &GuidanceConfig,
@@ -275,7 +366,7 @@ pub fn batch_step_gradient(
     targets: &[StepTargets<'_>],
 ) -> Result<BatchStepGradient> {
     let var = Var::from_tensor(&z.detach())?;
-    let losses = batch_step_loss(
+    let pending = pending_losses(
         unet,
         config,
         var.as_tensor(),
@@ -284,15 +375,26 @@ pub fn batch_step_gradient(
         tokens,
         targets,
     )?;
-    let mut total = losses[0].total.clone();
-    for l in &losses[1..] {
+    let mut total = pending[0].total.clone();
+    for l in &pending[1..] {
         total = (total + &l.total)?;
     }
     let grad = match total.backward()?.remove(var.as_tensor()) {
         Some(g) => g,
         None => z.zeros_like()?,
     };
-    Ok(BatchStepGradient { losses, grad })
+    let norms = grad
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .flatten_from(1)?
+        .sum(1)?
+        .sqrt()?;
+    let (losses, grad_norms) = read_losses(pending, Some(&norms))?;
+    Ok(BatchStepGradient {
+        losses,
+        grad,
+        grad_norms,
+    })
 }
 
 /// Everything a guided sampling run needs.
@@ -356,7 +458,11 @@ pub fn guided_sample(
                 .map(|layout| StepTargets { appearance, layout })
                 .collect();
             for it in 0..run.config.iterations {
-                let BatchStepGradient { losses, grad } = batch_step_gradient(
+                let BatchStepGradient {
+                    losses,
+                    grad,
+                    grad_norms,
+                } = batch_step_gradient(
                     &run.sd.unet,
                     run.config,
                     &z,
@@ -366,14 +472,8 @@ pub fn guided_sample(
                     &targets,
                 )?;
                 let mut updated = Vec::with_capacity(images);
-                for (b, loss) in losses.into_iter().enumerate() {
+                for (b, (loss, norm)) in losses.into_iter().zip(grad_norms).enumerate() {
                     let (zb, gb) = (z.narrow(0, b, 1)?, grad.narrow(0, b, 1)?);
-                    let norm = gb
-                        .to_dtype(DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .sqrt()?
-                        .to_scalar::<f64>()?;
                     let finite = norm.is_finite();
                     if finite {
                         updated.push((zb - (gb * run.config.eta)?)?);

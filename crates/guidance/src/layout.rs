@@ -64,16 +64,13 @@ pub fn smooth(maps: &Tensor, kernel: Kernel, sigma: f64) -> Result<Tensor> {
 
 /// Frobenius norm with the subgradient 0 at 0 (as PyTorch's `norm`), where a plain `sqrt` would
 /// give `0 · ∞ = NaN`: with identical maps (vanilla SD against its own template) ℓ_lay is 0.
+/// `sqrt(s + z) · (1 − z)` with `z = [s = 0]` a constant: `sqrt(s)` and its exact gradient for
+/// `s > 0`, 0 with gradient 0 at 0, all on the device (no host copy).
 fn frobenius(d: &Tensor) -> Result<Tensor> {
     let s = d.sqr()?.sum_all()?;
-    let value = s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    if value > 0.0 {
-        // √s = (s/√s₀ + √s₀)/2 at s = s₀, with derivative 1/(2√s₀): the exact gradient.
-        let r = value.sqrt();
-        Ok(((s / r)? + r)?.affine(0.5, 0.0)?)
-    } else {
-        Ok(s.affine(0.0, 0.0)?)
-    }
+    let zero = s.detach().eq(0.0)?.to_dtype(s.dtype())?;
+    let keep = zero.affine(-1.0, 1.0)?;
+    Ok((s + &zero)?.sqrt()?.mul(&keep)?)
 }
 
 /// ‖G(N(gen)) − G(N(temp))‖_F of one layer, N = per-token min–max normalization over space.

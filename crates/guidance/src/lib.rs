@@ -9,7 +9,8 @@
 //! - [`inversion`]: null-text inversion of the reference; [`palette`]: the reference features
 //!   taken from its replay; [`store`]: their files; [`cache`]: the on-disk caches;
 //! - [`pipeline`] and [`blip`]: one guided image end to end;
-//! - [`config`]: every setting with the paper's default; [`trace`]: the JSON-lines trace.
+//! - [`config`]: every setting with the paper's default; [`trace`]: the JSON-lines trace;
+//! - [`readback`]: the device→host copies of a guided step, counted.
 
 pub mod appearance;
 pub mod blip;
@@ -24,6 +25,7 @@ pub mod maps;
 pub mod ot;
 pub mod palette;
 pub mod pipeline;
+pub mod readback;
 pub mod store;
 #[cfg(test)]
 mod testutil;

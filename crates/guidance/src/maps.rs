@@ -53,24 +53,49 @@ pub fn min_max_normalize(maps: &Tensor) -> Result<Tensor> {
 }
 
 /// Indices of the positions where the normalized map reaches `tau`: the mask `[Â ≥ τ]`.
-/// The mask is a constant for the backward pass.
+/// The mask is a constant for the backward pass. One device→host copy.
 ///
 /// # Shapes
 /// - `normalized`: `[hw]`
 pub fn mask_indices(normalized: &Tensor, tau: f64) -> Result<Vec<u32>> {
-    if normalized.rank() != 1 {
-        return Err(Error::Shape {
-            what: "normalized map",
-            expected: "[hw]".into(),
-            got: normalized.dims().to_vec(),
-        });
+    Ok(mask_indices_many(std::slice::from_ref(normalized), tau)?.remove(0))
+}
+
+/// [`mask_indices`] of several maps with one device→host copy: the comparison `Â ≥ τ` runs on
+/// the device (in f64, as exact as on the host) and only one byte per position crosses.
+///
+/// # Shapes
+/// - each of `normalized`: `[hw]` (sizes may differ)
+pub fn mask_indices_many(normalized: &[Tensor], tau: f64) -> Result<Vec<Vec<u32>>> {
+    let mut flags = Vec::with_capacity(normalized.len());
+    for m in normalized {
+        if m.rank() != 1 {
+            return Err(Error::Shape {
+                what: "normalized map",
+                expected: "[hw]".into(),
+                got: m.dims().to_vec(),
+            });
+        }
+        flags.push(m.to_dtype(DType::F64)?.ge(tau)?);
     }
-    let v: Vec<f64> = normalized.to_dtype(DType::F64)?.to_vec1()?;
-    Ok(v.iter()
-        .enumerate()
-        .filter(|(_, &a)| a >= tau)
-        .map(|(i, _)| i as u32)
-        .collect())
+    if flags.is_empty() {
+        return Ok(Vec::new());
+    }
+    let all: Vec<u8> = crate::readback::to_host(&Tensor::cat(&flags, 0)?)?;
+    let mut out = Vec::with_capacity(flags.len());
+    let mut rest = all.as_slice();
+    for f in &flags {
+        let (mine, tail) = rest.split_at(f.dim(0)?);
+        rest = tail;
+        out.push(
+            mine.iter()
+                .enumerate()
+                .filter(|(_, &on)| on != 0)
+                .map(|(i, _)| i as u32)
+                .collect(),
+        );
+    }
+    Ok(out)
 }
 
 /// The subject mask of one layer: head-averaged subject-token map, min–max normalized, ≥ τ.

@@ -880,7 +880,7 @@ fn a_batch_gradient_is_each_images_own_gradient_and_matches_finite_differences()
                 layout: lay.then_some(t.as_slice()),
             })
             .collect();
-        let BatchStepGradient { losses, grad } =
+        let BatchStepGradient { losses, grad, .. } =
             batch_step_gradient(&sd.unet, &config, &z, 601, &cond, &p, &targets).unwrap();
         assert_eq!(grad.dims(), &[3, 4, 8, 8]);
         for (i, zi) in zs.iter().enumerate() {
@@ -1294,4 +1294,155 @@ fn cache_files_get_a_new_files_permissions() {
         std::fs::metadata(&req.trace[0]).unwrap().permissions(),
         want
     );
+}
+
+/// The tiny UNet built from a map of its weights, so a test can look them up by tensor id.
+fn unet_and_weights(
+    dtype: DType,
+) -> (
+    diffusion::unet::UNet2DConditionModel,
+    std::collections::HashMap<String, Tensor>,
+) {
+    let dir = model_dir().join("unet");
+    let cfg = diffusion::unet::UNet2DConditionConfig::from_json(
+        &std::fs::read_to_string(dir.join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let weights: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+    .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), dtype, &Device::Cpu);
+    (
+        diffusion::unet::UNet2DConditionModel::new(&cfg, vb).unwrap(),
+        weights,
+    )
+}
+
+/// A guided gradient pass on the generic path (what CUDA runs) gives no UNet weight a gradient:
+/// candle's built-in backward inserts a gradient-store entry for every operand it differentiates
+/// (its `Conv2D` backward runs `conv_transpose2d` and inserts the kernel's gradient; matmul and
+/// broadcast ops insert the weights' or their views'), so no entry keyed by a weight, and no 4-D
+/// entry (conv kernels, per-head attention operands) besides the latent's, means no weight
+/// gradient was computed and no `Conv2D` backward ran. The few small entries left belong to the
+/// loss's own constants (template maps, normalization ranges).
+#[test]
+fn a_generic_guided_pass_computes_no_weight_gradient() {
+    let _guard = layers::kernels::force_generic();
+    let sd = load(DType::F32);
+    let (unet, weights) = unet_and_weights(DType::F32);
+    let (p, tpos, _) = tokens(&sd);
+    let cond = sd.encode_prompt(PROMPT).unwrap();
+    let config = GuidanceConfig::default();
+    let (reference, template) = targets(&sd, &config, &p, &tpos);
+    let targets = [StepTargets {
+        appearance: Some(reference.as_slice()),
+        layout: Some(template.as_slice()),
+    }];
+    let var = candle_core::Var::from_tensor(&randn(7, &[1, 4, 8, 8], DType::F32)).unwrap();
+    let losses =
+        guidance::guide::batch_step_loss(&unet, &config, var.as_tensor(), 601, &cond, &p, &targets)
+            .unwrap();
+    assert!(losses[0].loss_app.is_some() && losses[0].loss_lay.is_some());
+    let grads = losses[0].total.backward().unwrap();
+    assert!(grads.get(var.as_tensor()).is_some(), "no latent gradient");
+    let with_grad: Vec<&String> = weights
+        .iter()
+        .filter(|(_, w)| grads.get(w).is_some())
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        with_grad.is_empty(),
+        "weights with a gradient: {with_grad:?}"
+    );
+    let latent = var.as_tensor().id();
+    let four_d: Vec<Vec<usize>> = grads
+        .get_ids()
+        .filter(|&&id| id != latent)
+        .map(|&id| grads.get_id(id).unwrap().dims().to_vec())
+        .filter(|d| d.len() == 4)
+        .collect();
+    assert!(four_d.is_empty(), "4-D gradient entries: {four_d:?}");
+    let entries = grads.get_ids().count();
+    let elements: usize = grads
+        .get_ids()
+        .filter(|&&id| id != latent)
+        .map(|&id| grads.get_id(id).unwrap().elem_count())
+        .sum();
+    let conv_kernels = weights.values().filter(|w| w.rank() == 4).count();
+    assert!(
+        conv_kernels > 10,
+        "the tiny UNet has {conv_kernels} conv kernels"
+    );
+    println!(
+        "generic guided pass: {entries} gradient entries (latent + loss constants, \
+         {elements} elements besides the latent's), none of {} weights ({conv_kernels} conv \
+         kernels)",
+        weights.len()
+    );
+}
+
+/// The device→host copies of one gradient pass ([`guidance::readback`]): one for all the subject
+/// masks of the batch (when the appearance term is on) and one for every loss value and gradient
+/// norm, whatever the number of images and layers.
+#[test]
+fn a_gradient_pass_reads_back_the_masks_once_and_the_scalars_once() {
+    use guidance::guide::{batch_step_gradient, BatchStepGradient};
+    use guidance::readback::reads;
+    let sd = load(DType::F32);
+    let (p, tpos, _) = tokens(&sd);
+    let cond = sd.encode_prompt(PROMPT).unwrap();
+    let config = GuidanceConfig::default();
+    let (reference, _) = targets(&sd, &config, &p, &tpos);
+    let templates: Vec<_> = (0..2).map(|i| template_at(&sd, &tpos, 70 + i)).collect();
+    let z = randn(44, &[2, 4, 8, 8], DType::F32);
+    for (app, lay, want) in [(true, true, 2), (true, false, 2), (false, true, 1)] {
+        let targets: Vec<StepTargets> = templates
+            .iter()
+            .map(|t| StepTargets {
+                appearance: app.then_some(reference.as_slice()),
+                layout: lay.then_some(t.as_slice()),
+            })
+            .collect();
+        let before = reads();
+        let BatchStepGradient {
+            losses,
+            grad,
+            grad_norms,
+        } = batch_step_gradient(&sd.unet, &config, &z, 601, &cond, &p, &targets).unwrap();
+        let used = reads() - before;
+        println!(
+            "app={app} lay={lay}, 2 images, {} appearance and {} layout layers: {used} reads",
+            if app { reference.len() } else { 0 },
+            if lay { templates[0].len() } else { 0 },
+        );
+        assert_eq!(used, want, "app={app} lay={lay}");
+        for (i, loss) in losses.iter().enumerate() {
+            assert_eq!(loss.loss_app.is_some(), app);
+            assert_eq!(loss.loss_lay.is_some(), lay);
+            let norm = grad
+                .narrow(0, i, 1)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(norm > 0.0);
+            assert!(
+                (grad_norms[i] - norm).abs() <= 1e-12 * norm,
+                "image {i}: norm {} vs {norm}",
+                grad_norms[i]
+            );
+        }
+    }
 }
