@@ -20,7 +20,7 @@ list data="../shared/dreambench":
     cargo run --release -p runner --bin pnd -- dataset list --data {{data}}
 
 # Regenerate the parity fixtures (needs the Python reference stacks, see README).
-fixtures: fixtures-metrics fixtures-sd fixtures-blip fixtures-train
+fixtures: fixtures-metrics fixtures-sd fixtures-blip fixtures-train fixtures-torchmetrics
 
 fixtures-metrics:
     ~/.venvs/ref/bin/python tools/fixtures/metrics.py
@@ -36,6 +36,11 @@ fixtures-sd:
 fixtures-train:
     ~/.venvs/ref/bin/python tools/fixtures/train_step.py
     ~/.venvs/ref/bin/python tools/fixtures/train_outputs.py --pnd "cargo run -q -p runner --bin pnd --"
+
+# torchmetrics 1.9's own CLIPScore (the torchmetrics profile's long prompts) runs only under
+# transformers 4.x (see the script's header).
+fixtures-torchmetrics:
+    cd tools/fixtures && ~/.venvs/tm/bin/python torchmetrics_clip_score.py
 
 # BLIP-Diffusion loads only with diffusers 0.32.2 + transformers 4.51.3 (see the script's header).
 fixtures-blip:
