@@ -5,7 +5,6 @@ use dreambench::{
     check, clip_t_prompt, enumerate_jobs, fetch, subject, Dataset, FetchOptions, Kind, Problem,
     PromptStyle, ReferenceRule, LIVE_PROMPTS, OBJECT_PROMPTS, SUBJECTS,
 };
-use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -178,28 +177,6 @@ fn shared_copy_verifies() {
     assert_eq!(report.verified, 158);
 }
 
-/// Copies of the read-only shared dataset stay writable, so tests can damage them on purpose.
-fn make_writable(path: &Path) {
-    let mut perm = std::fs::metadata(path).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perm.set_readonly(false);
-    std::fs::set_permissions(path, perm).unwrap();
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-            make_writable(&dst);
-        }
-    }
-}
-
 #[test]
 #[cfg_attr(
     no_dreambench,
@@ -208,7 +185,7 @@ fn copy_tree(from: &Path, to: &Path) {
 fn check_names_truncated_missing_and_extra_files() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("dreambench");
-    copy_tree(&testdata::dreambench(), &copy);
+    testdata::copy_tree(&testdata::dreambench(), &copy);
     let truncated = copy.join("dog/02.jpg");
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -239,7 +216,7 @@ fn check_names_truncated_missing_and_extra_files() {
 fn fetch_clones_a_repository_and_verifies_its_dataset_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("dreambooth");
-    copy_tree(&testdata::dreambench(), &repo.join("dataset"));
+    testdata::copy_tree(&testdata::dreambench(), &repo.join("dataset"));
     std::fs::write(repo.join("README.md"), "DreamBooth\n").unwrap();
     let git = |args: &[&str]| {
         let out = Command::new("git")

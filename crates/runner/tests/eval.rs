@@ -971,20 +971,6 @@ fn an_extra_score_is_in_every_row_the_oracle_and_the_tables() {
     assert!(page.contains("<th class=\"r\">dinov2 ↑</th>"), "{page}");
 }
 
-/// Copies a folder tree.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
-
 /// The dataset checksum a run recorded.
 fn recorded_dataset(run: &Path) -> String {
     let plan: serde_json::Value =
@@ -1003,7 +989,7 @@ fn provenance_is_the_data_that_was_scored() {
     let f = fixture();
     let images = layout("layout-provenance");
     let data = f.root.join("data-provenance");
-    copy_tree(&f.root.join("data"), &data);
+    testdata::copy_tree(&f.root.join("data"), &data);
     let real = {
         let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("dog"))
             .unwrap()
