@@ -67,6 +67,18 @@ ablation name:
     cargo run --release -p runner --bin pnd -- sweep experiments/{{name}}.toml --resume
     cargo run --release -p runner --bin pnd -- report results/runs/{{name}}
 
+# The paper's qualitative figures (Figs. 1, 4, 6, 7, 8 of experiments/figures/paper.toml) from the
+# Table 1 and ablation runs: PNG (300 dpi), SVG and a LaTeX snippet per figure, into `out`.
+paper-figures runs="results/runs" out="results/figures" spec="experiments/figures/paper.toml":
+    cargo run --release -p runner --bin pnd -- figures {{runs}}/table1 {{runs}}/ablation-losses {{runs}}/ablation-emd --spec {{spec}} --out {{out}}
+
+# The same on tiny models (CPU minutes): Table 1's and the two ablations' methods over four cells of
+# the demo's mini benchmark (`pnd demo --paper`: runs in `out`/runs, figures in `out`/figures),
+# then `pnd figures` over those runs again, with the shipped figures moved onto those cells.
+paper-figures-tiny out="pnd-paper-figures":
+    cargo run --release -p runner --bin pnd -- demo --paper --out {{out}}
+    just paper-figures {{out}}/runs {{out}}/figures {{out}}/figures.toml
+
 # Tables and figures of a run folder.
 report run:
     cargo run --release -p runner --bin pnd -- report {{run}}

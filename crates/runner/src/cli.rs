@@ -29,6 +29,8 @@ pub enum Command {
     Merge(commands::sweep::MergeArgs),
     /// Tables, Pareto plots, per-subject bars, image grids and index.html of a run (or of several in one table).
     Report(commands::report::ReportArgs),
+    /// The paper's qualitative figures (Figs. 1, 4, 6-8) from a figure file: PNG, SVG and LaTeX.
+    Figures(commands::figures::FiguresArgs),
     /// Score a folder of images made by any method into a run folder, under a metric protocol.
     Eval(Box<commands::eval::EvalArgs>),
     /// Generate one image: Stable Diffusion (plain, DreamBooth, Textual Inversion) or BLIP-Diffusion.
@@ -53,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => commands::sweep::run(args),
         Command::Merge(args) => commands::sweep::merge_run(args),
         Command::Report(args) => commands::report::run(args),
+        Command::Figures(args) => commands::figures::run(args),
         Command::Eval(args) => commands::eval::run(*args),
         Command::Generate(args) => commands::generate::run(*args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),

@@ -259,7 +259,13 @@ struct MethodParts {
     compare_to: Option<String>,
 }
 
-fn located(text: &str, file: &str, span: std::ops::Range<usize>, problem: Problem) -> ConfigError {
+/// A problem at a span of a config file's text, with the span's line and column.
+pub(crate) fn located(
+    text: &str,
+    file: &str,
+    span: std::ops::Range<usize>,
+    problem: Problem,
+) -> ConfigError {
     let (line, column) = config_line_column(text, span.start);
     ConfigError::Invalid {
         file: file.to_string(),

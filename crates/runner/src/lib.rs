@@ -4,6 +4,7 @@ pub mod cli;
 pub mod commands;
 pub mod demo;
 pub mod experiment;
+pub mod figures;
 pub mod jobs;
 pub mod lists;
 pub mod progress;

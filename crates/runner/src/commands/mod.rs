@@ -4,6 +4,7 @@ pub mod common;
 pub mod dataset;
 pub mod demo;
 pub mod eval;
+pub mod figures;
 pub mod generate;
 pub mod invert;
 pub mod oracle;

@@ -3,6 +3,7 @@
 //! subjects, generation with and without Pick-and-Draw, scoring, the table and the plots.
 //! Tiny random models make meaningless numbers: the demo shows that the pipeline works.
 
+pub mod paper;
 pub mod subjects;
 
 use crate::commands::sweep::{open_run, plan_with_provenance};

@@ -18,14 +18,7 @@ const LABEL: u32 = 20;
 
 /// Writes `text` into `img` at (x, y) (top left), in the report's bundled font.
 fn draw_text(img: &mut RgbImage, text: &str, (x, y): (u32, u32), size: f64) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    super::plots::register_font();
-    let (w, h) = img.dimensions();
-    let root = BitMapBackend::with_buffer(img.as_mut(), (w, h)).into_drawing_area();
-    let style = (super::plots::FONT, size).into_font().color(&BLACK);
-    root.draw(&Text::new(text.to_string(), (x as i32, y as i32), style))
-        .and_then(|_| root.present())
-        .map_err(|e| anyhow::anyhow!("drawing the label '{text}': {e}"))
+    super::text::draw_text(img, text, (x as i64, y as i64), size)
 }
 
 /// A label cut to about `max` characters.

@@ -12,6 +12,7 @@ pub mod plots;
 pub mod protocols;
 pub mod rows;
 pub mod tables;
+pub mod text;
 pub mod timing;
 
 use crate::sweep::{write_file_atomic, RunStore};

@@ -68,6 +68,9 @@ pub enum Problem {
     /// Guidance settings that parse but make no sense (e.g. `tau = 2`).
     #[error("guidance settings: {0}")]
     Guidance(String),
+    /// A figure file's value that parses but cannot be drawn (see `crate::figures::spec`).
+    #[error("{0}")]
+    Figure(String),
 }
 
 /// 1-based line and column of a byte offset.
