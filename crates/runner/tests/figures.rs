@@ -212,16 +212,19 @@ fn a_figure_has_the_specs_rows_columns_titles_and_cells() {
     assert!(svg.contains("width=\"2.0000in\""));
     assert_eq!(svg.matches("<image ").count(), 6);
     assert_eq!(svg.matches("data:image/png;base64,").count(), 6);
-    for text in [
-        ">Reference</text>",
-        ">Method A</text>",
-        ">B + P&amp;D &lt;x&gt;</text>",
-        ">a V* dog in the jungle</text>",
-        ">a V* can on a cobblestone street</text>",
-    ] {
-        assert!(svg.contains(text), "{text} not in the SVG");
+    // Titles as the spec says (default: the method's label), wrapped at spaces where a column
+    // is too narrow for them; the prompts with V* for the identifier.
+    let titles: Vec<String> = l.titles.iter().map(|(lines, _)| lines.join(" ")).collect();
+    assert_eq!(titles, ["Reference", "Method A", "B + P&D <x>"]);
+    assert!(l.titles[2].0.len() == 2, "{:?}", l.titles);
+    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut texts: Vec<String> = l.titles.iter().flat_map(|(lines, _)| lines.clone()).collect();
+    texts.extend(["a V* dog in the jungle".into(), "a V* can on a cobblestone street".into()]);
+    for text in &texts {
+        let element = format!(">{}</text>", escape(text));
+        assert!(svg.contains(&element), "{element} not in the SVG");
     }
-    assert_eq!(svg.matches("<text ").count(), 5);
+    assert_eq!(svg.matches("<text ").count(), texts.len());
 
     // The LaTeX snippet includes the PNG at the text width, with the spec's caption and label.
     let tex = std::fs::read_to_string(&w.tex).unwrap();
@@ -319,11 +322,13 @@ fn a_missing_cell_and_an_unknown_method_are_one_clear_error_and_nothing_is_writt
 
     // An unknown method: the error points into the spec and lists every run's methods.
     let err = try_spec(
-        &SPEC.replace("{ method = \"b\", ", "{ method = \"zz\", "),
+        &SPEC
+            .replace("{ method = \"a\" }", "{ method = \"a\", run = \"runA\" }")
+            .replace("{ method = \"b\", ", "{ method = \"zz\", "),
         &[run.clone(), other.clone()],
     );
     assert!(
-        err.starts_with(&format!("{}:14:", spec.display()))
+        err.starts_with(&format!("{}:12:16:", spec.display()))
             && err.contains("figure 'grid', column 3: unknown method 'zz'")
             && err.contains(&format!("runA ('{}'): a, b", run.display()))
             && err.contains(&format!("runB ('{}'): a, c", other.display())),

@@ -331,7 +331,7 @@ rows = [{ subject = "dog6", prompt = 10 }, { subject = "can", prompt = 3, seed =
             ),
             (
                 ONE.replace("\"dog6\"", "\"unicorn\""),
-                "f.toml:5:22",
+                "f.toml:5:21",
                 "unknown subject 'unicorn'",
             ),
             (
@@ -354,7 +354,7 @@ rows = [{ subject = "dog6", prompt = 10 }, { subject = "can", prompt = 3, seed =
                     "{ method = \"db\", title = \"DreamBooth\" }",
                     "{ method = \"reference\" }",
                 ),
-                "f.toml:3:8",
+                "f.toml:2:8",
                 "needs a column of a method",
             ),
         ];
