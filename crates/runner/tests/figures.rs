@@ -217,9 +217,20 @@ fn a_figure_has_the_specs_rows_columns_titles_and_cells() {
     let titles: Vec<String> = l.titles.iter().map(|(lines, _)| lines.join(" ")).collect();
     assert_eq!(titles, ["Reference", "Method A", "B + P&D <x>"]);
     assert!(l.titles[2].0.len() == 2, "{:?}", l.titles);
-    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    let mut texts: Vec<String> = l.titles.iter().flat_map(|(lines, _)| lines.clone()).collect();
-    texts.extend(["a V* dog in the jungle".into(), "a V* can on a cobblestone street".into()]);
+    let escape = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut texts: Vec<String> = l
+        .titles
+        .iter()
+        .flat_map(|(lines, _)| lines.clone())
+        .collect();
+    texts.extend([
+        "a V* dog in the jungle".into(),
+        "a V* can on a cobblestone street".into(),
+    ]);
     for text in &texts {
         let element = format!(">{}</text>", escape(text));
         assert!(svg.contains(&element), "{element} not in the SVG");

@@ -47,10 +47,15 @@ impl Layout {
         let left = (width - n * cell - (n - 1) * gap) / 2;
         let em = px(fig.font_size);
         let line = (em * 1.25).ceil();
-        let titles: Vec<(Vec<String>, f64)> = titles
+        // A gap's width inside the column too, so that two titles never touch.
+        // All titles at one size: the largest at which each fits.
+        let room = (cell - gap) as f64;
+        let size = titles
             .iter()
-            .map(|t| fit_lines(t, cell as f64, em))
-            .collect();
+            .map(|t| fit_lines(t, room, em).1)
+            .fold(em, f64::min);
+        let titles: Vec<(Vec<String>, f64)> =
+            titles.iter().map(|t| fit_lines(t, room, size)).collect();
         let most = titles.iter().map(|(l, _)| l.len()).max().unwrap_or(1) as f64;
         let header = (most * line + em * 0.4).ceil() as u32;
         let label = (em * 1.6).ceil() as u32;
@@ -95,7 +100,9 @@ impl Layout {
         }
         for (r, p) in prompts.iter().enumerate() {
             let (_, top) = self.cell_origin(r, 0);
-            let (lines, em) = fit_lines(p, self.width as f64 - 2.0 * self.gap as f64, self.em);
+            // At the titles' size (one size for all text), smaller if it must.
+            let start = self.titles.first().map_or(self.em, |t| t.1);
+            let (lines, em) = fit_lines(p, self.width as f64 - 2.0 * self.gap as f64, start);
             let text = lines.join(" ");
             let baseline = (top + self.cell) as f64 + em * 1.15;
             out.push((text, self.width as f64 / 2.0, baseline, em));
