@@ -112,17 +112,10 @@ pub struct DemoOutput {
     pub table_markdown: String,
 }
 
-/// Runs the demo into `root` (models, data, run, report). Rerunning resumes.
-pub fn run_demo(
-    root: &Path,
-    tokenizer: Option<&Path>,
-    progress: bool,
-    runtime: &RuntimeArgs,
-) -> anyhow::Result<DemoOutput> {
-    // The device first (the demo experiment has no `[runtime]` table, so the flags alone decide
-    // it): a GPU that does not answer is one error before anything is written.
-    let requested = runtime.over(&RuntimeConfig::default());
-    let opened = Runtime::open(&requested)?;
+/// Writes what the demo runs on under `root`, where it is missing: the tiny Stable Diffusion
+/// (`models/sd`) and metric models (`models/dino`, `models/clip`) and the mini benchmark
+/// (`data`). Returns the canonical root and the CLIP tokenizer folder the models were made with.
+pub fn demo_inputs(root: &Path, tokenizer: Option<&Path>) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(root).with_context(|| format!("creating '{}'", root.display()))?;
     let root = root.canonicalize()?;
     let tokenizer = find_tokenizer(tokenizer, &root.join("models/clip-tokenizer"))?;
@@ -137,6 +130,21 @@ pub fn run_demo(
     if !root.join("data").is_dir() {
         subjects::write_mini_benchmark(&root.join("data"), 3, 128)?;
     }
+    Ok((root, tokenizer))
+}
+
+/// Runs the demo into `root` (models, data, run, report). Rerunning resumes.
+pub fn run_demo(
+    root: &Path,
+    tokenizer: Option<&Path>,
+    progress: bool,
+    runtime: &RuntimeArgs,
+) -> anyhow::Result<DemoOutput> {
+    // The device first (the demo experiment has no `[runtime]` table, so the flags alone decide
+    // it): a GPU that does not answer is one error before anything is written.
+    let requested = runtime.over(&RuntimeConfig::default());
+    let opened = Runtime::open(&requested)?;
+    let (root, _) = demo_inputs(root, tokenizer)?;
     let exp_path = root.join("demo.toml");
     write_file_atomic(&exp_path, demo_experiment_toml(&root).as_bytes())?;
     let mut exp = Experiment::load(&exp_path)?;

@@ -16,7 +16,7 @@ use crate::runtime::{Runtime, RuntimeArgs, RuntimeConfig};
 use crate::sweep::{run_jobs, write_file_atomic, Shard};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use tiny::{write_tiny_embedding, write_tiny_metric_models, write_tiny_model, TinySpec};
+use tiny::{write_tiny_embedding, write_tiny_model, TinySpec};
 use toml::Spanned;
 
 /// The shipped figure file and the experiments whose method names it uses.
@@ -65,56 +65,39 @@ pub fn on_cells(file: &FigureFile, cells: &[(&str, usize, u64)]) -> FigureFile {
     out
 }
 
-/// The tiny experiment of one shipped experiment: its name and methods over the tiny models,
-/// the mini benchmark's `cells`, few steps and a small size.
+/// The tiny experiment of one shipped experiment: its name and methods over the demo's tiny
+/// models, data and metric models (`pnd demo`'s experiment), the per-subject models of
+/// [`run_paper_demo`], the subjects, prompts and seeds of [`CELLS`], and fewer steps.
 pub fn tiny_experiment(shipped: &str, root: &Path) -> anyhow::Result<String> {
     let table: toml::Table = toml::from_str(shipped).context("parsing a shipped experiment")?;
     let p = |s: &str| root.join(s).display().to_string().replace('\\', "/");
-    let mut subjects: Vec<&str> = CELLS.iter().map(|c| c.0).collect();
-    let mut prompts: Vec<usize> = CELLS.iter().map(|c| c.1).collect();
-    let mut seeds: Vec<u64> = CELLS.iter().map(|c| c.2).collect();
-    for v in [&mut subjects] {
-        v.sort();
-        v.dedup();
-    }
-    prompts.sort();
-    prompts.dedup();
-    seeds.sort();
-    seeds.dedup();
-    let base = format!(
-        r#"subjects = {subjects:?}
-prompts = {prompts:?}
-seeds = {seeds:?}
-
-[models]
-base = "{sd}"
-dreambooth = "{db}/{{subject}}"
-textual_inversion = "{ti}/{{subject}}/learned_embeds.safetensors"
-blip_diffusion = "{blip}"
-
-[generation]
-steps = 6
-height = 64
-width = 64
-
-[metrics]
-data = "{data}"
-dino = "{dino}"
-clip = "{clip}"
-
-[guidance]
-layout_window = [0, 2]
-appearance_window = [2, 4]
-"#,
-        sd = p("models/sd"),
-        db = p("models/dreambooth"),
-        ti = p("models/textual-inversion"),
-        blip = p("models/blip"),
-        data = p("data"),
-        dino = p("models/dino"),
-        clip = p("models/clip"),
+    let mut tiny: toml::Table =
+        toml::from_str(&super::demo_experiment_toml(root)).expect("the demo experiment parses");
+    tiny.remove("description");
+    let unique = |v: Vec<toml::Value>| {
+        let mut out: Vec<toml::Value> = Vec::new();
+        for x in v {
+            if !out.contains(&x) {
+                out.push(x);
+            }
+        }
+        toml::Value::Array(out)
+    };
+    let column = |f: fn(&(&str, usize, u64)) -> toml::Value| unique(CELLS.iter().map(f).collect());
+    tiny.insert("subjects".into(), column(|c| c.0.into()));
+    tiny.insert("prompts".into(), column(|c| (c.1 as i64).into()));
+    tiny.insert("seeds".into(), column(|c| (c.2 as i64).into()));
+    // Over the demo's settings: the per-subject models, fewer steps, the windows within them.
+    let settings = format!(
+        "[models]\ndreambooth = \"{}\"\ntextual_inversion = \"{}\"\nblip_diffusion = \"{}\"\n\
+         [generation]\nsteps = 6\n\
+         [guidance]\nlayout_window = [0, 2]\nappearance_window = [2, 4]\n",
+        p("models/dreambooth/{subject}"),
+        p("models/textual-inversion/{subject}/learned_embeds.safetensors"),
+        p("models/blip"),
     );
-    let mut tiny: toml::Table = toml::from_str(&base).expect("the tiny settings parse");
+    let settings: toml::Table = toml::from_str(&settings).expect("the tiny settings parse");
+    crate::experiment::merge(&mut tiny, settings);
     for key in ["name", "methods"] {
         let v = table
             .get(key)
@@ -144,18 +127,9 @@ pub fn run_paper_demo(
 ) -> anyhow::Result<PaperDemo> {
     let requested = runtime.over(&RuntimeConfig::default());
     Runtime::open(&requested)?;
-    std::fs::create_dir_all(root).with_context(|| format!("creating '{}'", root.display()))?;
-    let root = root.canonicalize()?;
-    let tokenizer = super::find_tokenizer(tokenizer, &root.join("models/clip-tokenizer"))?;
+    let (root, tokenizer) = super::demo_inputs(root, tokenizer)?;
     let models = root.join("models");
     let spec = TinySpec::default();
-    if !models.join("sd/model_index.json").is_file() {
-        eprintln!("demo: writing tiny models to '{}'", models.display());
-        write_tiny_model(&models.join("sd"), 0, &tokenizer, &spec)?;
-    }
-    if !models.join("clip/model.safetensors").is_file() {
-        write_tiny_metric_models(&models, &tokenizer, 0)?;
-    }
     if !models.join("blip/model_index.json").is_file() {
         tiny::blip::write_tiny_blip_model(
             &models.join("blip"),
@@ -182,9 +156,6 @@ pub fn run_paper_demo(
             std::fs::create_dir_all(ti.parent().expect("a folder"))?;
             write_tiny_embedding(&ti, &format!("<{s}>"), 20 + i as u64, &spec)?;
         }
-    }
-    if !root.join("data").is_dir() {
-        super::subjects::write_mini_benchmark(&root.join("data"), 3, 128)?;
     }
     let cache = root.join("cache");
     let mut runs = Vec::new();
