@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod invert;
+pub mod maps;
 pub mod oracle;
 pub mod report;
 pub mod score;
