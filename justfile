@@ -79,6 +79,12 @@ paper-figures-tiny out="pnd-paper-figures":
     cargo run --release -p runner --bin pnd -- demo --paper --out {{out}}
     just paper-figures {{out}}/runs {{out}}/figures {{out}}/figures.toml
 
+# Fig. 3 on the tiny model: the cross-attention maps of every UNet layer, the appearance masks and
+# the layout loss's smoothed maps of one generation (writes {{out}}/maps.png and its tensors).
+maps-tiny out="pnd-maps":
+    cargo run --release -p runner --bin pnd -- tiny-model --out {{out}}/model
+    cargo run --release -p runner --bin pnd -- maps --model {{out}}/model --prompt "a photo of a dog on the beach" --class dog --steps 20 --step 10 --overlay --out {{out}}
+
 # Tables and figures of a run folder.
 report run:
     cargo run --release -p runner --bin pnd -- report {{run}}

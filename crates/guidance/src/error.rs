@@ -128,6 +128,10 @@ pub enum Error {
     #[error("{what}: nothing for step {step}")]
     MissingStep { what: &'static str, step: usize },
 
+    /// A sampling step index past the schedule (`pnd maps --step`).
+    #[error("step {step} is outside the {steps}-step schedule (steps 0 to {last})", last = steps.saturating_sub(1))]
+    StepOutOfRange { step: usize, steps: usize },
+
     /// A stored tensor file without a tensor it must hold.
     #[error("'{path}' has no tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },

@@ -90,13 +90,20 @@ pub fn layer_distance(
             got: generated.dims().to_vec(),
         });
     }
-    let prep = |m: &Tensor| -> Result<Tensor> {
-        let (k, h, w) = m.dims3()?;
-        let n = min_max_normalize(&m.reshape((k, h * w))?)?.reshape((k, h, w))?;
-        smooth(&n, kernel, sigma)
-    };
-    let d = (prep(generated)? - prep(&template.detach())?)?;
+    let d =
+        (layout_maps(generated, kernel, sigma)? - layout_maps(&template.detach(), kernel, sigma)?)?;
     frobenius(&d)
+}
+
+/// What ℓ_lay compares of one layer: `G(N(maps))`, each token's map min–max normalized over
+/// space (N) and smoothed by the 3×3 Gaussian (G). `pnd maps` draws these.
+///
+/// # Shapes
+/// - `maps`: `[k, h, w]` → `[k, h, w]`
+pub fn layout_maps(maps: &Tensor, kernel: Kernel, sigma: f64) -> Result<Tensor> {
+    let (k, h, w) = maps.dims3()?;
+    let n = min_max_normalize(&maps.reshape((k, h * w))?)?.reshape((k, h, w))?;
+    smooth(&n, kernel, sigma)
 }
 
 /// ℓ_lay: the mean of [`layer_distance`] over layers (each `(generated, template)`).

@@ -9,6 +9,7 @@
 //! - [`inversion`]: null-text inversion of the reference; [`palette`]: the reference features
 //!   taken from its replay; [`store`]: their files; [`cache`]: the on-disk caches;
 //! - [`pipeline`] and [`blip`]: one guided image end to end;
+//! - [`inspect`]: what the losses see at one step (the maps, masks and smoothed maps of Fig. 3);
 //! - [`config`]: every setting with the paper's default; [`trace`]: the JSON-lines trace;
 //! - [`readback`]: the device→host copies of a guided step, counted.
 
@@ -19,6 +20,7 @@ pub mod capture;
 pub mod config;
 pub mod error;
 pub mod guide;
+pub mod inspect;
 pub mod inversion;
 pub mod layout;
 pub mod maps;

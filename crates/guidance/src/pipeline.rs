@@ -132,20 +132,44 @@ pub fn inversion_prompt(class: &str, identifier: Option<&str>) -> String {
     }
 }
 
-/// The reference palette of `req`, from the cache when it holds it.
-pub fn reference_palette(
+/// The reference's side of a guided generation: its inversion prompt, the subject token's
+/// position in it and the key of its cached inversion and palette. [`reference_palette`] and
+/// `pnd maps --reference` ([`crate::inspect`]) both start here, so they read one cache entry.
+#[derive(Debug, Clone)]
+pub struct ReferenceSetup {
+    /// The inversion prompt ([`inversion_prompt`]).
+    pub prompt: String,
+    /// Position of the subject token in `prompt`'s 77 ids.
+    pub subject: usize,
+    pub key: CacheKey,
+}
+
+/// What identifies the reference's inversion: the reference image, the class and identifier, the
+/// model and the generation's schedule and size.
+#[derive(Debug, Clone, Copy)]
+pub struct ReferenceSpec<'a> {
+    pub reference: &'a Path,
+    pub class: &'a str,
+    pub identifier: Option<&'a str>,
+    /// Names the model in the cache key (the model argument and any embedding file).
+    pub model_key: &'a str,
+    pub steps: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// The [`ReferenceSetup`] of `spec` with `sd` and `config`.
+pub fn reference_setup(
     sd: &StableDiffusion,
     config: &GuidanceConfig,
-    req: &PickAndDrawRequest,
-    timings: &mut Timings,
-) -> Result<Palette> {
-    let sites = appearance_sites(sd, config)?;
-    let prompt = inversion_prompt(&req.class, req.identifier.as_deref());
+    spec: &ReferenceSpec<'_>,
+) -> Result<ReferenceSetup> {
+    let prompt = inversion_prompt(spec.class, spec.identifier);
     let subject_word = subject_word(
         sd,
         &prompt,
-        &req.class,
-        req.identifier.as_deref(),
+        spec.class,
+        spec.identifier,
         config.subject_token,
     )?;
     let subject = *sd
@@ -154,27 +178,55 @@ pub fn reference_palette(
         .last()
         .expect("non-empty");
     let key = CacheKey {
-        model: req.model_key.clone(),
-        image_sha256: file_sha256(&req.reference)?,
+        model: spec.model_key.to_string(),
+        image_sha256: file_sha256(spec.reference)?,
         prompt: prompt.clone(),
-        steps: req.steps,
-        height: req.height,
-        width: req.width,
+        steps: spec.steps,
+        height: spec.height,
+        width: spec.width,
         scheduler: format!("{:?}", sd.scheduler),
         inversion: format!("{:?}", config.inversion),
         dtype: format!("{:?}", sd.dtype()),
     };
+    Ok(ReferenceSetup {
+        prompt,
+        subject,
+        key,
+    })
+}
+
+/// The reference palette of `req`, from the cache when it holds it.
+pub fn reference_palette(
+    sd: &StableDiffusion,
+    config: &GuidanceConfig,
+    req: &PickAndDrawRequest,
+    timings: &mut Timings,
+) -> Result<Palette> {
+    let sites = appearance_sites(sd, config)?;
+    let setup = reference_setup(
+        sd,
+        config,
+        &ReferenceSpec {
+            reference: &req.reference,
+            class: &req.class,
+            identifier: req.identifier.as_deref(),
+            model_key: &req.model_key,
+            steps: req.steps,
+            height: req.height,
+            width: req.width,
+        },
+    )?;
     // The replay's conditioning: the inversion prompt's embedding (as `palette_from_inversion`).
-    let cond = sd.encode_prompt(&prompt)?;
+    let cond = sd.encode_prompt(&setup.prompt)?;
     cached_palette(
         sd,
         &req.cache_dir,
-        &key,
-        &PaletteSpec::new(config, &sites, subject),
+        &setup.key,
+        &PaletteSpec::new(config, &sites, setup.subject),
         &cond,
         || {
             let img = load_reference_image(&req.reference, req.height, req.width)?;
-            invert(sd, &img, &prompt, req.steps, &config.inversion)
+            invert(sd, &img, &setup.prompt, req.steps, &config.inversion)
         },
         timings,
     )

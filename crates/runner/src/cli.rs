@@ -39,6 +39,9 @@ pub enum Command {
     TinyModel(commands::generate::TinyModelArgs),
     /// Null-text inversion of a reference image (Pick-and-Draw's appearance palette).
     Invert(commands::invert::InvertArgs),
+    /// Cross-attention maps of every UNet layer at one step, with the appearance masks and the
+    /// layout loss's smoothed maps (the paper's Fig. 3), of a generation or the inverted reference.
+    Maps(Box<commands::maps::MapsArgs>),
     /// DINO, CLIP-I and CLIP-T of generated images against real images and a prompt.
     Score(commands::score::ScoreArgs),
     /// The real-image oracle row (each real image against the others of its subject).
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => commands::generate::run(*args),
         Command::TinyModel(args) => commands::generate::run_tiny_model(args),
         Command::Invert(args) => commands::invert::run(args),
+        Command::Maps(args) => commands::maps::run(*args),
         Command::Score(args) => commands::score::run(args),
         Command::Oracle(args) => commands::oracle::run(args),
         Command::Train(cmd) => commands::train::run(cmd),

@@ -215,6 +215,50 @@ fn demo_matches_golden_and_survives_kills_and_shards() {
         assert!(report.join(f).is_file(), "{f} not beside the report");
         assert!(page.contains(&format!("href=\"{f}\"")), "{f} not linked");
     }
+    // The runtime table (Table 3, issue 27): a line per method with its device, precision and
+    // image count, then the paper's RTX 4090 lines; in report.md, on the page, and as LaTeX.
+    let runtime = front
+        .split("## Runtime (Table 3)")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .unwrap_or_else(|| panic!("no runtime table in report.md:\n{front}"));
+    let lines: Vec<&str> = runtime.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(lines.len(), 1 + 2 + 2, "{runtime}");
+    for (line, label) in lines[1..3]
+        .iter()
+        .zip(["Stable Diffusion", "Stable Diffusion + Pick-and-Draw"])
+    {
+        assert!(
+            line.starts_with(&format!("| {label} | cpu | f32 | 6 | ")),
+            "{line}"
+        );
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let generation: f64 = cells[4].parse().unwrap();
+        assert!(generation > 0.0, "{line}");
+    }
+    // The guided method's line: its amortized inversion was measured, and it is set against SD.
+    assert!(lines[2].ends_with("× |"), "{}", lines[2]);
+    assert!(lines[3].starts_with("| Paper (Table 3): Stable Diffusion | RTX 4090 (paper) |"));
+    assert!(lines[4].contains("| 28.9 |") && lines[4].ends_with("| 3.7× |"));
+    assert!(
+        page.contains("<h2>Runtime (Table 3)</h2>"),
+        "runtime table not on the page"
+    );
+    assert!(
+        page.contains("href=\"runtime.tex\""),
+        "runtime.tex not linked"
+    );
+    let tex = std::fs::read_to_string(report.join("runtime.tex")).unwrap();
+    for label in [
+        "Stable Diffusion & cpu & f32 & 6 &",
+        "Stable Diffusion + Pick-and-Draw & cpu & f32 & 6 &",
+    ] {
+        assert!(tex.contains(label), "{tex}");
+    }
+    assert!(
+        tex.contains("\\emph{Paper (Table 3), RTX 4090}") && tex.contains("& 28.9 &"),
+        "{tex}"
+    );
 
     // 2. Killed and resumed: the same table, byte for byte.
     let run2 = tmp.path().join("killed");

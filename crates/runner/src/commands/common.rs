@@ -21,6 +21,18 @@ pub struct EmbeddingArgs {
     pub embedding_token: Option<String>,
 }
 
+impl EmbeddingArgs {
+    /// How `model` with these embeddings is named in the palette cache's keys (`pnd generate
+    /// --pick-and-draw` and `pnd maps --reference` share entries through it).
+    pub fn model_key(&self, model: &str) -> String {
+        match (&self.embeddings, &self.embedding_token) {
+            (Some(e), Some(token)) => format!("{model}+{}@{token}", e.display()),
+            (Some(e), None) => format!("{model}+{}", e.display()),
+            (None, _) => model.to_string(),
+        }
+    }
+}
+
 /// A Stable Diffusion model with its base and Textual Inversion embeddings, on `runtime`'s device
 /// and in its precision; says on stderr which token a Textual Inversion vector is bound to.
 pub fn load_model(

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod figures;
 pub mod generate;
 pub mod invert;
+pub mod maps;
 pub mod oracle;
 pub mod report;
 pub mod score;

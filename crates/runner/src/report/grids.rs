@@ -17,7 +17,12 @@ const HEADER: u32 = 24;
 const LABEL: u32 = 20;
 
 /// Writes `text` into `img` at (x, y) (top left), in the report's bundled font.
-fn draw_text(img: &mut RgbImage, text: &str, (x, y): (u32, u32), size: f64) -> anyhow::Result<()> {
+pub(super) fn draw_text(
+    img: &mut RgbImage,
+    text: &str,
+    (x, y): (u32, u32),
+    size: f64,
+) -> anyhow::Result<()> {
     super::text::draw_text(img, text, (x as i64, y as i64), size)
 }
 

@@ -1,5 +1,6 @@
 //! `pnd report RUN_DIR`: tables (Markdown, LaTeX, CSV), Pareto plots, per-subject bars and image
-//! grids from a run folder's rows (SPEC §8), and `index.html`, one page showing them all.
+//! grids from a run folder's rows (SPEC §8), and `index.html`, one page showing them all; and
+//! the sheet of `pnd maps` ([`maps`]).
 //! Aggregation uses polars; figures use plotters.
 
 pub mod aggregate;
@@ -7,6 +8,7 @@ pub mod gate;
 pub mod grids;
 pub mod header;
 pub mod html;
+pub mod maps;
 pub mod paired;
 pub mod plots;
 pub mod protocols;
@@ -288,12 +290,19 @@ pub fn write_report_with(
     let mut files = Vec::new();
     let md = tables::markdown(&table);
     let head = compose_header(&heads, &gate);
-    let time = timing::markdown(&rows, &infos, &builds);
+    let timings = timing::method_timings(&rows, &infos);
+    let runtime = timing::runtime_rows(&timings, &summaries, &infos);
+    let time = format!(
+        "{}\n{}",
+        timing::runtime_markdown(&runtime),
+        timing::markdown(&timings, &builds)
+    );
     for (name, text) in [
         ("report.md", format!("{head}\n## Table\n\n{md}\n{time}")),
         ("table.md", md.clone()),
         ("table.tex", tables::latex(&table)),
         ("table.csv", tables::csv(&table)?),
+        ("runtime.tex", timing::runtime_latex(&runtime)),
     ] {
         let p = dir.join(name);
         write_file_atomic(&p, text.as_bytes())?;

@@ -296,7 +296,7 @@ pub fn markdown(rows: &[TableRow]) -> String {
     s
 }
 
-fn latex_escape(text: &str) -> String {
+pub(super) fn latex_escape(text: &str) -> String {
     text.replace('\\', "\\textbackslash{}")
         .replace('&', "\\&")
         .replace('%', "\\%")

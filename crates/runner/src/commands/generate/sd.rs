@@ -85,11 +85,7 @@ fn guided_latents(
         "pick-and-draw: layout template from '{}'",
         template_model.unwrap_or(model)
     );
-    let model_key = match (&args.ti.embeddings, &args.ti.embedding_token) {
-        (Some(e), Some(token)) => format!("{model}+{}@{token}", e.display()),
-        (Some(e), None) => format!("{model}+{}", e.display()),
-        (None, _) => model.to_string(),
-    };
+    let model_key = args.ti.model_key(model);
     let guided = requests::Guided {
         reference,
         class,
