@@ -21,7 +21,8 @@ fn draw_text(img: &mut RgbImage, text: &str, (x, y): (u32, u32), size: f64) -> a
     use plotters::prelude::*;
     super::plots::register_font();
     let (w, h) = img.dimensions();
-    let root = BitMapBackend::with_buffer(img.as_mut(), (w, h)).into_drawing_area();
+    let root = super::glyphs::GlyphBackend::new(BitMapBackend::with_buffer(img.as_mut(), (w, h)))
+        .into_drawing_area();
     let style = (super::plots::FONT, size).into_font().color(&BLACK);
     root.draw(&Text::new(text.to_string(), (x as i32, y as i32), style))
         .and_then(|_| root.present())
