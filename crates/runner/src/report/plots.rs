@@ -97,6 +97,24 @@ pub(super) fn metric_name(metric: &str) -> String {
     }
 }
 
+/// A tick value as a reader writes it: the decimals the axis' steps need (a tenth of `span`,
+/// one more for steps like 0.025), trailing zeros dropped, and zero never "-0.0".
+pub fn tick_label(v: f64, span: f64) -> String {
+    let decimals = if span > 0.0 && span.is_finite() {
+        (1.0 - (span / 10.0).log10().floor()).clamp(0.0, 12.0) as usize
+    } else {
+        3
+    };
+    let mut s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    if s == "-0" {
+        s = "0".into();
+    }
+    s
+}
+
 /// A box on the canvas, in pixels (y down).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rect {
@@ -230,7 +248,7 @@ pub fn place_labels(
 }
 
 /// A method's marker: one colour per baseline, filled when guided, and one shape per method of
-/// the same colour and fill, so two methods at one spot stay apart.
+/// the same baseline (circle, square, triangle...), so two methods at one spot stay apart.
 #[derive(Debug, Clone, Copy)]
 struct Marker {
     color: RGBColor,
@@ -239,13 +257,12 @@ struct Marker {
 }
 
 fn markers(summaries: &[MethodSummary], infos: &[MethodInfo]) -> Vec<Marker> {
-    let mut seen: Vec<(String, bool)> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     summaries
         .iter()
         .map(|s| {
-            let class = (s.baseline.clone(), s.guided);
-            let shape = seen.iter().filter(|c| **c == class).count();
-            seen.push(class);
+            let shape = seen.iter().filter(|b| **b == s.baseline).count();
+            seen.push(&s.baseline);
             Marker {
                 color: baseline_color(&s.baseline, infos),
                 filled: s.guided,
@@ -258,10 +275,13 @@ fn markers(summaries: &[MethodSummary], infos: &[MethodInfo]) -> Vec<Marker> {
 /// Marker radius in pixels.
 const MARK: i32 = 6;
 
+/// Draws a marker; a hollow one `opaque` has a white inside (in the legend), else none (on the
+/// chart, where it is drawn over the filled ones so both of two methods at one spot show).
 fn draw_marker<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     (x, y): (i32, i32),
     m: Marker,
+    opaque: bool,
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -298,12 +318,16 @@ where
             (x - r, y + 2),
         ],
     };
-    let fill = if m.filled { m.color } else { WHITE };
+    let fill = (m.filled || opaque).then_some(if m.filled { m.color } else { WHITE });
     if points.is_empty() {
-        area.draw(&Circle::new((x, y), r, fill.filled()))?;
+        if let Some(fill) = fill {
+            area.draw(&Circle::new((x, y), r, fill.filled()))?;
+        }
         area.draw(&Circle::new((x, y), r, m.color.stroke_width(2)))?;
     } else {
-        area.draw(&Polygon::new(points.clone(), fill.filled()))?;
+        if let Some(fill) = fill {
+            area.draw(&Polygon::new(points.clone(), fill.filled()))?;
+        }
         let mut closed = points.clone();
         closed.push(points[0]);
         area.draw(&PathElement::new(closed, m.color.stroke_width(2)))?;
@@ -351,7 +375,7 @@ where
     for e in entries {
         let cy = y + 8;
         match e.marker {
-            Some(m) => draw_marker(area, (24, cy), m)?,
+            Some(m) => draw_marker(area, (24, cy), m, true)?,
             None => {
                 area.draw(&Rectangle::new(
                     [(18, cy - 6), (30, cy + 6)],
@@ -500,6 +524,8 @@ where
         [st.mean, st.ci_low, st.ci_high]
     }));
     let (xspan, yspan) = (xr.end - xr.start, yr.end - yr.start);
+    let x_ticks = move |v: &f64| tick_label(*v, xspan);
+    let y_ticks = move |v: &f64| tick_label(*v, yspan);
     let mut chart = ChartBuilder::on(&plot)
         .caption(format!("{y_name} vs CLIP-T"), (FONT, 22))
         .margin(15)
@@ -511,6 +537,8 @@ where
         .configure_mesh()
         .x_desc("CLIP-T (text alignment)")
         .y_desc(format!("{y_name} (subject fidelity)"))
+        .x_label_formatter(&x_ticks)
+        .y_label_formatter(&y_ticks)
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 15))
         .draw()?;
@@ -627,8 +655,15 @@ where
             font.clone(),
         ))?;
     }
-    for (p, m) in points.iter().zip(&marks) {
-        draw_marker(&plot, (p.0 as i32, p.1 as i32), *m)?;
+    // Filled markers first, hollow ones over them.
+    for filled in [true, false] {
+        for (p, m) in points
+            .iter()
+            .zip(&marks)
+            .filter(|(_, m)| m.filled == filled)
+        {
+            draw_marker(&plot, (p.0 as i32, p.1 as i32), *m, false)?;
+        }
     }
     draw_legend(&legend, &entries, &columns, stacked)?;
     root.present()?;
@@ -701,6 +736,8 @@ where
         })
         .collect();
     let range = bar_range(subjects.iter().map(value));
+    let span = range.end - range.start;
+    let ticks = move |v: &f64| tick_label(*v, span);
     let title = format!("{} per subject", metric_name(metric));
     let n = names.len() as f64;
     // The legend goes below the chart, outside the bars.
@@ -724,6 +761,7 @@ where
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .x_label_formatter(&ticks)
         .y_labels(names.len() * 2 + 1)
         .y_label_formatter(&move |y| {
             // Row k spans [n-k-1, n-k): label at its middle, first subject on top.
@@ -980,9 +1018,14 @@ mod tests {
     fn pareto_labels_cover_no_label_marker_or_bar_and_stay_in_the_plot() {
         let (infos, summaries, paired) = crowded();
         let tmp = tempfile::tempdir().unwrap();
+        // To look at them: PND_KEEP_REPORT=/some/dir cargo test -p runner --lib report::plots
+        let dir = std::env::var_os("PND_KEEP_REPORT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| tmp.path().to_path_buf());
+        std::fs::create_dir_all(&dir).unwrap();
         for metric in ["dino", "clip_i", "dinov2"] {
             let (files, l) = pareto_layout(
-                &tmp.path().join(metric),
+                &dir.join(format!("crowded_{metric}")),
                 &summaries,
                 &infos,
                 &paired,
@@ -1030,6 +1073,16 @@ mod tests {
         assert_eq!(boxes.len(), 6);
         // The first two fit (above and below or beside): only later ones may overlap.
         assert!(!boxes[0].intersects(&boxes[1]), "{boxes:?}");
+    }
+
+    #[test]
+    fn ticks_read_as_written_by_hand() {
+        assert_eq!(tick_label(-1e-17, 0.3), "0");
+        assert_eq!(tick_label(-0.25, 0.3), "-0.25");
+        assert_eq!(tick_label(0.2000000001, 0.3), "0.2");
+        assert_eq!(tick_label(0.725, 0.3), "0.725");
+        assert_eq!(tick_label(85.0, 20.0), "85");
+        assert_eq!(tick_label(0.0025, 0.02), "0.0025");
     }
 
     #[test]
