@@ -209,9 +209,10 @@ fn figures_and_grids_are_written_and_decodable() {
     // To look at the figures: PND_KEEP_REPORT=/some/dir cargo test -p runner --test report
     if let Ok(keep) = std::env::var("PND_KEEP_REPORT") {
         let keep = Path::new(&keep);
-        std::fs::create_dir_all(keep.join("grids")).unwrap();
         for f in report.files.iter() {
-            std::fs::copy(f, keep.join(f.strip_prefix(&report.dir).unwrap())).unwrap();
+            let to = keep.join(f.strip_prefix(&report.dir).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(f, to).unwrap();
         }
     }
     for name in [

@@ -292,6 +292,13 @@ pub fn page(p: &Page) -> String {
         escape(title)
     );
     s.push_str(&markdown_to_html(p.head));
+    if p.dir.join(super::explore::PAGE).is_file() {
+        let _ = writeln!(
+            s,
+            "<p><strong><a href=\"{}\">Results explorer</a></strong>: every image of the run, filtered, sorted by any score, and every method side by side on one subject, prompt and seed.</p>",
+            super::explore::PAGE
+        );
+    }
     s.push_str("<h2>Table</h2>\n");
     s.push_str(&markdown_to_html(p.table));
     for (heading, prefix) in [("Pareto plots", "pareto_"), ("Per subject", "subjects_")] {

@@ -4,7 +4,9 @@
 //! Aggregation uses polars; figures use plotters.
 
 pub mod aggregate;
+pub mod explore;
 pub mod gate;
+pub mod glyphs;
 pub mod grids;
 pub mod header;
 pub mod html;
@@ -343,6 +345,19 @@ pub fn write_report_with(
         &rows,
         &infos,
     )?);
+    // The results explorer: every image, linked from the page (issue 27).
+    let explorer = explore::write_explorer(&explore::Explorer {
+        dir: &dir,
+        title: head
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("# Report of "),
+        runs,
+        rows: &rows,
+        infos: &infos,
+        summaries: &summaries,
+    })?;
     let labels: Vec<(String, String)> = infos
         .iter()
         .map(|i| (i.name.clone(), i.label.clone()))
@@ -357,6 +372,7 @@ pub fn write_report_with(
         methods: &labels,
     });
     files.extend(images);
+    files.extend(explorer);
     write_file_atomic(&dir.join("index.html"), page.as_bytes())?;
     files.push(dir.join("index.html"));
     Ok(ReportOutput {

@@ -8,7 +8,8 @@ use image::RgbImage;
 pub const EM_HEIGHT: f64 = (1901.0 + 483.0) / 2048.0;
 
 /// Writes `text` into `img` with its top left at (x, y), at plotters' `size` (px of ascent −
-/// descent). The baseline lies `size / 2` below `y` (how plotters' font renderer places glyphs).
+/// descent), each glyph at its own bearing ([`super::glyphs::GlyphBackend`]: plotters' bitmap
+/// text splits words). The baseline lies [`super::glyphs::BASELINE`]` · size` below `y`.
 pub fn draw_text(
     img: &mut RgbImage,
     text: &str,
@@ -18,7 +19,8 @@ pub fn draw_text(
     use plotters::prelude::*;
     super::plots::register_font();
     let (w, h) = img.dimensions();
-    let root = BitMapBackend::with_buffer(img.as_mut(), (w, h)).into_drawing_area();
+    let root = super::glyphs::GlyphBackend::new(BitMapBackend::with_buffer(img.as_mut(), (w, h)))
+        .into_drawing_area();
     let style = (super::plots::FONT, size).into_font().color(&BLACK);
     root.draw(&Text::new(text.to_string(), (x as i32, y as i32), style))
         .and_then(|_| root.present())
@@ -36,7 +38,10 @@ pub fn draw_centered(
     draw_text(
         img,
         text,
-        (x.round() as i64, (baseline - size / 2.0).round() as i64),
+        (
+            x.round() as i64,
+            (baseline - super::glyphs::BASELINE as f64 * size).round() as i64,
+        ),
         size,
     )
 }
