@@ -52,10 +52,10 @@ impl Layout {
         let room = (cell - gap) as f64;
         let size = titles
             .iter()
-            .map(|t| fit_lines(t, room, em).1)
+            .map(|t| fit_lines(t, room, em, 2).1)
             .fold(em, f64::min);
         let titles: Vec<(Vec<String>, f64)> =
-            titles.iter().map(|t| fit_lines(t, room, size)).collect();
+            titles.iter().map(|t| fit_lines(t, room, size, 2)).collect();
         let most = titles.iter().map(|(l, _)| l.len()).max().unwrap_or(1) as f64;
         let header = (most * line + em * 0.4).ceil() as u32;
         let label = (em * 1.6).ceil() as u32;
@@ -102,7 +102,7 @@ impl Layout {
             let (_, top) = self.cell_origin(r, 0);
             // At the titles' size (one size for all text), smaller if it must.
             let start = self.titles.first().map_or(self.em, |t| t.1);
-            let (lines, em) = fit_lines(p, self.width as f64 - 2.0 * self.gap as f64, start);
+            let (lines, em) = fit_lines(p, self.width as f64 - 2.0 * self.gap as f64, start, 1);
             let text = lines.join(" ");
             let baseline = (top + self.cell) as f64 + em * 1.15;
             out.push((text, self.width as f64 / 2.0, baseline, em));
@@ -111,20 +111,21 @@ impl Layout {
     }
 }
 
-/// `text` in at most two lines of at most `width` px: wrapped at spaces, shrunk (down to 0.6 of
-/// `em`) until it fits. Returns the lines and their em. A prompt (one line wanted) is asked for
-/// with the full width, so it wraps only when it cannot fit at all.
-fn fit_lines(text: &str, width: f64, em: f64) -> (Vec<String>, f64) {
+/// `text` in at most `max_lines` (1 or 2) lines of at most `width` px: wrapped at a space,
+/// shrunk (down to 0.6 of `em`) until it fits; at 0.6 em it is left as one line, too wide.
+/// Returns the lines and their em.
+fn fit_lines(text: &str, width: f64, em: f64, max_lines: usize) -> (Vec<String>, f64) {
     let mut size = em;
     loop {
         let fits = |s: &str| text_width(s, size * EM_HEIGHT) <= width;
         if fits(text) {
             return (vec![text.to_string()], size);
         }
-        // Two lines: the first split (at a space) whose halves both fit, the most balanced.
+        // Two lines: of the splits at a space whose halves both fit, the most balanced.
         let words: Vec<&str> = text.split(' ').collect();
+        let splits = if max_lines >= 2 { 1..words.len() } else { 0..0 };
         let mut best: Option<(f64, Vec<String>)> = None;
-        for k in 1..words.len() {
+        for k in splits {
             let (a, b) = (words[..k].join(" "), words[k..].join(" "));
             if fits(&a) && fits(&b) {
                 let worst = text_width(&a, size * EM_HEIGHT).max(text_width(&b, size * EM_HEIGHT));
@@ -348,6 +349,30 @@ mod tests {
         // The CRC of IEND (every PNG ends with it) and the check value of "123456789".
         assert_eq!(crc32(b"IEND"), 0xAE42_6082);
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn titles_wrap_to_two_lines_and_prompts_shrink_on_one() {
+        let em = 30.0;
+        let text = "DreamBooth + Pick-and-Draw";
+        let wide = text_width(text, em * EM_HEIGHT);
+        // Room for about 60% of it: a title wraps at full size, a prompt shrinks to fit.
+        let room = wide * 0.6;
+        let (lines, size) = fit_lines(text, room, em, 2);
+        assert_eq!((lines.len(), size), (2, em), "{lines:?}");
+        assert!(lines.iter().all(|l| text_width(l, em * EM_HEIGHT) <= room));
+        assert_eq!(lines.join(" "), text);
+        let room = wide * 0.8;
+        let (lines, size) = fit_lines(text, room, em, 1);
+        assert_eq!(lines, [text]);
+        assert!(
+            size < em && text_width(text, size * EM_HEIGHT) <= room,
+            "{size}"
+        );
+        // What cannot fit at 0.6 em stays one line at that size.
+        let (lines, size) = fit_lines(text, wide * 0.3, em, 1);
+        assert_eq!(lines.len(), 1);
+        assert!(size <= em * 0.6 && size > em * 0.55, "{size}");
     }
 
     #[test]
