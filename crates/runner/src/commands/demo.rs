@@ -32,7 +32,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let out = crate::demo::run_demo(&args.out, args.tokenizer.as_deref(), true, &args.runtime)?;
     print!("{}", out.table_markdown);
     println!(
-        "\nrun folder: {}\nreport (tables, Pareto plots, per-subject bars, image grids; index.html shows them all): {}",
+        "\nrun folder: {}\nreport (tables, Pareto plots, per-subject bars, image grids; index.html shows them all, explore.html every image): {}",
         out.run_dir.display(),
         out.report_dir.display()
     );

@@ -345,3 +345,81 @@ pub fn write_explorer(e: &Explorer) -> anyhow::Result<Vec<PathBuf>> {
 pub fn page_for(e: &Explorer, urls: &[String]) -> anyhow::Result<String> {
     page_html(&page_data(e, urls, &BTreeMap::new()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, image: &str) -> ImageRow {
+        ImageRow {
+            id: id.into(),
+            method: "m".into(),
+            baseline: "stable-diffusion".into(),
+            guided: false,
+            subject: "dog".into(),
+            prompt_index: 0,
+            seed: 0,
+            prompt: "a <b> & c".into(),
+            clip_t_prompt: String::new(),
+            image: image.into(),
+            reference: String::new(),
+            dino: 0.5,
+            clip_i: 0.5,
+            clip_t: 0.5,
+            extra: Default::default(),
+            device: String::new(),
+            dtype: String::new(),
+            dino_max: None,
+            timing: Default::default(),
+        }
+    }
+
+    #[test]
+    fn image_links_are_relative_to_the_page_for_one_run_or_several() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, out) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("x/out"),
+        );
+        for d in [&a, &b, &out] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let one = [a.clone()];
+        let e = Explorer {
+            dir: &a.join("report"),
+            title: "t",
+            runs: &one,
+            rows: &[row("m__dog__p00__s0", "files/m+x__dog/image.png")],
+            infos: &[],
+            summaries: &[],
+        };
+        std::fs::create_dir_all(e.dir).unwrap();
+        assert_eq!(image_urls(&e).unwrap(), ["../files/m%2Bx__dog/image.png"]);
+        // Several runs: rows' images are joined with their run folder.
+        let two = [a.clone(), b.clone()];
+        let rows = [
+            row("1", &a.join("files/1/image.png").display().to_string()),
+            row("2", &b.join("files/2/image.png").display().to_string()),
+        ];
+        let e = Explorer {
+            dir: &out,
+            runs: &two,
+            rows: &rows,
+            ..e
+        };
+        assert_eq!(
+            image_urls(&e).unwrap(),
+            ["../../a/files/1/image.png", "../../b/files/2/image.png"]
+        );
+        assert_eq!(relative_path(&out, &out).unwrap(), PathBuf::new());
+    }
+
+    #[test]
+    fn the_embedded_json_cannot_close_its_script() {
+        let json = script_json(&serde_json::json!({"t": "</script><!-- & >"})).unwrap();
+        assert!(!json.contains('<') && !json.contains('>') && !json.contains('&'));
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["t"], "</script><!-- & >");
+    }
+}

@@ -857,10 +857,25 @@ pub fn pareto_layout(
     paired: &[Comparison],
     metric: &str,
 ) -> anyhow::Result<(Vec<PathBuf>, ParetoLayout)> {
-    let lines = 1 + usize::from(!paired.is_empty());
-    let n = summaries.len();
-    // Room for the legend below the chart, text lines stacked in the worst case.
-    let size = (WIDTH, PARETO_HEIGHT + legend_height(lines, n, true));
+    // Room for the legend below the chart, as draw_pareto lays it out.
+    register_font();
+    let font = (FONT, 13).into_font();
+    let shown: Vec<MethodSummary> = summaries
+        .iter()
+        .filter(|s| method_stat(s, metric).is_some())
+        .cloned()
+        .collect();
+    let entries = pareto_legend(&shown, infos, paired, &markers(&shown, infos), metric);
+    let (stacked, _) = legend_columns(&entries, |t| {
+        font.box_size(t)
+            .map(|(w, _)| w as f64)
+            .unwrap_or(t.chars().count() as f64 * 7.5)
+    });
+    let lines = entries.iter().map(|e| e.lines.len()).max().unwrap_or(1);
+    let size = (
+        WIDTH,
+        PARETO_HEIGHT + legend_height(lines, entries.len(), stacked),
+    );
     both_formats(
         stem,
         size,
