@@ -91,13 +91,7 @@ fn generate_with_init_latents_matches_diffusers() {
         .unwrap()
         .to_rgb8();
     assert_eq!(img.dimensions(), (128, 64));
-    let worst = img
-        .as_raw()
-        .iter()
-        .zip(want.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::max_pixel_diff(&img, &want);
     eprintln!("pnd generate: PNG max abs diff {worst}/255");
     assert!(worst <= 2, "{worst}");
 }

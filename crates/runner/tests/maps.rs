@@ -296,14 +296,7 @@ fn maps_of_a_generation_are_the_captured_tensors() {
         .unwrap();
     let want = sd.decode_images(&latents).unwrap().remove(0);
     let got = image::open(out.join("image.png")).unwrap().to_rgb8();
-    assert_eq!(got.dimensions(), want.dimensions());
-    let worst = got
-        .as_raw()
-        .iter()
-        .zip(want.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::max_pixel_diff(&got, &want);
     assert!(
         worst <= 1,
         "image.png differs from the generation by {worst}/255"

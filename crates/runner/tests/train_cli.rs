@@ -495,14 +495,7 @@ fn generate_on_trained_outputs_matches_diffusers() {
         let want_img = image::open(exp.join(format!("{name}.png")))
             .unwrap()
             .to_rgb8();
-        assert_eq!(img.dimensions(), want_img.dimensions());
-        let worst = img
-            .as_raw()
-            .iter()
-            .zip(want_img.as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let worst = common::max_pixel_diff(&img, &want_img);
         eprintln!("{name}: final latents max abs diff {err:e}, PNG max abs diff {worst}/255");
         assert!(err <= 1e-3, "{name}: {err}");
         assert!(worst <= 2, "{name}: {worst}/255");

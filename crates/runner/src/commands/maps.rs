@@ -22,7 +22,7 @@ pub struct MapsArgs {
     pub base: Option<String>,
     #[command(flatten)]
     pub ti: EmbeddingArgs,
-    /// The prompt of the generation, e.g. "a photo of sks dog in the jungle" (not with
+    /// The prompt of the generation (unguided CFG sampling, as the layout template), e.g. "a photo of sks dog in the jungle" (not with
     /// --reference, whose prompt is the inversion prompt `a [IDENTIFIER] CLASS`).
     #[arg(
         long,
@@ -45,8 +45,7 @@ pub struct MapsArgs {
     /// DDIM sampling steps of the schedule.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// The sampling step (0-based) whose maps are drawn; default: the paper's first appearance
-    /// step.
+    /// The sampling step (0-based) whose maps are drawn (10: the paper's first appearance step).
     #[arg(long, default_value_t = 10)]
     pub step: usize,
     /// Image side in pixels (default: the model's, as `pnd generate`).
