@@ -156,6 +156,37 @@ fn a_damaged_embedding_cache_entry_is_recomputed_with_identical_scores() {
         .filter(|(p, _)| p.file_stem().unwrap().to_str() == Some(hash.as_str()))
         .collect();
     assert_eq!(targets.len(), 2);
+    // A damaged entry is recomputed alone (a batch of one image), and on some CPUs a batch of one
+    // rounds differently from the clean run's batch of four (CLIP-I moved by 1.2e-9 on one
+    // machine). So the reference for every damage is the same recomputation from an absent
+    // entry, which must agree with the clean run to float noise.
+    for (path, _) in &targets {
+        std::fs::remove_file(path).unwrap();
+    }
+    let expected = scorer.score(&generated, &real, prompt).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6;
+    assert!(
+        close(expected.dino, clean.dino),
+        "{} vs {}",
+        expected.dino,
+        clean.dino
+    );
+    assert!(
+        close(expected.clip_i, clean.clip_i),
+        "{} vs {}",
+        expected.clip_i,
+        clean.clip_i
+    );
+    assert!(
+        close(expected.clip_t, clean.clip_t),
+        "{} vs {}",
+        expected.clip_t,
+        clean.clip_t
+    );
+    let recomputed: Vec<Vec<u8>> = targets
+        .iter()
+        .map(|(path, _)| std::fs::read(path).unwrap())
+        .collect();
     let cache = EmbeddingCache::new(&cache_dir);
     for damage in [
         "truncated",
@@ -183,8 +214,8 @@ fn a_damaged_embedding_cache_entry_is_recomputed_with_identical_scores() {
             }
         }
         let again = scorer.score(&generated, &real, prompt).unwrap();
-        assert_eq!(json(&again), json(&clean), "{damage}: scores moved");
-        for (path, good) in &targets {
+        assert_eq!(json(&again), json(&expected), "{damage}: scores moved");
+        for ((path, _), good) in targets.iter().zip(&recomputed) {
             assert_eq!(
                 &std::fs::read(path).unwrap(),
                 good,
