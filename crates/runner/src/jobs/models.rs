@@ -5,7 +5,9 @@ use crate::experiment::{Baseline, Experiment, MethodSpec};
 use crate::runtime::Runtime;
 use anyhow::{bail, Context};
 use diffusion::blip::BlipDiffusionPipeline;
+use diffusion::ip_adapter::{pipeline_processor, IpAdapter, IpAdapterKind, IpAdapterSource};
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use diffusion::unet::IpAdapterScale;
 use dreambench::Subject;
 use guidance::GuidanceConfig;
 use std::path::PathBuf;
@@ -32,15 +34,43 @@ pub struct ModelChoice {
     /// default `<{subject}>` style), as diffusers' `load_textual_inversion(path, token=…)`;
     /// `None` keeps the file's own key (a prompt style without a token).
     pub embedding_token: Option<String>,
+    /// An IP-Adapter attached to the model (baseline `ip-adapter`).
+    pub ip_adapter: Option<IpAdapterChoice>,
+}
+
+/// The IP-Adapter of a method: where it is, which one, at which scale.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IpAdapterChoice {
+    pub repo: String,
+    pub kind: IpAdapterKind,
+    /// The scale as written (`f64` is not `Hash`), e.g. `1` or `0.6`.
+    pub scale: String,
+}
+
+impl IpAdapterChoice {
+    pub fn source(&self) -> IpAdapterSource {
+        IpAdapterSource {
+            repo: self.repo.clone(),
+            kind: self.kind,
+        }
+    }
+
+    pub fn scale(&self) -> IpAdapterScale {
+        IpAdapterScale::parse(&self.scale).unwrap_or_default()
+    }
 }
 
 impl ModelChoice {
     /// Names the model in the palette cache's keys: the model, the embedding file and the token
     /// its vector is bound to (the same prompt under another binding encodes otherwise).
     pub fn cache_key(&self) -> String {
-        match &self.embedding_token {
+        let key = match &self.embedding_token {
             Some(token) => format!("{}|{:?}|{token}", self.model, self.embeddings),
             None => format!("{}|{:?}", self.model, self.embeddings),
+        };
+        match &self.ip_adapter {
+            Some(ip) => format!("{key}|ip-adapter:{}:{}@{}", ip.repo, ip.kind, ip.scale),
+            None => key,
         }
     }
 }
@@ -58,7 +88,32 @@ pub fn model_for(
             base: None,
             embeddings: None,
             embedding_token: None,
+            ip_adapter: None,
         },
+        Baseline::IpAdapter => {
+            let kind_name = m.ip_adapter_kind.as_deref().unwrap_or("plain");
+            let Some(kind) = IpAdapterKind::parse(kind_name) else {
+                bail!("[models] ip_adapter_kind = \"{kind_name}\": expected \"plain\" or \"plus\"")
+            };
+            let scale = m.ip_scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                bail!("[models] ip_scale = {scale}: not a finite number");
+            }
+            ModelChoice {
+                model: m.base.clone(),
+                base: None,
+                embeddings: None,
+                embedding_token: None,
+                ip_adapter: Some(IpAdapterChoice {
+                    repo: m
+                        .ip_adapter
+                        .clone()
+                        .unwrap_or_else(|| "h94/IP-Adapter".into()),
+                    kind,
+                    scale: scale.to_string(),
+                }),
+            }
+        }
         Baseline::Dreambooth => {
             let Some(path) = m.for_subject(Baseline::Dreambooth, subject.name) else {
                 bail!("method '{}' is DreamBooth but the experiment sets no [models] dreambooth = \"path/{{subject}}\"", method.name)
@@ -68,6 +123,7 @@ pub fn model_for(
                 base: Some(m.base.clone()),
                 embeddings: None,
                 embedding_token: None,
+                ip_adapter: None,
             }
         }
         Baseline::TextualInversion => {
@@ -82,6 +138,7 @@ pub fn model_for(
                 base: None,
                 embeddings: Some(PathBuf::from(path)),
                 embedding_token: method.style(subject).token,
+                ip_adapter: None,
             }
         }
         // Images are read from files (`jobs::images`): no model makes them.
@@ -90,6 +147,7 @@ pub fn model_for(
             base: None,
             embeddings: None,
             embedding_token: None,
+            ip_adapter: None,
         },
         Baseline::BlipDiffusion => {
             let model = m
@@ -101,6 +159,7 @@ pub fn model_for(
                 base: None,
                 embeddings: None,
                 embedding_token: None,
+                ip_adapter: None,
             }
         }
     })
@@ -123,7 +182,7 @@ pub fn guidance_config(exp: &Experiment, method: &MethodSpec) -> anyhow::Result<
 /// vanilla base (the layout template of guided personalized methods) and one BLIP-Diffusion model.
 pub(super) struct LoadedModels {
     base_model: String,
-    sd: Option<(ModelChoice, StableDiffusion)>,
+    sd: Option<(ModelChoice, StableDiffusion, Option<IpAdapter>)>,
     base: Option<StableDiffusion>,
     blip: Option<(String, BlipDiffusionPipeline)>,
     runtime: Runtime,
@@ -160,16 +219,21 @@ impl LoadedModels {
         Ok(())
     }
 
-    /// The Stable Diffusion model of `choice`, and the base model when `with_base`.
+    /// The Stable Diffusion model of `choice` (with its IP-Adapter attached, when it has one),
+    /// the base model when `with_base`, and the IP-Adapter.
     pub(super) fn stable_diffusion(
         &mut self,
         choice: &ModelChoice,
         with_base: bool,
-    ) -> anyhow::Result<(&StableDiffusion, Option<&StableDiffusion>)> {
+    ) -> anyhow::Result<(
+        &StableDiffusion,
+        Option<&StableDiffusion>,
+        Option<&IpAdapter>,
+    )> {
         if with_base {
             self.ensure_base()?;
         }
-        if self.sd.as_ref().map(|(c, _)| c) != Some(choice) {
+        if self.sd.as_ref().map(|(c, _, _)| c) != Some(choice) {
             // Drop the previous model first: two SD models at once would double peak memory.
             self.sd = None;
             let opts = LoadOptions {
@@ -178,12 +242,24 @@ impl LoadedModels {
                 embedding_token: choice.embedding_token.clone(),
                 ..self.options()
             };
-            let sd = StableDiffusion::load(&choice.model, &opts)
+            let mut sd = StableDiffusion::load(&choice.model, &opts)
                 .with_context(|| format!("loading model '{}'", choice.model))?;
-            self.sd = Some((choice.clone(), sd));
+            let ip = match &choice.ip_adapter {
+                Some(ip) => {
+                    let processor = pipeline_processor(&choice.model)?;
+                    Some(
+                        IpAdapter::load_source(&ip.source(), processor, &mut sd.unet, &ip.scale())
+                            .with_context(|| {
+                                format!("loading IP-Adapter '{}' ({})", ip.repo, ip.kind)
+                            })?,
+                    )
+                }
+                None => None,
+            };
+            self.sd = Some((choice.clone(), sd, ip));
         }
-        let sd = &self.sd.as_ref().expect("loaded above").1;
-        Ok((sd, self.base.as_ref().filter(|_| with_base)))
+        let (_, sd, ip) = self.sd.as_ref().expect("loaded above");
+        Ok((sd, self.base.as_ref().filter(|_| with_base), ip.as_ref()))
     }
 
     /// The BLIP-Diffusion model `model`, and the base model when `with_base`.
