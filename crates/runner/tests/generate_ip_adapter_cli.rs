@@ -210,6 +210,55 @@ fn generate_ip_adapter_plain_and_guided() {
          cache {cached_s:.2}s"
     );
 
+    // The palette comes from an inversion conditioned as the generation is: its null-text
+    // embeddings are the negative branch, 77 text tokens and the 4 negative image tokens.
+    let inversions = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.starts_with("inversion-") && name.ends_with(".safetensors")
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let ip_inv = inversions(&root.join("cache"));
+    assert_eq!(ip_inv.len(), 1, "{ip_inv:?}");
+    let null = candle_core::safetensors::load(&ip_inv[0], &candle_core::Device::Cpu).unwrap()
+        ["null_embeddings"]
+        .clone();
+    assert_eq!(null.dims(), &[8, 77 + 4, 32]);
+    // Plain Stable Diffusion guided with the same reference and cache gets its own inversion
+    // (77 text tokens), never the IP-Adapter's.
+    let mut sd_args: Vec<String> = base.clone();
+    sd_args[2] = "stable-diffusion".into();
+    let i = sd_args.iter().position(|x| x == "--ip-adapter").unwrap();
+    sd_args.drain(i..i + 2);
+    let o = run(
+        &sd_args,
+        &[
+            "--pick-and-draw".into(),
+            "--class".into(),
+            "dog".into(),
+            "--guidance-config".into(),
+            s(&cfg_path),
+            "--palette-cache".into(),
+            s(&root.join("cache")),
+            "--out".into(),
+            s(&root.join("sd.png")),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let both = inversions(&root.join("cache"));
+    assert_eq!(both.len(), 2, "{both:?}");
+    let sd_inv = both.iter().find(|p| **p != ip_inv[0]).unwrap();
+    let sd_null = candle_core::safetensors::load(sd_inv, &candle_core::Device::Cpu).unwrap()
+        ["null_embeddings"]
+        .clone();
+    assert_eq!(sd_null.dims(), &[8, 77, 32]);
+
     // Plus runs too, guided, with a per-block scale.
     let o = guided(&[
         "--ip-adapter-kind".into(),
