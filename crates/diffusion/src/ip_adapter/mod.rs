@@ -557,16 +557,18 @@ pub struct ImageTokens {
     pub uncond: Tensor,
 }
 
-/// The text embeddings with the image tokens appended (`[1, text + tokens, dim]` each): what the
-/// UNet takes while the adapter is attached.
+/// The text embeddings with the image tokens appended (`[1, text + tokens, dim]` each, in the
+/// text's dtype and on its device: the encoder runs on the CPU): what the UNet takes while the
+/// adapter is attached.
 pub fn with_image_tokens(
     text: &PromptEmbeddings,
     image: &ImageTokens,
 ) -> candle_core::Result<PromptEmbeddings> {
-    let dtype = text.cond.dtype();
+    let (dtype, device) = (text.cond.dtype(), text.cond.device());
+    let like_text = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
     Ok(PromptEmbeddings {
-        uncond: Tensor::cat(&[&text.uncond, &image.uncond.to_dtype(dtype)?], 1)?,
-        cond: Tensor::cat(&[&text.cond, &image.cond.to_dtype(dtype)?], 1)?,
+        uncond: Tensor::cat(&[&text.uncond, &like_text(&image.uncond)?], 1)?,
+        cond: Tensor::cat(&[&text.cond, &like_text(&image.cond)?], 1)?,
     })
 }
 
