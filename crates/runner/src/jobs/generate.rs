@@ -115,19 +115,12 @@ impl Generator<'_> {
         let (exp, method, choice) = (self.exp, &spec.method, &spec.choice);
         let g = &exp.generation;
         let personalized = choice.model != exp.models.base || choice.embeddings.is_some();
-        let (sd, base, ip) = self
-            .models
-            .stable_diffusion(choice, method.pick_and_draw && personalized)?;
         // IP-Adapter: the image prompt is the subject's reference image.
-        let image_tokens = match ip {
-            Some(ip) => {
-                let img = metrics::preprocess::load_rgb(&spec.reference)?;
-                Some(ip.image_tokens(&img).with_context(|| {
-                    format!("encoding the image prompt '{}'", spec.reference.display())
-                })?)
-            }
-            None => None,
-        };
+        let (sd, base, image_tokens) = self.models.stable_diffusion(
+            choice,
+            method.pick_and_draw && personalized,
+            &spec.reference,
+        )?;
         let seeds: Vec<u64> = specs.iter().map(|s| s.job.seed).collect();
         let init = sd.seeded_latents(g.height, g.width, &seeds)?;
         let latents = if method.pick_and_draw {

@@ -5,12 +5,14 @@ use crate::experiment::{Baseline, Experiment, MethodSpec};
 use crate::runtime::Runtime;
 use anyhow::{bail, Context};
 use diffusion::blip::BlipDiffusionPipeline;
-use diffusion::ip_adapter::{pipeline_processor, IpAdapter, IpAdapterKind, IpAdapterSource};
+use diffusion::ip_adapter::{
+    pipeline_processor, ImageTokens, IpAdapter, IpAdapterKind, IpAdapterSource,
+};
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
 use diffusion::unet::IpAdapterScale;
 use dreambench::Subject;
 use guidance::GuidanceConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Whether a model string must be a local path: `./x`, `../x`, `/x`, or three or more path parts
 /// (`checkpoints/dreambooth/dog`). Two parts (`owner/name`) that do not exist locally are a
@@ -183,6 +185,8 @@ pub fn guidance_config(exp: &Experiment, method: &MethodSpec) -> anyhow::Result<
 pub(super) struct LoadedModels {
     base_model: String,
     sd: Option<(ModelChoice, StableDiffusion, Option<IpAdapter>)>,
+    /// The IP-Adapter image tokens of the last reference image (a subject's jobs share it).
+    ip_tokens: Option<(PathBuf, ImageTokens)>,
     base: Option<StableDiffusion>,
     blip: Option<(String, BlipDiffusionPipeline)>,
     runtime: Runtime,
@@ -193,6 +197,7 @@ impl LoadedModels {
         Self {
             base_model,
             sd: None,
+            ip_tokens: None,
             base: None,
             blip: None,
             runtime,
@@ -220,15 +225,17 @@ impl LoadedModels {
     }
 
     /// The Stable Diffusion model of `choice` (with its IP-Adapter attached, when it has one),
-    /// the base model when `with_base`, and the IP-Adapter.
+    /// the base model when `with_base`, and the IP-Adapter's image tokens of `reference` (the
+    /// image encoder runs once per reference image, not per job).
     pub(super) fn stable_diffusion(
         &mut self,
         choice: &ModelChoice,
         with_base: bool,
+        reference: &Path,
     ) -> anyhow::Result<(
         &StableDiffusion,
         Option<&StableDiffusion>,
-        Option<&IpAdapter>,
+        Option<ImageTokens>,
     )> {
         if with_base {
             self.ensure_base()?;
@@ -257,9 +264,24 @@ impl LoadedModels {
                 None => None,
             };
             self.sd = Some((choice.clone(), sd, ip));
+            self.ip_tokens = None;
         }
         let (_, sd, ip) = self.sd.as_ref().expect("loaded above");
-        Ok((sd, self.base.as_ref().filter(|_| with_base), ip.as_ref()))
+        let tokens = match ip {
+            None => None,
+            Some(_) if self.ip_tokens.as_ref().map(|(p, _)| p.as_path()) == Some(reference) => {
+                self.ip_tokens.as_ref().map(|(_, t)| t.clone())
+            }
+            Some(ip) => {
+                let img = metrics::preprocess::load_rgb(reference)?;
+                let t = ip.image_tokens(&img).with_context(|| {
+                    format!("encoding the image prompt '{}'", reference.display())
+                })?;
+                self.ip_tokens = Some((reference.to_path_buf(), t.clone()));
+                Some(t)
+            }
+        };
+        Ok((sd, self.base.as_ref().filter(|_| with_base), tokens))
     }
 
     /// The BLIP-Diffusion model `model`, and the base model when `with_base`.
