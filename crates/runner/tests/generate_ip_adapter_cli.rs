@@ -6,11 +6,10 @@
 use diffusion::ip_adapter::{with_image_tokens, IpAdapter, IpAdapterKind, IpAdapterSource};
 use diffusion::pipeline::{LoadOptions, SampleRequest, StableDiffusion};
 use diffusion::unet::IpAdapterScale;
-use guidance::config::{GuidanceConfig, InversionConfig, Window};
 
 mod common;
 
-use common::{fixture_tokenizer, max_abs_diff, pnd};
+use common::{fixture_tokenizer, max_abs_diff, pnd, write_reference_image, write_short_guidance};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,16 +32,7 @@ fn setup(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reference = root.join("ref.png");
-    image::RgbImage::from_fn(40, 48, |x, y| {
-        let (dx, dy) = (x as f64 - 20.0, y as f64 - 24.0);
-        if dx * dx + dy * dy < 120.0 {
-            image::Rgb([240, 170, 50])
-        } else {
-            image::Rgb([(x * 5) as u8, 30, (y * 4) as u8])
-        }
-    })
-    .save(&reference)
-    .unwrap();
+    write_reference_image(&reference);
     (model, adapter, reference)
 }
 
@@ -143,17 +133,7 @@ fn generate_ip_adapter_plain_and_guided() {
     assert!(max_abs_diff(&ours, &text_only) > 1e-3);
 
     // Guided, windows scaled to the 8-step schedule: 2 layout + 2 appearance steps × 3 updates.
-    let cfg = GuidanceConfig {
-        layout_window: Window { start: 0, end: 2 },
-        appearance_window: Window { start: 2, end: 4 },
-        inversion: InversionConfig {
-            inner_steps: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let cfg_path = root.join("guidance.toml");
-    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let cfg_path = write_short_guidance(root);
     let trace = root.join("trace.jsonl");
     let guided_latents = root.join("guided.safetensors");
     let guided = |extra: &[String]| {
