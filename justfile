@@ -29,6 +29,7 @@ fixtures-metrics:
 fixtures-sd:
     ~/.venvs/ref/bin/python tools/fixtures/sd_unet.py
     ~/.venvs/ref/bin/python tools/fixtures/sd_pipeline.py
+    ~/.venvs/ref/bin/python tools/fixtures/ip_adapter.py
 
 # The trainers: one optimizer step of each against diffusers (train_step.py), then the tiny trained
 # outputs (`pnd train`, the commands of train_outputs.py's docstring, dev profile as the tests) and

@@ -4,6 +4,7 @@
 pub mod blip;
 pub mod ddim;
 pub mod hooks;
+pub mod ip_adapter;
 pub mod noise;
 pub mod ops;
 pub mod pipeline;

@@ -129,7 +129,8 @@ pub struct Provenance {
     pub learned_token: Option<LearnedToken>,
 }
 
-/// A loaded Stable Diffusion model.
+/// A loaded Stable Diffusion model (a clone shares the weights).
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
@@ -356,6 +357,14 @@ impl StableDiffusion {
         &self.device
     }
 
+    /// The same model (weights shared) with no IP-Adapter attached to its UNet: vanilla Stable
+    /// Diffusion, e.g. for Pick-and-Draw's layout template.
+    pub fn without_ip_adapter(&self) -> Self {
+        let mut sd = self.clone();
+        sd.unet.set_ip_adapter(None);
+        sd
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -549,6 +558,17 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let emb = self.encode_prompts(&req.prompt, &req.negative_prompt)?;
+        self.sample_embeddings(&emb, req, on_step)
+    }
+
+    /// [`Self::sample`] with the embeddings given (`req.prompt` and `req.negative_prompt` are not
+    /// read): text embeddings with an IP-Adapter's image tokens appended, for instance.
+    pub fn sample_embeddings(
+        &self,
+        emb: &PromptEmbeddings,
+        req: &SampleRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let mut latents = match &req.init_latents {
             Some(l) => {
                 let mut expected = self.latent_shape(req.height, req.width)?;
@@ -568,7 +588,7 @@ impl StableDiffusion {
         let n = ddim.timesteps().len();
         for i in 0..n {
             latents = self
-                .cfg_step(&ddim, &latents, i, &emb, req.cfg_scale, &mut NoHook)?
+                .cfg_step(&ddim, &latents, i, emb, req.cfg_scale, &mut NoHook)?
                 .latents;
             on_step(i + 1, n);
         }

@@ -11,11 +11,12 @@ use crate::error::{Error, Result};
 use crate::guide::{
     guided_sample, prompt_tokens, template_maps, template_prompt, GuidedRun, Palette, TemplateMaps,
 };
-use crate::inversion::{invert, load_reference_image, Inversion};
+use crate::inversion::{invert, invert_embeddings, load_reference_image, Inversion};
 use crate::palette::{palette_from_embeddings, PaletteSpec};
 use crate::trace::{TraceRow, TraceWriter};
 use candle_core::Tensor;
-use diffusion::pipeline::StableDiffusion;
+use diffusion::ip_adapter::{with_image_tokens, ImageTokens};
+use diffusion::pipeline::{PromptEmbeddings, StableDiffusion};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -202,8 +203,23 @@ pub fn reference_palette(
     req: &PickAndDrawRequest,
     timings: &mut Timings,
 ) -> Result<Palette> {
+    conditioned_palette(sd, config, req, None, timings)
+}
+
+/// [`reference_palette`] for a model conditioned on an image prompt as well (IP-Adapter, `image`
+/// given): the inversion and the replay are conditioned as the generation is, the inversion
+/// prompt's text with the reference's image tokens appended, and the null-text optimization
+/// starts from the empty prompt with the negative image tokens appended (the whole negative
+/// branch, text and image tokens, is what it optimizes). The cache key's prompt says so.
+pub(crate) fn conditioned_palette(
+    sd: &StableDiffusion,
+    config: &GuidanceConfig,
+    req: &PickAndDrawRequest,
+    image: Option<&ImageTokens>,
+    timings: &mut Timings,
+) -> Result<Palette> {
     let sites = appearance_sites(sd, config)?;
-    let setup = reference_setup(
+    let mut setup = reference_setup(
         sd,
         config,
         &ReferenceSpec {
@@ -216,17 +232,46 @@ pub fn reference_palette(
             width: req.width,
         },
     )?;
+    let spec = PaletteSpec::new(config, &sites, setup.subject);
     // The replay's conditioning: the inversion prompt's embedding (as `palette_from_inversion`).
-    let cond = sd.encode_prompt(&setup.prompt)?;
+    let Some(image) = image else {
+        let cond = sd.encode_prompt(&setup.prompt)?;
+        return cached_palette(
+            sd,
+            &req.cache_dir,
+            &setup.key,
+            &spec,
+            &cond,
+            || {
+                let img = load_reference_image(&req.reference, req.height, req.width)?;
+                invert(sd, &img, &setup.prompt, req.steps, &config.inversion)
+            },
+            timings,
+        );
+    };
+    // An image-conditioned inversion never shares an entry with the plain model's.
+    setup.key.prompt = format!("ip-adapter|{}", setup.key.prompt);
+    let text = PromptEmbeddings {
+        uncond: sd.encode_prompt("")?,
+        cond: sd.encode_prompt(&setup.prompt)?,
+    };
+    let emb = with_image_tokens(&text, image)?;
     cached_palette(
         sd,
         &req.cache_dir,
         &setup.key,
-        &PaletteSpec::new(config, &sites, setup.subject),
-        &cond,
+        &spec,
+        &emb.cond,
         || {
             let img = load_reference_image(&req.reference, req.height, req.width)?;
-            invert(sd, &img, &setup.prompt, req.steps, &config.inversion)
+            invert_embeddings(
+                sd,
+                &img,
+                &emb.cond,
+                &emb.uncond,
+                req.steps,
+                &config.inversion,
+            )
         },
         timings,
     )
@@ -424,6 +469,50 @@ pub fn pick_and_draw(
     req: &PickAndDrawRequest,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<PickAndDraw> {
+    pick_and_draw_conditioned(sd, base, config, req, None, on_step)
+}
+
+/// Pick-and-Draw on IP-Adapter (issue 28): `sd` with the adapter attached, `image` the
+/// reference's image tokens (the same reference as `req.reference`). The layout template comes
+/// from vanilla Stable Diffusion: `base`, else `sd` with the adapter detached; the palette from
+/// the inversion of the reference under the IP-Adapter model, conditioned as its generation is
+/// ([`conditioned_palette`]); the guided sampling (gradient passes and CFG steps) conditions every
+/// UNet call on the text and image tokens. The capture hooks see the text attention alone, so the
+/// layout and appearance losses read the maps they read for the other baselines; the image branch
+/// acts on them through the residual stream (the block outputs Ψ and every later map), and the
+/// gradient flows through it to the latent.
+pub fn pick_and_draw_ip_adapter(
+    sd: &StableDiffusion,
+    image: &ImageTokens,
+    base: Option<&StableDiffusion>,
+    config: &GuidanceConfig,
+    req: &PickAndDrawRequest,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<PickAndDraw> {
+    if sd.unet.ip_adapter().is_none() {
+        return Err(Error::Candle(candle_core::Error::Msg(
+            "Pick-and-Draw on IP-Adapter: no adapter is attached to the model's UNet".into(),
+        )));
+    }
+    let vanilla;
+    let base = match base {
+        Some(b) => b,
+        None => {
+            vanilla = sd.without_ip_adapter();
+            &vanilla
+        }
+    };
+    pick_and_draw_conditioned(sd, Some(base), config, req, Some(image), on_step)
+}
+
+fn pick_and_draw_conditioned(
+    sd: &StableDiffusion,
+    base: Option<&StableDiffusion>,
+    config: &GuidanceConfig,
+    req: &PickAndDrawRequest,
+    image: Option<&ImageTokens>,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<PickAndDraw> {
     config.validate()?;
     let base = base.unwrap_or(sd);
     let mut timings = Timings::default();
@@ -449,7 +538,7 @@ pub fn pick_and_draw(
     )?;
     // No inversion when no step of the schedule is guided by the appearance loss.
     let palette = if config.appearance_within(req.steps) {
-        Some(reference_palette(sd, config, req, &mut timings)?)
+        Some(conditioned_palette(sd, config, req, image, &mut timings)?)
     } else {
         None
     };
@@ -469,6 +558,10 @@ pub fn pick_and_draw(
         &mut timings,
     )?;
     let emb = sd.encode_prompts(&req.prompt, &req.negative_prompt)?;
+    let emb = match image {
+        Some(image) => with_image_tokens(&emb, image)?,
+        None => emb,
+    };
     let run = GuidedRun {
         sd,
         config,

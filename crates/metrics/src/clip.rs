@@ -162,10 +162,37 @@ pub struct ClipVision {
     cfg: ClipVisionConfig,
 }
 
+/// `config.json` of a `CLIPVisionModelWithProjection` (IP-Adapter's `models/image_encoder`): the
+/// vision config's fields at the top level beside `projection_dim` (transformers'
+/// `CLIPVisionConfig`, whose `projection_dim` defaults to 512).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipVisionWithProjectionConfig {
+    #[serde(flatten)]
+    pub vision: ClipVisionConfig,
+    #[serde(default = "d_projection_dim")]
+    pub projection_dim: usize,
+}
+
+fn d_projection_dim() -> usize {
+    512
+}
+
 impl ClipVision {
     /// `vb` at the model root (`vision_model.*`, `visual_projection.*`).
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let c = &cfg.vision_config;
+        Self::from_vision_config(&cfg.vision_config, cfg.projection_dim, vb)
+    }
+
+    /// A `CLIPVisionModelWithProjection` (same weight names as `CLIPModel`'s vision half).
+    pub fn with_projection(cfg: &ClipVisionWithProjectionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::from_vision_config(&cfg.vision, cfg.projection_dim, vb)
+    }
+
+    fn from_vision_config(
+        c: &ClipVisionConfig,
+        projection_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (d, p) = (c.hidden_size, c.patch_size);
         let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
@@ -192,13 +219,8 @@ impl ClipVision {
                 c.hidden_act,
             )?,
             post_layernorm: LayerNorm::load(vm.pp("post_layernorm"), d, c.layer_norm_eps)?,
-            visual_projection: Linear::load(
-                vb.pp("visual_projection"),
-                d,
-                cfg.projection_dim,
-                false,
-            )?,
-            projection_dim: cfg.projection_dim,
+            visual_projection: Linear::load(vb.pp("visual_projection"), d, projection_dim, false)?,
+            projection_dim,
             cfg: c.clone(),
         })
     }
@@ -208,11 +230,12 @@ impl ClipVision {
         self.projection_dim
     }
 
-    /// Projected image embeddings (`CLIPModel.get_image_features`).
-    ///
-    /// # Shapes
-    /// `pixels`: `[batch, 3, image, image]` → `[batch, projection_dim]`.
-    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.cfg
+    }
+
+    /// The encoder's input: patch and class embeddings with positions, after `pre_layrnorm`.
+    fn embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         if h != self.cfg.image_size || w != self.cfg.image_size {
             candle_core::bail!(
@@ -225,10 +248,31 @@ impl ClipVision {
             .class_embedding
             .broadcast_as((b, 1, self.cfg.hidden_size))?;
         let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
-        let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = run_blocks(&self.layers, xs, true)?;
+        self.pre_layrnorm.forward(&xs)
+    }
+
+    /// Projected image embeddings (`CLIPModel.get_image_features`, the `image_embeds` of
+    /// `CLIPVisionModelWithProjection`).
+    ///
+    /// # Shapes
+    /// `pixels`: `[batch, 3, image, image]` → `[batch, projection_dim]`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let xs = run_blocks(&self.layers, self.embeddings(pixels)?, true)?;
         let pooled = self.post_layernorm.forward(&token(&xs, 0)?)?;
         self.visual_projection.forward(&pooled)
+    }
+
+    /// `hidden_states[-2]` of transformers' `output_hidden_states=True`: the output of the
+    /// second-to-last encoder layer, every token, no final norm (what IP-Adapter Plus reads).
+    ///
+    /// # Shapes
+    /// `pixels`: `[batch, 3, image, image]` → `[batch, patches + 1, hidden_size]`.
+    pub fn penultimate_hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
+        let n = self.layers.len();
+        if n < 1 {
+            candle_core::bail!("a vision tower without layers has no penultimate hidden state");
+        }
+        run_blocks(&self.layers[..n - 1], self.embeddings(pixels)?, false)
     }
 }
 

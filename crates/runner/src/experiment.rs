@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-/// The four baselines of the paper's Table 1, and `images`: images another program made, read
-/// from files (see [`MethodSpec::images`]) and scored like the others.
+/// The four baselines of the paper's Table 1, IP-Adapter (SD 1.5 with an image prompt from the
+/// subject's reference image, issue 28), and `images`: images another program made, read from
+/// files (see [`MethodSpec::images`]) and scored like the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Baseline {
@@ -34,6 +35,7 @@ pub enum Baseline {
     TextualInversion,
     Dreambooth,
     BlipDiffusion,
+    IpAdapter,
     Images,
 }
 
@@ -78,9 +80,10 @@ impl MethodSpec {
             .prompt_style
             .clone()
             .unwrap_or_else(|| match self.baseline {
-                Baseline::StableDiffusion | Baseline::BlipDiffusion | Baseline::Images => {
-                    PromptStyle::class_only()
-                }
+                Baseline::StableDiffusion
+                | Baseline::BlipDiffusion
+                | Baseline::IpAdapter
+                | Baseline::Images => PromptStyle::class_only(),
                 Baseline::Dreambooth => PromptStyle::dreambooth("sks"),
                 Baseline::TextualInversion => PromptStyle::textual_inversion("<{subject}>", true),
             });
@@ -106,6 +109,17 @@ pub struct Models {
     pub textual_inversion: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blip_diffusion: Option<String>,
+    /// IP-Adapter (on `base`): a folder or hub id laid out as `h94/IP-Adapter`; default
+    /// `h94/IP-Adapter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter: Option<String>,
+    /// IP-Adapter's kind: `plain` (`ip-adapter_sd15`, the default) or `plus`
+    /// (`ip-adapter-plus_sd15`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter_kind: Option<String>,
+    /// IP-Adapter's image-prompt scale (default 1.0, diffusers' default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_scale: Option<f64>,
 }
 
 /// Vanilla Stable Diffusion 1.5 on the Hugging Face hub: the paper's base model.
@@ -122,6 +136,9 @@ impl Default for Models {
             dreambooth: None,
             textual_inversion: None,
             blip_diffusion: None,
+            ip_adapter: None,
+            ip_adapter_kind: None,
+            ip_scale: None,
         }
     }
 }
@@ -130,7 +147,7 @@ impl Models {
     /// The model location of a baseline for a subject (`{subject}` filled in).
     pub fn for_subject(&self, baseline: Baseline, subject: &str) -> Option<String> {
         let template = match baseline {
-            Baseline::StableDiffusion => Some(&self.base),
+            Baseline::StableDiffusion | Baseline::IpAdapter => Some(&self.base),
             Baseline::Dreambooth => self.dreambooth.as_ref(),
             Baseline::TextualInversion => self.textual_inversion.as_ref(),
             Baseline::BlipDiffusion => self.blip_diffusion.as_ref(),

@@ -163,6 +163,32 @@ impl Provenance {
                 let baseline = serde_json::to_value(method.baseline)?;
                 let role = format!("{} ({})", baseline.as_str().unwrap_or("?"), subject.name);
                 add(role.clone(), &choice.model, None, &mut hashes)?;
+                if let Some(ip) = &choice.ip_adapter {
+                    // A local adapter folder: its adapter file and its image encoder's folder.
+                    let source = ip.source();
+                    let local = Path::new(&ip.repo)
+                        .is_dir()
+                        .then(|| {
+                            Some((
+                                source.weight_file().ok()?,
+                                source.image_encoder_files().ok()?,
+                            ))
+                        })
+                        .flatten();
+                    match local {
+                        Some((file, (config, _))) => {
+                            let encoder = config.parent().unwrap_or(Path::new(""));
+                            add(role.clone(), &file.display().to_string(), None, &mut hashes)?;
+                            add(
+                                role.clone(),
+                                &encoder.display().to_string(),
+                                None,
+                                &mut hashes,
+                            )?;
+                        }
+                        None => add(role.clone(), &ip.repo, None, &mut hashes)?,
+                    }
+                }
                 if let Some(e) = &choice.embeddings {
                     let file_key = learned_embedding_key(e)?;
                     let binding = TokenBinding {

@@ -5,28 +5,18 @@
 
 use candle_core::{DType, Device};
 use diffusion::blip::{BlipDiffusionPipeline, BlipRequest};
-use guidance::config::{GuidanceConfig, InversionConfig, Window};
 use tiny::blip::{write_tiny_blip_model, TinyBlipSpec};
 
 mod common;
 
-use common::{fixture_tokenizer, max_abs_diff, pnd};
+use common::{fixture_tokenizer, max_abs_diff, pnd, write_reference_image, write_short_guidance};
 use std::path::{Path, PathBuf};
 
 fn setup(root: &Path) -> (PathBuf, PathBuf) {
     let model = root.join("blip");
     write_tiny_blip_model(&model, 1, &fixture_tokenizer(), &TinyBlipSpec::default()).unwrap();
     let reference = root.join("ref.png");
-    image::RgbImage::from_fn(40, 48, |x, y| {
-        let (dx, dy) = (x as f64 - 20.0, y as f64 - 24.0);
-        if dx * dx + dy * dy < 120.0 {
-            image::Rgb([240, 170, 50])
-        } else {
-            image::Rgb([(x * 5) as u8, 30, (y * 4) as u8])
-        }
-    })
-    .save(&reference)
-    .unwrap();
+    write_reference_image(&reference);
     (model, reference)
 }
 
@@ -93,17 +83,7 @@ fn generate_blip_diffusion_plain_and_guided() {
     assert_eq!((img.width(), img.height()), (64, 64));
 
     // Guided, windows scaled to the 8-step schedule: 2 layout + 2 appearance steps × 3 updates.
-    let cfg = GuidanceConfig {
-        layout_window: Window { start: 0, end: 2 },
-        appearance_window: Window { start: 2, end: 4 },
-        inversion: InversionConfig {
-            inner_steps: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let cfg_path = root.join("guidance.toml");
-    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let cfg_path = write_short_guidance(root);
     let trace = root.join("trace.jsonl");
     let guided_out = root.join("guided.png");
     let guided_latents = root.join("guided.safetensors");

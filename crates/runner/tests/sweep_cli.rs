@@ -60,9 +60,42 @@ fn table1_dry_run_lists_3000_jobs_per_method() {
 }
 
 #[test]
+fn table1_plus_dry_run_counts_6000_more_jobs_for_ip_adapter() {
+    let (ok, out) = pnd(
+        &["sweep", "experiments/table1-plus.toml", "--dry-run"],
+        &repo(),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("experiment 'table1-plus': 30000 generation jobs (30000 in shard 0/1)"),
+        "{out}"
+    );
+    for m in [
+        "sd ", "sd+pnd", "ti ", "ti+pnd", "db ", "db+pnd", "blip ", "blip+pnd", "ipa ", "ipa+pnd",
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(m))
+            .unwrap_or_else(|| panic!("{m}: {out}"));
+        assert!(line.contains(" 3000 jobs"), "{line}");
+    }
+    let ipa = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("ipa+pnd"))
+        .unwrap();
+    assert!(ipa.contains("IpAdapter + Pick-and-Draw"), "{ipa}");
+    assert!(
+        out.contains("null-text inversion + reference palette: 150"),
+        "{out}"
+    );
+    assert!(out.contains("layout templates: 3000"), "{out}");
+}
+
+#[test]
 fn every_experiment_file_parses() {
     for e in [
         "table1",
+        "table1-plus",
         "table2-resolution",
         "ablation-emd",
         "ablation-losses",

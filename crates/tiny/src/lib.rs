@@ -6,7 +6,8 @@
 //! 4 levels (3 down-samplings, ×8 like SD), a 2-layer CLIP text encoder over the real CLIP
 //! vocabulary, the real tokenizer files copied from a given folder, and SD's DDIM configuration.
 //! [`blip::write_tiny_blip_model`] adds BLIP-Diffusion's parts to that folder, and
-//! [`write_tiny_metric_models`] writes the DINO and CLIP models the metrics load.
+//! [`write_tiny_metric_models`] writes the DINO and CLIP models the metrics load, and
+//! [`write_tiny_ip_adapter`] an `h94/IP-Adapter`-shaped folder (both adapters, image encoder).
 //!
 //! Weights are random and deterministic: every tensor is drawn from its own generator seeded by
 //! `(seed, tensor name)` (FNV-1a of the name mixed into the seed, `StdRng`, `StandardNormal`), so
@@ -16,8 +17,10 @@
 //! folder loads by construction; the names are diffusers'/transformers' checkpoint keys.
 
 pub mod blip;
+pub mod ip_adapter;
 mod metric_models;
 
+pub use ip_adapter::write_tiny_ip_adapter;
 pub use metric_models::write_tiny_metric_models;
 
 use candle_core::{DType, Device, Shape, Tensor};

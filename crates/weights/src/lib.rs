@@ -243,6 +243,51 @@ pub fn load_tensors(
     Ok(out)
 }
 
+/// The tensors of a file whose state dict is split into named sections, as IP-Adapter's files are
+/// (`{"image_proj": {...}, "ip_adapter": {...}}`): from a PyTorch `.bin`, each section's nested
+/// dict; from safetensors, whose keys are flat, the tensors named `{section}.…`. Keys come back as
+/// `{section}.{name}` either way; a section the file lacks is simply absent.
+pub fn load_sectioned_tensors(
+    path: &Path,
+    sections: &[&str],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
+    let read = |source| WeightsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    if is_safetensors(path) {
+        let all = candle_core::safetensors::load(path, device).map_err(read)?;
+        return Ok(all
+            .into_iter()
+            .filter(|(k, _)| sections.iter().any(|s| k.starts_with(&format!("{s}."))))
+            .collect());
+    }
+    let mut out = HashMap::new();
+    let mut first_error = None;
+    for section in sections {
+        // candle's reader fails on a missing key; a missing section is the caller's to report,
+        // a file that has none of them (or is no pickle at all) is this function's.
+        match candle_core::pickle::read_all_with_key(path, Some(*section)) {
+            Ok(tensors) => {
+                for (name, t) in tensors {
+                    out.insert(
+                        format!("{section}.{name}"),
+                        t.to_device(device).map_err(read)?,
+                    );
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if out.is_empty() => Err(read(e)),
+        _ => Ok(out),
+    }
+}
+
 fn is_safetensors(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "safetensors")
 }

@@ -8,6 +8,7 @@
 //!   (`scale = dim_head^-0.5`, softmax over keys). `upcast_attention` / `upcast_softmax` only change
 //!   f16 computations and are no-ops here in f32/f64.
 
+use super::ip::IpLayer;
 use super::nn::{proceed, softmax_last_dim, Conv2d, Ctx, Flow, GroupNorm, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -59,7 +60,31 @@ impl Attention {
     /// # Shapes
     /// - `xs`: `[b, n, query_dim]`; `context`: `[b, m, context_dim]` (None: self-attention);
     ///   result: `[b, n, query_dim]`. The probabilities handed to the hook are `[b, heads, n, m]`.
+    ///
+    /// With an IP-Adapter attached (`ctx.ip`), a cross-attention layer `attn2` takes its text from
+    /// the first tokens of `context` and adds `scale · attn(q, image tokens)` (the last
+    /// `ip.tokens()` tokens) before `to_out`; the hook sees the text branch's probabilities
+    /// `[b, heads, n, m − image tokens]` only.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, ctx: &mut Ctx) -> Flow<Tensor> {
+        let ip = match (&self.site, ctx.ip) {
+            (Some(site), Some(ip)) => ip.layer(site).map(|layer| (site, ip, layer)),
+            _ => None,
+        };
+        let Some((site, ip, layer)) = ip else {
+            return self.attend(xs, context, ctx, None);
+        };
+        let context = context.unwrap_or(xs);
+        let (text, image) = ip.split(context, site)?;
+        self.attend(xs, Some(&text), ctx, Some((layer, &image)))
+    }
+
+    fn attend(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        ctx: &mut Ctx,
+        ip: Option<(&IpLayer, &Tensor)>,
+    ) -> Flow<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
         let hooked = self
@@ -72,14 +97,15 @@ impl Attention {
         if !hooked {
             // On the CPU one node, one task per (batch, head), no probabilities kept.
             let out = crate::ops::attention(&q, &k, &v, self.heads, self.scale)?;
+            let out = self.add_image_branch(out, &q, ip)?;
             return Ok(ControlFlow::Continue(self.to_out.forward(&out)?));
         }
         // Scaling q ([n, d]) rather than the scores ([n, m]) saves a pass over the larger tensor.
-        let q = self.split_heads(&(q * self.scale)?)?;
+        let qh = self.split_heads(&(&q * self.scale)?)?;
         let k = self.split_heads(&k)?;
         let v = self.split_heads(&v)?;
         // With a constant context (the usual case) k and v get no gradient buffers.
-        let scores = crate::ops::matmul_constant(&q, &k.t()?)?;
+        let scores = crate::ops::matmul_constant(&qh, &k.t()?)?;
         let probs = softmax_last_dim(&scores, ctx)?;
         if let Some(site) = &self.site {
             if ctx.attention(site, &probs)?.is_break() {
@@ -88,7 +114,40 @@ impl Attention {
         }
         let out = crate::ops::matmul_constant(&probs, &v)?; // [b, heads, n, d]
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
+        let out = self.add_image_branch(out, &q, ip)?;
         Ok(ControlFlow::Continue(self.to_out.forward(&out)?))
+    }
+
+    /// `out + scale · attn(q, to_k_ip(image), to_v_ip(image))`; `out` unchanged without an image
+    /// branch or at scale 0 (diffusers skips the branch then).
+    ///
+    /// # Shapes
+    /// - `out`, `q`: `[b, n, inner]`; `image`: `[b, tokens, cross_attention_dim]`.
+    fn add_image_branch(
+        &self,
+        out: Tensor,
+        q: &Tensor,
+        ip: Option<(&IpLayer, &Tensor)>,
+    ) -> Result<Tensor> {
+        let Some((layer, image)) = ip else {
+            return Ok(out);
+        };
+        if layer.scale == 0.0 {
+            return Ok(out);
+        }
+        let k = layer.to_k_ip.forward(image)?;
+        let v = layer.to_v_ip.forward(image)?;
+        let image_out = crate::ops::attention(q, &k, &v, self.heads, self.scale)?;
+        out + (image_out * layer.scale)?
+    }
+
+    /// `(inner, context_dim)`: the width of the keys and of the context this layer attends to.
+    pub fn key_dims(&self) -> Result<(usize, usize)> {
+        self.to_k.weight().dims2()
+    }
+
+    pub fn site(&self) -> Option<&str> {
+        self.site.as_deref()
     }
 }
 
@@ -177,6 +236,11 @@ impl BasicTransformerBlock {
 
     pub fn site(&self) -> &str {
         &self.site
+    }
+
+    /// The cross-attention layer `attn2`.
+    pub fn attn2(&self) -> &Attention {
+        &self.attn2
     }
 
     /// # Shapes

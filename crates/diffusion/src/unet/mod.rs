@@ -16,6 +16,7 @@
 
 mod attention;
 mod blocks;
+pub(crate) mod ip;
 pub(crate) mod nn;
 mod resnet;
 
@@ -26,6 +27,7 @@ use blocks::{
 };
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+pub use ip::{BlockScales, IpAdapterLayers, IpAdapterScale, LevelScales, OneOrList};
 use nn::{activate, parse_activation, proceed, Activation, Conv2d, Ctx, GroupNorm, Linear};
 use serde::Deserialize;
 use std::ops::ControlFlow;
@@ -326,6 +328,46 @@ impl UNet2DConditionConfig {
             None => self.attention_head_dim.expand(n, "attention_head_dim"),
         }
     }
+
+    /// The cross-attention layers (`attn2`) of the UNet this config builds, in the order an
+    /// IP-Adapter file numbers them (`ip_adapter.1`, `.3`, …: diffusers' `attn_processors`, down
+    /// blocks, up blocks, then the mid block), each with its width and the width of its context;
+    /// read from the config alone, so an adapter can be checked without loading the UNet.
+    pub fn ip_adapter_sites(&self) -> std::result::Result<Vec<IpSite>, UNetError> {
+        self.check()?;
+        let n = self.block_out_channels.len();
+        let ch = &self.block_out_channels;
+        let layers = self.layers_per_block.expand(n, "layers_per_block")?;
+        let cross = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
+        let tlayers = self
+            .transformer_layers_per_block
+            .expand(n, "transformer_layers_per_block")?;
+        let mut out = Vec::new();
+        let mut push = |block: String, level: usize, transformers: usize| {
+            for j in 0..transformers {
+                for k in 0..tlayers[level] {
+                    out.push(IpSite {
+                        site: format!("{block}.attentions.{j}.transformer_blocks.{k}.attn2"),
+                        inner: ch[level],
+                        context_dim: cross[level],
+                    });
+                }
+            }
+        };
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            if kind == "CrossAttnDownBlock2D" {
+                push(format!("down_blocks.{i}"), i, layers[i]);
+            }
+        }
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let level = n - 1 - i;
+            if kind == "CrossAttnUpBlock2D" {
+                push(format!("up_blocks.{i}"), level, layers[level] + 1);
+            }
+        }
+        push("mid_block".into(), n - 1, 1);
+        Ok(out)
+    }
 }
 
 /// The time embedding MLP, diffusers `TimestepEmbedding` (`linear_1`, act, `linear_2`).
@@ -359,6 +401,19 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     path: ComputePath,
     dtype: DType,
+    /// An attached IP-Adapter's image branches ([`Self::set_ip_adapter`]).
+    ip_adapter: Option<IpAdapterLayers>,
+}
+
+/// A cross-attention layer an IP-Adapter adds an image branch to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSite {
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn2`.
+    pub site: String,
+    /// The layer's width (`to_k_ip`'s output).
+    pub inner: usize,
+    /// The width of the tokens it attends to (`to_k_ip`'s input).
+    pub context_dim: usize,
 }
 
 fn build_err(e: UNetError) -> candle_core::Error {
@@ -522,6 +577,7 @@ impl UNet2DConditionModel {
             conv_out,
             path: ComputePath::Auto,
             dtype: vb.dtype(),
+            ip_adapter: None,
         })
     }
 
@@ -566,6 +622,11 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.conv_in.device()
+    }
+
     /// Selects the kernels of later forward calls (default [`ComputePath::Auto`]).
     pub fn set_compute_path(&mut self, path: ComputePath) {
         self.path = path;
@@ -573,6 +634,75 @@ impl UNet2DConditionModel {
 
     pub fn compute_path(&self) -> ComputePath {
         self.path
+    }
+
+    /// Attaches an IP-Adapter's image branches (`None` detaches them). While attached, the
+    /// encoder hidden states of every call end with the adapter's image tokens (see
+    /// [`ip`](crate::unet::IpAdapterLayers)).
+    pub fn set_ip_adapter(&mut self, layers: Option<IpAdapterLayers>) {
+        self.ip_adapter = layers;
+    }
+
+    pub fn ip_adapter(&self) -> Option<&IpAdapterLayers> {
+        self.ip_adapter.as_ref()
+    }
+
+    /// diffusers' `set_ip_adapter_scale`: one scale for every layer, or per block (blocks left
+    /// out of the per-block form get 0). An error names a block that does not exist or a list of
+    /// the wrong length; without an attached adapter it is an error too.
+    pub fn set_ip_adapter_scale(&mut self, scale: &IpAdapterScale) -> Result<()> {
+        let down: Vec<usize> = self
+            .down_blocks
+            .iter()
+            .map(|b| b.transformers().len())
+            .collect();
+        let up: Vec<usize> = self
+            .up_blocks
+            .iter()
+            .map(|b| b.transformers().len())
+            .collect();
+        let per_block = scale.expand(&down, &up).map_err(candle_core::Error::Msg)?;
+        let Some(ip) = self.ip_adapter.as_mut() else {
+            candle_core::bail!("set_ip_adapter_scale: no IP-Adapter is attached to the UNet");
+        };
+        for (site, layer) in ip.layers.iter_mut() {
+            layer.scale = match (&per_block, scale) {
+                (None, IpAdapterScale::All(s)) => *s,
+                (Some(map), _) => map
+                    .iter()
+                    .find(|(prefix, _)| site.starts_with(&format!("{prefix}.")))
+                    .map(|(_, s)| *s)
+                    .unwrap_or(0.0),
+                (None, IpAdapterScale::Blocks(_)) => unreachable!("expand gives a map for blocks"),
+            };
+        }
+        Ok(())
+    }
+
+    /// The cross-attention layers (`attn2`) an IP-Adapter's file numbers `ip_adapter.1`,
+    /// `ip_adapter.3`, …: diffusers' `attn_processors` order, down blocks, up blocks, then the
+    /// mid block.
+    ///
+    /// The same list as [`UNet2DConditionConfig::ip_adapter_sites`], here read from the layers
+    /// themselves (a test holds the two equal).
+    pub fn ip_adapter_sites(&self) -> Result<Vec<IpSite>> {
+        let transformers = self
+            .down_blocks
+            .iter()
+            .flat_map(|b| b.transformers())
+            .chain(self.up_blocks.iter().flat_map(|b| b.transformers()))
+            .chain(self.mid_block.transformers());
+        let mut out = Vec::new();
+        for block in transformers.flat_map(|t| t.blocks()) {
+            let attn2 = block.attn2();
+            let (inner, context_dim) = attn2.key_dims()?;
+            out.push(IpSite {
+                site: attn2.site().unwrap_or_default().to_string(),
+                inner,
+                context_dim,
+            });
+        }
+        Ok(out)
     }
 
     /// The noise prediction, with no hook.
@@ -683,6 +813,7 @@ impl UNet2DConditionModel {
             differentiable,
             auto: self.path == ComputePath::Auto,
             hook,
+            ip: self.ip_adapter.as_ref(),
         };
 
         // forward_upsample_size: when h or w is not a multiple of 2^num_upsamplers, each up block

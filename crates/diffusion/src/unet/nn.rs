@@ -17,6 +17,8 @@ pub(crate) struct Ctx<'a> {
     /// operands is in a graph (a trainable weight, or a value computed from one).
     pub auto: bool,
     pub hook: &'a mut dyn Hook,
+    /// The IP-Adapter's image branches, when one is attached to the UNet.
+    pub ip: Option<&'a super::ip::IpAdapterLayers>,
 }
 
 /// The result of a module's forward pass that a hook may end early: `Break` when the hook asked
@@ -85,6 +87,11 @@ impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         ops::linear(xs, &self.weight, self.bias.as_ref())
     }
+
+    /// `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 /// `torch.nn.Conv2d` (groups 1, dilation 1).
@@ -113,6 +120,10 @@ impl Conv2d {
             stride,
             padding,
         })
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.weight.device()
     }
 
     /// # Shapes

@@ -9,9 +9,10 @@ use crate::report::rows::Phases;
 use crate::requests;
 use crate::sweep::JobOutput;
 use anyhow::Context;
+use diffusion::ip_adapter::with_image_tokens;
 use diffusion::pipeline::SampleRequest;
 use guidance::blip::{pick_and_draw_blip, BlipPickAndDrawRequest};
-use guidance::pipeline::{pick_and_draw, PickAndDraw};
+use guidance::pipeline::{pick_and_draw, pick_and_draw_ip_adapter, PickAndDraw};
 use std::path::Path;
 use std::time::Instant;
 
@@ -100,8 +101,9 @@ impl Generator<'_> {
         }
     }
 
-    /// Stable Diffusion (plain, DreamBooth, Textual Inversion) of a batch of seeds; guided
-    /// personalized models take the layout templates from the base model.
+    /// Stable Diffusion (plain, DreamBooth, Textual Inversion, IP-Adapter) of a batch of seeds;
+    /// guided personalized models take the layout templates from the base model (IP-Adapter:
+    /// the model with its adapter detached, the same vanilla weights).
     fn stable_diffusion(
         &mut self,
         specs: &[JobSpec],
@@ -113,9 +115,12 @@ impl Generator<'_> {
         let (exp, method, choice) = (self.exp, &spec.method, &spec.choice);
         let g = &exp.generation;
         let personalized = choice.model != exp.models.base || choice.embeddings.is_some();
-        let (sd, base) = self
-            .models
-            .stable_diffusion(choice, method.pick_and_draw && personalized)?;
+        // IP-Adapter: the image prompt is the subject's reference image.
+        let (sd, base, image_tokens) = self.models.stable_diffusion(
+            choice,
+            method.pick_and_draw && personalized,
+            &spec.reference,
+        )?;
         let seeds: Vec<u64> = specs.iter().map(|s| s.job.seed).collect();
         let init = sd.seeded_latents(g.height, g.width, &seeds)?;
         let latents = if method.pick_and_draw {
@@ -124,7 +129,10 @@ impl Generator<'_> {
             let identifier = match method.baseline {
                 Baseline::Dreambooth => Some(style.identifier.clone()),
                 Baseline::TextualInversion => style.token.clone(),
-                Baseline::StableDiffusion | Baseline::BlipDiffusion | Baseline::Images => None,
+                Baseline::StableDiffusion
+                | Baseline::BlipDiffusion
+                | Baseline::IpAdapter
+                | Baseline::Images => None,
             };
             let guided = requests::Guided {
                 reference: spec.reference.clone(),
@@ -136,7 +144,10 @@ impl Generator<'_> {
                 trace: outs.iter().map(|o| o.path("trace.jsonl")).collect(),
             };
             let req = requests::pick_and_draw(sample_request(exp, spec), init, guided);
-            let out = pick_and_draw(sd, base, &cfg, &req, on_step)?;
+            let out = match &image_tokens {
+                Some(tokens) => pick_and_draw_ip_adapter(sd, tokens, base, &cfg, &req, on_step)?,
+                None => pick_and_draw(sd, base, &cfg, &req, on_step)?,
+            };
             warn_skipped(&out, specs);
             guided_phases(&mut phases, &out);
             out.latents
@@ -146,7 +157,13 @@ impl Generator<'_> {
                 ..sample_request(exp, spec)
             };
             let started = Instant::now();
-            let latents = sd.sample(&req, on_step)?;
+            let latents = match &image_tokens {
+                Some(tokens) => {
+                    let text = sd.encode_prompts(&req.prompt, &req.negative_prompt)?;
+                    sd.sample_embeddings(&with_image_tokens(&text, tokens)?, &req, on_step)?
+                }
+                None => sd.sample(&req, on_step)?,
+            };
             phases.sampling_s = Some(started.elapsed().as_secs_f64());
             latents
         };

@@ -5,10 +5,14 @@ use crate::experiment::{Baseline, Experiment, MethodSpec};
 use crate::runtime::Runtime;
 use anyhow::{bail, Context};
 use diffusion::blip::BlipDiffusionPipeline;
+use diffusion::ip_adapter::{
+    pipeline_processor, ImageTokens, IpAdapter, IpAdapterKind, IpAdapterSource,
+};
 use diffusion::pipeline::{LoadOptions, StableDiffusion};
+use diffusion::unet::IpAdapterScale;
 use dreambench::Subject;
 use guidance::GuidanceConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Whether a model string must be a local path: `./x`, `../x`, `/x`, or three or more path parts
 /// (`checkpoints/dreambooth/dog`). Two parts (`owner/name`) that do not exist locally are a
@@ -32,15 +36,43 @@ pub struct ModelChoice {
     /// default `<{subject}>` style), as diffusers' `load_textual_inversion(path, token=…)`;
     /// `None` keeps the file's own key (a prompt style without a token).
     pub embedding_token: Option<String>,
+    /// An IP-Adapter attached to the model (baseline `ip-adapter`).
+    pub ip_adapter: Option<IpAdapterChoice>,
+}
+
+/// The IP-Adapter of a method: where it is, which one, at which scale.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IpAdapterChoice {
+    pub repo: String,
+    pub kind: IpAdapterKind,
+    /// The scale as written (`f64` is not `Hash`), e.g. `1` or `0.6`.
+    pub scale: String,
+}
+
+impl IpAdapterChoice {
+    pub fn source(&self) -> IpAdapterSource {
+        IpAdapterSource {
+            repo: self.repo.clone(),
+            kind: self.kind,
+        }
+    }
+
+    pub fn scale(&self) -> IpAdapterScale {
+        IpAdapterScale::parse(&self.scale).unwrap_or_default()
+    }
 }
 
 impl ModelChoice {
     /// Names the model in the palette cache's keys: the model, the embedding file and the token
     /// its vector is bound to (the same prompt under another binding encodes otherwise).
     pub fn cache_key(&self) -> String {
-        match &self.embedding_token {
+        let key = match &self.embedding_token {
             Some(token) => format!("{}|{:?}|{token}", self.model, self.embeddings),
             None => format!("{}|{:?}", self.model, self.embeddings),
+        };
+        match &self.ip_adapter {
+            Some(ip) => format!("{key}|ip-adapter:{}:{}@{}", ip.repo, ip.kind, ip.scale),
+            None => key,
         }
     }
 }
@@ -58,7 +90,32 @@ pub fn model_for(
             base: None,
             embeddings: None,
             embedding_token: None,
+            ip_adapter: None,
         },
+        Baseline::IpAdapter => {
+            let kind_name = m.ip_adapter_kind.as_deref().unwrap_or("plain");
+            let Some(kind) = IpAdapterKind::parse(kind_name) else {
+                bail!("[models] ip_adapter_kind = \"{kind_name}\": expected \"plain\" or \"plus\"")
+            };
+            let scale = m.ip_scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                bail!("[models] ip_scale = {scale}: not a finite number");
+            }
+            ModelChoice {
+                model: m.base.clone(),
+                base: None,
+                embeddings: None,
+                embedding_token: None,
+                ip_adapter: Some(IpAdapterChoice {
+                    repo: m
+                        .ip_adapter
+                        .clone()
+                        .unwrap_or_else(|| "h94/IP-Adapter".into()),
+                    kind,
+                    scale: scale.to_string(),
+                }),
+            }
+        }
         Baseline::Dreambooth => {
             let Some(path) = m.for_subject(Baseline::Dreambooth, subject.name) else {
                 bail!("method '{}' is DreamBooth but the experiment sets no [models] dreambooth = \"path/{{subject}}\"", method.name)
@@ -68,6 +125,7 @@ pub fn model_for(
                 base: Some(m.base.clone()),
                 embeddings: None,
                 embedding_token: None,
+                ip_adapter: None,
             }
         }
         Baseline::TextualInversion => {
@@ -82,6 +140,7 @@ pub fn model_for(
                 base: None,
                 embeddings: Some(PathBuf::from(path)),
                 embedding_token: method.style(subject).token,
+                ip_adapter: None,
             }
         }
         // Images are read from files (`jobs::images`): no model makes them.
@@ -90,6 +149,7 @@ pub fn model_for(
             base: None,
             embeddings: None,
             embedding_token: None,
+            ip_adapter: None,
         },
         Baseline::BlipDiffusion => {
             let model = m
@@ -101,6 +161,7 @@ pub fn model_for(
                 base: None,
                 embeddings: None,
                 embedding_token: None,
+                ip_adapter: None,
             }
         }
     })
@@ -123,7 +184,9 @@ pub fn guidance_config(exp: &Experiment, method: &MethodSpec) -> anyhow::Result<
 /// vanilla base (the layout template of guided personalized methods) and one BLIP-Diffusion model.
 pub(super) struct LoadedModels {
     base_model: String,
-    sd: Option<(ModelChoice, StableDiffusion)>,
+    sd: Option<(ModelChoice, StableDiffusion, Option<IpAdapter>)>,
+    /// The IP-Adapter image tokens of the last reference image (a subject's jobs share it).
+    ip_tokens: Option<(PathBuf, ImageTokens)>,
     base: Option<StableDiffusion>,
     blip: Option<(String, BlipDiffusionPipeline)>,
     runtime: Runtime,
@@ -134,6 +197,7 @@ impl LoadedModels {
         Self {
             base_model,
             sd: None,
+            ip_tokens: None,
             base: None,
             blip: None,
             runtime,
@@ -160,16 +224,23 @@ impl LoadedModels {
         Ok(())
     }
 
-    /// The Stable Diffusion model of `choice`, and the base model when `with_base`.
+    /// The Stable Diffusion model of `choice` (with its IP-Adapter attached, when it has one),
+    /// the base model when `with_base`, and the IP-Adapter's image tokens of `reference` (the
+    /// image encoder runs once per reference image, not per job).
     pub(super) fn stable_diffusion(
         &mut self,
         choice: &ModelChoice,
         with_base: bool,
-    ) -> anyhow::Result<(&StableDiffusion, Option<&StableDiffusion>)> {
+        reference: &Path,
+    ) -> anyhow::Result<(
+        &StableDiffusion,
+        Option<&StableDiffusion>,
+        Option<ImageTokens>,
+    )> {
         if with_base {
             self.ensure_base()?;
         }
-        if self.sd.as_ref().map(|(c, _)| c) != Some(choice) {
+        if self.sd.as_ref().map(|(c, _, _)| c) != Some(choice) {
             // Drop the previous model first: two SD models at once would double peak memory.
             self.sd = None;
             let opts = LoadOptions {
@@ -178,12 +249,39 @@ impl LoadedModels {
                 embedding_token: choice.embedding_token.clone(),
                 ..self.options()
             };
-            let sd = StableDiffusion::load(&choice.model, &opts)
+            let mut sd = StableDiffusion::load(&choice.model, &opts)
                 .with_context(|| format!("loading model '{}'", choice.model))?;
-            self.sd = Some((choice.clone(), sd));
+            let ip = match &choice.ip_adapter {
+                Some(ip) => {
+                    let processor = pipeline_processor(&choice.model)?;
+                    Some(
+                        IpAdapter::load_source(&ip.source(), processor, &mut sd.unet, &ip.scale())
+                            .with_context(|| {
+                                format!("loading IP-Adapter '{}' ({})", ip.repo, ip.kind)
+                            })?,
+                    )
+                }
+                None => None,
+            };
+            self.sd = Some((choice.clone(), sd, ip));
+            self.ip_tokens = None;
         }
-        let sd = &self.sd.as_ref().expect("loaded above").1;
-        Ok((sd, self.base.as_ref().filter(|_| with_base)))
+        let (_, sd, ip) = self.sd.as_ref().expect("loaded above");
+        let tokens = match ip {
+            None => None,
+            Some(_) if self.ip_tokens.as_ref().map(|(p, _)| p.as_path()) == Some(reference) => {
+                self.ip_tokens.as_ref().map(|(_, t)| t.clone())
+            }
+            Some(ip) => {
+                let img = metrics::preprocess::load_rgb(reference)?;
+                let t = ip.image_tokens(&img).with_context(|| {
+                    format!("encoding the image prompt '{}'", reference.display())
+                })?;
+                self.ip_tokens = Some((reference.to_path_buf(), t.clone()));
+                Some(t)
+            }
+        };
+        Ok((sd, self.base.as_ref().filter(|_| with_base), tokens))
     }
 
     /// The BLIP-Diffusion model `model`, and the base model when `with_base`.

@@ -41,6 +41,15 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
                 ));
             }
         }
+        if method.baseline == crate::experiment::Baseline::IpAdapter {
+            if let Err(e) = check_ip_adapter(exp, method) {
+                problems.push(format!(
+                    "method '{}': {}",
+                    method.name,
+                    crate::error_chain(&e)
+                ));
+            }
+        }
         for subject in exp.subjects() {
             match model_for(exp, method, subject) {
                 Err(e) => {
@@ -85,6 +94,32 @@ pub fn validate_with(exp: &Experiment, partial_images: bool) -> anyhow::Result<(
     if !problems.is_empty() {
         bail!("the experiment cannot run:\n  {}", problems.join("\n  "));
     }
+    Ok(())
+}
+
+/// An IP-Adapter method's adapter and image encoder exist and fit the base model's UNet (read
+/// from its `unet/config.json`; no weights are loaded).
+fn check_ip_adapter(
+    exp: &Experiment,
+    method: &crate::experiment::MethodSpec,
+) -> anyhow::Result<()> {
+    let subjects = exp.subjects();
+    let Some(subject) = subjects.first() else {
+        return Ok(());
+    };
+    let choice = model_for(exp, method, subject)?;
+    let Some(ip) = &choice.ip_adapter else {
+        return Ok(());
+    };
+    let src = weights::ModelSource::parse(&choice.model)?;
+    let config = src.file(&["unet/config.json"])?;
+    let cfg: diffusion::unet::UNet2DConditionConfig = weights::read_json(&config)?;
+    diffusion::ip_adapter::check(&ip.source(), &cfg).with_context(|| {
+        format!(
+            "IP-Adapter '{}' ({}) on the UNet of '{}'",
+            ip.repo, ip.kind, choice.model
+        )
+    })?;
     Ok(())
 }
 

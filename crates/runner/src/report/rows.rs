@@ -10,7 +10,7 @@ pub struct ImageRow {
     pub id: String,
     /// The experiment's method name (a table row).
     pub method: String,
-    /// `stable-diffusion`, `textual-inversion`, `dreambooth`, `blip-diffusion`.
+    /// `stable-diffusion`, `textual-inversion`, `dreambooth`, `blip-diffusion`, `ip-adapter`.
     pub baseline: String,
     /// With Pick-and-Draw guidance.
     pub guided: bool,

@@ -26,6 +26,7 @@ pub fn baseline_label(baseline: &str) -> &str {
         "textual-inversion" => "Textual Inversion",
         "dreambooth" => "DreamBooth",
         "blip-diffusion" => "BLIP-Diffusion",
+        "ip-adapter" => "IP-Adapter",
         other => other,
     }
 }

@@ -72,3 +72,35 @@ pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// A 40×48 reference image (an orange disc on a gradient) at `path`.
+pub fn write_reference_image(path: &Path) {
+    image::RgbImage::from_fn(40, 48, |x, y| {
+        let (dx, dy) = (x as f64 - 20.0, y as f64 - 24.0);
+        if dx * dx + dy * dy < 120.0 {
+            image::Rgb([240, 170, 50])
+        } else {
+            image::Rgb([(x * 5) as u8, 30, (y * 4) as u8])
+        }
+    })
+    .save(path)
+    .unwrap();
+}
+
+/// Writes `dir/guidance.toml`: the guidance windows scaled to an 8-step schedule (2 layout + 2
+/// appearance steps, 3 updates each), one null-text iteration per step; returns its path.
+pub fn write_short_guidance(dir: &Path) -> PathBuf {
+    use guidance::config::{GuidanceConfig, InversionConfig, Window};
+    let cfg = GuidanceConfig {
+        layout_window: Window { start: 0, end: 2 },
+        appearance_window: Window { start: 2, end: 4 },
+        inversion: InversionConfig {
+            inner_steps: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let path = dir.join("guidance.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    path
+}

@@ -58,13 +58,32 @@ pub struct GenerateArgs {
     pub pnd: PickAndDrawArgs,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
-    /// The baseline: a Stable Diffusion model (plain, DreamBooth, Textual Inversion) or
-    /// BLIP-Diffusion (zero-shot from --reference and --subject-category).
+    /// The baseline: a Stable Diffusion model (plain, DreamBooth, Textual Inversion),
+    /// BLIP-Diffusion (zero-shot from --reference and --subject-category), or IP-Adapter on
+    /// --model (an image prompt from --reference, see --ip-adapter).
     #[arg(long, value_enum, default_value_t = Method::StableDiffusion)]
     pub method: Method,
     /// BLIP-Diffusion: the reference's category, the Q-Former's text input (default: --class).
     #[arg(long)]
     pub subject_category: Option<String>,
+    #[command(flatten)]
+    pub ip: IpAdapterArgs,
+}
+
+/// The IP-Adapter flags of `pnd generate --method ip-adapter`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IpAdapterArgs {
+    /// IP-Adapter: a folder or Hugging Face repo laid out as h94/IP-Adapter
+    /// (`models/ip-adapter_sd15.*`, `models/ip-adapter-plus_sd15.*`, `models/image_encoder/`).
+    #[arg(long, default_value = "h94/IP-Adapter")]
+    pub ip_adapter: String,
+    /// IP-Adapter: `plain` (ip-adapter_sd15, 4 tokens) or `plus` (ip-adapter-plus_sd15, 16 tokens).
+    #[arg(long, value_parser = ["plain", "plus"], default_value = "plain")]
+    pub ip_adapter_kind: String,
+    /// IP-Adapter: the image prompt's scale, one number (default 1.0) or diffusers'
+    /// `set_ip_adapter_scale` per-block JSON, e.g. '{"up": {"block_0": [0.0, 1.0, 0.0]}}'.
+    #[arg(long)]
+    pub ip_scale: Option<String>,
 }
 
 impl GenerateArgs {
@@ -150,6 +169,8 @@ pub fn seed_path(path: &Path, seed: u64, ext: &str) -> PathBuf {
 pub enum Method {
     StableDiffusion,
     BlipDiffusion,
+    /// Stable Diffusion 1.5 with an IP-Adapter image prompt from --reference.
+    IpAdapter,
 }
 
 /// The Pick-and-Draw flags of `pnd generate`.
@@ -203,4 +224,8 @@ pub struct TinyModelArgs {
     /// Also write `learned_embeds.safetensors` with a tiny Textual Inversion vector for this token.
     #[arg(long)]
     pub embedding_token: Option<String>,
+    /// Also write a tiny IP-Adapter for this model to this folder, laid out as h94/IP-Adapter
+    /// (both adapters and the image encoder), for `pnd generate --method ip-adapter --ip-adapter DIR`.
+    #[arg(long)]
+    pub ip_adapter: Option<PathBuf>,
 }

@@ -8,8 +8,9 @@ use crate::requests;
 use crate::runtime::{runtime_of, Runtime};
 use anyhow::Context;
 use candle_core::Tensor;
+use diffusion::ip_adapter::ImageTokens;
 use diffusion::pipeline::{SampleRequest, StableDiffusion};
-use guidance::pipeline::{default_cache_dir, pick_and_draw};
+use guidance::pipeline::{default_cache_dir, pick_and_draw, pick_and_draw_ip_adapter};
 use std::process::ExitCode;
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -25,17 +26,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::resolve(&args.runtime, &Default::default())?;
     eprintln!("{}", runtime.describe());
     let sd = load_model(&args.model, args.base.clone(), &args.ti, &runtime)?;
-    let seeds = args.seeds()?;
-    let mut req = args.sample_request(&sd)?;
-    // The seeds of a batch share every UNet call; each image is its seed's image alone.
-    let init = match req.init_latents.take() {
-        Some(l) => l,
-        None => sd.seeded_latents(req.height, req.width, &seeds)?,
-    };
+    let (seeds, mut req, init) = batch_request(&args, &sd)?;
     let mut progress = step_progress(&args);
     let mut on_step = |i: usize, n: usize| progress.step(i, n);
     let latents = if args.pnd.pick_and_draw {
-        guided_latents(&sd, &args, req, init, &seeds, &mut on_step)?
+        guided_latents(&sd, &args, req, init, &seeds, None, &mut on_step)?
     } else {
         req.init_latents = Some(init);
         sd.sample(&req, &mut on_step)?
@@ -45,14 +40,32 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The seeds, the sampling request (its initial latents taken out) and the batch's initial
+/// latents: `--init-latents`, else each seed's noise. The seeds of a batch share every UNet call;
+/// each image is its seed's image alone.
+pub(super) fn batch_request(
+    args: &GenerateArgs,
+    sd: &StableDiffusion,
+) -> anyhow::Result<(Vec<u64>, SampleRequest, Tensor)> {
+    let seeds = args.seeds()?;
+    let mut req = args.sample_request(sd)?;
+    let init = match req.init_latents.take() {
+        Some(l) => l,
+        None => sd.seeded_latents(req.height, req.width, &seeds)?,
+    };
+    Ok((seeds, req, init))
+}
+
 /// Pick-and-Draw guided sampling of `sample`'s prompt, schedule and size from `init` (one image
-/// per seed); returns the final latents.
-fn guided_latents(
+/// per seed); returns the final latents. With `ip` (IP-Adapter: the reference's image tokens and
+/// what names the adapter in the cache key), `sd` has the adapter attached.
+pub(super) fn guided_latents(
     sd: &StableDiffusion,
     args: &GenerateArgs,
     sample: SampleRequest,
     init: Tensor,
     seeds: &[u64],
+    ip: Option<(&ImageTokens, &str)>,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Tensor> {
     let pnd: &PickAndDrawArgs = &args.pnd;
@@ -86,6 +99,10 @@ fn guided_latents(
         template_model.unwrap_or(model)
     );
     let model_key = args.ti.model_key(model);
+    let model_key = match ip {
+        Some((_, adapter)) => format!("{model_key}+{adapter}"),
+        None => model_key,
+    };
     let guided = requests::Guided {
         reference,
         class,
@@ -100,7 +117,12 @@ fn guided_latents(
         },
     };
     let req = requests::pick_and_draw(sample, init, guided);
-    let out = pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?;
+    let out = match ip {
+        Some((tokens, _)) => {
+            pick_and_draw_ip_adapter(sd, tokens, base.as_ref(), &cfg, &req, on_step)?
+        }
+        None => pick_and_draw(sd, base.as_ref(), &cfg, &req, on_step)?,
+    };
     print_outcome(&out, seeds);
     Ok(out.latents)
 }
