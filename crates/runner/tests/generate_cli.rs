@@ -451,17 +451,10 @@ fn generate_in_f16_and_bf16_is_close_to_f32_and_cuda_without_a_gpu_is_a_clear_er
 
 /// The largest per-channel difference of two PNG files.
 fn png_diff(a: &Path, b: &Path) -> u8 {
-    let (a, b) = (
-        image::open(a).unwrap().to_rgb8(),
-        image::open(b).unwrap().to_rgb8(),
-    );
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
+    common::max_pixel_diff(
+        &image::open(a).unwrap().to_rgb8(),
+        &image::open(b).unwrap().to_rgb8(),
+    )
 }
 
 /// `--seeds 0,1,2` samples one batch and writes `<stem>-s<seed>.png` per seed, each the image of
