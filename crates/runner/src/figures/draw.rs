@@ -260,13 +260,6 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// The same figure as SVG: its size in inches (so it prints as wide as the PNG), a viewBox in the
 /// PNG's pixels, each cell an `<image>` of its PNG, each title and prompt a `<text>`.
 pub fn svg(layout: &Layout, cells: &[Vec<RgbImage>], prompts: &[String]) -> anyhow::Result<String> {
@@ -297,7 +290,7 @@ pub fn svg(layout: &Layout, cells: &[Vec<RgbImage>], prompts: &[String]) -> anyh
         s += &format!(
             "<text x=\"{center:.1}\" y=\"{baseline:.1}\" font-family=\"DejaVu Sans, Verdana, sans-serif\" \
              font-size=\"{em:.2}\" text-anchor=\"middle\" fill=\"#000000\">{}</text>\n",
-            xml_escape(&text)
+            crate::report::html::escape(&text)
         );
     }
     s += "</svg>\n";
